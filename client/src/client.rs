@@ -1,0 +1,384 @@
+//! The async client: a cheap-to-clone handle over one TCP connection to the daemon.
+//!
+//! A background task owns the socket. Callers hand it encoded requests; it writes them as they come (so many
+//! requests are in flight at once: pipelining) and routes each reply to its caller by request id. A blocking call
+//! such as a long-poll `lease` or a waiting `get` therefore never holds up the others on the same connection.
+//!
+//! The client never retries on its own: a request whose connection died fails with [`ErrorKind::Closed`], and
+//! the caller decides (enqueue with a client-chosen id is safe to retry: the daemon returns the existing task).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::codec::{Frame, FrameCodec};
+use crate::error::{Error, ErrorKind};
+use crate::proto::{self, *};
+
+/// The callers waiting for replies, and why the connection closed once it has.
+#[derive(Default)]
+struct PendingState {
+    waiters: HashMap<u64, oneshot::Sender<Result<Value, Error>>>,
+    closed: Option<Error>,
+}
+
+type Pending = Arc<Mutex<PendingState>>;
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How to connect: the daemon's address, the name shown by `broker stat`, and the bounds.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    addr: String,
+    name: String,
+    max_frame: usize,
+    connect_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            addr: DEFAULT_ADDR.to_string(),
+            name: default_name(),
+            max_frame: DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn default_name() -> String {
+    format!("rust-client@{}", std::process::id())
+}
+
+impl ConnectOptions {
+    /// Options for the daemon at `addr` (`HOST:PORT`).
+    pub fn new(addr: impl Into<String>) -> Self {
+        ConnectOptions { addr: addr.into(), ..Default::default() }
+    }
+
+    /// Options for the address in `BROKER_ADDR`, or the default `127.0.0.1:7420`.
+    pub fn from_env() -> Self {
+        let addr = std::env::var("BROKER_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_string());
+        ConnectOptions::new(addr)
+    }
+
+    /// The name this connection gives in `hello`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The largest reply frame accepted (default 16 MiB).
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// How long to wait for the TCP connect and the hello (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The address these options connect to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Connects and says hello.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let timeout = self.connect_timeout;
+        match tokio::time::timeout(timeout, Client::connect_inner(self.clone())).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(Error::new(ErrorKind::Connect, format!("connect to {}: timed out after {timeout:?}", self.addr)))
+            }
+        }
+    }
+}
+
+struct Outgoing {
+    id: u64,
+    frame: Vec<u8>,
+    reply: oneshot::Sender<Result<Value, Error>>,
+}
+
+struct Shared {
+    next_id: AtomicU64,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    pending: Pending,
+    server: HelloReply,
+}
+
+/// A connection to the daemon. Clone it freely: clones share the connection and may be used from many tasks.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("server", &self.shared.server.server).finish()
+    }
+}
+
+impl Client {
+    /// Connects to `addr` with default options.
+    pub async fn connect(addr: impl Into<String>) -> Result<Client, Error> {
+        ConnectOptions::new(addr).connect().await
+    }
+
+    async fn connect_inner(options: ConnectOptions) -> Result<Client, Error> {
+        let stream = TcpStream::connect(&options.addr)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect, format!("connect to {}: {e}", options.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(PendingState::default()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx, pending.clone()));
+        tokio::spawn(read_loop(FramedRead::new(read, FrameCodec::new(options.max_frame)), pending.clone()));
+
+        // Say hello on the raw channel before the handle exists.
+        let hello = Hello { version: PROTOCOL_VERSION, client: options.name.clone() };
+        let frame = proto::encode(&RequestEnvelope { id: 0, op: op::HELLO, body: &hello })?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        tx.send(Outgoing { id: 0, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
+        let body = reply_rx.await.map_err(|_| Error::closed())??;
+        let server: HelloReply = decode_body(body)?;
+        Ok(Client { shared: Arc::new(Shared { next_id: AtomicU64::new(1), outgoing: tx, pending, server }) })
+    }
+
+    /// What the daemon said in its hello reply.
+    pub fn server(&self) -> &HelloReply {
+        &self.shared.server
+    }
+
+    /// Sends any op with any body and returns the reply body undecoded. The typed methods are built on this.
+    pub async fn call_raw<B: Serialize>(&self, op_name: &str, body: &B) -> Result<Value, Error> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = proto::encode(&RequestEnvelope { id, op: op_name, body })?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.shared.outgoing.send(Outgoing { id, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
+        reply_rx.await.map_err(|_| Error::closed())?
+    }
+
+    /// Sends an op and decodes its reply body as `R`.
+    pub async fn call<B: Serialize, R: DeserializeOwned>(&self, op_name: &str, body: &B) -> Result<R, Error> {
+        decode_body(self.call_raw(op_name, body).await?)
+    }
+
+    /// Enqueues one task; returns its id once the task is durable under the daemon's fsync policy.
+    pub async fn enqueue(&self, task: TaskSpec) -> Result<Enqueued, Error> {
+        self.call(op::ENQUEUE, &Enqueue { task }).await
+    }
+
+    /// Enqueues many tasks with one durable write.
+    pub async fn enqueue_batch(&self, tasks: Vec<TaskSpec>) -> Result<Vec<Enqueued>, Error> {
+        let reply: EnqueuedBatch = self.call(op::ENQUEUE_BATCH, &EnqueueBatch { tasks }).await?;
+        Ok(reply.tasks)
+    }
+
+    /// Reads a task's state now. An unknown id is an error of kind `NotFound`.
+    pub async fn get(&self, id: &str) -> Result<TaskInfo, Error> {
+        self.call(op::GET, &Get { task_id: id.to_string(), wait_ms: 0 }).await
+    }
+
+    /// Reads a task, waiting up to `timeout` for it to finish. Returns the task as it is then, finished or not.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TaskInfo, Error> {
+        self.call(op::GET, &Get { task_id: id.to_string(), wait_ms: duration_ms(timeout) }).await
+    }
+
+    /// Revokes a task; returns the state after the revoke.
+    pub async fn revoke(&self, id: &str) -> Result<TaskState, Error> {
+        let reply: Revoked = self.call(op::REVOKE, &Revoke { task_id: id.to_string() }).await?;
+        Ok(reply.state)
+    }
+
+    /// Reads the daemon's counters.
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        self.call(op::STATS, &StatsRequest {}).await
+    }
+
+    /// Deletes the waiting tasks of `queue`; returns how many.
+    pub async fn purge(&self, queue: &str) -> Result<u64, Error> {
+        let reply: Purged = self.call(op::PURGE, &Purge { queue: queue.to_string() }).await?;
+        Ok(reply.purged)
+    }
+
+    /// Lists dead tasks, of one queue or all.
+    pub async fn dead_list(&self, queue: Option<&str>, limit: u32) -> Result<Vec<TaskInfo>, Error> {
+        let reply: DeadTasks = self.call(op::DEAD_LIST, &DeadList { queue: queue.map(str::to_string), limit }).await?;
+        Ok(reply.tasks)
+    }
+
+    /// Puts dead tasks back in their queues; returns how many.
+    pub async fn dead_requeue(&self, request: DeadRequeue) -> Result<u64, Error> {
+        let reply: Requeued = self.call(op::DEAD_REQUEUE, &request).await?;
+        Ok(reply.requeued)
+    }
+
+    /// Leases up to `request.max` tasks, waiting up to `request.wait_ms` for one.
+    pub async fn lease(&self, request: &Lease) -> Result<Vec<LeasedTask>, Error> {
+        let reply: Leased = self.call(op::LEASE, request).await?;
+        Ok(reply.tasks)
+    }
+
+    /// Completes a leased task with its result.
+    pub async fn ack(&self, id: &str, lease_id: u64, result: Value) -> Result<(), Error> {
+        let _: Empty = self.call(op::ACK, &Ack { task_id: id.to_string(), lease_id, result }).await?;
+        Ok(())
+    }
+
+    /// Fails a leased task; the reply says whether it will retry.
+    pub async fn fail(&self, request: &Fail) -> Result<Failed, Error> {
+        self.call(op::FAIL, request).await
+    }
+
+    /// Extends a lease (heartbeat). The reply says whether the task was revoked meanwhile.
+    pub async fn extend(&self, id: &str, lease_id: u64, lease: Option<Duration>) -> Result<Extended, Error> {
+        let request = Extend { task_id: id.to_string(), lease_id, lease_ms: lease.map(duration_ms) };
+        self.call(op::EXTEND, &request).await
+    }
+
+    /// Gives a leased task back unrun; its attempt does not count.
+    pub async fn release(&self, id: &str, lease_id: u64) -> Result<(), Error> {
+        let _: Empty = self.call(op::RELEASE, &Release { task_id: id.to_string(), lease_id }).await?;
+        Ok(())
+    }
+
+    /// Whether the connection's background task is still running.
+    pub fn is_closed(&self) -> bool {
+        self.shared.outgoing.is_closed() || lock(&self.shared.pending).closed.is_some()
+    }
+}
+
+/// Milliseconds in `d`, saturating.
+pub fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn decode_body<R: DeserializeOwned>(body: Value) -> Result<R, Error> {
+    proto::from_value(body).map_err(|e| Error::new(ErrorKind::Protocol, format!("unexpected reply body: {e}")))
+}
+
+async fn write_loop(
+    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    pending: Pending,
+) {
+    while let Some(first) = rx.recv().await {
+        // Feed everything that is already queued, then flush once: pipelined requests share a syscall.
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            {
+                let mut state = lock(&pending);
+                if let Some(error) = &state.closed {
+                    let _ = out.reply.send(Err(error.clone()));
+                    next = rx.try_recv().ok();
+                    continue;
+                }
+                state.waiters.insert(out.id, out.reply);
+            }
+            if let Err(e) = sink.feed(Bytes::from(out.frame)).await {
+                fail_all(&pending, Error::new(ErrorKind::Closed, format!("write failed: {e}")));
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = SinkExt::<Bytes>::flush(&mut sink).await {
+            fail_all(&pending, Error::new(ErrorKind::Closed, format!("write failed: {e}")));
+            return;
+        }
+    }
+}
+
+async fn read_loop(mut stream: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>, pending: Pending) {
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(Frame::Message(bytes))) => bytes,
+            Some(Ok(Frame::TooLarge(len))) => {
+                // The reply is lost; we cannot know which request it answered, so the connection is unusable.
+                fail_all(&pending, Error::new(ErrorKind::Protocol, format!("reply of {len} bytes exceeds max_frame")));
+                return;
+            }
+            Some(Err(e)) => {
+                fail_all(&pending, Error::new(ErrorKind::Closed, format!("read failed: {e}")));
+                return;
+            }
+            None => {
+                fail_all(&pending, Error::closed());
+                return;
+            }
+        };
+        let (id, result) = match parse_reply(&frame) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                fail_all(&pending, e);
+                return;
+            }
+        };
+        let Some(id) = id else {
+            tracing::warn!(?result, "daemon sent a reply without a request id");
+            continue;
+        };
+        let waiter = lock(&pending).waiters.remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(result);
+        }
+    }
+}
+
+/// Splits a reply frame into its request id and its body or error.
+fn parse_reply(frame: &[u8]) -> Result<(Option<u64>, Result<Value, Error>), Error> {
+    let value: Value = rmp_serde::from_slice(frame)
+        .map_err(|e| Error::new(ErrorKind::Protocol, format!("reply is not MessagePack: {e}")))?;
+    let Value::Map(entries) = value else {
+        return Err(Error::new(ErrorKind::Protocol, "reply is not a map"));
+    };
+    let mut id = None;
+    let mut ok = None;
+    let mut body = Value::Nil;
+    let mut error = None;
+    for (key, value) in entries {
+        match key.as_str() {
+            Some("id") => id = value.as_u64(),
+            Some("ok") => ok = value.as_bool(),
+            Some("body") => body = value,
+            Some("error") => error = Some(value),
+            _ => {}
+        }
+    }
+    let result = match (ok, error) {
+        (Some(true), _) => Ok(body),
+        (_, Some(error)) => {
+            let wire: WireError = proto::from_value(error)
+                .map_err(|e| Error::new(ErrorKind::Protocol, format!("malformed error reply: {e}")))?;
+            Err(Error::from_wire(wire))
+        }
+        _ => Err(Error::new(ErrorKind::Protocol, "reply has neither ok nor error")),
+    };
+    Ok((id, result))
+}
+
+fn fail_all(pending: &Pending, error: Error) {
+    let waiters: Vec<_> = {
+        let mut state = lock(pending);
+        state.closed.get_or_insert_with(|| error.clone());
+        state.waiters.drain().collect()
+    };
+    for (_, waiter) in waiters {
+        let _ = waiter.send(Err(error.clone()));
+    }
+}

@@ -1,0 +1,394 @@
+//! Request handling: decode → validate → one store call → reply. One short function per op.
+//!
+//! [`handle`] turns one frame into an [`Outcome`]: either a reply ready now (with the flush ticket it must wait
+//! for under `fsync = "always"`), or a future for ops that wait (`lease` and `get` with `wait_ms`), which the
+//! connection runs on its own task so later requests are not held up.
+//!
+//! Nothing here touches sled or the socket. Errors a client caused become error replies with a stable code;
+//! nothing a client sends can make this module panic.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broker_client::proto::{self, op, *};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::flush::Durable;
+use crate::store::{validate_name, ConnId, Store, StoreError};
+
+/// What every connection shares: the store, the settings, and who is connected.
+pub struct Shared {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The daemon's settings.
+    pub config: Config,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Open connections, for `stats`.
+    pub connections: Mutex<HashMap<ConnId, ConnInfo>>,
+    /// Cancelled when the daemon shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// One open connection as `stats` shows it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The name from its hello.
+    pub client: String,
+    /// Its peer address.
+    pub addr: String,
+    /// When it connected (Unix ms).
+    pub connected_at_ms: u64,
+    /// Whether it has leased (is a worker).
+    pub leases: bool,
+}
+
+/// One connection's protocol state.
+pub struct Session {
+    /// The connection's id.
+    pub conn: ConnId,
+    /// Whether `hello` succeeded.
+    pub greeted: bool,
+    /// Cancelled when the connection closes: ends its waiting ops.
+    pub closing: CancellationToken,
+}
+
+/// A reply frame, ready to write.
+pub type ReplyFrame = Vec<u8>;
+
+/// What to do with a request.
+pub enum Outcome {
+    /// Send this reply, after the flush ticket resolves (if any).
+    Reply(ReplyFrame, Option<(u64, Durable)>),
+    /// Run this on its own task; it yields the reply.
+    Wait(Pin<Box<dyn Future<Output = ReplyFrame> + Send>>),
+}
+
+/// A request that failed, with the code and message to send.
+#[derive(Debug)]
+pub struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal { code, message: message.into() }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        let code = match &e {
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::LeaseLost { .. } => ErrorCode::LeaseLost,
+            StoreError::Revoked(_) => ErrorCode::Revoked,
+            StoreError::Invalid(_) => ErrorCode::BadRequest,
+            StoreError::Storage(_) | StoreError::Corrupt { .. } => {
+                tracing::error!(error = %e, "store error");
+                ErrorCode::Internal
+            }
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+/// Encodes an error reply.
+pub fn error_frame(id: Option<u64>, code: ErrorCode, message: &str) -> ReplyFrame {
+    proto::encode(&ErrEnvelope { id, ok: false, error: ErrBody { code, message } })
+        .expect("an error envelope always encodes")
+}
+
+fn ok_frame<T: Serialize>(id: u64, body: &T) -> ReplyFrame {
+    match proto::encode(&OkEnvelope { id, ok: true, body }) {
+        Ok(frame) => frame,
+        Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("cannot encode reply: {e}")),
+    }
+}
+
+fn reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> ReplyFrame {
+    match result {
+        Ok(body) => ok_frame(id, &body),
+        Err(refusal) => error_frame(Some(id), refusal.code, &refusal.message),
+    }
+}
+
+/// A reply that changed state: it waits for a flush covering the change.
+fn durable_reply<T: Serialize>(shared: &Shared, id: u64, result: Result<T, Refusal>) -> Outcome {
+    let ticket = result.is_ok().then(|| (id, shared.store.durable()));
+    Outcome::Reply(reply(id, result), ticket)
+}
+
+fn body<T: DeserializeOwned>(request: Value) -> Result<T, Refusal> {
+    proto::from_value(request).map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid request: {e}")))
+}
+
+/// Handles one frame's payload.
+pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outcome {
+    let request: Value = match rmp_serde::from_slice(frame) {
+        Ok(value) => value,
+        Err(e) => {
+            return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, &format!("not valid MessagePack: {e}")), None)
+        }
+    };
+    let Some(map) = request.as_map() else {
+        return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, "a request must be a MessagePack map"), None);
+    };
+    let Some(id) = proto::map_get(map, "id").and_then(Value::as_u64) else {
+        return Outcome::Reply(
+            error_frame(None, ErrorCode::BadRequest, "missing or invalid field `id` (an unsigned integer)"),
+            None,
+        );
+    };
+    let Some(op_name) = proto::map_get(map, "op").and_then(Value::as_str).map(str::to_string) else {
+        return Outcome::Reply(
+            error_frame(Some(id), ErrorCode::BadRequest, "missing or invalid field `op` (a string)"),
+            None,
+        );
+    };
+    if shared.shutdown.is_cancelled() {
+        return Outcome::Reply(error_frame(Some(id), ErrorCode::ShuttingDown, "the daemon is shutting down"), None);
+    }
+    if !session.greeted && op_name != op::HELLO {
+        return Outcome::Reply(
+            error_frame(Some(id), ErrorCode::HelloRequired, "the first request on a connection must be `hello`"),
+            None,
+        );
+    }
+    match op_name.as_str() {
+        op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
+        op::ENQUEUE => durable_reply(shared, id, enqueue(shared, request)),
+        op::ENQUEUE_BATCH => durable_reply(shared, id, enqueue_batch(shared, request)),
+        op::LEASE => lease(shared, session, id, request),
+        op::ACK => durable_reply(shared, id, ack(shared, request)),
+        op::FAIL => durable_reply(shared, id, fail(shared, request)),
+        op::EXTEND => Outcome::Reply(reply(id, extend(shared, request)), None),
+        op::RELEASE => durable_reply(shared, id, release(shared, request)),
+        op::GET => get(shared, session, id, request),
+        op::REVOKE => durable_reply(shared, id, revoke(shared, request)),
+        op::STATS => Outcome::Reply(reply(id, Ok::<_, Refusal>(stats(shared))), None),
+        op::PURGE => durable_reply(shared, id, purge(shared, request)),
+        op::DEAD_LIST => Outcome::Reply(reply(id, dead_list(shared, request)), None),
+        op::DEAD_REQUEUE => durable_reply(shared, id, dead_requeue(shared, request)),
+        other => Outcome::Reply(
+            error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
+            None,
+        ),
+    }
+}
+
+fn hello(shared: &Shared, session: &mut Session, request: Value) -> Result<HelloReply, Refusal> {
+    let hello: Hello = body(request)?;
+    if hello.version != PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {} is not supported; this daemon speaks {PROTOCOL_VERSION}", hello.version),
+        ));
+    }
+    session.greeted = true;
+    if let Some(info) = shared.connections.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&session.conn) {
+        info.client = hello.client;
+    }
+    Ok(HelloReply {
+        version: PROTOCOL_VERSION,
+        server: format!("broker {}", env!("CARGO_PKG_VERSION")),
+        max_frame: shared.config.max_frame_bytes as u64,
+    })
+}
+
+fn enqueue(shared: &Shared, request: Value) -> Result<Enqueued, Refusal> {
+    let request: Enqueue = body(request)?;
+    let mut done = shared.store.enqueue(vec![request.task])?;
+    done.pop().ok_or_else(|| Refusal::new(ErrorCode::Internal, "enqueue stored nothing"))
+}
+
+fn enqueue_batch(shared: &Shared, request: Value) -> Result<EnqueuedBatch, Refusal> {
+    let request: EnqueueBatch = body(request)?;
+    if request.tasks.len() > shared.config.max_enqueue_batch {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!(
+                "batch of {} tasks exceeds max_enqueue_batch {}",
+                request.tasks.len(),
+                shared.config.max_enqueue_batch
+            ),
+        ));
+    }
+    Ok(EnqueuedBatch { tasks: shared.store.enqueue(request.tasks)? })
+}
+
+fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Outcome {
+    let request: Lease = match body(request) {
+        Ok(r) => r,
+        Err(refusal) => return Outcome::Reply(reply::<Leased>(id, Err(refusal)), None),
+    };
+    if let Err(refusal) = check_lease(shared, &request) {
+        return Outcome::Reply(reply::<Leased>(id, Err(refusal)), None);
+    }
+    if let Some(info) = shared.connections.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&session.conn) {
+        info.leases = true;
+    }
+    let conn = session.conn;
+    let max = request.max as usize;
+    let first = shared.store.lease(conn, &request.queues, max, request.lease_ms).map_err(Refusal::from);
+    if request.wait_ms == 0 || !matches!(&first, Ok(tasks) if tasks.is_empty()) {
+        return Outcome::Reply(reply(id, first.map(|tasks| Leased { tasks })), None);
+    }
+    let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
+    let shared = shared.clone();
+    let closing = session.closing.clone();
+    Outcome::Wait(Box::pin(async move {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = shared.store.ready_notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let result = shared.store.lease(conn, &request.queues, max, request.lease_ms).map_err(Refusal::from);
+            if !matches!(&result, Ok(tasks) if tasks.is_empty()) {
+                return reply(id, result.map(|tasks| Leased { tasks }));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return ok_frame(id, &Leased { tasks: vec![] }),
+                _ = closing.cancelled() => return ok_frame(id, &Leased { tasks: vec![] }),
+                _ = shared.shutdown.cancelled() => return ok_frame(id, &Leased { tasks: vec![] }),
+            }
+        }
+    }))
+}
+
+fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
+    if request.queues.is_empty() {
+        return Err(Refusal::new(ErrorCode::BadRequest, "`queues` must name at least one queue"));
+    }
+    for queue in &request.queues {
+        validate_name("queues", queue)?;
+    }
+    if request.max == 0 || request.max > shared.config.max_lease_batch {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!("`max` must be 1 to {} (got {})", shared.config.max_lease_batch, request.max),
+        ));
+    }
+    if request.lease_ms == Some(0) {
+        return Err(Refusal::new(ErrorCode::BadRequest, "`lease_ms` must be positive"));
+    }
+    Ok(())
+}
+
+fn ack(shared: &Shared, request: Value) -> Result<Empty, Refusal> {
+    let request: Ack = body(request)?;
+    shared.store.ack(&request.task_id, request.lease_id, request.result)?;
+    Ok(Empty {})
+}
+
+fn fail(shared: &Shared, request: Value) -> Result<Failed, Refusal> {
+    let request: Fail = body(request)?;
+    let outcome =
+        shared.store.fail(&request.task_id, request.lease_id, request.error, request.retry, request.countdown_ms)?;
+    Ok(Failed { state: outcome.state, retry_at_ms: outcome.retry_at_ms })
+}
+
+fn extend(shared: &Shared, request: Value) -> Result<Extended, Refusal> {
+    let request: Extend = body(request)?;
+    if request.lease_ms == Some(0) {
+        return Err(Refusal::new(ErrorCode::BadRequest, "`lease_ms` must be positive"));
+    }
+    let (deadline_ms, revoked) = shared.store.extend(&request.task_id, request.lease_id, request.lease_ms)?;
+    Ok(Extended { deadline_ms, revoked })
+}
+
+fn release(shared: &Shared, request: Value) -> Result<Empty, Refusal> {
+    let request: Release = body(request)?;
+    shared.store.release(&request.task_id, request.lease_id)?;
+    Ok(Empty {})
+}
+
+fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Outcome {
+    let request: Get = match body(request) {
+        Ok(r) => r,
+        Err(refusal) => return Outcome::Reply(reply::<TaskInfo>(id, Err(refusal)), None),
+    };
+    let first = shared.store.get(&request.task_id).map_err(Refusal::from);
+    if request.wait_ms == 0 || !matches!(&first, Ok(info) if !info.state.is_terminal()) {
+        return Outcome::Reply(reply(id, first), None);
+    }
+    let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
+    let shared = shared.clone();
+    let closing = session.closing.clone();
+    Outcome::Wait(Box::pin(async move {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = shared.store.finished_notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let result = shared.store.get(&request.task_id).map_err(Refusal::from);
+            let done = !matches!(&result, Ok(info) if !info.state.is_terminal());
+            if done {
+                return reply(id, result);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return reply(id, result),
+                _ = closing.cancelled() => return reply(id, result),
+                _ = shared.shutdown.cancelled() => return reply(id, result),
+            }
+        }
+    }))
+}
+
+fn revoke(shared: &Shared, request: Value) -> Result<Revoked, Refusal> {
+    let request: Revoke = body(request)?;
+    Ok(Revoked { state: shared.store.revoke(&request.task_id)? })
+}
+
+fn stats(shared: &Shared) -> Stats {
+    let store = shared.store.stats();
+    let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+    let mut workers: Vec<WorkerInfo> = connections
+        .iter()
+        .filter(|(_, info)| info.leases)
+        .map(|(conn, info)| WorkerInfo {
+            client: info.client.clone(),
+            addr: info.addr.clone(),
+            leased: store.leases_by_conn.get(conn).copied().unwrap_or(0),
+            connected_at_ms: info.connected_at_ms,
+        })
+        .collect();
+    workers.sort_by_key(|w| w.connected_at_ms);
+    Stats {
+        server: format!("broker {}", env!("CARGO_PKG_VERSION")),
+        uptime_ms: shared.started.elapsed().as_millis() as u64,
+        connections: connections.len() as u64,
+        workers,
+        queues: store.queues,
+        totals: store.totals,
+        results_stored: store.results_stored,
+        fsync: shared.store.fsync_policy().as_str().to_string(),
+    }
+}
+
+fn purge(shared: &Shared, request: Value) -> Result<Purged, Refusal> {
+    let request: Purge = body(request)?;
+    validate_name("queue", &request.queue)?;
+    Ok(Purged { purged: shared.store.purge(&request.queue)? })
+}
+
+fn dead_list(shared: &Shared, request: Value) -> Result<DeadTasks, Refusal> {
+    let request: DeadList = body(request)?;
+    if let Some(queue) = &request.queue {
+        validate_name("queue", queue)?;
+    }
+    Ok(DeadTasks { tasks: shared.store.dead_list(request.queue.as_deref(), request.limit as usize)? })
+}
+
+fn dead_requeue(shared: &Shared, request: Value) -> Result<Requeued, Refusal> {
+    let request: DeadRequeue = body(request)?;
+    Ok(Requeued { requeued: shared.store.dead_requeue(&request)? })
+}

@@ -1,0 +1,443 @@
+//! `broker`: the daemon (`broker serve`) and the command-line client (`enqueue`, `result`, `stat`, ...).
+//! A thin edge: it parses arguments, converts JSON to MessagePack values, calls the library or the client
+//! crate, and adds context to errors.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use broker::clock::SystemClock;
+use broker::config::{Config, FsyncPolicy};
+use broker_client::proto::{DeadRequeue, Stats, TaskInfo, TaskSpec, Value};
+use broker_client::{Client, ConnectOptions};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "broker", version, about = "A durable task broker for background jobs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The daemon's address.
+    #[arg(long, env = "BROKER_ADDR", default_value = broker_client::proto::DEFAULT_ADDR, global = true)]
+    addr: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// A TOML config file (see config.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, overriding the config.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Data directory, overriding the config.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Flush policy (always | interval), overriding the config.
+        #[arg(long, value_parser = parse_fsync)]
+        fsync: Option<FsyncPolicy>,
+    },
+    /// Enqueue a task and print its id.
+    Enqueue {
+        /// The task's name.
+        task: String,
+        /// Positional arguments as a JSON array, e.g. '[2, 3]'.
+        args: Option<String>,
+        /// Keyword arguments as a JSON object.
+        #[arg(long)]
+        kwargs: Option<String>,
+        /// Context as a JSON object of string keys.
+        #[arg(long)]
+        context: Option<String>,
+        /// The queue.
+        #[arg(long, short)]
+        queue: Option<String>,
+        /// Run no earlier than this many seconds from now.
+        #[arg(long)]
+        countdown: Option<f64>,
+        /// Priority (higher runs first).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Retry budget.
+        #[arg(long)]
+        max_retries: Option<u32>,
+        /// A client-chosen task id (enqueueing it twice returns the first task).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a task's state and result (or error).
+    Result {
+        /// The task id.
+        id: String,
+        /// Wait up to this many seconds for the task to finish.
+        #[arg(long)]
+        wait: Option<f64>,
+        /// Print the whole task as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke a task: it never runs, or its worker learns on its next heartbeat.
+    Revoke {
+        /// The task id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show queues, counts, workers and totals.
+    Stat {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete every waiting task of a queue.
+    Purge {
+        /// The queue.
+        queue: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inspect or requeue dead (FAILURE) tasks.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List dead tasks.
+    List {
+        /// Only this queue.
+        #[arg(long, short)]
+        queue: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Put dead tasks back in their queues: the ids given, or all of --queue ("*" for every queue).
+    Requeue {
+        /// Task ids.
+        ids: Vec<String>,
+        /// Every dead task of this queue.
+        #[arg(long, short)]
+        queue: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s {
+        "always" => Ok(FsyncPolicy::Always),
+        "interval" => Ok(FsyncPolicy::Interval),
+        other => Err(format!("expected `always` or `interval`, got {other:?}")),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { config, listen, data_dir, fsync } => serve(config, listen, data_dir, fsync).await,
+        Command::Enqueue { task, args, kwargs, context, queue, countdown, priority, max_retries, id, client } => {
+            let mut spec = TaskSpec::new(task);
+            if let Some(args) = args {
+                match json_to_value(&parse_json("ARGS", &args)?) {
+                    Value::Array(items) => spec.args = items,
+                    _ => bail!("ARGS must be a JSON array, e.g. '[2, 3]'"),
+                }
+            }
+            if let Some(kwargs) = kwargs {
+                spec.kwargs = json_object("--kwargs", &kwargs)?;
+            }
+            if let Some(context) = context {
+                spec.context = json_object("--context", &context)?;
+            }
+            spec.queue = queue;
+            spec.priority = priority;
+            spec.max_retries = max_retries;
+            spec.id = id;
+            spec.countdown_ms = countdown.map(|s| (s * 1000.0).max(0.0) as u64);
+            let enqueued = connect(&client).await?.enqueue(spec).await.context("enqueue failed")?;
+            println!("{}", enqueued.id);
+            Ok(())
+        }
+        Command::Result { id, wait, json, client } => {
+            let client = connect(&client).await?;
+            let info = match wait {
+                Some(secs) => client.wait(&id, Duration::from_secs_f64(secs.max(0.0))).await,
+                None => client.get(&id).await,
+            }
+            .with_context(|| format!("cannot read task {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&task_json(&info))?);
+            } else {
+                print_result(&info);
+            }
+            Ok(())
+        }
+        Command::Revoke { id, client } => {
+            let state = connect(&client).await?.revoke(&id).await.with_context(|| format!("cannot revoke {id}"))?;
+            println!("{state}");
+            Ok(())
+        }
+        Command::Stat { json, client } => {
+            let stats = connect(&client).await?.stats().await.context("cannot read stats")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_stats(&stats);
+            }
+            Ok(())
+        }
+        Command::Purge { queue, client } => {
+            let n = connect(&client).await?.purge(&queue).await.with_context(|| format!("cannot purge {queue}"))?;
+            println!("purged {n} tasks from {queue}");
+            Ok(())
+        }
+        Command::Dead { command: DeadCommand::List { queue, limit, json, client } } => {
+            let tasks = connect(&client).await?.dead_list(queue.as_deref(), limit).await.context("cannot list")?;
+            if json {
+                let all: Vec<_> = tasks.iter().map(task_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for t in &tasks {
+                    let error = t.error.as_ref().map(|e| format!("{}: {}", e.kind, e.message)).unwrap_or_default();
+                    println!("{}  {}  {}  attempts={}  {}", t.id, t.queue, t.task, t.attempts, error);
+                }
+                println!("{} dead tasks", tasks.len());
+            }
+            Ok(())
+        }
+        Command::Dead { command: DeadCommand::Requeue { ids, queue, client } } => {
+            if ids.is_empty() && queue.is_none() {
+                bail!("give task ids or --queue");
+            }
+            let n = connect(&client).await?.dead_requeue(DeadRequeue { ids, queue }).await.context("requeue")?;
+            println!("requeued {n} tasks");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(
+    config_path: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<FsyncPolicy>,
+) -> Result<()> {
+    let mut config = match &config_path {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(fsync) = fsync {
+        config.fsync = fsync;
+    }
+    let server = broker::server::start(config, Arc::new(SystemClock)).await?;
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("broker listening on {}", server.addr());
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+    });
+    server.stopped().await;
+    server.shutdown().await.context("shutdown flush failed")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn connect(args: &ClientArgs) -> Result<Client> {
+    ConnectOptions::new(args.addr.clone())
+        .name(format!("broker-cli@{}", std::process::id()))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the daemon at {} (set --addr or BROKER_ADDR)", args.addr))
+}
+
+fn parse_json(what: &str, text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON: {text}"))
+}
+
+fn json_object(what: &str, text: &str) -> Result<std::collections::BTreeMap<String, Value>> {
+    match parse_json(what, text)? {
+        serde_json::Value::Object(map) => Ok(map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect()),
+        _ => bail!("{what} must be a JSON object"),
+    }
+}
+
+/// JSON → MessagePack value: integers stay integers, other numbers become floats.
+fn json_to_value(json: &serde_json::Value) -> Value {
+    match json {
+        serde_json::Value::Null => Value::Nil,
+        serde_json::Value::Bool(b) => Value::Boolean(*b),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::F64(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(items) => Value::Array(items.iter().map(json_to_value).collect()),
+        serde_json::Value::Object(map) => {
+            Value::Map(map.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))).collect())
+        }
+    }
+}
+
+/// MessagePack value → JSON, for printing: binary becomes an array of bytes, map keys become strings.
+fn value_to_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::Nil => serde_json::Value::Null,
+        Value::Boolean(b) => serde_json::Value::Bool(*b),
+        Value::Integer(i) => {
+            i.as_i64().map(serde_json::Value::from).or(i.as_u64().map(serde_json::Value::from)).unwrap_or_default()
+        }
+        Value::F32(f) => serde_json::Value::from(*f as f64),
+        Value::F64(f) => serde_json::Value::from(*f),
+        Value::String(s) => serde_json::Value::from(s.as_str().unwrap_or("<invalid utf-8>")),
+        Value::Binary(b) => serde_json::Value::from(b.clone()),
+        Value::Array(items) => serde_json::Value::Array(items.iter().map(value_to_json).collect()),
+        Value::Map(entries) => serde_json::Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.as_str().map(str::to_string).unwrap_or_else(|| k.to_string()), value_to_json(v)))
+                .collect(),
+        ),
+        Value::Ext(kind, data) => serde_json::json!({"ext": kind, "data": data}),
+    }
+}
+
+fn task_json(info: &TaskInfo) -> serde_json::Value {
+    let mut json = serde_json::json!({
+        "id": info.id,
+        "queue": info.queue,
+        "task": info.task,
+        "state": info.state.as_str(),
+        "attempts": info.attempts,
+        "max_retries": info.max_retries,
+        "priority": info.priority,
+        "args": info.args.iter().map(value_to_json).collect::<Vec<_>>(),
+        "kwargs": info.kwargs.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect::<serde_json::Map<_, _>>(),
+        "context": info.context.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect::<serde_json::Map<_, _>>(),
+        "created_at_ms": info.created_at_ms,
+        "eta_ms": info.eta_ms,
+        "started_at_ms": info.started_at_ms,
+        "finished_at_ms": info.finished_at_ms,
+        "result_expires_at_ms": info.result_expires_at_ms,
+        "revoked": info.revoked,
+    });
+    json["result"] = info.result.as_ref().map(value_to_json).unwrap_or(serde_json::Value::Null);
+    json["error"] = serde_json::to_value(&info.error).unwrap_or_default();
+    json
+}
+
+fn print_result(info: &TaskInfo) {
+    println!("{}", info.state);
+    if let Some(result) = &info.result {
+        println!("{}", value_to_json(result));
+    }
+    if let Some(error) = &info.error {
+        println!("{}: {}", error.kind, error.message);
+        if let Some(tb) = &error.traceback {
+            println!("{tb}");
+        }
+    }
+}
+
+fn print_stats(stats: &Stats) {
+    let uptime = Duration::from_millis(stats.uptime_ms);
+    println!(
+        "{}  up {}s  fsync={}  connections={}  workers={}  results stored={}",
+        stats.server,
+        uptime.as_secs(),
+        stats.fsync,
+        stats.connections,
+        stats.workers.len(),
+        stats.results_stored
+    );
+    println!();
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
+        "QUEUE", "READY", "SCHEDULED", "LEASED", "SUCCEEDED", "FAILED", "DEAD"
+    );
+    for q in &stats.queues {
+        println!(
+            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
+            q.name, q.ready, q.scheduled, q.leased, q.succeeded, q.failed, q.dead
+        );
+    }
+    if !stats.workers.is_empty() {
+        println!();
+        println!("{:<32} {:<22} {:>7}", "WORKER", "ADDRESS", "LEASED");
+        for w in &stats.workers {
+            println!("{:<32} {:<22} {:>7}", w.client, w.addr, w.leased);
+        }
+    }
+    let t = &stats.totals;
+    println!();
+    println!(
+        "totals since start: enqueued={} succeeded={} failed={} retried={} dead={} lease_lost={} revoked={} expired_results={}",
+        t.enqueued, t.succeeded, t.failed, t.retried, t.dead, t.lease_lost, t.revoked, t.expired_results
+    );
+}

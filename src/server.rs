@@ -1,0 +1,265 @@
+//! The accept loop, one task per connection, the maintenance ticker, and shutdown.
+//!
+//! Each connection has a reader (this module's loop: frames → [`cmd::handle`]) and a writer task that sends
+//! replies in the order they become ready. A reply that changed state waits in the writer for its flush ticket,
+//! so pipelined writes on one connection share flushes; ops that wait (long-poll `lease`, `get` with `wait_ms`)
+//! run on their own tasks and send their reply when done, never holding up the replies behind them.
+//!
+//! Shutdown is one [`CancellationToken`]: the accept loop stops, every connection stops reading, waiting ops
+//! answer with what they have, writers drain, leases still held are released, and the store is flushed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broker_client::codec::{Frame, FrameCodec};
+use broker_client::proto::ErrorCode;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::cmd::{self, ConnInfo, Outcome, ReplyFrame, Session, Shared};
+use crate::config::Config;
+use crate::store::flush::Durable;
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: String,
+        /// Why.
+        source: StoreError,
+    },
+}
+
+/// How many replies may wait to be written per connection before the reader stops reading (backpressure).
+const REPLY_QUEUE: usize = 1024;
+
+/// A running server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+    ticker: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address it listens on (with the real port when the config asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A token that stops the server when cancelled (signal handlers use it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Resolves when the server has been asked to stop.
+    pub async fn stopped(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+
+    /// Stops accepting, finishes in-flight replies, releases leases, flushes the store.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.shared.shutdown.cancel();
+        let _ = self.accept.await;
+        let _ = self.ticker.await;
+        self.shared.store.flush_now().await?;
+        tracing::info!("shut down cleanly");
+        Ok(())
+    }
+}
+
+/// Opens the store, binds the listener and starts serving.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServerError> {
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let store = Store::open(&config, clock)
+        .map_err(|source| ServerError::Store { dir: config.data_dir.display().to_string(), source })?;
+    let shared = Arc::new(Shared {
+        store: Arc::new(store),
+        config,
+        started: Instant::now(),
+        connections: Mutex::new(HashMap::new()),
+        shutdown: CancellationToken::new(),
+    });
+    let ticker = tokio::spawn(run_ticker(shared.clone()));
+    let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), fsync = shared.config.fsync.as_str(), "listening");
+    Ok(ServerHandle { addr, shared, accept, ticker })
+}
+
+async fn run_ticker(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(shared.config.tick_ms.max(1)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        if let Err(e) = shared.store.tick() {
+            tracing::error!(error = %e, "maintenance tick failed");
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    let next_conn = AtomicU64::new(1);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shared.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                connections.spawn(async move {
+                    run_connection(shared, stream, peer, conn).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// A reply on its way to the writer, with the flush it must wait for.
+struct Outbound {
+    frame: ReplyFrame,
+    ticket: Option<(u64, Durable)>,
+}
+
+async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn: u64) {
+    let _ = stream.set_nodelay(true);
+    shared.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        conn,
+        ConnInfo {
+            client: String::new(),
+            addr: peer.to_string(),
+            connected_at_ms: shared.store.now_ms(),
+            leases: false,
+        },
+    );
+    tracing::debug!(conn, %peer, "connected");
+    let (read, write) = stream.into_split();
+    let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_bytes));
+    let (tx, rx) = mpsc::channel::<Outbound>(REPLY_QUEUE);
+    let writer = tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx));
+    let waiting = TaskTracker::new();
+    let mut session = Session { conn, greeted: false, closing: CancellationToken::new() };
+    let max_frame = shared.config.max_frame_bytes;
+
+    loop {
+        let frame = tokio::select! {
+            frame = frames.next() => frame,
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let outbound = match frame {
+            Some(Ok(Frame::Message(bytes))) => match cmd::handle(&shared, &mut session, &bytes) {
+                Outcome::Reply(frame, ticket) => Outbound { frame, ticket },
+                Outcome::Wait(pending) => {
+                    let tx = tx.clone();
+                    waiting.spawn(async move {
+                        let frame = pending.await;
+                        let _ = tx.send(Outbound { frame, ticket: None }).await;
+                    });
+                    continue;
+                }
+            },
+            Some(Ok(Frame::TooLarge(len))) => Outbound {
+                frame: cmd::error_frame(
+                    None,
+                    ErrorCode::FrameTooLarge,
+                    &format!("frame of {len} bytes exceeds the maximum of {max_frame}; it was skipped"),
+                ),
+                ticket: None,
+            },
+            Some(Err(e)) => {
+                tracing::debug!(conn, error = %e, "read failed");
+                break;
+            }
+            None => break,
+        };
+        if tx.send(outbound).await.is_err() {
+            break;
+        }
+    }
+
+    // Waiting ops answer now; then the writer drains every reply (each after its flush) and closes.
+    session.closing.cancel();
+    waiting.close();
+    waiting.wait().await;
+    drop(tx);
+    let _ = writer.await;
+    match shared.store.release_connection(conn) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(conn, released = n, "connection closed; its leases went back to their queues"),
+        Err(e) => tracing::error!(conn, error = %e, "releasing a closed connection's leases failed"),
+    }
+    shared.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+    tracing::debug!(conn, "disconnected");
+}
+
+async fn write_loop(
+    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::Receiver<Outbound>,
+) {
+    let mut broken = false;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            let frame = match out.ticket {
+                None => out.frame,
+                Some((id, durable)) => match durable.await {
+                    Ok(()) => out.frame,
+                    Err(e) => cmd::error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
+                },
+            };
+            // After a write error keep draining, so senders never block on a dead connection.
+            if !broken && sink.feed(Bytes::from(frame)).await.is_err() {
+                broken = true;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !broken && SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+            broken = true;
+        }
+    }
+}
