@@ -69,6 +69,11 @@ impl ServerHandle {
         self.addr
     }
 
+    /// The store, for in-process callers (tests drive [`Store::tick`] after moving a manual clock).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
     /// A token that stops the server when cancelled (signal handlers use it).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
@@ -84,7 +89,7 @@ impl ServerHandle {
         self.shared.shutdown.cancel();
         let _ = self.accept.await;
         let _ = self.ticker.await;
-        self.shared.store.flush_now().await?;
+        self.shared.store.close().await?;
         tracing::info!("shut down cleanly");
         Ok(())
     }

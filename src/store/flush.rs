@@ -10,7 +10,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Mutex;
+
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::config::FsyncPolicy;
 
@@ -18,17 +21,19 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// Hands out flush tickets.
 pub struct Flusher {
-    requests: Option<mpsc::UnboundedSender<Waiter>>,
+    policy: FsyncPolicy,
+    requests: Mutex<Option<mpsc::UnboundedSender<Waiter>>>,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Flusher {
     /// Starts the flusher task for `db` (none under `interval`).
     pub fn start(db: sled::Db, policy: FsyncPolicy) -> Flusher {
         if policy == FsyncPolicy::Interval {
-            return Flusher { requests: None };
+            return Flusher { policy, requests: Mutex::new(None), task: Mutex::new(None) };
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut batch = Vec::new();
             while rx.recv_many(&mut batch, usize::MAX).await > 0 {
                 let db = db.clone();
@@ -45,13 +50,24 @@ impl Flusher {
                 }
             }
         });
-        Flusher { requests: Some(tx) }
+        Flusher { policy, requests: Mutex::new(Some(tx)), task: Mutex::new(Some(task)) }
+    }
+
+    /// Stops the flusher task (after answering the tickets already queued) and waits for it, so that it no
+    /// longer holds the database open. Later tickets fail.
+    pub async fn stop(&self) {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// A ticket that resolves once every write made before this call is on disk.
     pub fn request(&self) -> Durable {
-        match &self.requests {
-            None => Durable { waiter: None },
+        match &*self.requests.lock().unwrap_or_else(|p| p.into_inner()) {
+            None if self.policy == FsyncPolicy::Interval => Durable { waiter: None },
+            None => Durable { waiter: Some(closed()) },
             Some(tx) => {
                 let (waiter, rx) = oneshot::channel();
                 if tx.send(waiter).is_err() {

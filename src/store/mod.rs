@@ -323,7 +323,13 @@ impl Store {
         self.flusher.request()
     }
 
-    /// Flushes everything now and waits for it (shutdown).
+    /// Shutdown: stops the flusher and flushes everything. The database closes when the last handle drops.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.flusher.stop().await;
+        self.flush_now().await
+    }
+
+    /// Flushes everything now and waits for it.
     pub async fn flush_now(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())

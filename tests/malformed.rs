@@ -1,0 +1,225 @@
+//! Bad input over raw frames: every case gets its error code, nothing is stored, the connection stays usable
+//! (the framing is intact in every case here), and the daemon stays up.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use broker_client::proto::{map_get, ErrorCode, Value};
+use common::TestServer;
+
+/// A blocking raw connection speaking frames by hand.
+struct Raw {
+    stream: TcpStream,
+}
+
+impl Raw {
+    fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { stream }
+    }
+
+    fn send_bytes(&mut self, payload: &[u8]) {
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    fn send(&mut self, value: &Value) {
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, value).unwrap();
+        self.send_bytes(&bytes);
+    }
+
+    fn recv(&mut self) -> Value {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).unwrap();
+        let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut payload).unwrap();
+        rmpv::decode::read_value(&mut &payload[..]).unwrap()
+    }
+
+    /// Sends a request and returns (ok, the error code if any, the whole reply).
+    fn call(&mut self, value: Value) -> (bool, Option<String>, Value) {
+        self.send(&value);
+        let reply = self.recv();
+        let map = reply.as_map().expect("reply is a map").clone();
+        let ok = map_get(&map, "ok").and_then(Value::as_bool).expect("ok field");
+        let code = map_get(&map, "error")
+            .and_then(|e| e.as_map().and_then(|m| map_get(m, "code")).and_then(Value::as_str).map(str::to_string));
+        (ok, code, reply)
+    }
+
+    fn hello(&mut self) {
+        let (ok, code, _) = self.call(request(1, "hello", vec![("version", Value::from(1))]));
+        assert!(ok, "hello failed: {code:?}");
+    }
+}
+
+fn request(id: u64, op: &str, fields: Vec<(&str, Value)>) -> Value {
+    let mut map = vec![(Value::from("id"), Value::from(id)), (Value::from("op"), Value::from(op))];
+    map.extend(fields.into_iter().map(|(k, v)| (Value::from(k), v)));
+    Value::Map(map)
+}
+
+fn enqueue_request(id: u64, task: &str) -> Value {
+    request(id, "enqueue", vec![("task", Value::Map(vec![(Value::from("task"), Value::from(task))]))])
+}
+
+fn assert_code(result: (bool, Option<String>, Value), code: ErrorCode) -> Value {
+    assert!(!result.0, "expected {code}, got a success: {:?}", result.2);
+    assert_eq!(result.1.as_deref(), Some(code.as_str()), "reply: {:?}", result.2);
+    result.2
+}
+
+fn reply_id(reply: &Value) -> Option<u64> {
+    map_get(reply.as_map().unwrap(), "id").and_then(Value::as_u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_malformed_input_gets_its_code_and_the_connection_survives() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    let client = server.client().await;
+    let raw_addr = addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&raw_addr);
+
+        // Before hello: any op is refused, and so is a version the daemon does not speak.
+        assert_code(raw.call(enqueue_request(1, "x")), ErrorCode::HelloRequired);
+        assert_code(raw.call(request(2, "hello", vec![("version", Value::from(99))])), ErrorCode::UnsupportedVersion);
+        raw.hello();
+
+        // Not MessagePack at all (0xc1 is never used): bad_frame, id unknown.
+        raw.send_bytes(&[0xc1, 0x00, 0x01]);
+        let reply = raw.recv();
+        assert_eq!(map_get(reply.as_map().unwrap(), "ok").and_then(Value::as_bool), Some(false));
+        assert_eq!(reply_id(&reply), None);
+        let code = map_get(reply.as_map().unwrap(), "error").unwrap().as_map().unwrap().clone();
+        assert_eq!(map_get(&code, "code").and_then(Value::as_str), Some("bad_frame"));
+
+        // Valid MessagePack but truncated inside the frame.
+        raw.send_bytes(&[0x82, 0xa2, b'i', b'd']);
+        let reply = raw.recv();
+        assert_eq!(reply_id(&reply), None);
+
+        // Not a map.
+        assert_code(raw.call(Value::Array(vec![Value::from(1), Value::from("enqueue")])), ErrorCode::BadFrame);
+        // Missing id, then id of the wrong type.
+        assert_code(raw.call(Value::Map(vec![(Value::from("op"), Value::from("stats"))])), ErrorCode::BadRequest);
+        assert_code(
+            raw.call(Value::Map(vec![
+                (Value::from("id"), Value::from("seven")),
+                (Value::from("op"), Value::from("stats")),
+            ])),
+            ErrorCode::BadRequest,
+        );
+        // Missing op.
+        let reply = assert_code(raw.call(Value::Map(vec![(Value::from("id"), Value::from(3))])), ErrorCode::BadRequest);
+        assert_eq!(reply_id(&reply), Some(3), "the id is echoed when it could be read");
+        // Unknown op.
+        let reply = assert_code(raw.call(request(4, "frobnicate", vec![])), ErrorCode::UnknownOp);
+        assert_eq!(reply_id(&reply), Some(4));
+        // Missing field: enqueue without task.
+        assert_code(raw.call(request(5, "enqueue", vec![])), ErrorCode::BadRequest);
+        // Missing nested field: a task spec without its name.
+        assert_code(
+            raw.call(request(6, "enqueue", vec![("task", Value::Map(vec![(Value::from("queue"), Value::from("q"))]))])),
+            ErrorCode::BadRequest,
+        );
+        // Wrong types: args not an array, priority a string, lease max a string, ack lease_id negative.
+        let bad_args = Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("args"), Value::from(1))]);
+        assert_code(raw.call(request(7, "enqueue", vec![("task", bad_args)])), ErrorCode::BadRequest);
+        let bad_priority =
+            Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("priority"), Value::from("high"))]);
+        assert_code(raw.call(request(8, "enqueue", vec![("task", bad_priority)])), ErrorCode::BadRequest);
+        assert_code(raw.call(request(9, "lease", vec![("max", Value::from("ten"))])), ErrorCode::BadRequest);
+        assert_code(
+            raw.call(request(
+                10,
+                "ack",
+                vec![("task_id", Value::from("t")), ("lease_id", Value::from(-1)), ("result", Value::Nil)],
+            )),
+            ErrorCode::BadRequest,
+        );
+        // Invalid values: empty task name, a queue name with NUL, countdown and eta together, lease max 0.
+        let empty = Value::Map(vec![(Value::from("task"), Value::from(""))]);
+        assert_code(raw.call(request(11, "enqueue", vec![("task", empty)])), ErrorCode::BadRequest);
+        let nul =
+            Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("queue"), Value::from("a\0b"))]);
+        assert_code(raw.call(request(12, "enqueue", vec![("task", nul)])), ErrorCode::BadRequest);
+        let both = Value::Map(vec![
+            (Value::from("task"), Value::from("t")),
+            (Value::from("countdown_ms"), Value::from(1)),
+            (Value::from("eta_ms"), Value::from(1)),
+        ]);
+        assert_code(raw.call(request(13, "enqueue", vec![("task", both)])), ErrorCode::BadRequest);
+        assert_code(raw.call(request(14, "lease", vec![("max", Value::from(0))])), ErrorCode::BadRequest);
+        // Ack of a lease never held.
+        assert_code(
+            raw.call(request(15, "ack", vec![("task_id", Value::from("ghost")), ("lease_id", Value::from(1))])),
+            ErrorCode::LeaseLost,
+        );
+
+        // The same connection still works.
+        let (ok, _, reply) = raw.call(enqueue_request(16, "fine"));
+        assert!(ok, "{reply:?}");
+        assert_eq!(reply_id(&reply), Some(16));
+    })
+    .await
+    .unwrap();
+
+    // Nothing bad was stored: exactly the one good task.
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.totals.enqueued, 1);
+    assert_eq!(stats.queues.iter().map(|q| q.ready).sum::<u64>(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_skipped_and_the_connection_stays_usable() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 1024, false).await;
+    let addr = server.addr();
+    let client = server.client().await;
+    tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        raw.hello();
+        // A real enqueue whose frame is 4 KiB: over the 1 KiB limit.
+        let big = Value::Map(vec![
+            (Value::from("task"), Value::from("big")),
+            (Value::from("args"), Value::Array(vec![Value::from("x".repeat(4096))])),
+        ]);
+        let (ok, code, reply) = raw.call(request(2, "enqueue", vec![("task", big)]));
+        assert!(!ok);
+        assert_eq!(code.as_deref(), Some("frame_too_large"), "{reply:?}");
+        // The next frame on the same connection is read normally.
+        let (ok, _, reply) = raw.call(enqueue_request(3, "small"));
+        assert!(ok, "{reply:?}");
+    })
+    .await
+    .unwrap();
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.totals.enqueued, 1, "the oversized task was not stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_connection_does_not_affect_others() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        // A length prefix promising more than is ever sent, then a hang-up mid-frame.
+        raw.stream.write_all(&[0, 0, 0, 50, 0x81]).unwrap();
+        drop(raw);
+        let mut raw = Raw::connect(&addr);
+        // Garbage that is not even a frame header worth reading, then close.
+        raw.stream.write_all(&[0xff, 0xff]).unwrap();
+        drop(raw);
+    })
+    .await
+    .unwrap();
+    let client = server.client().await;
+    assert_eq!(client.stats().await.unwrap().server, format!("broker {}", env!("CARGO_PKG_VERSION")));
+}
