@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use broker_client::codec::{check_msgpack, MAX_DEPTH};
 use broker_client::proto::{self, op, *};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -131,6 +132,9 @@ fn body<T: DeserializeOwned>(request: Value) -> Result<T, Refusal> {
 
 /// Handles one frame's payload.
 pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outcome {
+    if let Err(e) = check_msgpack(frame, MAX_DEPTH) {
+        return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, &format!("not valid MessagePack: {e}")), None);
+    }
     let request: Value = match rmp_serde::from_slice(frame) {
         Ok(value) => value,
         Err(e) => {

@@ -106,6 +106,19 @@ async fn every_malformed_input_gets_its_code_and_the_connection_survives() {
         let reply = raw.recv();
         assert_eq!(reply_id(&reply), None);
 
+        // Hostile shapes: nesting 100 000 arrays deep, and an array claiming 4 billion elements.
+        let mut deep = vec![0x91u8; 100_000];
+        deep.push(0xc0);
+        raw.send_bytes(&deep);
+        let reply = raw.recv();
+        assert_eq!(map_get(reply.as_map().unwrap(), "ok").and_then(Value::as_bool), Some(false));
+        raw.send_bytes(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        let reply = raw.recv();
+        assert_eq!(map_get(reply.as_map().unwrap(), "ok").and_then(Value::as_bool), Some(false));
+        raw.send_bytes(&[0x81, 0xa2, b'i', b'd', 0x01, 0xdf, 0xff, 0xff, 0xff, 0xff]);
+        let reply = raw.recv();
+        assert_eq!(map_get(reply.as_map().unwrap(), "ok").and_then(Value::as_bool), Some(false));
+
         // Not a map.
         assert_code(raw.call(Value::Array(vec![Value::from(1), Value::from("enqueue")])), ErrorCode::BadFrame);
         // Missing id, then id of the wrong type.

@@ -86,9 +86,102 @@ impl Encoder<&[u8]> for FrameCodec {
     }
 }
 
+/// The deepest nesting of arrays and maps a frame may have. Decoding is recursive, so a hostile frame of 100 000
+/// nested arrays would otherwise overflow the stack.
+pub const MAX_DEPTH: usize = 100;
+
+/// Checks, without allocating per element and without recursion, that `buf` holds exactly one well-formed
+/// MessagePack value nested at most `max_depth` deep, and that no length prefix claims more than the buffer holds.
+/// Run before decoding untrusted frames: it turns stack exhaustion and huge preallocations into a clear error.
+pub fn check_msgpack(buf: &[u8], max_depth: usize) -> Result<(), String> {
+    fn read_len(buf: &[u8], pos: &mut usize, width: usize) -> Result<u64, String> {
+        let bytes = buf.get(*pos..*pos + width).ok_or("truncated length")?;
+        *pos += width;
+        Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    }
+    let mut pos = 0usize;
+    // Items still to read at each open level; the outermost "level" holds the one top value.
+    let mut remaining: Vec<u64> = vec![1];
+    while let Some(top) = remaining.last_mut() {
+        if *top == 0 {
+            remaining.pop();
+            continue;
+        }
+        *top -= 1;
+        let marker = *buf.get(pos).ok_or("truncated value")?;
+        pos += 1;
+        let (skip, children): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xc1 => return Err("invalid marker 0xc1".into()),
+            0xc4 | 0xd9 => (read_len(buf, &mut pos, 1)?, 0),
+            0xc5 | 0xda => (read_len(buf, &mut pos, 2)?, 0),
+            0xc6 | 0xdb => (read_len(buf, &mut pos, 4)?, 0),
+            0xc7 => (read_len(buf, &mut pos, 1)? + 1, 0),
+            0xc8 => (read_len(buf, &mut pos, 2)? + 1, 0),
+            0xc9 => (read_len(buf, &mut pos, 4)? + 1, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, read_len(buf, &mut pos, 2)?),
+            0xdd => (0, read_len(buf, &mut pos, 4)?),
+            0xde => (0, 2 * read_len(buf, &mut pos, 2)?),
+            0xdf => (0, 2 * read_len(buf, &mut pos, 4)?),
+        };
+        let left = (buf.len() - pos) as u64;
+        if skip > left {
+            return Err(format!("a length of {skip} bytes runs past the end of the frame"));
+        }
+        pos += skip as usize;
+        if children > 0 {
+            // Every element takes at least one byte, so a count larger than what is left is a lie.
+            if children > left - skip {
+                return Err(format!("a container claims {children} elements but the frame is too short"));
+            }
+            if remaining.len() > max_depth {
+                return Err(format!("nested deeper than {max_depth} levels"));
+            }
+            remaining.push(children);
+        }
+    }
+    if pos != buf.len() {
+        return Err(format!("{} trailing bytes after the value", buf.len() - pos));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_msgpack_accepts_real_values_and_refuses_hostile_ones() {
+        let value = rmpv::Value::Map(vec![
+            (rmpv::Value::from("args"), rmpv::Value::Array(vec![rmpv::Value::from(1.5), rmpv::Value::from(-7)])),
+            (rmpv::Value::from("bin"), rmpv::Value::Binary(vec![1, 2, 3])),
+            (rmpv::Value::from("ext"), rmpv::Value::Ext(3, vec![9; 20])),
+            (rmpv::Value::from("big"), rmpv::Value::from(u64::MAX)),
+            (rmpv::Value::from("s"), rmpv::Value::from("x".repeat(70_000))),
+        ]);
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &value).unwrap();
+        assert_eq!(check_msgpack(&buf, MAX_DEPTH), Ok(()));
+        let mut deep = vec![0x91u8; 200];
+        deep.push(0xc0);
+        assert!(check_msgpack(&deep, MAX_DEPTH).unwrap_err().contains("nested"));
+        assert!(check_msgpack(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01], MAX_DEPTH).is_err());
+        assert!(check_msgpack(&[0xdb, 0xff, 0xff, 0xff, 0xff], MAX_DEPTH).is_err());
+        assert!(check_msgpack(&[0xc0, 0xc0], MAX_DEPTH).unwrap_err().contains("trailing"));
+        assert!(check_msgpack(&[], MAX_DEPTH).is_err());
+    }
 
     #[test]
     fn cuts_frames_and_skips_oversized_ones() {

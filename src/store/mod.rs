@@ -234,7 +234,7 @@ impl Indexes {
                 self.by_conn.remove(&entry.conn);
             }
         }
-        self.queue(&entry.queue).leased -= 1;
+        decrement(&mut self.queue(&entry.queue).leased);
         Some(entry)
     }
 }
@@ -737,7 +737,7 @@ impl Store {
                 break;
             }
             let ((_, id), queue) = entry.remove_entry();
-            idx.queue(&queue).scheduled -= 1;
+            decrement(&mut idx.queue(&queue).scheduled);
             let Some(mut record) = self.load(&id)? else { continue };
             if record.state.is_terminal() {
                 continue;
@@ -765,7 +765,7 @@ impl Store {
                     if record.state.is_terminal() && record.result_expires_at_ms == Some(at) {
                         if record.state == TaskState::Failure {
                             self.dead.remove(keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id))?;
-                            idx.queue(&record.queue).dead -= 1;
+                            decrement(&mut idx.queue(&record.queue).dead);
                         }
                         self.tasks.remove(id.as_bytes())?;
                         idx.results_stored = idx.results_stored.saturating_sub(1);
@@ -824,7 +824,7 @@ impl Store {
             idx.scheduled.iter().filter(|(_, q)| q.as_str() == queue).map(|(k, _)| k.clone()).collect();
         for key in due {
             idx.scheduled.remove(&key);
-            idx.queue(queue).scheduled -= 1;
+            decrement(&mut idx.queue(queue).scheduled);
             ids.push(key.1);
         }
         for id in &ids {
@@ -886,7 +886,7 @@ impl Store {
             record.eta_ms = None;
             self.return_to_queue(&mut idx, &mut record, now)?;
             self.dead.remove(dead_key)?;
-            idx.queue(&record.queue).dead -= 1;
+            decrement(&mut idx.queue(&record.queue).dead);
             idx.results_stored = idx.results_stored.saturating_sub(1);
             count += 1;
         }
@@ -931,7 +931,7 @@ impl Store {
         }
         if let Some(eta) = record.eta_ms {
             if idx.scheduled.remove(&(eta, record.id.clone())).is_some() {
-                idx.queue(&record.queue).scheduled -= 1;
+                decrement(&mut idx.queue(&record.queue).scheduled);
             }
         }
     }
@@ -1023,4 +1023,9 @@ fn initial_counter(now_ms: u64) -> u64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     (x & 0xffff_ffff) << 16
+}
+
+/// Counters never wrap below zero, even if an index and a count ever disagree.
+fn decrement(counter: &mut u64) {
+    *counter = counter.saturating_sub(1);
 }
