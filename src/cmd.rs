@@ -23,6 +23,9 @@ use crate::config::Config;
 use crate::store::flush::Durable;
 use crate::store::{validate_name, ConnId, Store, StoreError};
 
+/// The most tasks one `dead_list` returns, whatever its `limit`.
+pub const MAX_DEAD_LIST: u32 = 1000;
+
 /// What every connection shares: the store, the settings, and who is connected.
 pub struct Shared {
     /// The store.
@@ -91,7 +94,7 @@ impl From<StoreError> for Refusal {
             StoreError::LeaseLost { .. } => ErrorCode::LeaseLost,
             StoreError::Revoked(_) => ErrorCode::Revoked,
             StoreError::Invalid(_) => ErrorCode::BadRequest,
-            StoreError::Storage(_) | StoreError::Corrupt { .. } => {
+            StoreError::Storage(_) | StoreError::Corrupt { .. } | StoreError::Flush(_) => {
                 tracing::error!(error = %e, "store error");
                 ErrorCode::Internal
             }
@@ -122,8 +125,9 @@ fn reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> ReplyFrame {
 
 /// A reply that changed state: it waits for a flush covering the change.
 fn durable_reply<T: Serialize>(shared: &Shared, id: u64, result: Result<T, Refusal>) -> Outcome {
-    let ticket = result.is_ok().then(|| (id, shared.store.durable()));
-    Outcome::Reply(reply(id, result), ticket)
+    // Even a refusal may have changed state (an ack of a revoked task finishes it), so every reply of a
+    // state-changing op waits; with group commit a refusal that changed nothing costs almost nothing.
+    Outcome::Reply(reply(id, result), Some((id, shared.store.durable())))
 }
 
 fn body<T: DeserializeOwned>(request: Value) -> Result<T, Refusal> {
@@ -240,9 +244,9 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Ou
     }
     let conn = session.conn;
     let max = request.max as usize;
-    let first = shared.store.lease(conn, &request.queues, max, request.lease_ms).map_err(Refusal::from);
-    if request.wait_ms == 0 || !matches!(&first, Ok(tasks) if tasks.is_empty()) {
-        return Outcome::Reply(reply(id, first.map(|tasks| Leased { tasks })), None);
+    let first = shared.store.lease(conn, &request.queues, max, request.lease_ms);
+    if request.wait_ms == 0 || !first.is_empty() {
+        return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), None);
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
@@ -253,9 +257,9 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Ou
             let notified = shared.store.ready_notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let result = shared.store.lease(conn, &request.queues, max, request.lease_ms).map_err(Refusal::from);
-            if !matches!(&result, Ok(tasks) if tasks.is_empty()) {
-                return reply(id, result.map(|tasks| Leased { tasks }));
+            let tasks = shared.store.lease(conn, &request.queues, max, request.lease_ms);
+            if !tasks.is_empty() {
+                return ok_frame(id, &Leased { tasks });
             }
             tokio::select! {
                 _ = &mut notified => {}
@@ -381,7 +385,7 @@ fn stats(shared: &Shared) -> Stats {
 fn purge(shared: &Shared, request: Value) -> Result<Purged, Refusal> {
     let request: Purge = body(request)?;
     validate_name("queue", &request.queue)?;
-    Ok(Purged { purged: shared.store.purge(&request.queue)? })
+    Ok(Purged { purged: shared.store.purge(&request.queue) })
 }
 
 fn dead_list(shared: &Shared, request: Value) -> Result<DeadTasks, Refusal> {
@@ -389,10 +393,17 @@ fn dead_list(shared: &Shared, request: Value) -> Result<DeadTasks, Refusal> {
     if let Some(queue) = &request.queue {
         validate_name("queue", queue)?;
     }
-    Ok(DeadTasks { tasks: shared.store.dead_list(request.queue.as_deref(), request.limit as usize)? })
+    let limit = request.limit.min(MAX_DEAD_LIST) as usize;
+    Ok(DeadTasks { tasks: shared.store.dead_list(request.queue.as_deref(), limit)? })
 }
 
 fn dead_requeue(shared: &Shared, request: Value) -> Result<Requeued, Refusal> {
     let request: DeadRequeue = body(request)?;
+    for id in &request.ids {
+        validate_name("ids", id)?;
+    }
+    if let Some(queue) = request.queue.as_deref().filter(|q| *q != "*") {
+        validate_name("queue", queue)?;
+    }
     Ok(Requeued { requeued: shared.store.dead_requeue(&request)? })
 }

@@ -123,8 +123,12 @@ async fn run_ticker(shared: Arc<Shared>) {
             _ = interval.tick() => {}
             _ = shared.shutdown.cancelled() => return,
         }
-        if let Err(e) = shared.store.tick() {
-            tracing::error!(error = %e, "maintenance tick failed");
+        // The tick may read and write sled (result expiry): keep it off the async workers.
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.tick()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "maintenance tick failed"),
+            Err(e) => tracing::error!(error = %e, "maintenance tick panicked"),
         }
     }
 }
@@ -233,10 +237,9 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     waiting.wait().await;
     drop(tx);
     let _ = writer.await;
-    match shared.store.release_connection(conn) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(conn, released = n, "connection closed; its leases went back to their queues"),
-        Err(e) => tracing::error!(conn, error = %e, "releasing a closed connection's leases failed"),
+    let released = shared.store.release_connection(conn, shared.shutdown.is_cancelled());
+    if released > 0 {
+        tracing::info!(conn, released, "connection closed; its leases went back to their queues");
     }
     shared.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
     tracing::debug!(conn, "disconnected");

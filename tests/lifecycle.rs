@@ -525,3 +525,43 @@ impl NowForTest for broker::clock::ManualClock {
         broker::clock::Clock::now_ms(self)
     }
 }
+
+#[tokio::test]
+async fn a_revoked_task_given_back_is_never_run_again() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let released = client.enqueue(spec("released", vec![])).await.unwrap().id;
+    let t = client.lease(&lease(&["default"], 1)).await.unwrap().pop().unwrap();
+    client.revoke(&released).await.unwrap();
+    client.release(&released, t.lease_id).await.unwrap();
+    assert_eq!(client.get(&released).await.unwrap().state, TaskState::Revoked);
+
+    let dropped = client.enqueue(spec("dropped", vec![])).await.unwrap().id;
+    {
+        let worker = server.client().await;
+        worker.lease(&lease(&["default"], 1)).await.unwrap().pop().unwrap();
+        client.revoke(&dropped).await.unwrap();
+    } // the worker's connection closes with the lease
+    eventually("revoked task finished on disconnect", WAIT, || async {
+        (client.get(&dropped).await.unwrap().state == TaskState::Revoked).then_some(())
+    })
+    .await;
+    assert!(client.lease(&lease(&["default"], 10)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_waiting_get_sees_a_purge_at_once() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let id = client.enqueue(spec("doomed", vec![])).await.unwrap().id;
+    let waiter = {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move { client.wait(&id, Duration::from_secs(60)).await })
+    };
+    // Let the wait park in the daemon: it is parked once a get on the same connection has been answered after it.
+    client.stats().await.unwrap();
+    assert_eq!(client.purge("default").await.unwrap(), 1);
+    let result = tokio::time::timeout(WAIT, waiter).await.expect("woken by the purge").unwrap();
+    assert!(result.unwrap_err().is(ErrorCode::NotFound));
+}

@@ -1,16 +1,17 @@
-//! Group commit: one disk flush covers every write that was made before it started.
+//! Group commit: one write-out and one disk flush cover every change made before they started.
 //!
-//! Under `fsync = "always"` a caller that has written asks for a [`Durable`] ticket and awaits it before it
-//! replies. The flusher task takes every ticket queued so far, runs one `sled::Db::flush` on the blocking pool,
-//! and resolves them all; tickets that arrive while that flush runs wait for the next one, which starts as soon
-//! as the current one ends. Under load many writers share each flush; alone, a writer waits for one flush.
-//! Under `fsync = "interval"` sled flushes on its own timer and tickets resolve at once.
+//! Under `fsync = "always"` a caller that changed state asks for a [`Durable`] ticket and awaits it before it
+//! replies. The flusher task takes every ticket queued so far, runs one persist (write the noted changes to sled,
+//! then fsync) on the blocking pool, and resolves them all; tickets that arrive while that runs wait for the next
+//! round, which starts as soon as the current one ends. Under load many writers share each flush; alone, a writer
+//! waits for one. Between tickets, and under `fsync = "interval"` (where tickets resolve at once), the flusher
+//! persists every `fsync_interval_ms`.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-
-use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -19,7 +20,10 @@ use crate::config::FsyncPolicy;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
-/// Hands out flush tickets.
+/// Writes out and flushes; `true` asks for a flush even if nothing new was written.
+pub type Persist = Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>;
+
+/// Hands out flush tickets and runs the flusher task.
 pub struct Flusher {
     policy: FsyncPolicy,
     requests: Mutex<Option<mpsc::UnboundedSender<Waiter>>>,
@@ -27,23 +31,24 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher task for `db` (none under `interval`).
-    pub fn start(db: sled::Db, policy: FsyncPolicy) -> Flusher {
-        if policy == FsyncPolicy::Interval {
-            return Flusher { policy, requests: Mutex::new(None), task: Mutex::new(None) };
-        }
+    /// Starts the flusher task.
+    pub fn start(persist: Persist, policy: FsyncPolicy, interval: Duration) -> Flusher {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
-            while rx.recv_many(&mut batch, usize::MAX).await > 0 {
-                let db = db.clone();
-                let result = match tokio::task::spawn_blocking(move || db.flush()).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(format!("flush failed: {e}")),
+            loop {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, usize::MAX) => if n == 0 { break },
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let persist = persist.clone();
+                let force = !batch.is_empty();
+                let result = match tokio::task::spawn_blocking(move || persist(force)).await {
+                    Ok(result) => result,
                     Err(e) => Err(format!("flush task failed: {e}")),
                 };
                 if let Err(e) = &result {
-                    tracing::error!(error = %e, "disk flush failed");
+                    tracing::error!(error = %e, "write-out or disk flush failed");
                 }
                 for waiter in batch.drain(..) {
                     let _ = waiter.send(result.clone());
@@ -53,8 +58,8 @@ impl Flusher {
         Flusher { policy, requests: Mutex::new(Some(tx)), task: Mutex::new(Some(task)) }
     }
 
-    /// Stops the flusher task (after answering the tickets already queued) and waits for it, so that it no
-    /// longer holds the database open. Later tickets fail.
+    /// Stops the flusher task (after answering the tickets already queued) and waits for it. Later tickets fail
+    /// under `always`.
     pub async fn stop(&self) {
         self.requests.lock().unwrap_or_else(|p| p.into_inner()).take();
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -63,18 +68,15 @@ impl Flusher {
         }
     }
 
-    /// A ticket that resolves once every write made before this call is on disk.
+    /// A ticket that resolves once every change made before this call is on disk (at once under `interval`).
     pub fn request(&self) -> Durable {
+        if self.policy == FsyncPolicy::Interval {
+            return Durable { waiter: None };
+        }
+        let (waiter, rx) = oneshot::channel();
         match &*self.requests.lock().unwrap_or_else(|p| p.into_inner()) {
-            None if self.policy == FsyncPolicy::Interval => Durable { waiter: None },
-            None => Durable { waiter: Some(closed()) },
-            Some(tx) => {
-                let (waiter, rx) = oneshot::channel();
-                if tx.send(waiter).is_err() {
-                    return Durable { waiter: Some(closed()) };
-                }
-                Durable { waiter: Some(rx) }
-            }
+            Some(tx) if tx.send(waiter).is_ok() => Durable { waiter: Some(rx) },
+            _ => Durable { waiter: Some(closed()) },
         }
     }
 }
@@ -85,7 +87,7 @@ fn closed() -> oneshot::Receiver<Result<(), String>> {
     rx
 }
 
-/// Resolves when the writes before it are durable; an `Err` means the flush failed and the caller must not
+/// Resolves when the changes before it are durable; an `Err` means the flush failed and the caller must not
 /// report success.
 pub struct Durable {
     waiter: Option<oneshot::Receiver<Result<(), String>>>,

@@ -1,37 +1,37 @@
-//! The store: the only code that touches sled, and the owner of every task's state.
+//! The store: the owner of every task's state, and (through [`disk`]) the only code that touches sled.
 //!
-//! Each task is one record in the `tasks` tree; the other trees are indexes (see [`keys`]). The queues themselves
-//! (what is ready, in which order; what is scheduled for when; who holds which lease until when) are kept in
-//! memory and rebuilt from the `active` index at startup, so leasing never scans sled.
+//! Every non-terminal task lives in memory (`live`), with the queues built over it: what is ready and in which
+//! order, what is scheduled for when, who holds which lease until when. Operations change only memory and note
+//! what changed (`dirty`); they never wait for the disk. The flusher ([`flush`]) then writes all the changes
+//! noted so far to sled as one batch per tree and flushes (group commit). A reply that must be durable waits
+//! for the flush that follows its change ([`Store::durable`]). Because a batch carries only the latest state of
+//! each task, a task enqueued, leased and acked between two flushes costs one record write, not five.
 //!
-//! Crash safety without multi-tree transactions: sled recovers a prefix of its log, so each transition writes
-//! its trees in an order where any prefix is either harmless or repaired at startup. An index entry is always
-//! written *before* the record that makes it true and removed *after* the record stops making it true, and the
-//! record is the truth: a stale index entry (an `active` id whose record is terminal, an `expiry` or `dead` key
-//! whose record says otherwise) is ignored and cleaned when found.
-//!
-//! The store never waits for the disk: callers that reply to a client ask [`Store::durable`] for a flush that
-//! covers their write (group commit, see [`flush`]).
+//! Finished tasks stay in memory (`finished`) only until their record is on disk; after that `get` reads sled.
+//! At startup the queues are rebuilt from the `active` index; tasks that were leased go back to their queues.
 //!
 //! Time comes from the injected [`Clock`]; the store never reads the wall clock itself.
 
+pub mod disk;
 pub mod flush;
 pub mod keys;
+pub mod record;
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use broker_client::proto::{
     DeadRequeue, Enqueued, LeasedTask, QueueStats, TaskError, TaskId, TaskInfo, TaskSpec, TaskState, Totals, Value,
     DEFAULT_QUEUE, MAX_ID_LEN,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
+use disk::{Disk, WriteSet};
+use record::{ReadyKey, TaskRecord};
 
 /// Identifies a client connection, so its leases can be released when it closes.
 pub type ConnId = u64;
@@ -67,6 +67,9 @@ pub enum StoreError {
         /// The codec's complaint.
         message: String,
     },
+    /// A background flush failed or could not run.
+    #[error("flush failed: {0}")]
+    Flush(String),
 }
 
 /// The settings the store needs, taken from [`Config`].
@@ -84,17 +87,20 @@ pub struct StoreOptions {
     pub max_lease_losses: u32,
     /// Flush policy.
     pub fsync: FsyncPolicy,
+    /// Flush period (the only flushes under `interval`; background write-out under `always`).
+    pub fsync_interval: Duration,
 }
 
 impl From<&Config> for StoreOptions {
     fn from(config: &Config) -> Self {
         StoreOptions {
-            default_lease_ms: config.default_lease_ms,
-            max_lease_ms: config.max_lease_ms,
+            default_lease_ms: config.default_lease_ms.max(1),
+            max_lease_ms: config.max_lease_ms.max(1),
             result_ttl_ms: config.result_ttl_secs.saturating_mul(1000),
             dead_ttl_ms: config.dead_ttl_secs.saturating_mul(1000),
-            max_lease_losses: config.max_lease_losses,
+            max_lease_losses: config.max_lease_losses.max(1),
             fsync: config.fsync,
+            fsync_interval: Duration::from_millis(config.fsync_interval_ms.max(1)),
         }
     }
 }
@@ -104,79 +110,6 @@ const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_DELAY_MAX_MS: u64 = 3_600_000;
 /// How many expired results one tick removes at most, so a tick never stalls the daemon.
 const EXPIRY_BATCH: usize = 10_000;
-
-/// A task as stored: the spec with its defaults filled in, plus its life so far.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TaskRecord {
-    id: TaskId,
-    queue: String,
-    task: String,
-    args: Vec<Value>,
-    kwargs: BTreeMap<String, Value>,
-    context: BTreeMap<String, Value>,
-    priority: i32,
-    max_retries: u32,
-    retry_delay_ms: u64,
-    retry_backoff: bool,
-    retry_delay_max_ms: u64,
-    lease_ms: u64,
-    expires_at_ms: Option<u64>,
-    result_ttl_ms: u64,
-    state: TaskState,
-    attempts: u32,
-    lease_losses: u32,
-    /// Position in its queue (FIFO within a priority); renewed each time the task becomes ready.
-    seq: u64,
-    created_at_ms: u64,
-    eta_ms: Option<u64>,
-    started_at_ms: Option<u64>,
-    finished_at_ms: Option<u64>,
-    result: Option<Value>,
-    error: Option<TaskError>,
-    result_expires_at_ms: Option<u64>,
-    revoked: bool,
-}
-
-impl TaskRecord {
-    fn info(self) -> TaskInfo {
-        TaskInfo {
-            id: self.id,
-            queue: self.queue,
-            task: self.task,
-            state: self.state,
-            attempts: self.attempts,
-            max_retries: self.max_retries,
-            priority: self.priority,
-            args: self.args,
-            kwargs: self.kwargs,
-            context: self.context,
-            result: self.result,
-            error: self.error,
-            created_at_ms: self.created_at_ms,
-            eta_ms: self.eta_ms,
-            started_at_ms: self.started_at_ms,
-            finished_at_ms: self.finished_at_ms,
-            result_expires_at_ms: self.result_expires_at_ms,
-            revoked: self.revoked,
-        }
-    }
-
-    fn ready_key(&self) -> ReadyKey {
-        (Reverse(self.priority), self.seq)
-    }
-
-    /// The delay before retry number `attempts` (1 after the first failure).
-    fn backoff_ms(&self) -> u64 {
-        if !self.retry_backoff {
-            return self.retry_delay_ms;
-        }
-        let exponent = self.attempts.saturating_sub(1).min(32);
-        self.retry_delay_ms.saturating_mul(1u64 << exponent).min(self.retry_delay_max_ms)
-    }
-}
-
-/// Order within a queue: higher priority first, then FIFO.
-type ReadyKey = (Reverse<i32>, u64);
 
 #[derive(Debug, Default)]
 struct QueueIndex {
@@ -197,9 +130,37 @@ struct LeaseEntry {
     queue: String,
 }
 
-/// The in-memory queues, rebuilt from sled at startup.
+/// What to write for a task at the next write-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dirty {
+    /// Its record in `live`; it is in the `active` index.
+    Live,
+    /// Its record in `finished`; it leaves the `active` index.
+    Finished,
+    /// Its record is deleted (purged or expired).
+    Deleted,
+}
+
+/// An index key to add or remove at the next write-out.
+#[derive(Debug)]
+enum IndexOp {
+    ExpiryInsert(Vec<u8>),
+    ExpiryRemove(Vec<u8>),
+    DeadInsert(Vec<u8>),
+    DeadRemove(Vec<u8>),
+}
+
+/// Everything in memory, behind one lock.
 #[derive(Debug, Default)]
-struct Indexes {
+struct State {
+    /// Every non-terminal task. Shared with a write-out in progress (which encodes outside the lock); a change
+    /// to a record the write-out still holds copies it (`Arc::make_mut`).
+    live: HashMap<TaskId, Arc<TaskRecord>>,
+    /// Terminal tasks whose record is not on disk yet, with the generation of their last change.
+    finished: HashMap<TaskId, (u64, Arc<TaskRecord>)>,
+    dirty: HashMap<TaskId, Dirty>,
+    index_ops: Vec<IndexOp>,
+    generation: u64,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
     scheduled: BTreeMap<(u64, TaskId), String>,
@@ -212,7 +173,7 @@ struct Indexes {
     results_stored: u64,
 }
 
-impl Indexes {
+impl State {
     fn queue(&mut self, name: &str) -> &mut QueueIndex {
         if !self.queues.contains_key(name) {
             self.queues.insert(name.to_string(), QueueIndex::default());
@@ -236,6 +197,37 @@ impl Indexes {
         }
         decrement(&mut self.queue(&entry.queue).leased);
         Some(entry)
+    }
+
+    /// Notes that a live task's record changed.
+    fn touch(&mut self, id: &str) {
+        self.dirty.insert(id.to_string(), Dirty::Live);
+    }
+
+    /// Moves a task from `live` to `finished` and notes it.
+    fn retire(&mut self, record: TaskRecord) {
+        self.live.remove(&record.id);
+        self.generation += 1;
+        self.dirty.insert(record.id.clone(), Dirty::Finished);
+        self.finished.insert(record.id.clone(), (self.generation, Arc::new(record)));
+        self.results_stored += 1;
+    }
+
+    /// Takes a live task's record out of `live` for the caller to place again (or retire).
+    fn take_live(&mut self, id: &str) -> Option<TaskRecord> {
+        self.live.remove(id).map(|arc| Arc::try_unwrap(arc).unwrap_or_else(|shared| (*shared).clone()))
+    }
+
+    /// Forgets a task entirely and notes it.
+    fn delete(&mut self, id: &str) {
+        self.live.remove(id);
+        self.finished.remove(id);
+        self.dirty.insert(id.to_string(), Dirty::Deleted);
+    }
+
+    /// A task's record, wherever it is in memory.
+    fn record(&self, id: &str) -> Option<&TaskRecord> {
+        self.live.get(id).or_else(|| self.finished.get(id).map(|(_, r)| r)).map(|r| &**r)
     }
 }
 
@@ -261,21 +253,95 @@ pub struct StoreStats {
     pub leases_by_conn: HashMap<ConnId, u64>,
 }
 
-/// The broker's state: sled trees plus the in-memory queues.
+/// The memory and the disk, shared with the flusher task.
+struct Core {
+    disk: Disk,
+    state: Mutex<State>,
+    /// Held for a whole write-out, so batches reach sled in the order they were taken.
+    write_lock: Mutex<()>,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes every change noted so far to sled (not flushed). Returns whether anything was written.
+    fn write_out(&self) -> Result<bool, StoreError> {
+        let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = WriteSet::default();
+        let mut to_encode: Vec<Arc<TaskRecord>> = Vec::new();
+        let mut written = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.dirty.is_empty() && st.index_ops.is_empty() {
+                return Ok(false);
+            }
+            for (id, kind) in std::mem::take(&mut st.dirty) {
+                match kind {
+                    Dirty::Live => {
+                        if let Some(record) = st.live.get(&id) {
+                            to_encode.push(record.clone());
+                            set.active_insert.push(id);
+                        }
+                    }
+                    Dirty::Finished => {
+                        if let Some((generation, record)) = st.finished.get(&id) {
+                            to_encode.push(record.clone());
+                            written.push((id.clone(), *generation));
+                            set.active_remove.push(id);
+                        }
+                    }
+                    Dirty::Deleted => {
+                        set.records.push((id.clone(), None));
+                        set.active_remove.push(id);
+                    }
+                }
+            }
+            for op in std::mem::take(&mut st.index_ops) {
+                match op {
+                    IndexOp::ExpiryInsert(k) => set.expiry_insert.push(k),
+                    IndexOp::ExpiryRemove(k) => set.expiry_remove.push(k),
+                    IndexOp::DeadInsert(k) => set.dead_insert.push(k),
+                    IndexOp::DeadRemove(k) => set.dead_remove.push(k),
+                }
+            }
+        }
+        // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
+        for record in to_encode {
+            set.records.push((record.id.clone(), Some(disk::encode(&record)?)));
+        }
+        self.disk.apply(&set)?;
+        // Finished records now on disk leave memory, unless they changed again meanwhile.
+        let mut st = self.lock();
+        for (id, generation) in written {
+            if st.finished.get(&id).is_some_and(|(g, _)| *g == generation) {
+                st.finished.remove(&id);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes out and flushes (if `force`, even when nothing new was written: a waiter's change may have been
+    /// written by someone else's write-out and still need its fsync).
+    fn persist(&self, force: bool) -> Result<(), StoreError> {
+        if self.write_out()? || force {
+            self.disk.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The broker's state: in-memory queues over a durable sled copy.
 pub struct Store {
-    db: sled::Db,
-    tasks: sled::Tree,
-    active: sled::Tree,
-    expiry: sled::Tree,
-    dead: sled::Tree,
-    indexes: Mutex<Indexes>,
+    core: Arc<Core>,
     options: StoreOptions,
     clock: Arc<dyn Clock>,
     id_counter: AtomicU64,
     flusher: flush::Flusher,
     /// Woken whenever a task becomes ready (enqueue, schedule due, retry due, lease lost, requeue).
     ready_notify: Notify,
-    /// Woken whenever a task reaches a terminal state.
+    /// Woken whenever a task reaches a terminal state or disappears.
     finished_notify: Notify,
 }
 
@@ -283,27 +349,27 @@ impl Store {
     /// Opens (or creates) the store in `config.data_dir` and rebuilds the queues from it. Tasks that were leased
     /// when the daemon stopped go back to their queues. Must run inside a tokio runtime (the flusher is a task).
     pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
-        let mut sled_config = sled::Config::new().path(&config.data_dir).cache_capacity(config.cache_capacity_bytes);
-        sled_config = match config.fsync {
-            FsyncPolicy::Always => sled_config.flush_every_ms(None),
-            FsyncPolicy::Interval => sled_config.flush_every_ms(Some(config.fsync_interval_ms.max(1))),
+        let options = StoreOptions::from(config);
+        let core = Arc::new(Core {
+            disk: Disk::open(config)?,
+            state: Mutex::new(State::default()),
+            write_lock: Mutex::new(()),
+        });
+        let persist = {
+            let core = core.clone();
+            move |force: bool| core.persist(force).map_err(|e| e.to_string())
         };
-        let db = sled_config.open()?;
         let store = Store {
-            tasks: db.open_tree("tasks")?,
-            active: db.open_tree("active")?,
-            expiry: db.open_tree("expiry")?,
-            dead: db.open_tree("dead")?,
-            flusher: flush::Flusher::start(db.clone(), config.fsync),
-            db,
-            indexes: Mutex::new(Indexes::default()),
-            options: StoreOptions::from(config),
+            flusher: flush::Flusher::start(Arc::new(persist), options.fsync, options.fsync_interval),
+            core,
+            options,
             id_counter: AtomicU64::new(initial_counter(clock.now_ms())),
             clock,
             ready_notify: Notify::new(),
             finished_notify: Notify::new(),
         };
         store.recover()?;
+        store.core.persist(true)?;
         Ok(store)
     }
 
@@ -317,25 +383,20 @@ impl Store {
         self.options.fsync
     }
 
-    /// Resolves once everything written before the call is durable under the fsync policy (at once under
-    /// `interval`). Concurrent callers share one flush.
+    /// Resolves once every change made before the call is durable under the fsync policy (at once under
+    /// `interval`). Concurrent callers share one write-out and one flush.
     pub fn durable(&self) -> flush::Durable {
         self.flusher.request()
     }
 
-    /// Shutdown: stops the flusher and flushes everything. The database closes when the last handle drops.
+    /// Shutdown: stops the flusher, writes out and flushes everything. The database closes when the last handle
+    /// drops.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.flusher.stop().await;
-        self.flush_now().await
-    }
-
-    /// Flushes everything now and waits for it.
-    pub async fn flush_now(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || core.persist(true))
             .await
-            .map_err(|e| StoreError::Invalid(format!("flush task failed: {e}")))??;
-        Ok(())
+            .map_err(|e| StoreError::Flush(format!("flush task failed: {e}")))?
     }
 
     /// Woken when a task becomes ready.
@@ -343,86 +404,79 @@ impl Store {
         &self.ready_notify
     }
 
-    /// Woken when a task finishes.
+    /// Woken when a task finishes or disappears.
     pub fn finished_notify(&self) -> &Notify {
         &self.finished_notify
     }
 
-    fn lock(&self) -> MutexGuard<'_, Indexes> {
-        self.indexes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn load(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        match self.tasks.get(id.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => rmp_serde::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() }),
-        }
-    }
-
-    fn save(&self, record: &TaskRecord) -> Result<(), StoreError> {
-        let bytes = rmp_serde::to_vec_named(record)
-            .map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })?;
-        self.tasks.insert(record.id.as_bytes(), bytes)?;
-        Ok(())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.core.lock()
     }
 
     /// Rebuilds the in-memory queues from the `active` index.
     fn recover(&self) -> Result<(), StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
+        let disk = &self.core.disk;
         let mut records = Vec::new();
-        for entry in self.active.iter() {
-            let (key, _) = entry?;
-            let id = String::from_utf8_lossy(&key).into_owned();
-            match self.load(&id)? {
+        let mut stale = Vec::new();
+        for id in disk.active_ids()? {
+            match disk.load(&id)? {
                 Some(record) if !record.state.is_terminal() => records.push(record),
-                _ => {
-                    self.active.remove(&key)?;
-                }
+                _ => stale.push(id),
+            }
+        }
+        let mut st = self.lock();
+        for id in stale {
+            // Terminal or missing: the index entry is stale. Rewriting the record (if any) as finished drops it.
+            if let Some(record) = disk.load(&id)? {
+                st.generation += 1;
+                let generation = st.generation;
+                st.finished.insert(id.clone(), (generation, Arc::new(record)));
+                st.dirty.insert(id, Dirty::Finished);
+            } else {
+                st.dirty.insert(id, Dirty::Deleted);
             }
         }
         // Keep the queues' FIFO order across the restart: renumber in the old order.
         records.sort_by_key(|r| r.seq);
         let mut requeued = 0;
         for mut record in records {
-            record.seq = idx.take_seq();
+            record.seq = st.take_seq();
             if record.state == TaskState::Started {
                 // Its worker's connection died with the daemon: the lease is lost, the attempt counted.
                 record.state = TaskState::Pending;
                 record.started_at_ms = None;
                 requeued += 1;
+                if record.revoked {
+                    self.finish_revoked(&mut st, record, now, None);
+                    continue;
+                }
             }
             match record.eta_ms {
                 Some(eta) if eta > now && matches!(record.state, TaskState::Scheduled | TaskState::Retry) => {
-                    idx.scheduled.insert((eta, record.id.clone()), record.queue.clone());
-                    idx.queue(&record.queue).scheduled += 1;
+                    st.scheduled.insert((eta, record.id.clone()), record.queue.clone());
+                    st.queue(&record.queue).scheduled += 1;
                 }
                 _ => {
                     if record.state == TaskState::Scheduled {
                         record.state = TaskState::Pending;
                     }
                     let key = record.ready_key();
-                    idx.queue(&record.queue).ready.insert(key, record.id.clone());
+                    st.queue(&record.queue).ready.insert(key, record.id.clone());
                 }
             }
-            self.save(&record)?;
+            st.touch(&record.id);
+            st.live.insert(record.id.clone(), Arc::new(record));
         }
-        for entry in self.dead.iter() {
-            let (key, _) = entry?;
-            if let Some((queue, id)) = keys::parse_dead(&key) {
-                match self.load(&id)? {
-                    Some(record) if record.state == TaskState::Failure => idx.queue(&queue).dead += 1,
-                    _ => {
-                        self.dead.remove(&key)?;
-                    }
-                }
+        for (queue, id, key) in disk.dead_entries(None, usize::MAX)? {
+            match disk.load(&id)? {
+                Some(record) if record.state == TaskState::Failure => st.queue(&queue).dead += 1,
+                _ => st.index_ops.push(IndexOp::DeadRemove(key)),
             }
         }
-        idx.results_stored = (self.tasks.len() as u64).saturating_sub(self.active.len() as u64);
-        idx.next_lease_id = now.saturating_mul(1000);
-        tracing::info!(active = self.active.len(), requeued, results = idx.results_stored, "store recovered");
+        st.results_stored = disk.count_results();
+        st.next_lease_id = now.saturating_mul(1000);
+        tracing::info!(active = st.live.len(), requeued, results = st.results_stored, "store recovered");
         Ok(())
     }
 
@@ -438,9 +492,7 @@ impl Store {
         if let Some(queue) = &spec.queue {
             validate_name("queue", queue)?;
         }
-        if spec.task.is_empty() {
-            return Err(StoreError::Invalid("field `task` must not be empty".into()));
-        }
+        validate_name("task", &spec.task)?;
         if spec.countdown_ms.is_some() && spec.eta_ms.is_some() {
             return Err(StoreError::Invalid("give `countdown_ms` or `eta_ms`, not both".into()));
         }
@@ -453,7 +505,18 @@ impl Store {
         Ok(())
     }
 
-    /// Stores new tasks (or finds existing ones by id). All are validated before any is written.
+    /// Whether a task with this id exists (in memory, or on disk and not being deleted); its state if so.
+    fn existing_state(&self, st: &State, id: &str) -> Result<Option<TaskState>, StoreError> {
+        if let Some(record) = st.record(id) {
+            return Ok(Some(record.state));
+        }
+        if st.dirty.get(id) == Some(&Dirty::Deleted) {
+            return Ok(None);
+        }
+        Ok(self.core.disk.load(id)?.map(|r| r.state))
+    }
+
+    /// Stores new tasks (or finds existing ones by id). All are validated before any is stored.
     pub fn enqueue(&self, specs: Vec<TaskSpec>) -> Result<Vec<Enqueued>, StoreError> {
         for (i, spec) in specs.iter().enumerate() {
             self.validate(spec).map_err(|e| match e {
@@ -464,17 +527,18 @@ impl Store {
         let now = self.now_ms();
         let mut out = Vec::with_capacity(specs.len());
         let mut woke = false;
-        let mut idx = self.lock();
+        let mut st = self.lock();
         for spec in specs {
             if let Some(id) = &spec.id {
-                if let Some(existing) = self.load(id)? {
-                    out.push(Enqueued { id: existing.id, created: false, state: existing.state });
+                if let Some(state) = self.existing_state(&st, id)? {
+                    out.push(Enqueued { id: id.clone(), created: false, state });
                     continue;
                 }
             }
             let id = spec.id.unwrap_or_else(|| self.new_id());
             let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
-            let mut record = TaskRecord {
+            let seq = st.take_seq();
+            let record = TaskRecord {
                 id: id.clone(),
                 queue: spec.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
                 task: spec.task,
@@ -492,7 +556,7 @@ impl Store {
                 state: if eta_ms.is_some() { TaskState::Scheduled } else { TaskState::Pending },
                 attempts: 0,
                 lease_losses: 0,
-                seq: idx.take_seq(),
+                seq,
                 created_at_ms: now,
                 eta_ms,
                 started_at_ms: None,
@@ -502,28 +566,28 @@ impl Store {
                 result_expires_at_ms: None,
                 revoked: false,
             };
+            st.totals.enqueued += 1;
             if record.expires_at_ms.is_some_and(|e| e <= now) {
                 // Expired on arrival: keep it findable, never run it.
-                self.finish_revoked(&mut idx, &mut record, now, Some(expired_error()))?;
+                self.finish_revoked(&mut st, record, now, Some(expired_error()));
                 out.push(Enqueued { id, created: true, state: TaskState::Revoked });
                 continue;
             }
-            self.active.insert(id.as_bytes(), &[])?;
-            self.save(&record)?;
             match eta_ms {
                 Some(eta) => {
-                    idx.scheduled.insert((eta, id.clone()), record.queue.clone());
-                    idx.queue(&record.queue).scheduled += 1;
+                    st.scheduled.insert((eta, id.clone()), record.queue.clone());
+                    st.queue(&record.queue).scheduled += 1;
                 }
                 None => {
-                    idx.queue(&record.queue).ready.insert(record.ready_key(), id.clone());
+                    st.queue(&record.queue).ready.insert(record.ready_key(), id.clone());
                     woke = true;
                 }
             }
-            idx.totals.enqueued += 1;
-            out.push(Enqueued { id, created: true, state: record.state });
+            out.push(Enqueued { id: id.clone(), created: true, state: record.state });
+            st.touch(&id);
+            st.live.insert(id, Arc::new(record));
         }
-        drop(idx);
+        drop(st);
         if woke {
             self.ready_notify.notify_waiters();
         }
@@ -531,80 +595,85 @@ impl Store {
     }
 
     /// Leases up to `max` ready tasks from `queues`, in queue order, for connection `conn`.
-    pub fn lease(
-        &self,
-        conn: ConnId,
-        queues: &[String],
-        max: usize,
-        lease_ms: Option<u64>,
-    ) -> Result<Vec<LeasedTask>, StoreError> {
+    pub fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Vec<LeasedTask> {
         let now = self.now_ms();
         let mut out = Vec::new();
-        let mut idx = self.lock();
+        let mut expired = false;
+        let mut st = self.lock();
         for queue in queues {
             while out.len() < max {
-                let Some(q) = idx.queues.get_mut(queue.as_str()) else { break };
+                let Some(q) = st.queues.get_mut(queue.as_str()) else { break };
                 let Some((_, id)) = q.ready.pop_first() else { break };
-                let Some(mut record) = self.load(&id)? else { continue };
-                if record.state.is_terminal() {
-                    continue;
-                }
+                let Some(record) = st.live.get_mut(&id) else { continue };
                 if record.expires_at_ms.is_some_and(|e| e <= now) {
-                    self.finish_revoked(&mut idx, &mut record, now, Some(expired_error()))?;
+                    let record = st.take_live(&id).expect("live");
+                    self.finish_revoked(&mut st, record, now, Some(expired_error()));
+                    expired = true;
                     continue;
                 }
                 let lease_ms = lease_ms.unwrap_or(record.lease_ms).clamp(1, self.options.max_lease_ms);
-                idx.next_lease_id += 1;
-                let lease_id = idx.next_lease_id;
+                let record = Arc::make_mut(record);
                 record.state = TaskState::Started;
                 record.attempts += 1;
                 record.started_at_ms = Some(now);
-                self.save(&record)?;
                 let deadline_ms = now.saturating_add(lease_ms);
-                idx.leases.insert(
-                    id.clone(),
-                    LeaseEntry { lease_id, deadline_ms, lease_ms, conn, queue: record.queue.clone() },
-                );
-                idx.deadlines.insert((deadline_ms, id.clone()));
-                idx.by_conn.entry(conn).or_default().insert(id.clone());
-                idx.queue(queue).leased += 1;
-                out.push(LeasedTask {
-                    id,
-                    lease_id,
-                    queue: record.queue,
-                    task: record.task,
-                    args: record.args,
-                    kwargs: record.kwargs,
-                    context: record.context,
+                let leased = LeasedTask {
+                    id: id.clone(),
+                    lease_id: 0,
+                    queue: record.queue.clone(),
+                    task: record.task.clone(),
+                    args: record.args.clone(),
+                    kwargs: record.kwargs.clone(),
+                    context: record.context.clone(),
                     attempt: record.attempts,
                     max_retries: record.max_retries,
                     deadline_ms,
                     lease_ms,
-                });
+                };
+                st.touch(&id);
+                st.next_lease_id += 1;
+                let lease_id = st.next_lease_id;
+                st.leases.insert(
+                    id.clone(),
+                    LeaseEntry { lease_id, deadline_ms, lease_ms, conn, queue: leased.queue.clone() },
+                );
+                st.deadlines.insert((deadline_ms, id.clone()));
+                st.by_conn.entry(conn).or_default().insert(id.clone());
+                st.queue(queue).leased += 1;
+                out.push(LeasedTask { lease_id, ..leased });
             }
         }
-        Ok(out)
+        drop(st);
+        if expired {
+            self.finished_notify.notify_waiters();
+        }
+        out
     }
 
-    /// Checks that `lease_id` on `id` is held; returns the task's record.
-    fn held(&self, idx: &Indexes, id: &str, lease_id: u64) -> Result<TaskRecord, StoreError> {
-        match idx.leases.get(id) {
-            Some(entry) if entry.lease_id == lease_id => {
-                self.load(id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))
-            }
+    /// Checks that `lease_id` on `id` is held.
+    fn check_lease(st: &State, id: &str, lease_id: u64) -> Result<(), StoreError> {
+        match st.leases.get(id) {
+            Some(entry) if entry.lease_id == lease_id && st.live.contains_key(id) => Ok(()),
             _ => Err(StoreError::LeaseLost { id: id.to_string(), lease_id }),
         }
+    }
+
+    /// Ends a held lease and takes the task's record out of `live` for the caller to place again.
+    fn take_leased(&self, st: &mut State, id: &str, lease_id: u64) -> Result<(LeaseEntry, TaskRecord), StoreError> {
+        Self::check_lease(st, id, lease_id)?;
+        let entry = st.remove_lease(id).expect("checked lease");
+        let record = st.take_live(id).expect("checked record");
+        Ok((entry, record))
     }
 
     /// Completes a leased task with its result.
     pub fn ack(&self, id: &str, lease_id: u64, result: Value) -> Result<(), StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
-        let mut record = self.held(&idx, id, lease_id)?;
-        let entry = idx.remove_lease(id).expect("held lease");
+        let mut st = self.lock();
+        let (entry, mut record) = self.take_leased(&mut st, id, lease_id)?;
         if record.revoked {
-            self.finish_revoked(&mut idx, &mut record, now, None)?;
-            drop(idx);
+            self.finish_revoked(&mut st, record, now, None);
+            drop(st);
             self.finished_notify.notify_waiters();
             return Err(StoreError::Revoked(id.to_string()));
         }
@@ -612,10 +681,10 @@ impl Store {
         record.result = Some(result);
         record.error = None;
         let ttl = record.result_ttl_ms;
-        self.finish(&mut idx, &mut record, now, ttl)?;
-        idx.queue(&entry.queue).succeeded += 1;
-        idx.totals.succeeded += 1;
-        drop(idx);
+        self.finish(&mut st, record, now, ttl);
+        st.queue(&entry.queue).succeeded += 1;
+        st.totals.succeeded += 1;
+        drop(st);
         self.finished_notify.notify_waiters();
         Ok(())
     }
@@ -631,29 +700,28 @@ impl Store {
         countdown_ms: Option<u64>,
     ) -> Result<FailOutcome, StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
-        let mut record = self.held(&idx, id, lease_id)?;
-        let entry = idx.remove_lease(id).expect("held lease");
+        let mut st = self.lock();
+        let (entry, mut record) = self.take_leased(&mut st, id, lease_id)?;
         if record.revoked {
-            self.finish_revoked(&mut idx, &mut record, now, None)?;
-            drop(idx);
+            self.finish_revoked(&mut st, record, now, None);
+            drop(st);
             self.finished_notify.notify_waiters();
             return Err(StoreError::Revoked(id.to_string()));
         }
-        idx.queue(&entry.queue).failed += 1;
-        idx.totals.failed += 1;
+        st.queue(&entry.queue).failed += 1;
+        st.totals.failed += 1;
         record.error = Some(error);
         if retry && record.attempts <= record.max_retries {
             let retry_at = now.saturating_add(countdown_ms.unwrap_or_else(|| record.backoff_ms()));
             record.state = TaskState::Retry;
-            self.schedule(&mut idx, &mut record, retry_at, now)?;
-            idx.totals.retried += 1;
-            drop(idx);
+            self.schedule(&mut st, record, retry_at, now);
+            st.totals.retried += 1;
+            drop(st);
             self.ready_notify.notify_waiters();
             return Ok(FailOutcome { state: TaskState::Retry, retry_at_ms: Some(retry_at) });
         }
-        self.bury(&mut idx, &mut record, now)?;
-        drop(idx);
+        self.bury(&mut st, record, now);
+        drop(st);
         self.finished_notify.notify_waiters();
         Ok(FailOutcome { state: TaskState::Failure, retry_at_ms: None })
     }
@@ -661,44 +729,53 @@ impl Store {
     /// Pushes a lease's deadline to now + `lease_ms` (or the lease's own duration). Reports revocation.
     pub fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Result<(u64, bool), StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
-        let record = self.held(&idx, id, lease_id)?;
-        let entry = idx.leases.get_mut(id).expect("held lease");
+        let mut st = self.lock();
+        Self::check_lease(&st, id, lease_id)?;
+        let revoked = st.live.get(id).is_some_and(|r| r.revoked);
+        let entry = st.leases.get_mut(id).expect("checked lease");
         let old = entry.deadline_ms;
         let lease_ms = lease_ms.unwrap_or(entry.lease_ms).clamp(1, self.options.max_lease_ms);
         entry.deadline_ms = now.saturating_add(lease_ms);
         entry.lease_ms = lease_ms;
         let new = entry.deadline_ms;
-        idx.deadlines.remove(&(old, id.to_string()));
-        idx.deadlines.insert((new, id.to_string()));
-        Ok((new, record.revoked))
+        st.deadlines.remove(&(old, id.to_string()));
+        st.deadlines.insert((new, id.to_string()));
+        Ok((new, revoked))
     }
 
-    /// Gives a leased task back unrun; the attempt does not count.
+    /// Gives a leased task back unrun; the attempt does not count. A revoked task is finished instead.
     pub fn release(&self, id: &str, lease_id: u64) -> Result<(), StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
-        let mut record = self.held(&idx, id, lease_id)?;
-        idx.remove_lease(id);
+        let mut st = self.lock();
+        let (_, mut record) = self.take_leased(&mut st, id, lease_id)?;
+        if record.revoked {
+            self.finish_revoked(&mut st, record, now, None);
+            drop(st);
+            self.finished_notify.notify_waiters();
+            return Ok(());
+        }
         record.attempts = record.attempts.saturating_sub(1);
-        self.return_to_queue(&mut idx, &mut record, now)?;
-        drop(idx);
+        self.return_to_queue(&mut st, record, now);
+        drop(st);
         self.ready_notify.notify_waiters();
         Ok(())
     }
 
     /// A lease ended without an outcome (deadline passed, or its connection closed): the task goes back to its
-    /// queue, the attempt counted, unless it was revoked or has lost too many leases.
-    fn lose_lease(&self, idx: &mut Indexes, id: &str, now: u64, why: &str) -> Result<(), StoreError> {
-        if idx.remove_lease(id).is_none() {
-            return Ok(());
+    /// queue, the attempt counted, unless it was revoked or has lost too many leases. A lease lost because the
+    /// daemon is shutting down is not held against the task (`count` false).
+    fn lose_lease(&self, st: &mut State, id: &str, now: u64, why: &str, count: bool) {
+        if st.remove_lease(id).is_none() {
+            return;
         }
-        let Some(mut record) = self.load(id)? else { return Ok(()) };
-        idx.totals.lease_lost += 1;
-        record.lease_losses += 1;
+        let Some(mut record) = st.take_live(id) else { return };
+        st.totals.lease_lost += 1;
+        if count {
+            record.lease_losses += 1;
+        }
         tracing::debug!(task = %id, why, losses = record.lease_losses, "lease lost");
         if record.revoked {
-            return self.finish_revoked(idx, &mut record, now, None);
+            return self.finish_revoked(st, record, now, None);
         }
         if record.lease_losses >= self.options.max_lease_losses {
             record.error = Some(TaskError {
@@ -706,150 +783,176 @@ impl Store {
                 message: format!("lease lost {} times ({why}); giving up", record.lease_losses),
                 traceback: None,
             });
-            return self.bury(idx, &mut record, now);
+            return self.bury(st, record, now);
         }
-        self.return_to_queue(idx, &mut record, now)
+        self.return_to_queue(st, record, now)
     }
 
-    /// Releases every lease held by a closed connection.
-    pub fn release_connection(&self, conn: ConnId) -> Result<usize, StoreError> {
+    /// Releases every lease held by a closed connection. `shutting_down`: the daemon is stopping, so the
+    /// losses do not count towards `max_lease_losses`.
+    pub fn release_connection(&self, conn: ConnId, shutting_down: bool) -> usize {
         let now = self.now_ms();
-        let mut idx = self.lock();
-        let ids: Vec<TaskId> = idx.by_conn.get(&conn).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let mut st = self.lock();
+        let ids: Vec<TaskId> = st.by_conn.get(&conn).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let why = if shutting_down { "daemon shutting down" } else { "worker disconnected" };
         for id in &ids {
-            self.lose_lease(&mut idx, id, now, "worker disconnected")?;
+            self.lose_lease(&mut st, id, now, why, !shutting_down);
         }
-        drop(idx);
+        drop(st);
         if !ids.is_empty() {
             self.ready_notify.notify_waiters();
             self.finished_notify.notify_waiters();
         }
-        Ok(ids.len())
+        ids.len()
     }
 
     /// Periodic work: due schedules become ready, passed lease deadlines are lost, expired results are removed.
     pub fn tick(&self) -> Result<(), StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
+        let mut st = self.lock();
         let mut woke = false;
-        while let Some(entry) = idx.scheduled.first_entry() {
+        while let Some(entry) = st.scheduled.first_entry() {
             if entry.key().0 > now {
                 break;
             }
             let ((_, id), queue) = entry.remove_entry();
-            decrement(&mut idx.queue(&queue).scheduled);
-            let Some(mut record) = self.load(&id)? else { continue };
-            if record.state.is_terminal() {
-                continue;
-            }
+            decrement(&mut st.queue(&queue).scheduled);
+            let Some(record) = st.live.get_mut(&id) else { continue };
             if record.state == TaskState::Scheduled {
-                record.state = TaskState::Pending;
+                Arc::make_mut(record).state = TaskState::Pending;
             }
-            record.seq = idx.take_seq();
-            self.save(&record)?;
-            idx.queue(&queue).ready.insert(record.ready_key(), id);
+            let key = record.ready_key();
+            st.touch(&id);
+            st.queue(&queue).ready.insert(key, id);
             woke = true;
         }
-        while let Some((deadline, id)) = idx.deadlines.first().cloned() {
+        while let Some((deadline, id)) = st.deadlines.first().cloned() {
             if deadline > now {
                 break;
             }
-            self.lose_lease(&mut idx, &id, now, "lease deadline passed")?;
+            self.lose_lease(&mut st, &id, now, "lease deadline passed", true);
             woke = true;
         }
-        let mut expired = 0;
-        for entry in self.expiry.range(..keys::expiry(now.saturating_add(1), "")).take(EXPIRY_BATCH) {
-            let (key, _) = entry?;
-            if let Some((at, id)) = keys::parse_expiry(&key) {
-                if let Some(record) = self.load(&id)? {
-                    if record.state.is_terminal() && record.result_expires_at_ms == Some(at) {
-                        if record.state == TaskState::Failure {
-                            self.dead.remove(keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id))?;
-                            decrement(&mut idx.queue(&record.queue).dead);
-                        }
-                        self.tasks.remove(id.as_bytes())?;
-                        idx.results_stored = idx.results_stored.saturating_sub(1);
-                        idx.totals.expired_results += 1;
-                        expired += 1;
-                    }
-                }
-            }
-            self.expiry.remove(key)?;
-        }
-        drop(idx);
-        if expired > 0 {
-            tracing::debug!(expired, "results expired");
-        }
+        drop(st);
         if woke {
             self.ready_notify.notify_waiters();
+            self.finished_notify.notify_waiters();
+        }
+        if self.expire_results(now)? > 0 {
             self.finished_notify.notify_waiters();
         }
         Ok(())
     }
 
+    /// Removes results whose TTL has passed. The expiry index is on disk, so this writes out first.
+    fn expire_results(&self, now: u64) -> Result<usize, StoreError> {
+        let disk = &self.core.disk;
+        let due = disk.due_expiries(now, EXPIRY_BATCH)?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        self.core.write_out()?;
+        let mut expired = 0;
+        let mut st = self.lock();
+        for (key, at, id) in due {
+            st.index_ops.push(IndexOp::ExpiryRemove(key));
+            // A task that changed since (requeued, or finished again) has its own, newer expiry.
+            if st.record(&id).is_some() || st.dirty.contains_key(&id) {
+                continue;
+            }
+            let Some(record) = disk.load(&id)? else { continue };
+            if !record.state.is_terminal() || record.result_expires_at_ms != Some(at) {
+                continue;
+            }
+            if record.state == TaskState::Failure {
+                st.index_ops.push(IndexOp::DeadRemove(keys::dead(
+                    &record.queue,
+                    record.finished_at_ms.unwrap_or(0),
+                    &id,
+                )));
+                decrement(&mut st.queue(&record.queue).dead);
+            }
+            st.delete(&id);
+            decrement(&mut st.results_stored);
+            st.totals.expired_results += 1;
+            expired += 1;
+        }
+        drop(st);
+        if expired > 0 {
+            tracing::debug!(expired, "results expired");
+        }
+        Ok(expired)
+    }
+
     /// Reads a task.
     pub fn get(&self, id: &str) -> Result<TaskInfo, StoreError> {
-        self.load(id)?.map(TaskRecord::info).ok_or_else(|| StoreError::NotFound(id.to_string()))
+        {
+            let st = self.lock();
+            if let Some(record) = st.record(id) {
+                return Ok(record.info());
+            }
+            if st.dirty.get(id) == Some(&Dirty::Deleted) {
+                return Err(StoreError::NotFound(id.to_string()));
+            }
+        }
+        self.core.disk.load(id)?.map(|r| r.info()).ok_or_else(|| StoreError::NotFound(id.to_string()))
     }
 
     /// Revokes a task; returns its state afterwards.
     pub fn revoke(&self, id: &str) -> Result<TaskState, StoreError> {
         let now = self.now_ms();
-        let mut idx = self.lock();
-        let mut record = self.load(id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        match record.state {
-            s if s.is_terminal() => return Ok(s),
-            TaskState::Started => {
-                record.revoked = true;
-                self.save(&record)?;
-                return Ok(TaskState::Started);
-            }
-            _ => {}
+        let mut st = self.lock();
+        let Some(record) = st.live.get_mut(id) else {
+            drop(st);
+            return self.get(id).map(|info| info.state);
+        };
+        if record.state == TaskState::Started {
+            Arc::make_mut(record).revoked = true;
+            st.touch(id);
+            return Ok(TaskState::Started);
         }
-        self.unqueue(&mut idx, &record);
-        self.finish_revoked(&mut idx, &mut record, now, None)?;
-        drop(idx);
+        let record = st.take_live(id).expect("live");
+        self.unqueue(&mut st, &record);
+        self.finish_revoked(&mut st, record, now, None);
+        drop(st);
         self.finished_notify.notify_waiters();
         Ok(TaskState::Revoked)
     }
 
     /// Deletes every ready or scheduled task of `queue`.
-    pub fn purge(&self, queue: &str) -> Result<u64, StoreError> {
-        let mut idx = self.lock();
-        let mut ids: Vec<TaskId> = match idx.queues.get_mut(queue) {
+    pub fn purge(&self, queue: &str) -> u64 {
+        let mut st = self.lock();
+        let mut ids: Vec<TaskId> = match st.queues.get_mut(queue) {
             Some(q) => std::mem::take(&mut q.ready).into_values().collect(),
-            None => return Ok(0),
+            None => return 0,
         };
         let due: Vec<(u64, TaskId)> =
-            idx.scheduled.iter().filter(|(_, q)| q.as_str() == queue).map(|(k, _)| k.clone()).collect();
+            st.scheduled.iter().filter(|(_, q)| q.as_str() == queue).map(|(k, _)| k.clone()).collect();
         for key in due {
-            idx.scheduled.remove(&key);
-            decrement(&mut idx.queue(queue).scheduled);
+            st.scheduled.remove(&key);
+            decrement(&mut st.queue(queue).scheduled);
             ids.push(key.1);
         }
         for id in &ids {
-            self.tasks.remove(id.as_bytes())?;
-            self.active.remove(id.as_bytes())?;
+            st.delete(id);
         }
-        Ok(ids.len() as u64)
+        drop(st);
+        self.finished_notify.notify_waiters();
+        ids.len() as u64
     }
 
-    /// Lists dead tasks, oldest failure first.
+    /// Lists dead tasks: per queue, oldest failure first; queues in name order.
     pub fn dead_list(&self, queue: Option<&str>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
-        let iter = match queue {
-            Some(q) => self.dead.scan_prefix(keys::dead_prefix(q)),
-            None => self.dead.iter(),
-        };
+        self.core.write_out()?;
         let mut out = Vec::new();
-        for entry in iter {
+        // Stale keys (requeued tasks not yet cleaned) are skipped, so read a little more than asked.
+        for (_, id, _) in self.core.disk.dead_entries(queue, limit.saturating_mul(2).saturating_add(16))? {
             if out.len() >= limit {
                 break;
             }
-            let (key, _) = entry?;
-            let Some((_, id)) = keys::parse_dead(&key) else { continue };
-            if let Some(record) = self.load(&id)? {
-                if record.state == TaskState::Failure {
-                    out.push(record.info());
+            if let Ok(info) = self.get(&id) {
+                if info.state == TaskState::Failure {
+                    out.push(info);
                 }
             }
         }
@@ -858,39 +961,35 @@ impl Store {
 
     /// Puts dead tasks back in their queues as new tasks.
     pub fn dead_requeue(&self, request: &DeadRequeue) -> Result<u64, StoreError> {
+        self.core.write_out()?;
         let mut ids = request.ids.clone();
         if let Some(queue) = &request.queue {
-            let iter = if queue == "*" { self.dead.iter() } else { self.dead.scan_prefix(keys::dead_prefix(queue)) };
-            for entry in iter {
-                let (key, _) = entry?;
-                if let Some((_, id)) = keys::parse_dead(&key) {
-                    ids.push(id);
-                }
-            }
+            ids.extend(self.core.disk.dead_entries(Some(queue), usize::MAX)?.into_iter().map(|(_, id, _)| id));
         }
         let now = self.now_ms();
-        let mut idx = self.lock();
         let mut count = 0;
         for id in ids {
-            let Some(mut record) = self.load(&id)? else { continue };
-            if record.state != TaskState::Failure {
-                continue;
-            }
-            let dead_key = keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id);
-            self.active.insert(id.as_bytes(), &[])?;
+            let mut st = self.lock();
+            let record = match st.finished.get(&id) {
+                Some((_, r)) => Some((**r).clone()),
+                None if st.live.contains_key(&id) => None,
+                None => self.core.disk.load(&id)?,
+            };
+            let Some(mut record) = record.filter(|r| r.state == TaskState::Failure) else { continue };
+            st.index_ops.push(IndexOp::DeadRemove(keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id)));
+            decrement(&mut st.queue(&record.queue).dead);
+            decrement(&mut st.results_stored);
+            st.finished.remove(&id);
             record.attempts = 0;
             record.lease_losses = 0;
             record.error = None;
             record.finished_at_ms = None;
             record.result_expires_at_ms = None;
             record.eta_ms = None;
-            self.return_to_queue(&mut idx, &mut record, now)?;
-            self.dead.remove(dead_key)?;
-            decrement(&mut idx.queue(&record.queue).dead);
-            idx.results_stored = idx.results_stored.saturating_sub(1);
+            record.state = TaskState::Pending;
+            self.return_to_queue(&mut st, record, now);
             count += 1;
         }
-        drop(idx);
         if count > 0 {
             self.ready_notify.notify_waiters();
         }
@@ -899,9 +998,9 @@ impl Store {
 
     /// Counts for `stats`.
     pub fn stats(&self) -> StoreStats {
-        let idx = self.lock();
+        let st = self.lock();
         StoreStats {
-            queues: idx
+            queues: st
                 .queues
                 .iter()
                 .map(|(name, q)| QueueStats {
@@ -914,90 +1013,79 @@ impl Store {
                     dead: q.dead,
                 })
                 .collect(),
-            totals: idx.totals.clone(),
-            results_stored: idx.results_stored,
-            leases_by_conn: idx.by_conn.iter().map(|(c, s)| (*c, s.len() as u64)).collect(),
+            totals: st.totals.clone(),
+            results_stored: st.results_stored,
+            leases_by_conn: st.by_conn.iter().map(|(c, s)| (*c, s.len() as u64)).collect(),
         }
     }
 
     // --- transitions shared by the operations above -------------------------------------------------------
 
     /// Takes a waiting task out of the ready or scheduled index.
-    fn unqueue(&self, idx: &mut Indexes, record: &TaskRecord) {
-        if let Some(q) = idx.queues.get_mut(&record.queue) {
+    fn unqueue(&self, st: &mut State, record: &TaskRecord) {
+        if let Some(q) = st.queues.get_mut(&record.queue) {
             if q.ready.remove(&record.ready_key()).is_some() {
                 return;
             }
         }
         if let Some(eta) = record.eta_ms {
-            if idx.scheduled.remove(&(eta, record.id.clone())).is_some() {
-                decrement(&mut idx.queue(&record.queue).scheduled);
+            if st.scheduled.remove(&(eta, record.id.clone())).is_some() {
+                decrement(&mut st.queue(&record.queue).scheduled);
             }
         }
     }
 
     /// Makes a task ready now, at the back of its priority.
-    fn return_to_queue(&self, idx: &mut Indexes, record: &mut TaskRecord, now: u64) -> Result<(), StoreError> {
+    fn return_to_queue(&self, st: &mut State, mut record: TaskRecord, now: u64) {
         if record.state != TaskState::Retry {
             record.state = TaskState::Pending;
         }
-        self.schedule(idx, record, now, now)
+        self.schedule(st, record, now, now)
     }
 
-    /// Queues a task for `at`: ready at once if due, else scheduled.
-    fn schedule(&self, idx: &mut Indexes, record: &mut TaskRecord, at: u64, now: u64) -> Result<(), StoreError> {
+    /// Queues a live task for `at`: ready at once if due, else scheduled.
+    fn schedule(&self, st: &mut State, mut record: TaskRecord, at: u64, now: u64) {
         record.started_at_ms = None;
-        record.seq = idx.take_seq();
+        record.seq = st.take_seq();
         if at > now {
             record.eta_ms = Some(at);
-            self.save(record)?;
-            idx.scheduled.insert((at, record.id.clone()), record.queue.clone());
-            idx.queue(&record.queue).scheduled += 1;
+            st.scheduled.insert((at, record.id.clone()), record.queue.clone());
+            st.queue(&record.queue).scheduled += 1;
         } else {
-            self.save(record)?;
-            idx.queue(&record.queue).ready.insert(record.ready_key(), record.id.clone());
+            st.queue(&record.queue).ready.insert(record.ready_key(), record.id.clone());
         }
-        Ok(())
+        st.touch(&record.id);
+        st.live.insert(record.id.clone(), Arc::new(record));
     }
 
-    /// Writes a terminal record: expiry index first, then the record, then the task leaves `active`.
-    fn finish(&self, idx: &mut Indexes, record: &mut TaskRecord, now: u64, ttl_ms: u64) -> Result<(), StoreError> {
+    /// Makes a task terminal: its result expires `ttl_ms` from now.
+    fn finish(&self, st: &mut State, mut record: TaskRecord, now: u64, ttl_ms: u64) {
         let expires = now.saturating_add(ttl_ms);
         record.finished_at_ms = Some(now);
         record.result_expires_at_ms = Some(expires);
-        self.expiry.insert(keys::expiry(expires, &record.id), &[])?;
-        self.save(record)?;
-        self.active.remove(record.id.as_bytes())?;
-        idx.results_stored += 1;
-        Ok(())
+        st.index_ops.push(IndexOp::ExpiryInsert(keys::expiry(expires, &record.id)));
+        st.retire(record);
     }
 
-    fn finish_revoked(
-        &self,
-        idx: &mut Indexes,
-        record: &mut TaskRecord,
-        now: u64,
-        error: Option<TaskError>,
-    ) -> Result<(), StoreError> {
+    fn finish_revoked(&self, st: &mut State, mut record: TaskRecord, now: u64, error: Option<TaskError>) {
         record.state = TaskState::Revoked;
         record.revoked = true;
         if error.is_some() {
             record.error = error;
         }
-        idx.totals.revoked += 1;
+        st.totals.revoked += 1;
         let ttl = record.result_ttl_ms;
-        self.finish(idx, record, now, ttl)
+        self.finish(st, record, now, ttl)
     }
 
     /// Moves a task to the dead set (`FAILURE`).
-    fn bury(&self, idx: &mut Indexes, record: &mut TaskRecord, now: u64) -> Result<(), StoreError> {
+    fn bury(&self, st: &mut State, mut record: TaskRecord, now: u64) {
         record.state = TaskState::Failure;
-        self.dead.insert(keys::dead(&record.queue, now, &record.id), &[])?;
+        st.index_ops.push(IndexOp::DeadInsert(keys::dead(&record.queue, now, &record.id)));
+        st.queue(&record.queue).dead += 1;
+        st.totals.dead += 1;
         let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
-        self.finish(idx, record, now, ttl)?;
-        idx.queue(&record.queue).dead += 1;
-        idx.totals.dead += 1;
-        Ok(())
+        self.finish(st, record, now, ttl)
     }
 }
 
@@ -1005,7 +1093,7 @@ fn expired_error() -> TaskError {
     TaskError { kind: "Expired".into(), message: "task expired before it started".into(), traceback: None }
 }
 
-/// Checks a task id or queue name: non-empty, at most [`MAX_ID_LEN`] bytes, no NUL.
+/// Checks a task id, task name or queue name: non-empty, at most [`MAX_ID_LEN`] bytes, no NUL.
 pub fn validate_name(what: &str, name: &str) -> Result<(), StoreError> {
     if name.is_empty() || name.len() > MAX_ID_LEN || name.contains('\0') {
         return Err(StoreError::Invalid(format!(

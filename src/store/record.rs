@@ -1,0 +1,84 @@
+//! A task as stored: the spec with its defaults filled in, plus its life so far.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use broker_client::proto::{TaskError, TaskId, TaskInfo, TaskState, Value};
+use serde::{Deserialize, Serialize};
+
+/// Order within a queue: higher priority first, then FIFO.
+pub type ReadyKey = (Reverse<i32>, u64);
+
+/// One task. The `tasks` tree holds these as MessagePack maps (field names included, so fields can be added).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub queue: String,
+    pub task: String,
+    pub args: Vec<Value>,
+    pub kwargs: BTreeMap<String, Value>,
+    pub context: BTreeMap<String, Value>,
+    pub priority: i32,
+    pub max_retries: u32,
+    pub retry_delay_ms: u64,
+    pub retry_backoff: bool,
+    pub retry_delay_max_ms: u64,
+    pub lease_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub result_ttl_ms: u64,
+    pub state: TaskState,
+    /// How many times it was leased.
+    pub attempts: u32,
+    /// How many of those leases ended without an outcome (deadline passed, worker gone).
+    pub lease_losses: u32,
+    /// Position in its queue (FIFO within a priority); renewed each time the task becomes ready.
+    pub seq: u64,
+    pub created_at_ms: u64,
+    pub eta_ms: Option<u64>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub result: Option<Value>,
+    pub error: Option<TaskError>,
+    pub result_expires_at_ms: Option<u64>,
+    pub revoked: bool,
+}
+
+impl TaskRecord {
+    /// The task as `get` shows it.
+    pub fn info(&self) -> TaskInfo {
+        TaskInfo {
+            id: self.id.clone(),
+            queue: self.queue.clone(),
+            task: self.task.clone(),
+            state: self.state,
+            attempts: self.attempts,
+            max_retries: self.max_retries,
+            priority: self.priority,
+            args: self.args.clone(),
+            kwargs: self.kwargs.clone(),
+            context: self.context.clone(),
+            result: self.result.clone(),
+            error: self.error.clone(),
+            created_at_ms: self.created_at_ms,
+            eta_ms: self.eta_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            result_expires_at_ms: self.result_expires_at_ms,
+            revoked: self.revoked,
+        }
+    }
+
+    /// Its place in its queue's ready order.
+    pub fn ready_key(&self) -> ReadyKey {
+        (Reverse(self.priority), self.seq)
+    }
+
+    /// The delay before the retry after failed attempt number `attempts`.
+    pub fn backoff_ms(&self) -> u64 {
+        if !self.retry_backoff {
+            return self.retry_delay_ms;
+        }
+        let exponent = self.attempts.saturating_sub(1).min(32);
+        self.retry_delay_ms.saturating_mul(1u64 << exponent).min(self.retry_delay_max_ms)
+    }
+}
