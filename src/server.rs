@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use broker_client::codec::{Frame, FrameCodec};
 use broker_client::proto::ErrorCode;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
@@ -245,29 +246,66 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     tracing::debug!(conn, "disconnected");
 }
 
-async fn write_loop(
-    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
-    mut rx: mpsc::Receiver<Outbound>,
-) {
-    let mut broken = false;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            let frame = match out.ticket {
-                None => out.frame,
-                Some((id, durable)) => match durable.await {
-                    Ok(()) => out.frame,
-                    Err(e) => cmd::error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
-                },
-            };
-            // After a write error keep draining, so senders never block on a dead connection.
-            if !broken && sink.feed(Bytes::from(frame)).await.is_err() {
-                broken = true;
-            }
-            next = rx.try_recv().ok();
+/// Writes replies as they become ready. A reply that waits for its flush does not hold up the replies behind
+/// it (a `get` or `lease` answered in memory goes out at once); clients match replies by id.
+async fn write_loop(sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>, mut rx: mpsc::Receiver<Outbound>) {
+    let mut waiting = FuturesUnordered::new();
+    let mut out = ReplySink { sink, broken: false };
+    loop {
+        tokio::select! {
+            next = rx.recv() => match next {
+                Some(Outbound { frame, ticket: None }) => out.feed(frame).await,
+                Some(Outbound { frame, ticket: Some((id, durable)) }) => waiting.push(after_flush(id, frame, durable)),
+                None => break,
+            },
+            Some(frame) = waiting.next(), if !waiting.is_empty() => out.feed(frame).await,
         }
-        if !broken && SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
-            broken = true;
+        // Gather whatever else is ready now, then write it all with one flush.
+        loop {
+            if let Ok(next) = rx.try_recv() {
+                match next {
+                    Outbound { frame, ticket: None } => out.feed(frame).await,
+                    Outbound { frame, ticket: Some((id, durable)) } => waiting.push(after_flush(id, frame, durable)),
+                }
+            } else if let Some(Some(frame)) = waiting.next().now_or_never() {
+                out.feed(frame).await;
+            } else {
+                break;
+            }
+        }
+        out.flush().await;
+    }
+    // The reader is gone: the replies still waiting for their flush go out as it completes.
+    while let Some(frame) = waiting.next().await {
+        out.feed(frame).await;
+    }
+    out.flush().await;
+}
+
+async fn after_flush(id: u64, frame: ReplyFrame, durable: Durable) -> ReplyFrame {
+    match durable.await {
+        Ok(()) => frame,
+        Err(e) => cmd::error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
+    }
+}
+
+/// The socket's write half; after a write error it drops what it is given, so the connection's other tasks never
+/// block on a dead peer.
+struct ReplySink {
+    sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    broken: bool,
+}
+
+impl ReplySink {
+    async fn feed(&mut self, frame: ReplyFrame) {
+        if !self.broken && self.sink.feed(Bytes::from(frame)).await.is_err() {
+            self.broken = true;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if !self.broken && SinkExt::<Bytes>::flush(&mut self.sink).await.is_err() {
+            self.broken = true;
         }
     }
 }
