@@ -1,0 +1,34 @@
+"""broker_client: a Celery-shaped Python client, worker and Flask integration for the broker daemon.
+
+    from broker_client import Broker
+    broker = Broker("tcp://127.0.0.1:7420")       # or Broker(flask_app) / broker.init_app(flask_app)
+
+    @broker.task
+    def add(x, y):
+        return x + y
+
+    add.delay(2, 3).get(timeout=10)                # run a worker: python -m broker_client worker myapp:broker
+"""
+
+from .app import AsyncResult, Broker, Task, TaskRequest
+from .connection import Connection
+from .errors import (
+    BrokerError,
+    ConnectionLost,
+    MaxRetriesExceededError,
+    NotFound,
+    NotRegistered,
+    Retry,
+    SerializationError,
+    TaskFailed,
+    TaskRevokedError,
+    TimeoutError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncResult", "Broker", "BrokerError", "Connection", "ConnectionLost", "MaxRetriesExceededError", "NotFound",
+    "NotRegistered", "Retry", "SerializationError", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError",
+    "TimeoutError",
+]

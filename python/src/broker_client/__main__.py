@@ -1,0 +1,36 @@
+"""The command line: ``python -m broker_client worker myapp:broker --queues a,b --concurrency 4``."""
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m broker_client", description="broker's Python worker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="run tasks from the daemon")
+    worker.add_argument("app", help="where the Broker is: module:attr (a Broker, or a Flask app with init_app)")
+    worker.add_argument("--queues", "-Q", default=None, help="comma-separated queues, first has priority "
+                        "(default: the broker's default queue, 'default')")
+    worker.add_argument("--concurrency", "-c", type=int, default=None,
+                        help="child processes running tasks (default: the number of CPUs)")
+    worker.add_argument("--url", default=None, help="daemon URL, overriding the app's (e.g. tcp://127.0.0.1:7420)")
+    worker.add_argument("--grace", type=float, default=60.0,
+                        help="seconds running tasks get to finish after SIGTERM before they are released")
+    worker.add_argument("--loglevel", "-l", default=os.environ.get("BROKER_LOGLEVEL", "info"))
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=args.loglevel.upper(), stream=sys.stderr,
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from .worker import Worker
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    worker = Worker(args.app, queues=queues, concurrency=args.concurrency, url=args.url, grace=args.grace)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

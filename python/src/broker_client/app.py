@@ -1,0 +1,412 @@
+"""The producer side, shaped like Celery's: ``Broker`` (the app), ``@broker.task``, ``Task.delay``/``apply_async``
+and ``AsyncResult``.
+
+``Broker`` owns the task registry, the settings (from its arguments, or from a Flask ``app.config`` via
+``init_app``) and one lazily opened :class:`~broker_client.connection.Connection` per process. A ``Task`` turns a
+call into a protocol ``TaskSpec`` (checking first that every argument is plain data) and sends ``enqueue``; it
+never runs anything itself except when called directly, like a plain function. Running tasks is the worker's job
+(:mod:`broker_client.worker`).
+"""
+
+import datetime
+import functools
+import inspect
+import os
+import threading
+import time
+
+from . import flask_context
+from .connection import DEFAULT_URL, Connection
+from .errors import (
+    MaxRetriesExceededError,
+    Retry,
+    SerializationError,
+    TaskRevokedError,
+    TimeoutError,
+    remote_exception,
+)
+from .serialization import check_arguments, check_value
+
+DEFAULT_QUEUE = "default"
+TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+#: Celery's default delay for ``self.retry()`` without a countdown: three minutes.
+DEFAULT_RETRY_DELAY = 180
+#: The longest wait one ``get`` request asks the daemon for; longer waits loop.
+_MAX_WAIT_MS = 300_000
+#: ``max_retries=None`` in Celery means "retry forever"; the protocol needs a number.
+_FOREVER = 2**32 - 1
+
+
+def _is_flask_app(obj):
+    return hasattr(obj, "config") and hasattr(obj, "extensions") and hasattr(obj, "test_request_context")
+
+
+class Broker:
+    """The app object: ``broker = Broker("tcp://127.0.0.1:7420")`` or ``Broker(flask_app)`` / ``init_app``.
+
+    The URL is looked up when the first connection opens: the ``url`` given here, else the Flask app's
+    ``BROKER_URL``, else the ``BROKER_URL`` environment variable, else ``tcp://127.0.0.1:7420``.
+    ``include`` lists modules the worker imports so their tasks are registered.
+    """
+
+    def __init__(self, app_or_url=None, *, url=None, include=(), default_queue=None, client_name=None):
+        self.tasks = {}
+        self.flask_app = None
+        self.include = list(include)
+        self.default_queue = default_queue
+        self.client_name = client_name
+        self.context_settings = flask_context.ContextSettings()
+        self.g_dumpers = {}
+        self.g_loaders = {}
+        self._url = url
+        self._connection = None
+        self._connection_lock = threading.Lock()
+        if isinstance(app_or_url, str):
+            self._url = app_or_url
+        elif app_or_url is not None:
+            self.init_app(app_or_url)
+
+    # -- configuration ---------------------------------------------------------------------------------------
+
+    def init_app(self, app):
+        """Binds a Flask app: settings come from ``app.config``, tasks run inside its contexts in the worker."""
+        if not _is_flask_app(app):
+            raise TypeError(f"init_app expects a Flask app, got {type(app).__name__}")
+        self.flask_app = app
+        app.extensions["broker"] = self
+        self.context_settings = flask_context.ContextSettings(app.config)
+        if self.default_queue is None:
+            self.default_queue = app.config.get("BROKER_DEFAULT_QUEUE")
+        self.include += [m for m in app.config.get("BROKER_INCLUDE", []) if m not in self.include]
+        return self
+
+    @property
+    def url(self):
+        if self._url:
+            return self._url
+        if self.flask_app is not None and self.flask_app.config.get("BROKER_URL"):
+            return self.flask_app.config["BROKER_URL"]
+        return os.environ.get("BROKER_URL") or DEFAULT_URL
+
+    @url.setter
+    def url(self, value):
+        self._url = value
+        self.close()
+
+    def connection(self):
+        """This process's connection (opened on first use, reopened after a fork or a failure)."""
+        with self._connection_lock:
+            if self._connection is None or self._connection.url != self.url:
+                self._connection = Connection(self.url, client_name=self.client_name)
+            return self._connection
+
+    def close(self):
+        """Closes the connection; the next call opens a new one."""
+        with self._connection_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def g_dumper(self, key):
+        """Decorator: converts ``g.<key>`` to plain data when a request's context is captured (e.g. user → id)."""
+        def register(fn):
+            self.g_dumpers[key] = fn
+            return fn
+        return register
+
+    def g_loader(self, key):
+        """Decorator: turns the plain data back into ``g.<key>`` in the worker (e.g. id → User)."""
+        def register(fn):
+            self.g_loaders[key] = fn
+            return fn
+        return register
+
+    # -- tasks -----------------------------------------------------------------------------------------------
+
+    def task(self, fn=None, **options):
+        """``@broker.task`` or ``@broker.task(bind=True, name=..., queue=..., max_retries=...,
+        default_retry_delay=..., lease_timeout=..., autoretry_for=(...), retry_backoff=..., priority=...)``."""
+        if fn is not None and callable(fn) and not options:
+            return self._register(fn, {})
+        if fn is not None:
+            raise TypeError("use @broker.task or @broker.task(option=...), with keyword options only")
+        return lambda f: self._register(f, options)
+
+    def _register(self, fn, options):
+        task = Task(self, fn, **options)
+        self.tasks[task.name] = task
+        return task
+
+    def send_task(self, name, args=None, kwargs=None, **options):
+        """Enqueues a task by name (it need not be registered in this process), like Celery's ``send_task``."""
+        return Task(self, None, name=name).apply_async(args, kwargs, **options)
+
+    def AsyncResult(self, task_id):  # noqa: N802 - Celery's spelling
+        """A handle on an existing task."""
+        return AsyncResult(task_id, self)
+
+    def stats(self):
+        """The daemon's counters (the ``stats`` op)."""
+        return self.connection().call("stats")
+
+    def purge(self, queue=None):
+        """Deletes the waiting tasks of `queue` (default queue if None); returns how many."""
+        queue = queue or self.default_queue or DEFAULT_QUEUE
+        return self.connection().call("purge", queue=queue)["purged"]
+
+
+class TaskRequest:
+    """``self.request`` inside a bound task: what the worker knows about the current attempt."""
+
+    def __init__(self, id=None, retries=0, max_retries=None, queue=None, task=None, context=None,
+                 args=(), kwargs=None, called_directly=True):
+        self.id = id
+        self.retries = retries
+        self.max_retries = max_retries
+        self.queue = queue
+        self.task = task
+        self.context = context or {}
+        self.args = list(args)
+        self.kwargs = dict(kwargs or {})
+        self.called_directly = called_directly
+
+    def __repr__(self):
+        return f"<TaskRequest {self.task}[{self.id}] retries={self.retries}>"
+
+
+class Task:
+    """A registered task. Call it to run it here; ``delay``/``apply_async`` to run it in a worker."""
+
+    def __init__(self, broker, fn, *, name=None, bind=False, queue=None, max_retries=3,
+                 default_retry_delay=DEFAULT_RETRY_DELAY, lease_timeout=None, autoretry_for=(),
+                 retry_backoff=False, retry_backoff_max=600, priority=0, expires=None, result_ttl=None):
+        self.broker = broker
+        self.fn = fn
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.bind = bind
+        self.queue = queue
+        self.max_retries = max_retries
+        self.default_retry_delay = default_retry_delay
+        self.lease_timeout = lease_timeout
+        self.autoretry_for = tuple(autoretry_for)
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self.priority = priority
+        self.expires = expires
+        self.result_ttl = result_ttl
+        self._local = threading.local()
+        if fn is not None:
+            functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"<Task {self.name}>"
+
+    @property
+    def request(self):
+        request = getattr(self._local, "request", None)
+        return request if request is not None else TaskRequest(task=self.name, max_retries=self.max_retries)
+
+    def _push_request(self, request):
+        self._local.request = request
+
+    def _pop_request(self):
+        self._local.request = None
+
+    def __call__(self, *args, **kwargs):
+        if self.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args, **kwargs):
+        """Enqueues the task with these arguments; returns an AsyncResult."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args=None, kwargs=None, *, countdown=None, eta=None, priority=None, task_id=None,
+                    queue=None, expires=None, max_retries=None, lease_timeout=None, result_ttl=None):
+        """Enqueues the task. ``countdown`` in seconds; ``eta`` a datetime (naive = local time) or Unix seconds;
+        ``expires`` seconds from now or a datetime. Raises SerializationError if an argument is not plain data."""
+        args = list(args or ())
+        kwargs = dict(kwargs or {})
+        check_arguments(self.name, args, kwargs)
+        spec = {"task": self.name, "args": args, "kwargs": kwargs}
+        if self.fn is not None:
+            self._check_signature(args, kwargs)
+        queue = queue or self.queue or self.broker.default_queue
+        if queue:
+            spec["queue"] = queue
+        if task_id:
+            spec["id"] = str(task_id)
+        priority = self.priority if priority is None else priority
+        if priority:
+            spec["priority"] = int(priority)
+        if countdown is not None and eta is not None:
+            raise ValueError("give countdown or eta, not both")
+        if countdown is not None:
+            spec["countdown_ms"] = max(0, int(countdown * 1000))
+        if eta is not None:
+            spec["eta_ms"] = _unix_ms(eta)
+        expires = self.expires if expires is None else expires
+        if isinstance(expires, (datetime.datetime, datetime.date)):
+            spec["expires_at_ms"] = _unix_ms(expires)
+        elif expires is not None:
+            spec["expires_in_ms"] = max(0, int(expires * 1000))
+        max_retries = self.max_retries if max_retries is None else max_retries
+        spec["max_retries"] = _FOREVER if max_retries is None else int(max_retries)
+        if self.retry_backoff:
+            first = self.retry_backoff if self.retry_backoff is not True else 1
+            spec["retry_delay_ms"] = int(first * 1000)
+            spec["retry_backoff"] = True
+            spec["retry_delay_max_ms"] = int(self.retry_backoff_max * 1000)
+        else:
+            spec["retry_delay_ms"] = int(self.default_retry_delay * 1000)
+            spec["retry_backoff"] = False
+        lease_timeout = self.lease_timeout if lease_timeout is None else lease_timeout
+        if lease_timeout:
+            spec["lease_ms"] = max(1, int(lease_timeout * 1000))
+        result_ttl = self.result_ttl if result_ttl is None else result_ttl
+        if result_ttl is not None:
+            spec["result_ttl_ms"] = int(result_ttl * 1000)
+        context = flask_context.capture(self.broker.context_settings, self.broker.g_dumpers, self.name)
+        if context is not None:
+            spec["context"] = {flask_context.CONTEXT_KEY: context}
+        reply = self.broker.connection().call("enqueue", task=spec)
+        return AsyncResult(reply["id"], self.broker, task_name=self.name)
+
+    def _check_signature(self, args, kwargs):
+        """Fails at enqueue, not in the worker, when the arguments cannot bind to the function."""
+        try:
+            signature = getattr(self, "_signature", None) or inspect.signature(self.fn)
+            self._signature = signature
+        except (TypeError, ValueError):
+            return
+        try:
+            if self.bind:
+                signature.bind(self, *args, **kwargs)
+            else:
+                signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.name}: {e}") from None
+
+    def retry(self, exc=None, countdown=None, max_retries=None):
+        """Inside a bound task: schedule another attempt in `countdown` seconds (default
+        ``default_retry_delay``). With no retries left it re-raises `exc` (or MaxRetriesExceededError)."""
+        request = self.request
+        limit = request.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(f"{self.name}[{request.id}]: no retries left ({limit})")
+        if countdown is None:
+            countdown = self.default_retry_delay
+        raise Retry(exc, countdown)
+
+
+def _unix_ms(when):
+    if isinstance(when, (int, float)):
+        return int(when * 1000)
+    if isinstance(when, datetime.datetime):
+        return int(when.timestamp() * 1000)
+    if isinstance(when, datetime.date):
+        return int(datetime.datetime(when.year, when.month, when.day).timestamp() * 1000)
+    raise TypeError(f"expected a datetime or Unix seconds, got {type(when).__name__}")
+
+
+class AsyncResult:
+    """A handle on a task by id: its state, result or error, waiting for it, revoking it.
+
+    Unlike Celery, an id the daemon does not know raises NotFound instead of reading as PENDING forever.
+    """
+
+    def __init__(self, id, broker, task_name=None):
+        self.id = id
+        self.broker = broker
+        self.task_name = task_name
+        self._info = None
+
+    def __repr__(self):
+        return f"<AsyncResult {self.id}>"
+
+    def __str__(self):
+        return self.id
+
+    def _fetch(self, wait_ms=0):
+        if self._info is not None and self._info["state"] in TERMINAL_STATES:
+            return self._info
+        self._info = self.broker.connection().call("get", task_id=self.id, wait_ms=int(wait_ms))
+        return self._info
+
+    @property
+    def info_raw(self):
+        """The task as the daemon shows it (``get``): state, attempts, result, error, context..."""
+        return self._fetch()
+
+    @property
+    def state(self):
+        return self._fetch()["state"]
+
+    status = state
+
+    @property
+    def result(self):
+        """The return value for SUCCESS, the exception for FAILURE, else None."""
+        info = self._fetch()
+        if info["state"] == "SUCCESS":
+            return info.get("result")
+        if info["state"] in ("FAILURE", "RETRY") and info.get("error"):
+            return self._exception(info)
+        return None
+
+    @property
+    def traceback(self):
+        error = self._fetch().get("error") or {}
+        return error.get("traceback")
+
+    def ready(self):
+        return self.state in TERMINAL_STATES
+
+    def successful(self):
+        return self.state == "SUCCESS"
+
+    def failed(self):
+        return self.state == "FAILURE"
+
+    def get(self, timeout=None, propagate=True, interval=None):
+        """Waits for the task to finish and returns its result. With `propagate`, a failed task raises its error
+        (a TaskFailed named after the remote type, e.g. ``ValueError``) and a revoked one TaskRevokedError.
+        Raises broker_client.TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait_ms = _MAX_WAIT_MS
+            if deadline is not None:
+                wait_ms = min(wait_ms, max(0, int((deadline - time.monotonic()) * 1000)))
+            info = self._fetch(wait_ms)
+            if info["state"] in TERMINAL_STATES:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {self.id} is still {info['state']} after {timeout}s")
+        if info["state"] == "SUCCESS":
+            return info.get("result")
+        if not propagate:
+            return self._exception(info) if info["state"] == "FAILURE" else None
+        if info["state"] == "REVOKED":
+            error = info.get("error") or {}
+            why = f": {error.get('message')}" if error.get("message") else ""
+            raise TaskRevokedError(f"task {self.id} was revoked{why}")
+        raise self._exception(info)
+
+    def _exception(self, info):
+        error = info.get("error") or {}
+        return remote_exception(error.get("type", "TaskFailed"), error.get("message", ""),
+                                error.get("traceback"), self.id)
+
+    def revoke(self):
+        """Revokes the task: it never runs, or (if running) its worker stops it at the next heartbeat."""
+        self._info = None
+        return self.broker.connection().call("revoke", task_id=self.id)["state"]
+
+    def forget(self):
+        """Drops the cached state (Celery's forget also deletes the result; results here expire by TTL)."""
+        self._info = None
+
+
+__all__ = ["Broker", "Task", "TaskRequest", "AsyncResult", "SerializationError", "check_value"]

@@ -1,0 +1,183 @@
+"""One connection to the daemon: the socket, the framing, the hello, and matching replies to requests.
+
+A frame is a 4-byte big-endian length and one MessagePack map. A request is ``{id, op, ...fields}``; a reply is
+``{id, ok: true, body}`` or ``{id, ok: false, error: {code, message}}``. The daemon answers waiting ops (``lease``
+and ``get`` with ``wait_ms``) out of order, so replies are matched by id.
+
+The connection is shared by the threads of one process: requests are written under a lock, and whichever caller
+is waiting reads the next frame and files it under its id for its owner (no background thread, so a lone caller
+pays no thread switch). A worker can therefore long-poll ``lease`` on one thread while another sends ``extend``.
+
+A connection belongs to the process that opened it: after a fork the child opens its own (the pid is checked).
+It reconnects on the next call after a failure; requests in flight when it broke raise :class:`ConnectionLost`.
+"""
+
+import itertools
+import os
+import socket
+import struct
+import threading
+from urllib.parse import urlparse
+
+from . import serialization
+from .errors import BrokerError, ConnectionLost, NotFound
+
+PROTOCOL_VERSION = 1
+DEFAULT_URL = "tcp://127.0.0.1:7420"
+_LENGTH = struct.Struct(">I")
+
+
+def parse_url(url):
+    """``tcp://host:port`` (or ``host:port``) → (host, port)."""
+    if "://" not in url:
+        url = "tcp://" + url
+    parsed = urlparse(url)
+    if parsed.scheme not in ("tcp", "broker"):
+        raise ValueError(f"broker URL {url!r}: the scheme must be tcp://")
+    return parsed.hostname or "127.0.0.1", parsed.port or 7420
+
+
+class Connection:
+    """A thread-safe, lazily opened connection. ``call(op, **fields)`` returns the reply body or raises."""
+
+    def __init__(self, url=DEFAULT_URL, client_name=None, connect_timeout=10.0):
+        self.url = url
+        self.host, self.port = parse_url(url)
+        self.client_name = client_name or f"python-{socket.gethostname()}-{os.getpid()}"
+        self.connect_timeout = connect_timeout
+        self.server_info = None
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._state = threading.Condition()
+        self._sock = None
+        self._pid = None
+        self._generation = 0  # bumped on every (re)connect; a reply belongs to the generation it was asked on
+        self._replies = {}
+        self._reading = False
+
+    # -- opening and closing ---------------------------------------------------------------------------------
+
+    def _ensure_open(self):
+        """Opens the socket and says hello if this process has none. Called with `_state` held."""
+        if self._sock is not None and self._pid == os.getpid():
+            return self._generation
+        self._sock = None
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to the broker at {self.host}:{self.port}: {e}") from e
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = {"id": 0, "op": "hello", "version": PROTOCOL_VERSION, "client": self.client_name}
+        try:
+            _write_frame(sock, serialization.packb(hello))
+            reply = serialization.unpackb(_read_frame(sock))
+        except OSError as e:
+            sock.close()
+            raise ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection during hello") from e
+        if not reply.get("ok"):
+            sock.close()
+            error = reply.get("error") or {}
+            raise BrokerError(error.get("code", "internal"), error.get("message", "hello refused"), "hello")
+        self.server_info = reply.get("body")
+        self._sock = sock
+        self._pid = os.getpid()
+        self._generation += 1
+        self._replies = {}
+        self._reading = False
+        return self._generation
+
+    def _broken(self, generation, cause):
+        """Marks the connection of `generation` dead and wakes every waiter. Called with `_state` held."""
+        if generation != self._generation or self._sock is None:
+            return
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._sock = None
+        self._reading = False
+        self._replies = {}
+        self._broken_cause = cause
+        self._state.notify_all()
+
+    def close(self):
+        """Closes the socket; the next call reconnects. Leases this connection held go back to their queues."""
+        with self._state:
+            if self._sock is not None and self._pid == os.getpid():
+                self._broken(self._generation, ConnectionLost("closed"))
+            self._sock = None
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def call(self, op, **fields):
+        """Sends one request and returns its reply body; raises BrokerError (NotFound for `not_found`)."""
+        request_id = next(self._ids)
+        fields["id"] = request_id
+        fields["op"] = op
+        frame = serialization.packb(fields)
+        with self._state:
+            generation = self._ensure_open()
+            sock = self._sock
+        try:
+            with self._send_lock:
+                _write_frame(sock, frame)
+        except OSError as e:
+            with self._state:
+                self._broken(generation, e)
+            raise ConnectionLost(f"{op}: lost the connection to the broker: {e}") from e
+        reply = self._await(request_id, generation, op)
+        if reply.get("ok"):
+            return reply.get("body") or {}
+        error = reply.get("error") or {}
+        code = error.get("code", "internal")
+        cls = NotFound if code == "not_found" else BrokerError
+        raise cls(code, error.get("message", ""), op)
+
+    def _await(self, request_id, generation, op):
+        """Waits for the reply to `request_id`, reading frames for everyone while no other thread does."""
+        while True:
+            with self._state:
+                while True:
+                    if generation != self._generation or self._sock is None:
+                        raise ConnectionLost(f"{op}: lost the connection to the broker")
+                    if request_id in self._replies:
+                        return self._replies.pop(request_id)
+                    if not self._reading:
+                        break
+                    self._state.wait()
+                self._reading = True
+                sock = self._sock
+            try:
+                reply = serialization.unpackb(_read_frame(sock))
+            except (OSError, ValueError) as e:
+                with self._state:
+                    self._broken(generation, e)
+                raise ConnectionLost(f"{op}: lost the connection to the broker: {e}") from e
+            with self._state:
+                self._reading = False
+                if reply.get("id") == request_id:
+                    self._state.notify_all()
+                    return reply
+                self._replies[reply.get("id")] = reply
+                self._state.notify_all()
+
+
+def _write_frame(sock, payload):
+    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+
+
+def _read_exact(sock, n):
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise ConnectionResetError("the broker closed the connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(sock):
+    (length,) = _LENGTH.unpack(_read_exact(sock, 4))
+    return _read_exact(sock, length)

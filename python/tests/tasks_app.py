@@ -1,0 +1,124 @@
+"""The app the tests enqueue into and the test workers run: a Flask app bound to a Broker, with tasks that
+exercise results, failures, retries, blocking, bad results and the Flask request context."""
+
+import os
+import time
+
+from flask import Flask, g, has_app_context, has_request_context, jsonify, request, url_for
+
+from broker_client import Broker
+
+QUEUE = "tests"
+
+flask_app = Flask(__name__)
+flask_app.config.update(BROKER_DEFAULT_QUEUE=QUEUE, BROKER_CONTEXT_G_KEYS=["user"])
+broker = Broker(flask_app)
+
+
+class User:
+    """Stands in for an ORM object: not plain data, so it travels through the g dumper/loader below."""
+
+    def __init__(self, id, name):
+        self.id = id
+        self.name = name
+
+
+USERS = {7: User(7, "ada"), 8: User(8, "grace")}
+
+
+@broker.g_dumper("user")
+def dump_user(user):
+    return user.id
+
+
+@broker.g_loader("user")
+def load_user(user_id):
+    return USERS[user_id]
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+@broker.task
+def add(x, y):
+    return x + y
+
+
+@broker.task
+def fail(kind, message):
+    if kind == "value":
+        raise ValueError(message)
+    raise PaymentDeclined(message)
+
+
+@broker.task(bind=True, max_retries=5)
+def flaky(self, succeed_on_retry, countdown):
+    if self.request.retries < succeed_on_retry:
+        self.retry(exc=ConnectionError(f"attempt {self.request.retries} failed"), countdown=countdown)
+    return {"retries": self.request.retries, "id": self.request.id}
+
+
+@broker.task(bind=True, max_retries=1)
+def always_retries(self):
+    self.retry(exc=KeyError("missing"), countdown=0.05)
+
+
+@broker.task(autoretry_for=(ConnectionError,), max_retries=2, retry_backoff=0.05)
+def autoretried(path):
+    # Counts attempts in a file so the test sees every one.
+    with open(path, "a") as f:
+        f.write("x")
+    raise ConnectionError("upstream down")
+
+
+@broker.task(lease_timeout=1.5)
+def block(started, release, result=None):
+    """Records its pid in `started`, then waits (up to a minute) until the file `release` exists."""
+    with open(started, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.02)
+    return result
+
+
+@broker.task
+def bad_result():
+    return {"when": object()}
+
+
+@broker.task(bind=True, max_retries=3)
+def whoami(self, retry_first=False):
+    """Reads the request the task was enqueued from, as a view would."""
+    if retry_first and self.request.retries == 0:
+        self.retry(countdown=0.05)
+    if not has_request_context():
+        return {"request": False, "app_context": has_app_context()}
+    return {
+        "request": True,
+        "retries": self.request.retries,
+        "path": request.path,
+        "method": request.method,
+        "args": request.args.to_dict(),
+        "trace": request.headers.get("X-Trace"),
+        "authorization": request.headers.get("Authorization"),
+        "user": g.user.name,
+        "user_type": type(g.user).__name__,
+        "url": url_for("report", report_id=5, _external=True),
+    }
+
+
+@flask_app.before_request
+def login():
+    user_id = request.headers.get("X-User-Id")
+    if user_id:
+        g.user = USERS[int(user_id)]
+
+
+@flask_app.route("/reports/<int:report_id>", methods=["GET", "POST"])
+def report(report_id):
+    result = whoami.delay(retry_first=request.args.get("retry") == "1")
+    return jsonify(task_id=result.id)

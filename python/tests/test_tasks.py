@@ -1,0 +1,134 @@
+"""The producer API against a real daemon and a real worker: results, failures, retries, revocation."""
+
+import os
+import pathlib
+
+import pytest
+
+from broker_client import NotFound, TaskFailed, TaskRevokedError, TimeoutError
+from conftest import poll
+
+
+def test_delay_then_get(tasks, worker):
+    result = tasks.add.delay(2, 3)
+    assert result.get(timeout=20) == 5
+    assert result.state == "SUCCESS"
+    assert result.ready() and result.successful() and not result.failed()
+    assert result.result == 5
+
+
+def test_apply_async_options_and_kwargs(tasks, worker):
+    result = tasks.add.apply_async(kwargs={"x": "a", "y": "b"}, task_id="chosen-id-1", priority=5)
+    assert result.id == "chosen-id-1"
+    assert result.get(timeout=20) == "ab"
+
+
+def test_failure_propagates_type_and_message(tasks, worker):
+    result = tasks.fail.delay("value", "the amount must be positive")
+    with pytest.raises(ValueError, match="the amount must be positive") as caught:
+        result.get(timeout=20)
+    assert type(caught.value).__name__ == "ValueError"
+    assert isinstance(caught.value, TaskFailed)
+    assert "raise ValueError(message)" in caught.value.traceback
+    assert result.state == "FAILURE" and result.failed()
+    # Like Celery, a plain exception is not retried.
+    assert result.info_raw["attempts"] == 1
+
+
+def test_failure_of_an_app_exception_keeps_its_class(tasks, worker):
+    with pytest.raises(tasks.PaymentDeclined, match="card expired") as caught:
+        tasks.fail.delay("payment", "card expired").get(timeout=20)
+    assert caught.value.type_name == "tasks_app.PaymentDeclined"
+
+
+def test_get_without_propagate_returns_the_exception(tasks, worker):
+    error = tasks.fail.delay("value", "nope").get(timeout=20, propagate=False)
+    assert isinstance(error, ValueError) and str(error) == "nope"
+
+
+def test_retry_with_countdown(tasks, worker):
+    result = tasks.flaky.delay(2, 0.05)
+    assert result.get(timeout=20) == {"retries": 2, "id": result.id}
+    info = result.info_raw
+    assert info["attempts"] == 3
+    assert info["state"] == "SUCCESS"
+
+
+def test_retry_stops_when_retries_run_out(tasks, worker):
+    result = tasks.always_retries.delay()
+    with pytest.raises(KeyError) as caught:
+        result.get(timeout=20)
+    assert "missing" in str(caught.value)
+    assert result.info_raw["attempts"] == 2  # max_retries=1: the first run and one retry
+
+
+def test_retry_with_a_long_countdown_waits(tasks, worker):
+    result = tasks.flaky.delay(1, 3600)
+    poll(lambda: result.state == "RETRY", what="the task to be scheduled for retry")
+    with pytest.raises(TimeoutError):
+        result.get(timeout=0.3)
+    assert result.revoke() == "REVOKED"
+
+
+def test_autoretry_for_with_backoff(tasks, worker, tmp_path):
+    counter = tmp_path / "attempts"
+    result = tasks.autoretried.delay(str(counter))
+    with pytest.raises(ConnectionError, match="upstream down"):
+        result.get(timeout=20)
+    assert counter.read_text() == "xxx"  # max_retries=2: three attempts
+    assert result.info_raw["attempts"] == 3
+
+
+def test_revoke_before_it_runs(tasks, worker):
+    result = tasks.add.apply_async((1, 1), countdown=3600)
+    assert result.state == "SCHEDULED"
+    assert result.revoke() == "REVOKED"
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=5)
+
+
+def test_revoke_while_running_stops_the_task(tasks, worker, gate):
+    result = tasks.block.delay(gate["started"], gate["release"])
+    pid = int(poll(lambda: os.path.exists(gate["started"]) and pathlib.Path(gate["started"]).read_text(),
+                   what="the task to start"))
+    assert result.revoke() == "STARTED"
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=20)
+    # The child that ran it was stopped (its heartbeat learned of the revoke), not left running.
+    poll(lambda: not _alive(pid), what="the revoked task's process to stop")
+    # The worker replaced that child and still runs tasks.
+    assert tasks.add.delay(1, 2).get(timeout=20) == 3
+
+
+def test_unknown_task_id_is_not_found(tasks, daemon):
+    with pytest.raises(NotFound) as caught:
+        tasks.broker.AsyncResult("no-such-task").state
+    assert caught.value.code == "not_found"
+
+
+def test_unregistered_task_fails_clearly(tasks, worker):
+    result = tasks.broker.send_task("nobody.defines.this", queue=tasks.QUEUE)
+    with pytest.raises(TaskFailed, match="not registered"):
+        result.get(timeout=20)
+
+
+def test_wrong_arguments_fail_at_delay(tasks):
+    with pytest.raises(TypeError, match="tasks_app.add"):
+        tasks.add.delay(1, 2, 3)
+
+
+def test_calling_a_task_runs_it_here(tasks):
+    assert tasks.add(2, 2) == 4
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is not running code.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,76 @@
+"""Worker processes under stress: killed mid-task, stopped with SIGTERM. Nothing is lost."""
+
+import os
+import pathlib
+import signal
+
+from conftest import poll
+
+
+def _started_pids(gate):
+    path = pathlib.Path(gate["started"])
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_killing_a_worker_mid_task_loses_nothing(tasks, start_worker, queue_name, gate):
+    first = start_worker([queue_name], concurrency=1)
+    result = tasks.block.apply_async((gate["started"], gate["release"], "done"), queue=queue_name)
+    poll(lambda: _started_pids(gate), what="the task to start")
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    # Its lease returns to the queue when the connection drops; a new worker picks the task up again.
+    start_worker([queue_name], concurrency=1)
+    poll(lambda: len(_started_pids(gate)) == 2, what="the task to start again on the second worker")
+    pathlib.Path(gate["release"]).touch()
+    assert result.get(timeout=20) == "done"
+    assert result.info_raw["attempts"] == 2
+    # The first run's child died with its parent instead of finishing unsupervised.
+    first_child = _started_pids(gate)[0]
+    poll(lambda: not _alive(first_child), what="the killed worker's child to be gone")
+
+
+def test_sigterm_lets_running_tasks_finish_and_leases_nothing_new(tasks, start_worker, queue_name, gate):
+    worker = start_worker([queue_name], concurrency=1)
+    running = tasks.block.apply_async((gate["started"], gate["release"], "finished"), queue=queue_name)
+    poll(lambda: _started_pids(gate), what="the task to start")
+    waiting = tasks.add.apply_async((1, 1), queue=queue_name)
+    worker.process.send_signal(signal.SIGTERM)
+    poll(lambda: "warm shutdown" in worker.output(), what="the worker to log its shutdown")
+    pathlib.Path(gate["release"]).touch()
+    assert worker.process.wait(timeout=30) == 0
+    assert running.get(timeout=5) == "finished"
+    assert waiting.state == "PENDING"  # never leased: still there for the next worker
+    waiting.revoke()
+
+
+def test_sigterm_past_the_grace_period_releases_the_task(tasks, start_worker, queue_name, gate):
+    worker = start_worker([queue_name], concurrency=1, grace=0.3)
+    result = tasks.block.apply_async((gate["started"], gate["release"], "late"), queue=queue_name)
+    poll(lambda: _started_pids(gate), what="the task to start")
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=30) == 0
+    info = result.info_raw
+    assert info["state"] == "PENDING" and info["attempts"] == 0, info  # released, attempt not counted
+    assert "released to its queue" in worker.output()
+    pathlib.Path(gate["release"]).touch()
+    start_worker([queue_name], concurrency=1)
+    assert result.get(timeout=20) == "late"
+
+
+def test_a_crashing_child_is_replaced_and_its_task_retried(tasks, worker, gate):
+    result = tasks.block.delay(gate["started"], gate["release"], "survived")
+    pid = poll(lambda: _started_pids(gate), what="the task to start")[0]
+    os.kill(pid, signal.SIGKILL)
+    poll(lambda: len(_started_pids(gate)) == 2, what="the task to be retried")
+    pathlib.Path(gate["release"]).touch()
+    assert result.get(timeout=20) == "survived"
+    assert result.info_raw["attempts"] == 2
+    assert "WorkerLostError" in worker.output()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
