@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::flush::Durable;
-use crate::store::{validate_name, ConnId, Store, StoreError};
+use crate::store::{validate_name, validate_queue, ConnId, Store, StoreError};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
 pub const MAX_DEAD_LIST: u32 = 1000;
@@ -125,9 +125,14 @@ fn reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> ReplyFrame {
 
 /// A reply that changed state: it waits for a flush covering the change.
 fn durable_reply<T: Serialize>(shared: &Shared, id: u64, result: Result<T, Refusal>) -> Outcome {
-    // Even a refusal may have changed state (an ack of a revoked task finishes it), so every reply of a
-    // state-changing op waits; with group commit a refusal that changed nothing costs almost nothing.
-    Outcome::Reply(reply(id, result), Some((id, shared.store.durable())))
+    // A refusal with `revoked` changed state too (the task is finished), so it waits like a success; other
+    // refusals changed nothing and go out at once.
+    let changed = match &result {
+        Ok(_) => true,
+        Err(refusal) => refusal.code == ErrorCode::Revoked,
+    };
+    let ticket = changed.then(|| (id, shared.store.durable()));
+    Outcome::Reply(reply(id, result), ticket)
 }
 
 fn body<T: DeserializeOwned>(request: Value) -> Result<T, Refusal> {
@@ -257,6 +262,9 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Ou
             let notified = shared.store.ready_notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if closing.is_cancelled() || shared.shutdown.is_cancelled() {
+                return ok_frame(id, &Leased { tasks: vec![] });
+            }
             let tasks = shared.store.lease(conn, &request.queues, max, request.lease_ms);
             if !tasks.is_empty() {
                 return ok_frame(id, &Leased { tasks });
@@ -276,7 +284,7 @@ fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
         return Err(Refusal::new(ErrorCode::BadRequest, "`queues` must name at least one queue"));
     }
     for queue in &request.queues {
-        validate_name("queues", queue)?;
+        validate_queue(queue)?;
     }
     if request.max == 0 || request.max > shared.config.max_lease_batch {
         return Err(Refusal::new(
@@ -384,7 +392,7 @@ fn stats(shared: &Shared) -> Stats {
 
 fn purge(shared: &Shared, request: Value) -> Result<Purged, Refusal> {
     let request: Purge = body(request)?;
-    validate_name("queue", &request.queue)?;
+    validate_queue(&request.queue)?;
     Ok(Purged { purged: shared.store.purge(&request.queue) })
 }
 

@@ -253,7 +253,8 @@ async fn write_loop(sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCode
     let mut out = ReplySink { sink, broken: false };
     loop {
         tokio::select! {
-            next = rx.recv() => match next {
+            // Replies waiting for a slow flush count against the same bound as queued ones (backpressure).
+            next = rx.recv(), if waiting.len() < REPLY_QUEUE => match next {
                 Some(Outbound { frame, ticket: None }) => out.feed(frame).await,
                 Some(Outbound { frame, ticket: Some((id, durable)) }) => waiting.push(after_flush(id, frame, durable)),
                 None => break,
@@ -262,6 +263,9 @@ async fn write_loop(sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCode
         }
         // Gather whatever else is ready now, then write it all with one flush.
         loop {
+            if waiting.len() >= REPLY_QUEUE {
+                break;
+            }
             if let Ok(next) = rx.try_recv() {
                 match next {
                     Outbound { frame, ticket: None } => out.feed(frame).await,

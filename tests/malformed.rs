@@ -171,6 +171,9 @@ async fn every_malformed_input_gets_its_code_and_the_connection_survives() {
         ]);
         assert_code(raw.call(request(13, "enqueue", vec![("task", both)])), ErrorCode::BadRequest);
         assert_code(raw.call(request(14, "lease", vec![("max", Value::from(0))])), ErrorCode::BadRequest);
+        // `*` means "every queue" to the admin ops, so it is no queue's name.
+        let star = Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("queue"), Value::from("*"))]);
+        assert_code(raw.call(request(14, "enqueue", vec![("task", star)])), ErrorCode::BadRequest);
         // Ack of a lease never held.
         assert_code(
             raw.call(request(15, "ack", vec![("task_id", Value::from("ghost")), ("lease_id", Value::from(1))])),

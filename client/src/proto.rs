@@ -541,7 +541,8 @@ pub struct TaskInfo {
     /// When its result will be removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_expires_at_ms: Option<u64>,
-    /// True once revoked (a running task stays `STARTED` until its worker acks, fails or loses the lease).
+    /// True once revoked (a running task stays `STARTED` until its worker acks, fails, releases or loses the
+    /// lease; then it is `REVOKED`).
     #[serde(default)]
     pub revoked: bool,
 }
@@ -610,7 +611,7 @@ pub struct Totals {
     pub retried: u64,
     /// Tasks that reached `FAILURE`.
     pub dead: u64,
-    /// Leases that ended by deadline or disconnect and returned their task.
+    /// Leases that ended without an outcome: deadline passed, worker disconnected, or daemon shutting down.
     pub lease_lost: u64,
     /// Tasks revoked or expired.
     pub revoked: u64,
@@ -659,7 +660,7 @@ pub struct DeadList {
     /// Only this queue's; all queues if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
-    /// At most this many; default 100.
+    /// At most this many; default 100, capped at 1000 by the daemon.
     #[serde(default = "hundred")]
     pub limit: u32,
 }

@@ -140,9 +140,9 @@ impl Disk {
         Ok(ids)
     }
 
-    /// How many records are not active (results and dead tasks kept).
-    pub fn count_results(&self) -> u64 {
-        (self.tasks.len() as u64).saturating_sub(self.active.len() as u64)
+    /// How many records there are (a full scan: startup only).
+    pub fn count_records(&self) -> u64 {
+        self.tasks.len() as u64
     }
 
     /// Up to `limit` `(queue, id, key)` entries of the dead set, of one queue or all (`"*"` or `None`).

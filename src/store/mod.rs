@@ -18,7 +18,7 @@ pub mod keys;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -259,6 +259,8 @@ struct Core {
     state: Mutex<State>,
     /// Held for a whole write-out, so batches reach sled in the order they were taken.
     write_lock: Mutex<()>,
+    /// Set when a write-out put changes in sled that no flush has covered yet.
+    unflushed: AtomicBool,
 }
 
 impl Core {
@@ -308,10 +310,33 @@ impl Core {
             }
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
-        for record in to_encode {
-            set.records.push((record.id.clone(), Some(disk::encode(&record)?)));
+        let result = to_encode.iter().try_for_each(|record| {
+            set.records.push((record.id.clone(), Some(disk::encode(record)?)));
+            Ok(())
+        });
+        if let Err(e) = result.and_then(|()| self.disk.apply(&set)) {
+            // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
+            let mut st = self.lock();
+            for id in set.active_insert {
+                st.dirty.entry(id).or_insert(Dirty::Live);
+            }
+            for (id, bytes) in set.records {
+                if bytes.is_none() {
+                    st.dirty.entry(id).or_insert(Dirty::Deleted);
+                }
+            }
+            for (id, _) in &written {
+                st.dirty.entry(id.clone()).or_insert(Dirty::Finished);
+            }
+            let mut ops: Vec<IndexOp> = set.expiry_insert.into_iter().map(IndexOp::ExpiryInsert).collect();
+            ops.extend(set.expiry_remove.into_iter().map(IndexOp::ExpiryRemove));
+            ops.extend(set.dead_insert.into_iter().map(IndexOp::DeadInsert));
+            ops.extend(set.dead_remove.into_iter().map(IndexOp::DeadRemove));
+            ops.append(&mut st.index_ops);
+            st.index_ops = ops;
+            return Err(e);
         }
-        self.disk.apply(&set)?;
+        self.unflushed.store(true, Ordering::SeqCst);
         // Finished records now on disk leave memory, unless they changed again meanwhile.
         let mut st = self.lock();
         for (id, generation) in written {
@@ -325,8 +350,13 @@ impl Core {
     /// Writes out and flushes (if `force`, even when nothing new was written: a waiter's change may have been
     /// written by someone else's write-out and still need its fsync).
     fn persist(&self, force: bool) -> Result<(), StoreError> {
-        if self.write_out()? || force {
-            self.disk.flush()?;
+        self.write_out()?;
+        // Any write-out (this one, or an admin op's or the expiry's) leaves the flag for the next flush.
+        if self.unflushed.swap(false, Ordering::SeqCst) || force {
+            if let Err(e) = self.disk.flush() {
+                self.unflushed.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -354,6 +384,7 @@ impl Store {
             disk: Disk::open(config)?,
             state: Mutex::new(State::default()),
             write_lock: Mutex::new(()),
+            unflushed: AtomicBool::new(false),
         });
         let persist = {
             let core = core.clone();
@@ -474,7 +505,8 @@ impl Store {
                 _ => st.index_ops.push(IndexOp::DeadRemove(key)),
             }
         }
-        st.results_stored = disk.count_results();
+        // Every record on disk that is not live is a kept result (tasks finished just now included).
+        st.results_stored = disk.count_records().saturating_sub(st.live.len() as u64);
         st.next_lease_id = now.saturating_mul(1000);
         tracing::info!(active = st.live.len(), requeued, results = st.results_stored, "store recovered");
         Ok(())
@@ -490,7 +522,7 @@ impl Store {
             validate_name("id", id)?;
         }
         if let Some(queue) = &spec.queue {
-            validate_name("queue", queue)?;
+            validate_queue(queue)?;
         }
         validate_name("task", &spec.task)?;
         if spec.countdown_ms.is_some() && spec.eta_ms.is_some() {
@@ -1100,6 +1132,15 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), StoreError> {
             "`{what}` must be 1 to {MAX_ID_LEN} bytes with no NUL (got {} bytes)",
             name.len()
         )));
+    }
+    Ok(())
+}
+
+/// Checks a queue name: as [`validate_name`], and not `*`, which admin ops read as "every queue".
+pub fn validate_queue(name: &str) -> Result<(), StoreError> {
+    validate_name("queue", name)?;
+    if name == "*" {
+        return Err(StoreError::Invalid("`*` is not a queue name (admin ops read it as every queue)".into()));
     }
     Ok(())
 }
