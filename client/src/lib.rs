@@ -21,7 +21,9 @@ pub mod client;
 pub mod codec;
 pub mod error;
 pub mod proto;
+pub mod worker;
 
 pub use client::{Client, ConnectOptions};
 pub use error::{Error, ErrorKind};
 pub use proto::{TaskSpec, TaskState, Value};
+pub use worker::{with_context, Producer, Task, TaskFailure, Worker};
