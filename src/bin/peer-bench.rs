@@ -172,6 +172,9 @@ struct SoakArgs {
     /// Requests in flight per connection.
     #[arg(long, default_value_t = 64)]
     depth: usize,
+    /// Most tasks enqueued but not yet acknowledged at any time.
+    #[arg(long, default_value_t = 10_000)]
+    backlog: u64,
     /// Give up pushing tasks after this many seconds.
     #[arg(long, default_value_t = 1800.0)]
     timeout: f64,
@@ -611,6 +614,38 @@ struct Produce {
     deadline: Instant,
     /// Issue no request once this many tasks were sent.
     limit: u64,
+    /// If set, issue no request while this many tasks wait to be acknowledged.
+    backlog: Option<Arc<Backlog>>,
+}
+
+impl Produce {
+    /// Whether a request of `job.batch` tasks may be sent now (the backlog has room); counts it if so.
+    fn take_room(&self) -> bool {
+        match &self.backlog {
+            None => true,
+            Some(b) => {
+                let waiting = b.enqueued.load(Ordering::Relaxed).saturating_sub(b.acked.load(Ordering::Relaxed));
+                let room = waiting < b.max;
+                if room {
+                    b.enqueued.fetch_add(self.batch as u64, Ordering::Relaxed);
+                }
+                room
+            }
+        }
+    }
+
+    /// Whether the producer has more to send (it may still have to wait for room).
+    fn more(&self, sent: u64) -> bool {
+        sent < self.limit && Instant::now() < self.deadline
+    }
+}
+
+/// Caps the tasks enqueued but not yet acknowledged. The soak measures memory per task pushed through, not per
+/// task waiting in a queue that producers fill faster than consumers empty.
+struct Backlog {
+    enqueued: AtomicU64,
+    acked: Arc<AtomicU64>,
+    max: u64,
 }
 
 /// Enqueues until the deadline or the limit, keeping `depth` requests in flight; returns the tasks enqueued.
@@ -621,7 +656,7 @@ async fn produce(conn: Conn, job: Produce) -> Result<u64> {
             let mut done = 0u64;
             let mut in_flight = FuturesUnordered::new();
             loop {
-                while in_flight.len() < job.depth && sent < job.limit && Instant::now() < job.deadline {
+                while in_flight.len() < job.depth && job.more(sent) && job.take_room() {
                     let client = client.clone();
                     let (queue, conn, batch, first) = (job.queue.clone(), job.conn, job.batch, sent);
                     sent += batch as u64;
@@ -636,6 +671,7 @@ async fn produce(conn: Conn, job: Produce) -> Result<u64> {
                 }
                 match in_flight.next().await {
                     Some(result) => done += result.context("broker enqueue")?,
+                    None if job.more(sent) => tokio::time::sleep(Duration::from_millis(1)).await,
                     None => return Ok(done),
                 }
             }
@@ -645,13 +681,18 @@ async fn produce(conn: Conn, job: Produce) -> Result<u64> {
             let mut outstanding = 0usize;
             let mut done = 0u64;
             loop {
-                while outstanding < job.depth && seq < job.limit && Instant::now() < job.deadline {
+                while outstanding < job.depth && job.more(seq) && job.take_room() {
                     raw.write_put(&mut wire.out, &job.queue, job.conn, &mut seq, job.batch);
                     outstanding += 1;
                 }
                 wire.flush().await?;
                 if outstanding == 0 {
-                    return Ok(done);
+                    if !job.more(seq) {
+                        return Ok(done);
+                    }
+                    // No room in the backlog: wait for consumers.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
                 }
                 // One reply, then every reply already buffered, before the window is refilled.
                 loop {
@@ -728,7 +769,15 @@ async fn enqueue_rate(args: &LoadArgs, queue: &str, depth: usize, batch: usize, 
         .into_iter()
         .enumerate()
         .map(|(conn_no, conn)| {
-            let job = Produce { queue: queue.to_string(), conn: conn_no, depth, batch, deadline, limit: u64::MAX };
+            let job = Produce {
+                queue: queue.to_string(),
+                conn: conn_no,
+                depth,
+                batch,
+                deadline,
+                limit: u64::MAX,
+                backlog: None,
+            };
             tokio::spawn(tokio::time::timeout_at((deadline + DRAIN_GRACE).into(), produce(conn, job)))
         })
         .collect();
@@ -754,7 +803,15 @@ async fn cycle_rate(args: &LoadArgs, queue: &str, depth: usize, run: Duration) -
         .into_iter()
         .enumerate()
         .map(|(conn_no, conn)| {
-            let job = Produce { queue: queue.to_string(), conn: conn_no, depth, batch: 1, deadline, limit: u64::MAX };
+            let job = Produce {
+                queue: queue.to_string(),
+                conn: conn_no,
+                depth,
+                batch: 1,
+                deadline,
+                limit: u64::MAX,
+                backlog: None,
+            };
             tokio::spawn(tokio::time::timeout_at((deadline + DRAIN_GRACE).into(), produce(conn, job)))
         })
         .collect();
@@ -1031,6 +1088,7 @@ async fn soak(args: &SoakArgs) -> Result<()> {
         consumers.push(Conn::consumer(System::Broker, &args.addr, &queue).await?);
     }
     let acked = Arc::new(AtomicU64::new(0));
+    let backlog = Arc::new(Backlog { enqueued: AtomicU64::new(0), acked: acked.clone(), max: args.backlog });
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.timeout);
     let per_producer = args.tasks / connections as u64;
@@ -1047,6 +1105,7 @@ async fn soak(args: &SoakArgs) -> Result<()> {
                 batch: 1,
                 deadline,
                 limit: per_producer + extra,
+                backlog: Some(backlog.clone()),
             };
             tokio::spawn(tokio::time::timeout_at((deadline + DRAIN_GRACE).into(), produce(conn, job)))
         })
@@ -1083,6 +1142,7 @@ async fn soak(args: &SoakArgs) -> Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let done = acked.load(Ordering::Relaxed);
     rec.record("soak_tasks", done as f64)?;
+    rec.record("soak_backlog", args.backlog as f64)?;
     rec.record("soak_rate", done as f64 / elapsed)?;
     rec.record("soak_hwm_mib", proc_kib(args.pid, "VmHWM")? as f64 / 1024.0)?;
     rec.record("soak_dir_mib_done", dir_usage(&args.data_dir)? as f64 / MIB)?;
@@ -1236,8 +1296,10 @@ fn table(records: &[Record]) -> String {
         let get = |figure: &str| soak.get(figure).and_then(|v| median(v.values().copied().collect()));
         let _ = writeln!(
             out,
-            "broker soak: {} tasks enqueued, leased and acked (pipelined, result_ttl_secs = 5) at {} tasks/s",
+            "broker soak: {} tasks enqueued, leased and acked (pipelined, at most {} waiting, result_ttl_secs = 5) at {} \
+             tasks/s",
             number(get("soak_tasks")),
+            number(get("soak_backlog")),
             number(get("soak_rate"))
         );
         let rss: Vec<String> = (0..=10)
