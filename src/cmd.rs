@@ -251,7 +251,10 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Ou
     let max = request.max as usize;
     let first = shared.store.lease(conn, &request.queues, max, request.lease_ms);
     if request.wait_ms == 0 || !first.is_empty() {
-        return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), None);
+        // Tasks go out only once what made them leasable (their enqueue) and the lease itself are durable: a
+        // worker never runs a task that a crash could then un-enqueue.
+        let ticket = (!first.is_empty()).then(|| (id, shared.store.durable()));
+        return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), ticket);
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
@@ -267,7 +270,11 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Ou
             }
             let tasks = shared.store.lease(conn, &request.queues, max, request.lease_ms);
             if !tasks.is_empty() {
-                return ok_frame(id, &Leased { tasks });
+                let frame = ok_frame(id, &Leased { tasks });
+                return match shared.store.durable().await {
+                    Ok(()) => frame,
+                    Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
+                };
             }
             tokio::select! {
                 _ = &mut notified => {}
