@@ -1,11 +1,15 @@
 //! The sled side of the store: the trees, their key layout (see [`super::keys`]), and the crash-safe order in
 //! which a batch of changes is applied. Nothing else in the daemon touches sled.
 //!
+//! Trees: `live` (id → record of a task not yet finished), `done` (id → record of a finished task, kept until
+//! its result expires), `expiry` and `dead` (indexes, see [`super::keys`]). A task is in one of `live` and `done`;
+//! finishing moves it from the first to the second, a requeue from the dead set moves it back.
+//!
 //! Crash safety without multi-tree transactions: sled recovers a prefix of its log, and [`Disk::apply`] writes
-//! index insertions first, then the records, then index removals. So after any crash an index may point at a
-//! record that says otherwise (an `active` id whose record is terminal, an `expiry` or `dead` key whose record
-//! has moved on) but never the reverse; the record is the truth, and stale index entries are ignored and
-//! cleaned when found.
+//! index insertions first, then `done` records, then `live` records, then removals. A crash between two of these
+//! steps can leave a task in both `live` and `done`; recovery keeps the copy with the higher `seq` (a requeue
+//! renews `seq`; finishing keeps it, so on a tie `done` wins). An index key may outlive what it pointed at, never
+//! the reverse; stale keys are ignored and cleaned when found.
 
 use broker_client::proto::TaskId;
 
@@ -21,21 +25,23 @@ pub struct Disk {
     /// which neither flushes the drive's write cache nor the file's size, so [`Disk::flush`] adds an
     /// `fdatasync` of its own. Without it an acknowledged write survives `kill -9` but not a power loss.
     log_file: std::fs::File,
-    tasks: sled::Tree,
-    active: sled::Tree,
+    live: sled::Tree,
+    done: sled::Tree,
     expiry: sled::Tree,
     dead: sled::Tree,
 }
 
-/// Changes to apply to sled in one go, already encoded.
+/// Changes to apply to sled in one go, records already encoded.
 #[derive(Default)]
 pub struct WriteSet {
-    /// Records to write (`Some`) or delete (`None`).
-    pub records: Vec<(TaskId, Option<Vec<u8>>)>,
-    /// Ids entering the `active` index.
-    pub active_insert: Vec<TaskId>,
-    /// Ids leaving the `active` index.
-    pub active_remove: Vec<TaskId>,
+    /// Records of non-terminal tasks to write.
+    pub live_put: Vec<(TaskId, Vec<u8>)>,
+    /// Tasks leaving the `live` tree.
+    pub live_remove: Vec<TaskId>,
+    /// Records of terminal tasks to write.
+    pub done_put: Vec<(TaskId, Vec<u8>)>,
+    /// Tasks leaving the `done` tree.
+    pub done_remove: Vec<TaskId>,
     /// `expiry` keys to add.
     pub expiry_insert: Vec<Vec<u8>>,
     /// `expiry` keys to remove.
@@ -44,19 +50,6 @@ pub struct WriteSet {
     pub dead_insert: Vec<Vec<u8>>,
     /// `dead` keys to remove.
     pub dead_remove: Vec<Vec<u8>>,
-}
-
-impl WriteSet {
-    /// Whether there is nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-            && self.active_insert.is_empty()
-            && self.active_remove.is_empty()
-            && self.expiry_insert.is_empty()
-            && self.expiry_remove.is_empty()
-            && self.dead_insert.is_empty()
-            && self.dead_remove.is_empty()
-    }
 }
 
 fn apply_keys<K: AsRef<[u8]>>(tree: &sled::Tree, keys: &[K], insert: bool) -> Result<(), StoreError> {
@@ -75,7 +68,23 @@ fn apply_keys<K: AsRef<[u8]>>(tree: &sled::Tree, keys: &[K], insert: bool) -> Re
     Ok(())
 }
 
-/// Encodes a record for the `tasks` tree.
+fn put_records(tree: &sled::Tree, records: &[(TaskId, Vec<u8>)]) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for (id, bytes) in records {
+        batch.insert(id.as_bytes(), bytes.as_slice());
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
+}
+
+/// Encodes a record for the `live` or `done` tree.
 pub fn encode(record: &TaskRecord) -> Result<Vec<u8>, StoreError> {
     rmp_serde::to_vec_named(record).map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })
 }
@@ -94,40 +103,40 @@ impl Disk {
         })?;
         Ok(Disk {
             log_file,
-            tasks: db.open_tree("tasks")?,
-            active: db.open_tree("active")?,
+            live: db.open_tree("live")?,
+            done: db.open_tree("done")?,
             expiry: db.open_tree("expiry")?,
             dead: db.open_tree("dead")?,
             db,
         })
     }
 
-    /// Reads a record.
-    pub fn load(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        match self.tasks.get(id.as_bytes())? {
+    /// Reads a finished task's record.
+    pub fn load_done(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        match self.done.get(id.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => rmp_serde::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() }),
+            Some(bytes) => decode(id, &bytes).map(Some),
         }
     }
 
-    /// Applies a write set: index insertions, then records, then index removals.
+    /// Every record in the `live` tree (startup only).
+    pub fn live_records(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.live.iter() {
+            let (key, bytes) = entry?;
+            records.push(decode(&String::from_utf8_lossy(&key), &bytes)?);
+        }
+        Ok(records)
+    }
+
+    /// Applies a write set in the crash-safe order (see the module doc).
     pub fn apply(&self, set: &WriteSet) -> Result<(), StoreError> {
-        apply_keys(&self.active, &set.active_insert, true)?;
         apply_keys(&self.expiry, &set.expiry_insert, true)?;
         apply_keys(&self.dead, &set.dead_insert, true)?;
-        if !set.records.is_empty() {
-            let mut batch = sled::Batch::default();
-            for (id, bytes) in &set.records {
-                match bytes {
-                    Some(bytes) => batch.insert(id.as_bytes(), bytes.as_slice()),
-                    None => batch.remove(id.as_bytes()),
-                }
-            }
-            self.tasks.apply_batch(batch)?;
-        }
-        apply_keys(&self.active, &set.active_remove, false)?;
+        put_records(&self.done, &set.done_put)?;
+        put_records(&self.live, &set.live_put)?;
+        apply_keys(&self.live, &set.live_remove, false)?;
+        apply_keys(&self.done, &set.done_remove, false)?;
         apply_keys(&self.expiry, &set.expiry_remove, false)?;
         apply_keys(&self.dead, &set.dead_remove, false)?;
         Ok(())
@@ -140,19 +149,9 @@ impl Disk {
         Ok(())
     }
 
-    /// The ids in the `active` index.
-    pub fn active_ids(&self) -> Result<Vec<TaskId>, StoreError> {
-        let mut ids = Vec::new();
-        for entry in self.active.iter() {
-            let (key, _) = entry?;
-            ids.push(String::from_utf8_lossy(&key).into_owned());
-        }
-        Ok(ids)
-    }
-
-    /// How many records there are (a full scan: startup only).
-    pub fn count_records(&self) -> u64 {
-        self.tasks.len() as u64
+    /// How many finished tasks are kept (a full scan: startup only).
+    pub fn count_done(&self) -> u64 {
+        self.done.len() as u64
     }
 
     /// Up to `limit` `(queue, id, key)` entries of the dead set, of one queue or all (`"*"` or `None`).

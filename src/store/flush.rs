@@ -20,8 +20,8 @@ use crate::config::FsyncPolicy;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
-/// Writes out and flushes; `true` asks for a flush even if nothing new was written.
-pub type Persist = Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>;
+/// Writes out and flushes what needs it.
+pub type Persist = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Hands out flush tickets and runs the flusher task.
 pub struct Flusher {
@@ -42,8 +42,7 @@ impl Flusher {
                     _ = tokio::time::sleep(interval) => {}
                 }
                 let persist = persist.clone();
-                let force = !batch.is_empty();
-                let result = match tokio::task::spawn_blocking(move || persist(force)).await {
+                let result = match tokio::task::spawn_blocking(move || persist()).await {
                     Ok(result) => result,
                     Err(e) => Err(format!("flush task failed: {e}")),
                 };

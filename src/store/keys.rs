@@ -1,7 +1,7 @@
 //! Key encodings of the sled trees, in one place. Every key is built and parsed here and nowhere else.
 //!
-//! - `tasks`:  task id → task record (MessagePack). Every task, active or finished, until it expires.
-//! - `active`: task id → empty. The ids of tasks that are not terminal: what a restart rebuilds the queues from.
+//! - `live`:   task id → record (MessagePack) of a task not yet finished: what a restart rebuilds the queues from.
+//! - `done`:   task id → record of a finished task, until its result expires.
 //! - `expiry`: expire-at (u64 BE ms) ++ task id → empty. Finished tasks in the order their results expire.
 //! - `dead`:   queue ++ 0x00 ++ failed-at (u64 BE ms) ++ task id → empty. The dead set, per queue, oldest first.
 //!

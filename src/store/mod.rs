@@ -5,10 +5,11 @@
 //! what changed (`dirty`); they never wait for the disk. The flusher ([`flush`]) then writes all the changes
 //! noted so far to sled as one batch per tree and flushes (group commit). A reply that must be durable waits
 //! for the flush that follows its change ([`Store::durable`]). Because a batch carries only the latest state of
-//! each task, a task enqueued, leased and acked between two flushes costs one record write, not five.
+//! each task, a task enqueued, leased and acked between two flushes costs one record write and its expiry key.
 //!
 //! Finished tasks stay in memory (`finished`) only until their record is on disk; after that `get` reads sled.
-//! At startup the queues are rebuilt from the `active` index; tasks that were leased go back to their queues.
+//! At startup the queues are rebuilt from the `live` tree; tasks that were leased go back to their queues. A lease
+//! itself is never written (it lives in memory), so a task's record on disk says `PENDING` while it runs.
 //!
 //! Time comes from the injected [`Clock`]; the store never reads the wall clock itself.
 
@@ -133,11 +134,13 @@ struct LeaseEntry {
 /// What to write for a task at the next write-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dirty {
-    /// Its record in `live`; it is in the `active` index.
+    /// Put its record (in `live`) into the `live` tree.
     Live,
-    /// Its record in `finished`; it leaves the `active` index.
+    /// As `Live`, and remove it from the `done` tree (requeued from the dead set, or its id reused).
+    Revived,
+    /// Put its record (in `finished`) into the `done` tree and remove it from the `live` tree.
     Finished,
-    /// Its record is deleted (purged or expired).
+    /// Remove it from both trees (purged or expired).
     Deleted,
 }
 
@@ -181,8 +184,10 @@ impl State {
         self.queues.get_mut(name).expect("just inserted")
     }
 
-    fn take_seq(&mut self) -> u64 {
-        self.next_seq += 1;
+    /// A queue position after every earlier one, in this run and (clock permitting) in earlier runs: a
+    /// requeued task's new `seq` must beat its old `done` copy's (see [`disk`]).
+    fn take_seq(&mut self, now_ms: u64) -> u64 {
+        self.next_seq = (self.next_seq + 1).max(now_ms.saturating_mul(1024));
         self.next_seq
     }
 
@@ -201,7 +206,11 @@ impl State {
 
     /// Notes that a live task's record changed.
     fn touch(&mut self, id: &str) {
-        self.dirty.insert(id.to_string(), Dirty::Live);
+        let kind = match self.dirty.get(id) {
+            Some(Dirty::Revived | Dirty::Deleted) => Dirty::Revived,
+            _ => Dirty::Live,
+        };
+        self.dirty.insert(id.to_string(), kind);
     }
 
     /// Moves a task from `live` to `finished` and notes it.
@@ -253,6 +262,10 @@ pub struct StoreStats {
     pub leases_by_conn: HashMap<ConnId, u64>,
 }
 
+/// A noted change taken for a write-out: the task, what to write, and its record (with the generation of a
+/// finished one) as it was when taken.
+type Taken = (TaskId, Dirty, Option<(u64, Arc<TaskRecord>)>);
+
 /// The memory and the disk, shared with the flusher task.
 struct Core {
     disk: Disk,
@@ -271,88 +284,88 @@ impl Core {
     /// Writes every change noted so far to sled (not flushed). Returns whether anything was written.
     fn write_out(&self) -> Result<bool, StoreError> {
         let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut set = WriteSet::default();
-        let mut to_encode: Vec<Arc<TaskRecord>> = Vec::new();
-        let mut written = Vec::new();
+        let taken: Vec<Taken>;
+        let index_ops: Vec<IndexOp>;
         {
             let mut st = self.lock();
             if st.dirty.is_empty() && st.index_ops.is_empty() {
                 return Ok(false);
             }
-            for (id, kind) in std::mem::take(&mut st.dirty) {
-                match kind {
-                    Dirty::Live => {
-                        if let Some(record) = st.live.get(&id) {
-                            to_encode.push(record.clone());
-                            set.active_insert.push(id);
-                        }
-                    }
-                    Dirty::Finished => {
-                        if let Some((generation, record)) = st.finished.get(&id) {
-                            to_encode.push(record.clone());
-                            written.push((id.clone(), *generation));
-                            set.active_remove.push(id);
-                        }
-                    }
-                    Dirty::Deleted => {
-                        set.records.push((id.clone(), None));
-                        set.active_remove.push(id);
-                    }
-                }
-            }
-            for op in std::mem::take(&mut st.index_ops) {
-                match op {
-                    IndexOp::ExpiryInsert(k) => set.expiry_insert.push(k),
-                    IndexOp::ExpiryRemove(k) => set.expiry_remove.push(k),
-                    IndexOp::DeadInsert(k) => set.dead_insert.push(k),
-                    IndexOp::DeadRemove(k) => set.dead_remove.push(k),
-                }
-            }
+            taken = std::mem::take(&mut st.dirty)
+                .into_iter()
+                .map(|(id, kind)| {
+                    let record = match kind {
+                        Dirty::Live | Dirty::Revived => st.live.get(&id).map(|r| (0, r.clone())),
+                        Dirty::Finished => st.finished.get(&id).map(|(g, r)| (*g, r.clone())),
+                        Dirty::Deleted => None,
+                    };
+                    (id, kind, record)
+                })
+                .collect();
+            index_ops = std::mem::take(&mut st.index_ops);
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
-        let result = to_encode.iter().try_for_each(|record| {
-            set.records.push((record.id.clone(), Some(disk::encode(record)?)));
-            Ok(())
-        });
-        if let Err(e) = result.and_then(|()| self.disk.apply(&set)) {
+        let result = Self::write_set(&taken, &index_ops).and_then(|set| self.disk.apply(&set));
+        let mut st = self.lock();
+        if let Err(e) = result {
             // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
-            let mut st = self.lock();
-            for id in set.active_insert {
-                st.dirty.entry(id).or_insert(Dirty::Live);
+            for (id, kind, _) in taken {
+                st.dirty.entry(id).or_insert(kind);
             }
-            for (id, bytes) in set.records {
-                if bytes.is_none() {
-                    st.dirty.entry(id).or_insert(Dirty::Deleted);
-                }
-            }
-            for (id, _) in &written {
-                st.dirty.entry(id.clone()).or_insert(Dirty::Finished);
-            }
-            let mut ops: Vec<IndexOp> = set.expiry_insert.into_iter().map(IndexOp::ExpiryInsert).collect();
-            ops.extend(set.expiry_remove.into_iter().map(IndexOp::ExpiryRemove));
-            ops.extend(set.dead_insert.into_iter().map(IndexOp::DeadInsert));
-            ops.extend(set.dead_remove.into_iter().map(IndexOp::DeadRemove));
+            let mut ops = index_ops;
             ops.append(&mut st.index_ops);
             st.index_ops = ops;
             return Err(e);
         }
         self.unflushed.store(true, Ordering::SeqCst);
         // Finished records now on disk leave memory, unless they changed again meanwhile.
-        let mut st = self.lock();
-        for (id, generation) in written {
-            if st.finished.get(&id).is_some_and(|(g, _)| *g == generation) {
-                st.finished.remove(&id);
+        for (id, kind, record) in taken {
+            if let (Dirty::Finished, Some((generation, _))) = (kind, record) {
+                if st.finished.get(&id).is_some_and(|(g, _)| *g == generation) {
+                    st.finished.remove(&id);
+                }
             }
         }
         Ok(true)
     }
 
-    /// Writes out and flushes (if `force`, even when nothing new was written: a waiter's change may have been
-    /// written by someone else's write-out and still need its fsync).
-    fn persist(&self, force: bool) -> Result<(), StoreError> {
+    fn write_set(taken: &[Taken], index_ops: &[IndexOp]) -> Result<WriteSet, StoreError> {
+        let mut set = WriteSet::default();
+        for (id, kind, record) in taken {
+            match (kind, record) {
+                (Dirty::Live, Some((_, record))) => set.live_put.push((id.clone(), disk::encode(record)?)),
+                (Dirty::Revived, Some((_, record))) => {
+                    set.live_put.push((id.clone(), disk::encode(record)?));
+                    set.done_remove.push(id.clone());
+                }
+                (Dirty::Finished, Some((_, record))) => {
+                    set.done_put.push((id.clone(), disk::encode(record)?));
+                    set.live_remove.push(id.clone());
+                }
+                (Dirty::Deleted, _) => {
+                    set.live_remove.push(id.clone());
+                    set.done_remove.push(id.clone());
+                }
+                // The record left memory since it was noted (a later note covers it).
+                (_, None) => {}
+            }
+        }
+        for op in index_ops {
+            match op {
+                IndexOp::ExpiryInsert(k) => set.expiry_insert.push(k.clone()),
+                IndexOp::ExpiryRemove(k) => set.expiry_remove.push(k.clone()),
+                IndexOp::DeadInsert(k) => set.dead_insert.push(k.clone()),
+                IndexOp::DeadRemove(k) => set.dead_remove.push(k.clone()),
+            }
+        }
+        Ok(set)
+    }
+
+    /// Writes out, and flushes if anything was written since the last flush (by this write-out or any other:
+    /// an admin op's, the expiry's). A waiter whose change is already flushed costs nothing.
+    fn persist(&self) -> Result<(), StoreError> {
         self.write_out()?;
-        // Any write-out (this one, or an admin op's or the expiry's) leaves the flag for the next flush.
-        if self.unflushed.swap(false, Ordering::SeqCst) || force {
+        if self.unflushed.swap(false, Ordering::SeqCst) {
             if let Err(e) = self.disk.flush() {
                 self.unflushed.store(true, Ordering::SeqCst);
                 return Err(e);
@@ -388,7 +401,7 @@ impl Store {
         });
         let persist = {
             let core = core.clone();
-            move |force: bool| core.persist(force).map_err(|e| e.to_string())
+            move || core.persist().map_err(|e| e.to_string())
         };
         let store = Store {
             flusher: flush::Flusher::start(Arc::new(persist), options.fsync, options.fsync_interval),
@@ -400,7 +413,7 @@ impl Store {
             finished_notify: Notify::new(),
         };
         store.recover()?;
-        store.core.persist(true)?;
+        store.core.persist()?;
         Ok(store)
     }
 
@@ -425,7 +438,7 @@ impl Store {
     pub async fn close(&self) -> Result<(), StoreError> {
         self.flusher.stop().await;
         let core = self.core.clone();
-        tokio::task::spawn_blocking(move || core.persist(true))
+        tokio::task::spawn_blocking(move || core.persist())
             .await
             .map_err(|e| StoreError::Flush(format!("flush task failed: {e}")))?
     }
@@ -444,37 +457,31 @@ impl Store {
         self.core.lock()
     }
 
-    /// Rebuilds the in-memory queues from the `active` index.
+    /// Rebuilds the in-memory queues from the `live` tree.
     fn recover(&self) -> Result<(), StoreError> {
         let now = self.now_ms();
         let disk = &self.core.disk;
-        let mut records = Vec::new();
-        let mut stale = Vec::new();
-        for id in disk.active_ids()? {
-            match disk.load(&id)? {
-                Some(record) if !record.state.is_terminal() => records.push(record),
-                _ => stale.push(id),
-            }
-        }
-        let mut st = self.lock();
-        for id in stale {
-            // Terminal or missing: the index entry is stale. Rewriting the record (if any) as finished drops it.
-            if let Some(record) = disk.load(&id)? {
-                st.generation += 1;
-                let generation = st.generation;
-                st.finished.insert(id.clone(), (generation, Arc::new(record)));
-                st.dirty.insert(id, Dirty::Finished);
-            } else {
-                st.dirty.insert(id, Dirty::Deleted);
-            }
-        }
-        // Keep the queues' FIFO order across the restart: renumber in the old order.
+        let mut records = disk.live_records()?;
+        // FIFO within a priority is `seq` order, which the records keep.
         records.sort_by_key(|r| r.seq);
+        let mut st = self.lock();
         let mut requeued = 0;
         for mut record in records {
-            record.seq = st.take_seq();
+            st.next_seq = st.next_seq.max(record.seq);
+            // A crash between two steps of a move can leave a task in both trees: the higher `seq` is the truth,
+            // and on a tie (finishing keeps `seq`) the finished copy.
+            if let Some(done) = disk.load_done(&record.id)? {
+                if done.seq >= record.seq {
+                    st.generation += 1;
+                    let generation = st.generation;
+                    st.dirty.insert(done.id.clone(), Dirty::Finished);
+                    st.finished.insert(done.id.clone(), (generation, Arc::new(done)));
+                    continue;
+                }
+                st.dirty.insert(record.id.clone(), Dirty::Revived);
+            }
             if record.state == TaskState::Started {
-                // Its worker's connection died with the daemon: the lease is lost, the attempt counted.
+                // Leased when the daemon stopped (a lease is not written, except to record a revoke).
                 record.state = TaskState::Pending;
                 record.started_at_ms = None;
                 requeued += 1;
@@ -482,6 +489,7 @@ impl Store {
                     self.finish_revoked(&mut st, record, now, None);
                     continue;
                 }
+                st.touch(&record.id);
             }
             match record.eta_ms {
                 Some(eta) if eta > now && matches!(record.state, TaskState::Scheduled | TaskState::Retry) => {
@@ -489,26 +497,21 @@ impl Store {
                     st.queue(&record.queue).scheduled += 1;
                 }
                 _ => {
-                    if record.state == TaskState::Scheduled {
-                        record.state = TaskState::Pending;
-                    }
                     let key = record.ready_key();
                     st.queue(&record.queue).ready.insert(key, record.id.clone());
                 }
             }
-            st.touch(&record.id);
             st.live.insert(record.id.clone(), Arc::new(record));
         }
         for (queue, id, key) in disk.dead_entries(None, usize::MAX)? {
-            match disk.load(&id)? {
+            match disk.load_done(&id)? {
                 Some(record) if record.state == TaskState::Failure => st.queue(&queue).dead += 1,
                 _ => st.index_ops.push(IndexOp::DeadRemove(key)),
             }
         }
-        // Every record on disk that is not live is a kept result (tasks finished just now included).
-        st.results_stored = disk.count_records().saturating_sub(st.live.len() as u64);
+        st.results_stored = disk.count_done() + st.finished.len() as u64;
         st.next_lease_id = now.saturating_mul(1000);
-        tracing::info!(active = st.live.len(), requeued, results = st.results_stored, "store recovered");
+        tracing::info!(live = st.live.len(), requeued, results = st.results_stored, "store recovered");
         Ok(())
     }
 
@@ -545,7 +548,7 @@ impl Store {
         if st.dirty.get(id) == Some(&Dirty::Deleted) {
             return Ok(None);
         }
-        Ok(self.core.disk.load(id)?.map(|r| r.state))
+        Ok(self.core.disk.load_done(id)?.map(|r| r.state))
     }
 
     /// Stores new tasks (or finds existing ones by id). All are validated before any is stored.
@@ -569,7 +572,7 @@ impl Store {
             }
             let id = spec.id.unwrap_or_else(|| self.new_id());
             let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
-            let seq = st.take_seq();
+            let seq = st.take_seq(now);
             let record = TaskRecord {
                 id: id.clone(),
                 queue: spec.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
@@ -662,7 +665,7 @@ impl Store {
                     deadline_ms,
                     lease_ms,
                 };
-                st.touch(&id);
+                // A lease is not written: it lives in memory, and a restart returns the task to its queue anyway.
                 st.next_lease_id += 1;
                 let lease_id = st.next_lease_id;
                 st.leases.insert(
@@ -892,7 +895,7 @@ impl Store {
             if st.record(&id).is_some() || st.dirty.contains_key(&id) {
                 continue;
             }
-            let Some(record) = disk.load(&id)? else { continue };
+            let Some(record) = disk.load_done(&id)? else { continue };
             if !record.state.is_terminal() || record.result_expires_at_ms != Some(at) {
                 continue;
             }
@@ -927,7 +930,7 @@ impl Store {
                 return Err(StoreError::NotFound(id.to_string()));
             }
         }
-        self.core.disk.load(id)?.map(|r| r.info()).ok_or_else(|| StoreError::NotFound(id.to_string()))
+        self.core.disk.load_done(id)?.map(|r| r.info()).ok_or_else(|| StoreError::NotFound(id.to_string()))
     }
 
     /// Revokes a task; returns its state afterwards.
@@ -1005,7 +1008,7 @@ impl Store {
             let record = match st.finished.get(&id) {
                 Some((_, r)) => Some((**r).clone()),
                 None if st.live.contains_key(&id) => None,
-                None => self.core.disk.load(&id)?,
+                None => self.core.disk.load_done(&id)?,
             };
             let Some(mut record) = record.filter(|r| r.state == TaskState::Failure) else { continue };
             st.index_ops.push(IndexOp::DeadRemove(keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id)));
@@ -1020,6 +1023,7 @@ impl Store {
             record.eta_ms = None;
             record.state = TaskState::Pending;
             self.return_to_queue(&mut st, record, now);
+            st.dirty.insert(id.clone(), Dirty::Revived);
             count += 1;
         }
         if count > 0 {
@@ -1078,7 +1082,7 @@ impl Store {
     /// Queues a live task for `at`: ready at once if due, else scheduled.
     fn schedule(&self, st: &mut State, mut record: TaskRecord, at: u64, now: u64) {
         record.started_at_ms = None;
-        record.seq = st.take_seq();
+        record.seq = st.take_seq(now);
         if at > now {
             record.eta_ms = Some(at);
             st.scheduled.insert((at, record.id.clone()), record.queue.clone());
