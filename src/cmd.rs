@@ -260,30 +260,49 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Ou
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = shared.store.ready_notify().notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        let store = &shared.store;
+        let leased = wait_for(&shared, store.ready_notify(), &closing, wait, || {
+            // A connection that began closing takes nothing more: its leases would be lost at once.
             if closing.is_cancelled() || shared.shutdown.is_cancelled() {
-                return ok_frame(id, &Leased { tasks: vec![] });
+                return None;
             }
-            let tasks = shared.store.lease(conn, &request.queues, max, request.lease_ms);
-            if !tasks.is_empty() {
-                let frame = ok_frame(id, &Leased { tasks });
-                return match shared.store.durable().await {
-                    Ok(()) => frame,
-                    Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
-                };
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return ok_frame(id, &Leased { tasks: vec![] }),
-                _ = closing.cancelled() => return ok_frame(id, &Leased { tasks: vec![] }),
-                _ = shared.shutdown.cancelled() => return ok_frame(id, &Leased { tasks: vec![] }),
-            }
+            Some(store.lease(conn, &request.queues, max, request.lease_ms)).filter(|tasks| !tasks.is_empty())
+        })
+        .await;
+        let Some(tasks) = leased else { return ok_frame(id, &Leased { tasks: vec![] }) };
+        let frame = ok_frame(id, &Leased { tasks });
+        match store.durable().await {
+            Ok(()) => frame,
+            Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
         }
     }))
+}
+
+/// Runs `attempt` now and again each time `notify` fires, until it gives a value, `wait` passes, the connection
+/// begins closing, or the daemon shuts down (then `None`).
+async fn wait_for<T>(
+    shared: &Shared,
+    notify: &tokio::sync::Notify,
+    closing: &CancellationToken,
+    wait: Duration,
+    mut attempt: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Registered before the attempt, so a wake-up between the attempt and the select is not missed.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(value) = attempt() {
+            return Some(value);
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = closing.cancelled() => return None,
+            _ = shared.shutdown.cancelled() => return None,
+        }
+    }
 }
 
 fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
@@ -346,23 +365,14 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Outc
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = shared.store.finished_notify().notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let result = shared.store.get(&request.task_id).map_err(Refusal::from);
-            let done = !matches!(&result, Ok(info) if !info.state.is_terminal());
-            if done {
-                return reply(id, result);
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return reply(id, result),
-                _ = closing.cancelled() => return reply(id, result),
-                _ = shared.shutdown.cancelled() => return reply(id, result),
-            }
-        }
+        let store = &shared.store;
+        let finished = wait_for(&shared, store.finished_notify(), &closing, wait, || {
+            let result = store.get(&request.task_id).map_err(Refusal::from);
+            (!matches!(&result, Ok(info) if !info.state.is_terminal())).then_some(result)
+        })
+        .await;
+        // Time up (or closing): the task as it is now.
+        reply(id, finished.unwrap_or_else(|| store.get(&request.task_id).map_err(Refusal::from)))
     }))
 }
 

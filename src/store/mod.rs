@@ -701,17 +701,29 @@ impl Store {
         Ok((entry, record))
     }
 
+    /// Ends a held lease to record an outcome. A task revoked while it ran is finished as `REVOKED` instead, and
+    /// the outcome is refused.
+    fn take_for_outcome(
+        &self,
+        st: &mut State,
+        id: &str,
+        lease_id: u64,
+        now: u64,
+    ) -> Result<(LeaseEntry, TaskRecord), StoreError> {
+        let (entry, record) = self.take_leased(st, id, lease_id)?;
+        if record.revoked {
+            self.finish_revoked(st, record, now, None);
+            self.finished_notify.notify_waiters();
+            return Err(StoreError::Revoked(id.to_string()));
+        }
+        Ok((entry, record))
+    }
+
     /// Completes a leased task with its result.
     pub fn ack(&self, id: &str, lease_id: u64, result: Value) -> Result<(), StoreError> {
         let now = self.now_ms();
         let mut st = self.lock();
-        let (entry, mut record) = self.take_leased(&mut st, id, lease_id)?;
-        if record.revoked {
-            self.finish_revoked(&mut st, record, now, None);
-            drop(st);
-            self.finished_notify.notify_waiters();
-            return Err(StoreError::Revoked(id.to_string()));
-        }
+        let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
         record.state = TaskState::Success;
         record.result = Some(result);
         record.error = None;
@@ -736,13 +748,7 @@ impl Store {
     ) -> Result<FailOutcome, StoreError> {
         let now = self.now_ms();
         let mut st = self.lock();
-        let (entry, mut record) = self.take_leased(&mut st, id, lease_id)?;
-        if record.revoked {
-            self.finish_revoked(&mut st, record, now, None);
-            drop(st);
-            self.finished_notify.notify_waiters();
-            return Err(StoreError::Revoked(id.to_string()));
-        }
+        let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
         st.queue(&entry.queue).failed += 1;
         st.totals.failed += 1;
         record.error = Some(error);
