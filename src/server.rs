@@ -53,6 +53,9 @@ pub enum ServerError {
     },
 }
 
+/// How long a closing connection may take to write its last replies.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How many replies may wait to be written per connection before the reader stops reading (backpressure).
 const REPLY_QUEUE: usize = 1024;
 
@@ -227,17 +230,28 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
             }
             None => break,
         };
-        if tx.send(outbound).await.is_err() {
-            break;
+        // A client that stops reading its replies fills the queue; shutdown must not wait on it.
+        tokio::select! {
+            sent = tx.send(outbound) => if sent.is_err() { break },
+            _ = shared.shutdown.cancelled() => break,
         }
     }
 
-    // Waiting ops answer now; then the writer drains every reply (each after its flush) and closes.
+    // Waiting ops answer now; then the writer drains every reply (each after its flush) and closes. A peer that
+    // does not read them gets DRAIN_TIMEOUT, then its socket is dropped (which also ends the waiting ops' sends).
     session.closing.cancel();
     waiting.close();
-    waiting.wait().await;
-    drop(tx);
-    let _ = writer.await;
+    let mut writer = writer;
+    let drain = async {
+        waiting.wait().await;
+        drop(tx);
+        let _ = (&mut writer).await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!(conn, "peer is not reading its replies; closing without them");
+        writer.abort();
+        waiting.wait().await;
+    }
     let released = shared.store.release_connection(conn, shared.shutdown.is_cancelled());
     if released > 0 {
         tracing::info!(conn, released, "connection closed; its leases went back to their queues");

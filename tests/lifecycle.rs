@@ -565,3 +565,48 @@ async fn a_waiting_get_sees_a_purge_at_once() {
     let result = tokio::time::timeout(WAIT, waiter).await.expect("woken by the purge").unwrap();
     assert!(result.unwrap_err().is(ErrorCode::NotFound));
 }
+
+#[tokio::test]
+async fn a_due_schedule_joins_the_back_of_its_priority() {
+    let server = TestServer::start_manual().await;
+    let client = server.client().await;
+    let mut a = spec("a", vec![]);
+    a.countdown_ms = Some(10_000);
+    client.enqueue(a).await.unwrap();
+    client.enqueue(spec("b", vec![])).await.unwrap();
+    server.clock().advance(Duration::from_secs(10));
+    server.tick();
+    client.enqueue(spec("c", vec![])).await.unwrap();
+    let order: Vec<_> = client.lease(&lease(&["default"], 10)).await.unwrap().into_iter().map(|t| t.task).collect();
+    assert_eq!(order, vec!["b", "a", "c"], "a became ready after b was enqueued and before c");
+}
+
+#[tokio::test]
+async fn a_nil_result_reads_back_as_nil() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let id = client.enqueue(spec("nothing", vec![])).await.unwrap().id;
+    let t = client.lease(&lease(&["default"], 1)).await.unwrap().pop().unwrap();
+    // Under fsync=always the ack's reply waits for the write-out, so this get reads the record back from sled.
+    client.ack(&id, t.lease_id, Value::Nil).await.unwrap();
+    let info = client.get(&id).await.unwrap();
+    assert_eq!((info.state, info.result), (TaskState::Success, Some(Value::Nil)));
+}
+
+#[tokio::test]
+async fn the_client_refuses_a_request_the_daemon_could_not_answer() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 1024, false).await;
+    let client = server.client().await;
+    let err = client.enqueue(spec("big", vec![Value::from("x".repeat(4096))])).await.unwrap_err();
+    assert_eq!(err.kind(), broker_client::ErrorKind::Encode, "{err}");
+    assert!(err.to_string().contains("max_frame"), "{err}");
+    let mut deep = Value::Nil;
+    for _ in 0..200 {
+        deep = Value::Array(vec![deep]);
+    }
+    let err = client.enqueue(spec("deep", vec![deep])).await.unwrap_err();
+    assert_eq!(err.kind(), broker_client::ErrorKind::Encode, "{err}");
+    // Nothing was sent, and the connection is fine.
+    client.enqueue(spec("small", vec![])).await.unwrap();
+    assert_eq!(client.stats().await.unwrap().totals.enqueued, 1);
+}

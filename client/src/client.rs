@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::codec::{Frame, FrameCodec};
+use crate::codec::{check_msgpack, Frame, FrameCodec, MAX_DEPTH};
 use crate::error::{Error, ErrorKind};
 use crate::proto::{self, *};
 
@@ -169,6 +169,16 @@ impl Client {
     pub async fn call_raw<B: Serialize>(&self, op_name: &str, body: &B) -> Result<Value, Error> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = proto::encode(&RequestEnvelope { id, op: op_name, body })?;
+        // The daemon answers a frame it cannot read with an error that has no request id, which no caller could
+        // receive; refuse such frames here, with an error that names the op.
+        let max_frame = self.shared.server.max_frame;
+        if frame.len() as u64 > max_frame {
+            return Err(Error::new(
+                ErrorKind::Encode,
+                format!("{op_name}: request of {} bytes exceeds the daemon's max_frame of {max_frame}", frame.len()),
+            ));
+        }
+        check_msgpack(&frame, MAX_DEPTH).map_err(|e| Error::new(ErrorKind::Encode, format!("{op_name}: {e}")))?;
         let (reply_tx, reply_rx) = oneshot::channel();
         self.shared.outgoing.send(Outgoing { id, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
         reply_rx.await.map_err(|_| Error::closed())?
@@ -330,8 +340,14 @@ async fn read_loop(mut stream: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameC
             }
         };
         let Some(id) = id else {
-            tracing::warn!(?result, "daemon sent a reply without a request id");
-            continue;
+            // The daemon could not read one of our frames and cannot say which: every waiting call fails rather
+            // than one of them waiting forever, and the connection is given up.
+            let detail = result.err().map(|e| e.to_string()).unwrap_or_default();
+            fail_all(
+                &pending,
+                Error::new(ErrorKind::Protocol, format!("daemon refused an unreadable request: {detail}")),
+            );
+            return;
         };
         let waiter = lock(&pending).waiters.remove(&id);
         if let Some(waiter) = waiter {

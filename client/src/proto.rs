@@ -440,6 +440,11 @@ pub struct Fail {
     pub countdown_ms: Option<u64>,
 }
 
+/// A field that is present decodes to `Some`, even when its value is nil (serde would say `None`).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
 fn nil() -> Value {
     Value::Nil
 }
@@ -521,8 +526,8 @@ pub struct TaskInfo {
     pub kwargs: BTreeMap<String, Value>,
     /// The context it carries.
     pub context: BTreeMap<String, Value>,
-    /// The result, for `SUCCESS`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The result, for `SUCCESS` (a nil result is `Some(Value::Nil)`: the key is present with nil).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     pub result: Option<Value>,
     /// The last error, for `RETRY` and `FAILURE` (and `REVOKED` when it expired).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -162,6 +162,8 @@ struct State {
     /// Terminal tasks whose record is not on disk yet, with the generation of their last change.
     finished: HashMap<TaskId, (u64, Arc<TaskRecord>)>,
     dirty: HashMap<TaskId, Dirty>,
+    /// Deletions taken by a write-out in progress: gone for readers, though sled may still show them.
+    deleting: HashSet<TaskId>,
     index_ops: Vec<IndexOp>,
     generation: u64,
     queues: BTreeMap<String, QueueIndex>,
@@ -234,6 +236,11 @@ impl State {
         self.dirty.insert(id.to_string(), Dirty::Deleted);
     }
 
+    /// Whether the task was deleted (purged or expired), whatever sled still shows.
+    fn is_deleted(&self, id: &str) -> bool {
+        self.dirty.get(id) == Some(&Dirty::Deleted) || self.deleting.contains(id)
+    }
+
     /// A task's record, wherever it is in memory.
     fn record(&self, id: &str) -> Option<&TaskRecord> {
         self.live.get(id).or_else(|| self.finished.get(id).map(|(_, r)| r)).map(|r| &**r)
@@ -297,7 +304,10 @@ impl Core {
                     let record = match kind {
                         Dirty::Live | Dirty::Revived => st.live.get(&id).map(|r| (0, r.clone())),
                         Dirty::Finished => st.finished.get(&id).map(|(g, r)| (*g, r.clone())),
-                        Dirty::Deleted => None,
+                        Dirty::Deleted => {
+                            st.deleting.insert(id.clone());
+                            None
+                        }
                     };
                     (id, kind, record)
                 })
@@ -307,6 +317,11 @@ impl Core {
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
         let result = Self::write_set(&taken, &index_ops).and_then(|set| self.disk.apply(&set));
         let mut st = self.lock();
+        for (id, kind, _) in &taken {
+            if *kind == Dirty::Deleted {
+                st.deleting.remove(id);
+            }
+        }
         if let Err(e) = result {
             // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
             for (id, kind, _) in taken {
@@ -481,9 +496,11 @@ impl Store {
                 st.dirty.insert(record.id.clone(), Dirty::Revived);
             }
             if record.state == TaskState::Started {
-                // Leased when the daemon stopped (a lease is not written, except to record a revoke).
+                // Leased when the daemon stopped. A lease is not noted for writing, but a later write of the same
+                // record (a revoke, or another change in the same round) can carry it: undo the interrupted attempt.
                 record.state = TaskState::Pending;
                 record.started_at_ms = None;
+                record.attempts = record.attempts.saturating_sub(1);
                 requeued += 1;
                 if record.revoked {
                     self.finish_revoked(&mut st, record, now, None);
@@ -497,6 +514,10 @@ impl Store {
                     st.queue(&record.queue).scheduled += 1;
                 }
                 _ => {
+                    if record.state == TaskState::Scheduled {
+                        record.state = TaskState::Pending;
+                        st.touch(&record.id);
+                    }
                     let key = record.ready_key();
                     st.queue(&record.queue).ready.insert(key, record.id.clone());
                 }
@@ -504,12 +525,22 @@ impl Store {
             st.live.insert(record.id.clone(), Arc::new(record));
         }
         for (queue, id, key) in disk.dead_entries(None, usize::MAX)? {
-            match disk.load_done(&id)? {
-                Some(record) if record.state == TaskState::Failure => st.queue(&queue).dead += 1,
-                _ => st.index_ops.push(IndexOp::DeadRemove(key)),
+            // Only the key of the task's latest failure counts; a crash mid-write can leave older ones.
+            let current = match disk.load_done(&id)? {
+                Some(record) if record.state == TaskState::Failure && !st.live.contains_key(&id) => {
+                    keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id) == key
+                }
+                _ => false,
+            };
+            if current {
+                st.queue(&queue).dead += 1;
+            } else {
+                st.index_ops.push(IndexOp::DeadRemove(key));
             }
         }
-        st.results_stored = disk.count_done() + st.finished.len() as u64;
+        // Kept results: the done tree, plus tasks finished during recovery that are not in it yet.
+        let newly_finished = st.finished.keys().filter(|id| matches!(disk.load_done(id), Ok(None))).count();
+        st.results_stored = disk.count_done() + newly_finished as u64;
         st.next_lease_id = now.saturating_mul(1000);
         tracing::info!(live = st.live.len(), requeued, results = st.results_stored, "store recovered");
         Ok(())
@@ -545,7 +576,7 @@ impl Store {
         if let Some(record) = st.record(id) {
             return Ok(Some(record.state));
         }
-        if st.dirty.get(id) == Some(&Dirty::Deleted) {
+        if st.is_deleted(id) {
             return Ok(None);
         }
         Ok(self.core.disk.load_done(id)?.map(|r| r.state))
@@ -858,19 +889,21 @@ impl Store {
             }
             let ((_, id), queue) = entry.remove_entry();
             decrement(&mut st.queue(&queue).scheduled);
+            // Due now: it joins the back of its priority, like a task enqueued now.
+            let seq = st.take_seq(now);
             let Some(record) = st.live.get_mut(&id) else { continue };
+            let record = Arc::make_mut(record);
             if record.state == TaskState::Scheduled {
-                Arc::make_mut(record).state = TaskState::Pending;
+                record.state = TaskState::Pending;
             }
+            record.seq = seq;
             let key = record.ready_key();
             st.touch(&id);
             st.queue(&queue).ready.insert(key, id);
             woke = true;
         }
-        while let Some((deadline, id)) = st.deadlines.first().cloned() {
-            if deadline > now {
-                break;
-            }
+        while st.deadlines.first().is_some_and(|(deadline, _)| *deadline <= now) {
+            let (_, id) = st.deadlines.pop_first().expect("just checked");
             self.lose_lease(&mut st, &id, now, "lease deadline passed", true);
             woke = true;
         }
@@ -898,7 +931,7 @@ impl Store {
         for (key, at, id) in due {
             st.index_ops.push(IndexOp::ExpiryRemove(key));
             // A task that changed since (requeued, or finished again) has its own, newer expiry.
-            if st.record(&id).is_some() || st.dirty.contains_key(&id) {
+            if st.record(&id).is_some() || st.dirty.contains_key(&id) || st.deleting.contains(&id) {
                 continue;
             }
             let Some(record) = disk.load_done(&id)? else { continue };
@@ -932,7 +965,7 @@ impl Store {
             if let Some(record) = st.record(id) {
                 return Ok(record.info());
             }
-            if st.dirty.get(id) == Some(&Dirty::Deleted) {
+            if st.is_deleted(id) {
                 return Err(StoreError::NotFound(id.to_string()));
             }
         }
@@ -1013,7 +1046,7 @@ impl Store {
             let mut st = self.lock();
             let record = match st.finished.get(&id) {
                 Some((_, r)) => Some((**r).clone()),
-                None if st.live.contains_key(&id) => None,
+                None if st.live.contains_key(&id) || st.is_deleted(&id) => None,
                 None => self.core.disk.load_done(&id)?,
             };
             let Some(mut record) = record.filter(|r| r.state == TaskState::Failure) else { continue };
@@ -1094,6 +1127,9 @@ impl Store {
             st.scheduled.insert((at, record.id.clone()), record.queue.clone());
             st.queue(&record.queue).scheduled += 1;
         } else {
+            if record.state == TaskState::Retry {
+                record.eta_ms = Some(at);
+            }
             st.queue(&record.queue).ready.insert(record.ready_key(), record.id.clone());
         }
         st.touch(&record.id);

@@ -57,7 +57,11 @@ impl TaskRecord {
             args: self.args.clone(),
             kwargs: self.kwargs.clone(),
             context: self.context.clone(),
-            result: self.result.clone(),
+            // A nil result reads back from disk as absent; a succeeded task always shows one.
+            result: match (&self.result, self.state) {
+                (None, TaskState::Success) => Some(Value::Nil),
+                (result, _) => result.clone(),
+            },
             error: self.error.clone(),
             created_at_ms: self.created_at_ms,
             eta_ms: self.eta_ms,

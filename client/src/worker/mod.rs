@@ -589,6 +589,11 @@ async fn run_task(
             Err(e) if e.is(ErrorCode::Revoked) => {
                 tracing::info!(task = %leased.id, "revoked while running; result discarded")
             }
+            Err(e) if e.kind() == ErrorKind::Encode => {
+                // The result itself cannot be sent (too large, too deeply nested): running again would not help.
+                let failure = TaskFailure::new("ResultNotStorable", e.to_string()).no_retry();
+                report_failure(&client, &leased, &failure).await;
+            }
             Err(e) => tracing::warn!(task = %leased.id, error = %e, "ack refused; the task will run again"),
         },
         Outcome::Finished(Err(failure)) => report_failure(&client, &leased, &failure).await,
