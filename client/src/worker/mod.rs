@@ -98,24 +98,16 @@ const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 /// Builds a [`Worker`]. Every setting but the handlers has a default.
 #[must_use]
 pub struct WorkerBuilder {
-    connect: ConnectOptions,
-    queues: Vec<String>,
-    concurrency: usize,
-    lease_timeout: Option<Duration>,
-    grace_period: Duration,
-    poll_wait: Duration,
-    reconnect_min: Duration,
-    reconnect_max: Duration,
-    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    inner: Inner,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerBuilder")
-            .field("addr", &self.connect.addr())
-            .field("queues", &self.queues)
-            .field("concurrency", &self.concurrency)
-            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .field("addr", &self.inner.connect.addr())
+            .field("queues", &self.inner.queues)
+            .field("concurrency", &self.inner.concurrency)
+            .field("handlers", &self.inner.handlers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -128,13 +120,13 @@ impl WorkerBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.queues = queues.into_iter().map(Into::into).collect();
+        self.inner.queues = queues.into_iter().map(Into::into).collect();
         self
     }
 
     /// How many tasks run at once (default 4, at least 1). The worker never holds more leases than this.
     pub fn concurrency(mut self, tasks: usize) -> Self {
-        self.concurrency = tasks.max(1);
+        self.inner.concurrency = tasks.max(1);
         self
     }
 
@@ -142,14 +134,14 @@ impl WorkerBuilder {
     /// to the daemon's `default_lease_ms`). Heartbeats extend it every third of this while a handler runs, so it
     /// bounds how long a dead worker's task waits before another worker gets it, not how long a task may run.
     pub fn lease_timeout(mut self, timeout: Duration) -> Self {
-        self.lease_timeout = Some(timeout.max(Duration::from_millis(1)));
+        self.inner.lease_timeout = Some(timeout.max(Duration::from_millis(1)));
         self
     }
 
     /// How long running tasks may take to finish after a graceful shutdown starts (default 30 s). Tasks still
     /// running then are aborted and released.
     pub fn grace_period(mut self, grace: Duration) -> Self {
-        self.grace_period = grace;
+        self.inner.grace_period = grace;
         self
     }
 
@@ -157,15 +149,15 @@ impl WorkerBuilder {
     /// graceful shutdown takes up to this long, because the worker waits for the outstanding request's answer
     /// to release whatever it brings.
     pub fn poll_wait(mut self, wait: Duration) -> Self {
-        self.poll_wait = wait;
+        self.inner.poll_wait = wait;
         self
     }
 
     /// The reconnect backoff: the first retry after `min`, doubling up to `max` (defaults 100 ms and 5 s), with
     /// jitter.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.reconnect_min = min.max(Duration::from_millis(1));
-        self.reconnect_max = max.max(self.reconnect_min);
+        self.inner.reconnect_min = min.max(Duration::from_millis(1));
+        self.inner.reconnect_max = max.max(self.inner.reconnect_min);
         self
     }
 
@@ -181,31 +173,24 @@ impl WorkerBuilder {
         K: DeserializeOwned + Send + 'static,
         R: Serialize + 'static,
     {
-        self.handlers.insert(name.into(), Arc::new(FnHandler::new(handler)));
+        self.inner.handlers.insert(name.into(), Arc::new(FnHandler::new(handler)));
         self
     }
 
     /// The worker.
     pub fn build(self) -> Worker {
-        let queues = if self.queues.is_empty() { vec![DEFAULT_QUEUE.to_string()] } else { self.queues };
+        let mut inner = self.inner;
+        if inner.queues.is_empty() {
+            inner.queues = vec![DEFAULT_QUEUE.to_string()];
+        }
         Worker {
-            inner: Arc::new(Inner {
-                connect: self.connect,
-                queues,
-                concurrency: self.concurrency,
-                lease_timeout: self.lease_timeout,
-                grace_period: self.grace_period,
-                poll_wait: self.poll_wait,
-                reconnect_min: self.reconnect_min,
-                reconnect_max: self.reconnect_max,
-                handlers: self.handlers,
-            }),
+            inner: Arc::new(inner),
             shutdown: ShutdownHandle { graceful: CancellationToken::new(), now: CancellationToken::new() },
         }
     }
 }
 
-/// The settings and handlers, shared by the loop and every running task.
+/// The settings and handlers: built by [`WorkerBuilder`], then shared by the loop and every running task.
 struct Inner {
     connect: ConnectOptions,
     queues: Vec<String>,
@@ -258,15 +243,17 @@ impl Worker {
     /// Starts building a worker that connects with `connect`.
     pub fn builder(connect: ConnectOptions) -> WorkerBuilder {
         WorkerBuilder {
-            connect,
-            queues: vec![DEFAULT_QUEUE.to_string()],
-            concurrency: 4,
-            lease_timeout: None,
-            grace_period: Duration::from_secs(30),
-            poll_wait: Duration::from_secs(1),
-            reconnect_min: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(5),
-            handlers: HashMap::new(),
+            inner: Inner {
+                connect,
+                queues: vec![DEFAULT_QUEUE.to_string()],
+                concurrency: 4,
+                lease_timeout: None,
+                grace_period: Duration::from_secs(30),
+                poll_wait: Duration::from_secs(1),
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(5),
+                handlers: HashMap::new(),
+            },
         }
     }
 
