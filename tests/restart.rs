@@ -174,3 +174,56 @@ async fn sigterm_shuts_down_cleanly_with_exit_0() {
     let daemon = Daemon::spawn(dir.path());
     assert_eq!(daemon.client().await.get(&id).await.unwrap().state, TaskState::Pending);
 }
+
+/// A crash between the two steps of moving a task between sled's `live` and `done` trees leaves it in both.
+/// Recovery must keep the right copy: the finished one when a finish was interrupted, the live one (higher
+/// `seq`) when a requeue was. The state is made by hand in sled between two runs of the daemon.
+#[tokio::test]
+async fn recovery_keeps_the_right_copy_of_a_task_left_in_both_trees() {
+    use broker::store::record::TaskRecord;
+
+    let mut server = TestServer::start_manual().await;
+    let client = server.client().await;
+    let finished = client.enqueue(TaskSpec::new("finished")).await.unwrap().id;
+    let t = client.lease(&lease(1)).await.unwrap().pop().unwrap();
+    client.ack(&finished, t.lease_id, Value::from("done")).await.unwrap();
+    let requeued = client.enqueue(TaskSpec::new("requeued")).await.unwrap().id;
+    drop(client);
+    server.stop_keep_dir().await;
+
+    {
+        let db = sled::open(server.dir.path()).unwrap();
+        let live = db.open_tree("live").unwrap();
+        let done = db.open_tree("done").unwrap();
+        // An interrupted finish: the finished record is also still in `live` (same seq).
+        let done_copy = done.get(finished.as_bytes()).unwrap().expect("finished task in done");
+        let mut stale: TaskRecord = rmp_serde::from_slice(&done_copy).unwrap();
+        stale.state = TaskState::Pending;
+        stale.result = None;
+        live.insert(finished.as_bytes(), rmp_serde::to_vec_named(&stale).unwrap()).unwrap();
+        // An interrupted requeue: an older, dead copy of the live task is still in `done` (lower seq).
+        let live_copy = live.get(requeued.as_bytes()).unwrap().expect("waiting task in live");
+        let mut old: TaskRecord = rmp_serde::from_slice(&live_copy).unwrap();
+        old.seq -= 1;
+        old.state = TaskState::Failure;
+        done.insert(requeued.as_bytes(), rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+        db.flush().unwrap();
+    }
+
+    server.start_again().await;
+    let client = server.client().await;
+    let info = client.get(&finished).await.unwrap();
+    assert_eq!((info.state, info.result), (TaskState::Success, Some(Value::from("done"))));
+    assert_eq!(client.get(&requeued).await.unwrap().state, TaskState::Pending);
+    let leased: Vec<_> = client.lease(&lease(10)).await.unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(leased, vec![requeued.clone()], "the finished task is not run again");
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.results_stored, 1);
+    assert_eq!(stats.queues[0].dead, 0);
+
+    // The repairs were written: a second restart sees the same.
+    server.restart().await;
+    let client = server.client().await;
+    assert_eq!(client.get(&finished).await.unwrap().state, TaskState::Success);
+    assert_eq!(client.get(&requeued).await.unwrap().state, TaskState::Pending);
+}

@@ -481,6 +481,8 @@ impl Store {
         records.sort_by_key(|r| r.seq);
         let mut st = self.lock();
         let mut requeued = 0;
+        // Older finished copies of live tasks (an interrupted requeue), about to be removed from `done`.
+        let mut stale_done = 0u64;
         for mut record in records {
             st.next_seq = st.next_seq.max(record.seq);
             // A crash between two steps of a move can leave a task in both trees: the higher `seq` is the truth,
@@ -494,6 +496,7 @@ impl Store {
                     continue;
                 }
                 st.dirty.insert(record.id.clone(), Dirty::Revived);
+                stale_done += 1;
             }
             if record.state == TaskState::Started {
                 // Leased when the daemon stopped. A lease is not noted for writing, but a later write of the same
@@ -540,7 +543,7 @@ impl Store {
         }
         // Kept results: the done tree, plus tasks finished during recovery that are not in it yet.
         let newly_finished = st.finished.keys().filter(|id| matches!(disk.load_done(id), Ok(None))).count();
-        st.results_stored = disk.count_done() + newly_finished as u64;
+        st.results_stored = (disk.count_done() + newly_finished as u64).saturating_sub(stale_done);
         st.next_lease_id = now.saturating_mul(1000);
         tracing::info!(live = st.live.len(), requeued, results = st.results_stored, "store recovered");
         Ok(())

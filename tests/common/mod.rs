@@ -75,6 +75,19 @@ impl TestServer {
         self.handle = Some(launch(&self.config, self.clock.clone()).await);
     }
 
+    /// Stops the server cleanly, keeping the data directory for [`TestServer::start_again`].
+    pub async fn stop_keep_dir(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    /// Starts the server again on its data directory after [`TestServer::stop_keep_dir`].
+    pub async fn start_again(&mut self) {
+        assert!(self.handle.is_none(), "already running");
+        self.handle = Some(launch(&self.config, self.clock.clone()).await);
+    }
+
     /// Stops the server cleanly.
     pub async fn stop(mut self) {
         if let Some(handle) = self.handle.take() {
