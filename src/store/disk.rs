@@ -84,9 +84,12 @@ fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
 }
 
-/// Encodes a record for the `live` or `done` tree.
+/// Encodes a record for the `live` or `done` tree, as a MessagePack array in field order: half the bytes of a
+/// map with field names, which matters because sled copies whole leaf nodes on every write. Decoding accepts
+/// both forms; a field added later goes at the end of [`TaskRecord`] with `#[serde(default)]`, so older,
+/// shorter records still decode.
 pub fn encode(record: &TaskRecord) -> Result<Vec<u8>, StoreError> {
-    rmp_serde::to_vec_named(record).map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })
+    rmp_serde::to_vec(record).map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })
 }
 
 impl Disk {

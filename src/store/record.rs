@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Order within a queue: higher priority first, then FIFO.
 pub type ReadyKey = (Reverse<i32>, u64);
 
-/// One task. The `live` and `done` trees hold these as MessagePack maps (field names included, so fields can be added).
+/// One task. The `live` and `done` trees hold these as MessagePack arrays in field order (see
+/// [`super::disk::encode`]): new fields go at the end, with `#[serde(default)]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: TaskId,
