@@ -19,6 +19,10 @@ fn spec(task: &str, args: Vec<Value>) -> TaskSpec {
     TaskSpec { args, ..TaskSpec::new(task) }
 }
 
+fn fail_request(id: &str, lease_id: u64, error: TaskError, retry: bool, countdown_ms: Option<u64>) -> Fail {
+    Fail { task_id: id.to_string(), lease_id, error, retry, countdown_ms }
+}
+
 fn error(kind: &str, message: &str) -> TaskError {
     TaskError { kind: kind.into(), message: message.into(), traceback: Some("line 1".into()) }
 }
@@ -89,16 +93,8 @@ async fn fail_retries_with_backoff_then_dies_and_can_be_requeued() {
         assert_eq!(t.attempt, attempt);
         assert_eq!(t.context.get("user"), Some(&Value::from("ann")), "context travels with every retry");
         let now = server.clock().now_ms_for_test();
-        let failed = client
-            .fail(&Fail {
-                task_id: id.clone(),
-                lease_id: t.lease_id,
-                error: error("ValueError", "boom"),
-                retry: true,
-                countdown_ms: None,
-            })
-            .await
-            .unwrap();
+        let failed =
+            client.fail(&fail_request(&id, t.lease_id, error("ValueError", "boom"), true, None)).await.unwrap();
         assert_eq!(failed.state, TaskState::Retry);
         assert_eq!(failed.retry_at_ms, Some(now + delay_ms));
         assert_eq!(client.get(&id).await.unwrap().state, TaskState::Retry);
@@ -116,16 +112,7 @@ async fn fail_retries_with_backoff_then_dies_and_can_be_requeued() {
     }
     let t = client.lease(&lease(&["default"], 1)).await.unwrap().pop().expect("third attempt");
     assert_eq!(t.attempt, 3);
-    let failed = client
-        .fail(&Fail {
-            task_id: id.clone(),
-            lease_id: t.lease_id,
-            error: error("ValueError", "boom"),
-            retry: true,
-            countdown_ms: None,
-        })
-        .await
-        .unwrap();
+    let failed = client.fail(&fail_request(&id, t.lease_id, error("ValueError", "boom"), true, None)).await.unwrap();
     assert_eq!(failed.state, TaskState::Failure);
     let info = client.get(&id).await.unwrap();
     assert_eq!(info.state, TaskState::Failure);
@@ -156,28 +143,12 @@ async fn fail_without_retry_and_with_countdown() {
     let b = client.enqueue(spec("later", vec![])).await.unwrap().id;
     let leased = client.lease(&lease(&["default"], 2)).await.unwrap();
     assert_eq!(leased.len(), 2);
-    let failed = client
-        .fail(&Fail {
-            task_id: a.clone(),
-            lease_id: leased[0].lease_id,
-            error: error("TypeError", "bad"),
-            retry: false,
-            countdown_ms: None,
-        })
-        .await
-        .unwrap();
+    let failed =
+        client.fail(&fail_request(&a, leased[0].lease_id, error("TypeError", "bad"), false, None)).await.unwrap();
     assert_eq!(failed.state, TaskState::Failure, "retry=false never retries");
     let now = server.clock().now_ms_for_test();
-    let failed = client
-        .fail(&Fail {
-            task_id: b.clone(),
-            lease_id: leased[1].lease_id,
-            error: error("Retry", "again"),
-            retry: true,
-            countdown_ms: Some(60_000),
-        })
-        .await
-        .unwrap();
+    let failed =
+        client.fail(&fail_request(&b, leased[1].lease_id, error("Retry", "again"), true, Some(60_000))).await.unwrap();
     assert_eq!(failed.retry_at_ms, Some(now + 60_000), "countdown overrides the backoff");
 }
 
