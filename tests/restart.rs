@@ -175,11 +175,13 @@ async fn sigterm_shuts_down_cleanly_with_exit_0() {
     assert_eq!(daemon.client().await.get(&id).await.unwrap().state, TaskState::Pending);
 }
 
-/// A crash between the two steps of moving a task between sled's `live` and `done` trees leaves it in both.
-/// Recovery must keep the right copy: the finished one when a finish was interrupted, the live one (higher
-/// `seq`) when a requeue was. The state is made by hand in sled between two runs of the daemon.
+/// A data directory of the older layout (one sled tree per kind: `live`, `done`, `expiry`, `dead`, a key per task)
+/// is moved into the journal at startup, including the crash state that layout could be left in: a task in both
+/// `live` and `done`, where the copy with the higher `seq` is the truth (the finished one on a tie). The old
+/// layout is made by hand in sled from the records a daemon wrote.
 #[tokio::test]
-async fn recovery_keeps_the_right_copy_of_a_task_left_in_both_trees() {
+async fn an_older_data_directory_is_moved_into_the_journal() {
+    use broker::store::disk::{decode, entries, Entry};
     use broker::store::record::TaskRecord;
 
     let mut server = TestServer::start_manual().await;
@@ -193,20 +195,36 @@ async fn recovery_keeps_the_right_copy_of_a_task_left_in_both_trees() {
 
     {
         let db = sled::open(server.dir.path()).unwrap();
+        let journal = db.open_tree("journal").unwrap();
+        let mut records = std::collections::HashMap::<String, TaskRecord>::new();
+        for chunk in journal.iter() {
+            let (key, bytes) = chunk.unwrap();
+            for entry in entries(u64::from_be_bytes(key.as_ref().try_into().unwrap()), &bytes).unwrap() {
+                if let Entry::Put { id, body, .. } = entry {
+                    records.insert(id.to_string(), decode(id, body).unwrap());
+                }
+            }
+        }
+        db.drop_tree("journal").unwrap();
         let live = db.open_tree("live").unwrap();
         let done = db.open_tree("done").unwrap();
+        let named = |r: &TaskRecord| rmp_serde::to_vec_named(r).unwrap();
         // An interrupted finish: the finished record is also still in `live` (same seq).
-        let done_copy = done.get(finished.as_bytes()).unwrap().expect("finished task in done");
-        let mut stale: TaskRecord = rmp_serde::from_slice(&done_copy).unwrap();
+        let record = &records[&finished];
+        assert_eq!(record.state, TaskState::Success);
+        done.insert(finished.as_bytes(), named(record)).unwrap();
+        let mut stale = record.clone();
         stale.state = TaskState::Pending;
         stale.result = None;
-        live.insert(finished.as_bytes(), rmp_serde::to_vec_named(&stale).unwrap()).unwrap();
+        live.insert(finished.as_bytes(), named(&stale)).unwrap();
         // An interrupted requeue: an older, dead copy of the live task is still in `done` (lower seq).
-        let live_copy = live.get(requeued.as_bytes()).unwrap().expect("waiting task in live");
-        let mut old: TaskRecord = rmp_serde::from_slice(&live_copy).unwrap();
+        let record = &records[&requeued];
+        live.insert(requeued.as_bytes(), named(record)).unwrap();
+        let mut old = record.clone();
         old.seq -= 1;
         old.state = TaskState::Failure;
-        done.insert(requeued.as_bytes(), rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+        done.insert(requeued.as_bytes(), named(&old)).unwrap();
+        db.open_tree("expiry").unwrap().insert(b"stale index key", &[]).unwrap();
         db.flush().unwrap();
     }
 
@@ -220,10 +238,72 @@ async fn recovery_keeps_the_right_copy_of_a_task_left_in_both_trees() {
     let stats = client.stats().await.unwrap();
     assert_eq!(stats.results_stored, 1);
     assert_eq!(stats.queues[0].dead, 0);
+    drop(client);
+    server.stop_keep_dir().await;
 
-    // The repairs were written: a second restart sees the same.
-    server.restart().await;
+    {
+        let db = sled::open(server.dir.path()).unwrap();
+        let names: Vec<_> = db.tree_names().into_iter().map(|n| String::from_utf8_lossy(&n).into_owned()).collect();
+        for old in ["live", "done", "expiry", "dead"] {
+            assert!(!names.contains(&old.to_string()), "old tree {old} still there: {names:?}");
+        }
+    }
+    // The move is done once: a second start sees the same.
+    server.start_again().await;
     let client = server.client().await;
     assert_eq!(client.get(&finished).await.unwrap().state, TaskState::Success);
-    assert_eq!(client.get(&requeued).await.unwrap().state, TaskState::Pending);
+    assert_eq!(client.get(&requeued).await.unwrap().state, TaskState::Pending, "its lease ended with the daemon");
+}
+
+/// Old journal chunks whose records are mostly gone are compacted: their current records are copied forward
+/// and the chunks removed. Nothing current is lost, nothing deleted comes back, and a restart reads the same.
+#[tokio::test]
+async fn compaction_keeps_every_current_record_and_nothing_deleted() {
+    let mut server = TestServer::start_manual().await;
+    let client = server.client().await;
+    let payload = Value::from("p".repeat(1000));
+    // Three queues interleaved in the same chunks; two are purged, so each chunk keeps a third of its bytes.
+    let mut kept = Vec::new();
+    for round in 0..30 {
+        let batch: Vec<TaskSpec> = (0..210)
+            .map(|i| {
+                let mut t = TaskSpec::new("job");
+                t.queue = Some(["a", "b", "c"][i % 3].to_string());
+                t.args = vec![payload.clone(), Value::from(round * 210 + i)];
+                t
+            })
+            .collect();
+        let enqueued = client.enqueue_batch(batch).await.unwrap();
+        kept.extend(enqueued.iter().skip(2).step_by(3).map(|e| e.id.clone()));
+    }
+    let gone = client.enqueue(TaskSpec { queue: Some("a".into()), ..TaskSpec::new("job") }).await.unwrap().id;
+    let store = server.handle.as_ref().unwrap().store().clone();
+    let (before, _) = store.journal_size();
+    assert!(before > 6_000_000, "journal of {before} bytes");
+    assert_eq!(client.purge("a").await.unwrap() + client.purge("b").await.unwrap(), 4201);
+    // Each write-out compacts a bounded part, until the journal is at most about twice what is current in it;
+    // durable enqueues drive write-outs.
+    let compacted = |(bytes, current): (u64, u64)| bytes <= 2 * current + (512 << 10);
+    for _ in 0..200 {
+        if compacted(store.journal_size()) {
+            break;
+        }
+        client.enqueue(TaskSpec { queue: Some("tick".into()), ..TaskSpec::new("tick") }).await.unwrap();
+    }
+    let (bytes, current) = store.journal_size();
+    assert!(compacted((bytes, current)), "journal {bytes} bytes for {current} current");
+    assert!(bytes + (1 << 20) < before, "journal went from {before} to {bytes} bytes");
+    drop((store, client));
+
+    server.restart().await;
+    let client = server.client().await;
+    assert_eq!(server.handle.as_ref().unwrap().store().journal_size().1, current, "recovery counts the same");
+    let stats = client.stats().await.unwrap();
+    let ready = |q: &str| stats.queues.iter().find(|s| s.name == q).map_or(0, |s| s.ready);
+    assert_eq!((ready("a"), ready("b"), ready("c")), (0, 0, 2100));
+    for id in kept.iter().step_by(97) {
+        let info = client.get(id).await.unwrap();
+        assert_eq!((info.queue.as_str(), &info.args[0]), ("c", &payload));
+    }
+    assert!(client.get(&gone).await.unwrap_err().is(ErrorCode::NotFound));
 }

@@ -1,99 +1,233 @@
-//! The sled side of the store: the trees, their key layout (see [`super::keys`]), and the crash-safe order in
-//! which a batch of changes is applied. Nothing else in the daemon touches sled.
+//! The sled side of the store: a journal of task records, and the crash-safe way it is written. Nothing else in
+//! the daemon touches sled.
 //!
-//! Trees: `live` (id → record of a task not yet finished), `done` (id → record of a finished task, kept until
-//! its result expires), `expiry` and `dead` (indexes, see [`super::keys`]). A task is in one of `live` and `done`;
-//! finishing moves it from the first to the second, a requeue from the dead set moves it back.
+//! One tree, `journal`: chunk number (u64, big-endian, so sled's order is write order) → chunk. A chunk is a
+//! format byte ([`FORMAT`]) followed by entries:
 //!
-//! Crash safety without multi-tree transactions: sled recovers a prefix of its log, and [`Disk::apply`] writes
-//! index insertions first, then `done` records, then `live` records, then removals. A crash between two of these
-//! steps can leave a task in both `live` and `done`; recovery keeps the copy with the higher `seq` (a requeue
-//! renews `seq`; finishing keeps it, so on a tie `done` wins). An index key may outlive what it pointed at, never
-//! the reverse; stale keys are ignored and cleaned when found.
+//! ```text
+//! put:    0x01  id_len:u16 LE  id  body_len:u32 LE  body (the task's record, MessagePack)
+//! delete: 0x02  id_len:u16 LE  id
+//! ```
+//!
+//! A write-out appends the latest state of every task changed since the last one as new chunks, and removes
+//! chunks nothing needs any more, in one atomic sled batch. Reading the journal in chunk order and keeping the
+//! last entry of each id gives the state; a delete entry (a tombstone) hides the puts before it. So one write-out
+//! costs a few sled inserts of about [`CHUNK_TARGET`] bytes, however many tasks changed, instead of one per
+//! task and index key.
+//!
+//! Which chunks can go is decided by the store (see `Journal` in the parent module): a chunk none of whose puts
+//! is current any more, and which holds no tombstone, can go at any time; one holding tombstones only once every
+//! older chunk is gone (its tombstones may hide puts in them). A chunk that still holds current puts is
+//! compacted by copying those into the next write-out, oldest chunk first, when the journal holds much more than
+//! what is current.
 
 use broker_client::proto::TaskId;
 
-use super::keys;
 use super::record::TaskRecord;
 use super::StoreError;
 use crate::config::Config;
 
-/// The sled database and its trees.
+/// The first byte of every chunk: the layout of what follows.
+pub const FORMAT: u8 = 1;
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+/// The size a chunk is closed at (a larger record gets a chunk of its own). sled keeps up to 17 values in a
+/// leaf node and writes a node larger than about 128 KiB (a quarter of its 512 KiB segment) as a file of its
+/// own, so chunks stay well below 128 KiB / 17.
+pub const CHUNK_TARGET: usize = 6 * 1024;
+
+/// Where a record's body is: chunk number, byte offset and length within the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    /// The chunk.
+    pub chunk: u64,
+    /// Offset of the body in the chunk.
+    pub offset: u32,
+    /// Length of the body.
+    pub len: u32,
+}
+
+/// One entry of a chunk, borrowed from it.
+#[derive(Debug)]
+pub enum Entry<'a> {
+    /// A task's record.
+    Put {
+        /// The task.
+        id: &'a str,
+        /// Where the body is.
+        loc: Loc,
+        /// The encoded record.
+        body: &'a [u8],
+    },
+    /// A tombstone: the task is gone.
+    Delete {
+        /// The task.
+        id: &'a str,
+    },
+}
+
+fn corrupt(chunk: u64, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { id: format!("journal chunk {chunk}"), message: message.into() }
+}
+
+/// Parses a chunk.
+pub fn entries(chunk: u64, bytes: &[u8]) -> Result<Vec<Entry<'_>>, StoreError> {
+    let (&format, _) = bytes.split_first().ok_or_else(|| corrupt(chunk, "empty chunk"))?;
+    if format != FORMAT {
+        return Err(corrupt(chunk, format!("unknown chunk format {format}")));
+    }
+    let mut at = 1usize;
+    let mut out = Vec::new();
+    let take = |at: &mut usize, n: usize| -> Result<&[u8], StoreError> {
+        let slice = bytes.get(*at..*at + n).ok_or_else(|| corrupt(chunk, format!("truncated entry at byte {at}")))?;
+        *at += n;
+        Ok(slice)
+    };
+    while at < bytes.len() {
+        let kind = take(&mut at, 1)?[0];
+        let id_len = u16::from_le_bytes(take(&mut at, 2)?.try_into().expect("2 bytes")) as usize;
+        let id = std::str::from_utf8(take(&mut at, id_len)?).map_err(|_| corrupt(chunk, "task id is not UTF-8"))?;
+        match kind {
+            PUT => {
+                let len = u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4 bytes"));
+                let offset = at as u32;
+                let body = take(&mut at, len as usize)?;
+                out.push(Entry::Put { id, loc: Loc { chunk, offset, len }, body });
+            }
+            DELETE => out.push(Entry::Delete { id }),
+            other => return Err(corrupt(chunk, format!("unknown entry kind {other}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes a stored record.
+pub fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
+}
+
+/// A chunk closed by a [`ChunkWriter`], ready to be written.
+#[derive(Debug)]
+pub struct NewChunk {
+    /// Its number.
+    pub number: u64,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// How many tombstones it holds.
+    pub tombstones: u32,
+}
+
+/// Builds the chunks of one write-out.
+///
+/// A record is encoded as a MessagePack array in field order (`rmp_serde`'s default): half the bytes of a map
+/// with field names. A field added to [`TaskRecord`] later goes at the end with `#[serde(default)]`, so older,
+/// shorter records still decode (decoding accepts the map form too).
+pub struct ChunkWriter {
+    number: u64,
+    current: Vec<u8>,
+    tombstones: u32,
+    done: Vec<NewChunk>,
+}
+
+impl ChunkWriter {
+    /// Starts at chunk `first`.
+    pub fn new(first: u64) -> ChunkWriter {
+        ChunkWriter { number: first, current: Vec::new(), tombstones: 0, done: Vec::new() }
+    }
+
+    fn seal(&mut self) {
+        if self.current.is_empty() {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.current);
+        self.done.push(NewChunk { number: self.number, bytes, tombstones: std::mem::take(&mut self.tombstones) });
+        self.number += 1;
+    }
+
+    /// Starts an entry: closes the chunk first if it is full.
+    fn begin(&mut self, kind: u8, id: &str) -> Result<usize, StoreError> {
+        if self.current.len() >= CHUNK_TARGET {
+            self.seal();
+        }
+        if self.current.is_empty() {
+            self.current.push(FORMAT);
+        }
+        let id_len = u16::try_from(id.len())
+            .map_err(|_| StoreError::Corrupt { id: id.to_string(), message: "task id too long to store".into() })?;
+        let start = self.current.len();
+        self.current.push(kind);
+        self.current.extend_from_slice(&id_len.to_le_bytes());
+        self.current.extend_from_slice(id.as_bytes());
+        Ok(start)
+    }
+
+    /// Finishes a put whose body was appended from `body_start`: writes its length, and moves it to a chunk of
+    /// its own if it made a shared chunk much larger than the target.
+    fn end_put(&mut self, start: usize, body_start: usize) -> Result<Loc, StoreError> {
+        let len = self.current.len() - body_start - 4;
+        let len32 = u32::try_from(len)
+            .map_err(|_| StoreError::Corrupt { id: String::new(), message: "record too large to store".into() })?;
+        self.current[body_start..body_start + 4].copy_from_slice(&len32.to_le_bytes());
+        let mut body_start = body_start;
+        if start > 1 && self.current.len() > 2 * CHUNK_TARGET {
+            let entry = self.current.split_off(start);
+            self.seal();
+            self.current.push(FORMAT);
+            self.current.extend_from_slice(&entry);
+            body_start = body_start - start + 1;
+        }
+        Ok(Loc { chunk: self.number, offset: (body_start + 4) as u32, len: len32 })
+    }
+
+    /// Appends a record; returns where its body is.
+    pub fn put(&mut self, record: &TaskRecord) -> Result<Loc, StoreError> {
+        let start = self.begin(PUT, &record.id)?;
+        let body_start = self.current.len();
+        self.current.extend_from_slice(&[0; 4]);
+        rmp_serde::encode::write(&mut self.current, record)
+            .map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })?;
+        self.end_put(start, body_start)
+    }
+
+    /// Appends an already encoded record (one moved from an older chunk).
+    pub fn put_encoded(&mut self, id: &str, body: &[u8]) -> Result<Loc, StoreError> {
+        let start = self.begin(PUT, id)?;
+        let body_start = self.current.len();
+        self.current.extend_from_slice(&[0; 4]);
+        self.current.extend_from_slice(body);
+        self.end_put(start, body_start)
+    }
+
+    /// Appends a tombstone; returns its chunk.
+    pub fn delete(&mut self, id: &str) -> Result<u64, StoreError> {
+        self.begin(DELETE, id)?;
+        self.tombstones += 1;
+        Ok(self.number)
+    }
+
+    /// The chunks written, and the number the next write-out starts at.
+    pub fn finish(mut self) -> (Vec<NewChunk>, u64) {
+        self.seal();
+        (self.done, self.number)
+    }
+}
+
+/// The sled database and its journal.
 pub struct Disk {
     db: sled::Db,
     /// sled's log file, opened a second time: on Linux sled makes its writes stable with `sync_file_range`,
     /// which neither flushes the drive's write cache nor the file's size, so [`Disk::flush`] adds an
     /// `fdatasync` of its own. Without it an acknowledged write survives `kill -9` but not a power loss.
     log_file: std::fs::File,
-    live: sled::Tree,
-    done: sled::Tree,
-    expiry: sled::Tree,
-    dead: sled::Tree,
+    journal: sled::Tree,
 }
 
-/// Changes to apply to sled in one go, records already encoded.
-#[derive(Default)]
-pub struct WriteSet {
-    /// Records of non-terminal tasks to write.
-    pub live_put: Vec<(TaskId, Vec<u8>)>,
-    /// Tasks leaving the `live` tree.
-    pub live_remove: Vec<TaskId>,
-    /// Records of terminal tasks to write.
-    pub done_put: Vec<(TaskId, Vec<u8>)>,
-    /// Tasks leaving the `done` tree.
-    pub done_remove: Vec<TaskId>,
-    /// `expiry` keys to add.
-    pub expiry_insert: Vec<Vec<u8>>,
-    /// `expiry` keys to remove.
-    pub expiry_remove: Vec<Vec<u8>>,
-    /// `dead` keys to add.
-    pub dead_insert: Vec<Vec<u8>>,
-    /// `dead` keys to remove.
-    pub dead_remove: Vec<Vec<u8>>,
-}
-
-fn apply_keys<K: AsRef<[u8]>>(tree: &sled::Tree, keys: &[K], insert: bool) -> Result<(), StoreError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let mut batch = sled::Batch::default();
-    for key in keys {
-        if insert {
-            batch.insert(key.as_ref(), &[]);
-        } else {
-            batch.remove(key.as_ref());
-        }
-    }
-    tree.apply_batch(batch)?;
-    Ok(())
-}
-
-fn put_records(tree: &sled::Tree, records: &[(TaskId, Vec<u8>)]) -> Result<(), StoreError> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let mut batch = sled::Batch::default();
-    for (id, bytes) in records {
-        batch.insert(id.as_bytes(), bytes.as_slice());
-    }
-    tree.apply_batch(batch)?;
-    Ok(())
-}
-
-fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
-}
-
-/// Encodes a record for the `live` or `done` tree, as a MessagePack array in field order: half the bytes of a
-/// map with field names, which matters because sled copies whole leaf nodes on every write. Decoding accepts
-/// both forms; a field added later goes at the end of [`TaskRecord`] with `#[serde(default)]`, so older,
-/// shorter records still decode.
-pub fn encode(record: &TaskRecord) -> Result<Vec<u8>, StoreError> {
-    rmp_serde::to_vec(record).map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })
-}
+/// The trees of the layout before the journal (one sled key per task and index entry).
+const OLD_TREES: [&str; 4] = ["live", "done", "expiry", "dead"];
 
 impl Disk {
-    /// Opens the database in `config.data_dir`. sled's own timed flush is off: the store flushes.
+    /// Opens the database in `config.data_dir` (sled's own timed flush is off: the store flushes), moving the
+    /// records of a data directory in the older per-task layout into the journal first.
     pub fn open(config: &Config) -> Result<Disk, StoreError> {
         let db = sled::Config::new()
             .path(&config.data_dir)
@@ -104,44 +238,94 @@ impl Disk {
         let log_file = std::fs::File::open(&log_path).map_err(|e| {
             StoreError::Flush(format!("cannot open sled's log file {} to sync it: {e}", log_path.display()))
         })?;
-        Ok(Disk {
-            log_file,
-            live: db.open_tree("live")?,
-            done: db.open_tree("done")?,
-            expiry: db.open_tree("expiry")?,
-            dead: db.open_tree("dead")?,
-            db,
-        })
+        let disk = Disk { log_file, journal: db.open_tree("journal")?, db };
+        disk.migrate()?;
+        Ok(disk)
     }
 
-    /// Reads a finished task's record.
-    pub fn load_done(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        match self.done.get(id.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => decode(id, &bytes).map(Some),
+    /// Moves the records of the per-task layout (trees `live` and `done`; a task found in both keeps the copy
+    /// with the higher `seq`, the finished one on a tie) into the journal, then drops the old trees. A crash
+    /// in between repeats the move at the next start, which appends the same records again: harmless.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let names = self.db.tree_names();
+        if !OLD_TREES.iter().any(|t| names.iter().any(|n| n.as_ref() == t.as_bytes())) {
+            return Ok(());
         }
+        let mut records: std::collections::HashMap<TaskId, TaskRecord> = Default::default();
+        for (tree, finished) in [("done", true), ("live", false)] {
+            for entry in self.db.open_tree(tree)?.iter() {
+                let (key, bytes) = entry?;
+                let record = decode(&String::from_utf8_lossy(&key), &bytes)?;
+                match records.get(&record.id) {
+                    Some(done) if !finished && done.seq >= record.seq => {}
+                    _ => {
+                        records.insert(record.id.clone(), record);
+                    }
+                }
+            }
+        }
+        if !records.is_empty() {
+            let first = self.last_chunk()?.map_or(0, |n| n + 1);
+            let mut writer = ChunkWriter::new(first);
+            for record in records.values() {
+                writer.put(record)?;
+            }
+            self.apply(&writer.finish().0, &[])?;
+            self.flush()?;
+        }
+        for tree in OLD_TREES {
+            self.db.drop_tree(tree)?;
+        }
+        self.flush()?;
+        tracing::info!(records = records.len(), "moved the per-task trees of an older data directory into the journal");
+        Ok(())
     }
 
-    /// Every record in the `live` tree (startup only).
-    pub fn live_records(&self) -> Result<Vec<TaskRecord>, StoreError> {
-        let mut records = Vec::new();
-        for entry in self.live.iter() {
+    fn last_chunk(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.journal.last()?.and_then(|(key, _)| Some(u64::from_be_bytes(key.as_ref().try_into().ok()?))))
+    }
+
+    /// Every chunk, in order (startup).
+    pub fn chunks(&self) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.journal.iter() {
             let (key, bytes) = entry?;
-            records.push(decode(&String::from_utf8_lossy(&key), &bytes)?);
+            let number = u64::from_be_bytes(
+                key.as_ref().try_into().map_err(|_| corrupt(0, format!("bad journal key {:?}", key.as_ref())))?,
+            );
+            out.push((number, bytes));
         }
-        Ok(records)
+        Ok(out)
     }
 
-    /// Applies a write set in the crash-safe order (see the module doc).
-    pub fn apply(&self, set: &WriteSet) -> Result<(), StoreError> {
-        apply_keys(&self.expiry, &set.expiry_insert, true)?;
-        apply_keys(&self.dead, &set.dead_insert, true)?;
-        put_records(&self.done, &set.done_put)?;
-        put_records(&self.live, &set.live_put)?;
-        apply_keys(&self.live, &set.live_remove, false)?;
-        apply_keys(&self.done, &set.done_remove, false)?;
-        apply_keys(&self.expiry, &set.expiry_remove, false)?;
-        apply_keys(&self.dead, &set.dead_remove, false)?;
+    /// One chunk, if it is still there.
+    pub fn chunk(&self, number: u64) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.journal.get(number.to_be_bytes())?)
+    }
+
+    /// Reads the record at `loc`; `None` if its chunk is gone (it was compacted since `loc` was read).
+    pub fn read(&self, id: &str, loc: Loc) -> Result<Option<TaskRecord>, StoreError> {
+        let Some(chunk) = self.chunk(loc.chunk)? else { return Ok(None) };
+        let body = chunk
+            .get(loc.offset as usize..loc.offset as usize + loc.len as usize)
+            .ok_or_else(|| corrupt(loc.chunk, format!("record of {id} out of bounds")))?;
+        let record = decode(id, body)?;
+        if record.id != id {
+            return Err(corrupt(loc.chunk, format!("record at {loc:?} is {}, not {id}", record.id)));
+        }
+        Ok(Some(record))
+    }
+
+    /// Writes new chunks and removes old ones, atomically.
+    pub fn apply(&self, new: &[NewChunk], remove: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for chunk in new {
+            batch.insert(&chunk.number.to_be_bytes(), chunk.bytes.as_slice());
+        }
+        for number in remove {
+            batch.remove(&number.to_be_bytes());
+        }
+        self.journal.apply_batch(batch)?;
         Ok(())
     }
 
@@ -151,41 +335,83 @@ impl Disk {
         self.log_file.sync_data().map_err(|e| StoreError::Flush(format!("fdatasync of sled's log: {e}")))?;
         Ok(())
     }
+}
 
-    /// How many finished tasks are kept (a full scan: startup only).
-    pub fn count_done(&self) -> u64 {
-        self.done.len() as u64
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, payload: usize) -> TaskRecord {
+        let mut r = sample();
+        r.id = id.to_string();
+        r.args = vec![broker_client::proto::Value::from("x".repeat(payload))];
+        r
     }
 
-    /// Up to `limit` `(queue, id, key)` entries of the dead set, of one queue or all (`"*"` or `None`).
-    pub fn dead_entries(
-        &self,
-        queue: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, TaskId, Vec<u8>)>, StoreError> {
-        let iter = match queue {
-            Some(q) if q != "*" => self.dead.scan_prefix(keys::dead_prefix(q)),
-            _ => self.dead.iter(),
-        };
-        let mut out = Vec::new();
-        for entry in iter.take(limit) {
-            let (key, _) = entry?;
-            if let Some((queue, id)) = keys::parse_dead(&key) {
-                out.push((queue, id, key.to_vec()));
-            }
+    fn sample() -> TaskRecord {
+        TaskRecord {
+            id: String::new(),
+            queue: "q".into(),
+            task: "t".into(),
+            args: vec![],
+            kwargs: Default::default(),
+            context: Default::default(),
+            priority: 0,
+            max_retries: 3,
+            retry_delay_ms: 1000,
+            retry_backoff: true,
+            retry_delay_max_ms: 10,
+            lease_ms: 10,
+            expires_at_ms: None,
+            result_ttl_ms: 10,
+            state: broker_client::proto::TaskState::Pending,
+            attempts: 0,
+            lease_losses: 0,
+            seq: 1,
+            created_at_ms: 1,
+            eta_ms: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            result: None,
+            error: None,
+            result_expires_at_ms: None,
+            revoked: false,
         }
-        Ok(out)
     }
 
-    /// Up to `limit` `expiry` entries due by `now`: `(key, expire-at, id)`.
-    pub fn due_expiries(&self, now: u64, limit: usize) -> Result<Vec<(Vec<u8>, u64, TaskId)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.expiry.range(..keys::expiry(now.saturating_add(1), "")).take(limit) {
-            let (key, _) = entry?;
-            if let Some((at, id)) = keys::parse_expiry(&key) {
-                out.push((key.to_vec(), at, id));
-            }
+    #[test]
+    fn chunks_round_trip_and_split_at_the_target() {
+        let mut writer = ChunkWriter::new(7);
+        let mut locs = Vec::new();
+        for i in 0..100 {
+            locs.push((format!("id{i}"), writer.put(&record(&format!("id{i}"), 100)).unwrap()));
         }
-        Ok(out)
+        let big = writer.put(&record("big", 3 * CHUNK_TARGET)).unwrap();
+        let tomb = writer.delete("id3").unwrap();
+        let moved = writer.put_encoded("copy", &rmp_serde::to_vec(&record("copy", 5)).unwrap()).unwrap();
+        let (chunks, next) = writer.finish();
+        assert!(chunks.len() > 2, "{} chunks", chunks.len());
+        assert_eq!(chunks[0].number, 7);
+        assert_eq!(next, chunks.last().unwrap().number + 1);
+        assert!(chunks.iter().filter(|c| c.bytes.len() <= 2 * CHUNK_TARGET).count() >= chunks.len() - 1);
+        assert_eq!(chunks.iter().map(|c| c.tombstones).sum::<u32>(), 1);
+        let find = |n: u64| &chunks.iter().find(|c| c.number == n).unwrap().bytes;
+        for (id, loc) in locs.iter().chain([("big".to_string(), big), ("copy".to_string(), moved)].iter()) {
+            let bytes = find(loc.chunk);
+            let body = &bytes[loc.offset as usize..(loc.offset + loc.len) as usize];
+            assert_eq!(&decode(id, body).unwrap().id, id);
+            let listed = entries(loc.chunk, bytes).unwrap();
+            assert!(listed.iter().any(|e| matches!(e, Entry::Put { id: i, loc: l, .. } if i == id && l == loc)));
+        }
+        assert!(entries(tomb, find(tomb)).unwrap().iter().any(|e| matches!(e, Entry::Delete { id: "id3" })));
+    }
+
+    #[test]
+    fn bad_chunks_are_errors_not_panics() {
+        for bytes in
+            [&b""[..], &[9], &[FORMAT, PUT, 5, 0, b'a'], &[FORMAT, 7, 0, 0], &[FORMAT, PUT, 1, 0, b'a', 9, 0, 0, 0]]
+        {
+            assert!(entries(1, bytes).is_err(), "{bytes:?}");
+        }
     }
 }

@@ -1,21 +1,24 @@
 //! The store: the owner of every task's state, and (through [`disk`]) the only code that touches sled.
 //!
 //! Every non-terminal task lives in memory (`live`), with the queues built over it: what is ready and in which
-//! order, what is scheduled for when, who holds which lease until when. Operations change only memory and note
-//! what changed (`dirty`); they never wait for the disk. The flusher ([`flush`]) then writes all the changes
-//! noted so far to sled as one batch per tree and flushes (group commit). A reply that must be durable waits
-//! for the flush that follows its change ([`Store::durable`]). Because a batch carries only the latest state of
-//! each task, a task enqueued, leased and acked between two flushes costs one record write and its expiry key.
+//! order, what is scheduled for when, who holds which lease until when. Finished tasks are known in memory by
+//! their state and expiry (`done`); their records are on disk, in a journal ([`disk`]). Operations change only
+//! memory and note what changed (`dirty`); they never wait for the disk. The flusher ([`flush`]) then appends
+//! the latest record of every task noted so far to the journal, as a few chunks in one sled batch, and flushes
+//! (group commit). A reply that must be durable waits for the flush that follows its change
+//! ([`Store::durable`]). Because a write-out carries only the latest state of each task, a task enqueued, leased
+//! and acked between two flushes costs one record in one chunk.
 //!
-//! Finished tasks stay in memory (`finished`) only until their record is on disk; after that `get` reads sled.
-//! At startup the queues are rebuilt from the `live` tree; tasks that were leased go back to their queues. A lease
-//! itself is never written (it lives in memory), so a task's record on disk says `PENDING` while it runs.
+//! A finished task's record stays in memory (`finished`) only until it is on disk; after that `get` reads it
+//! from its chunk. At startup the journal is read back and the queues rebuilt; tasks that were leased go back to
+//! their queues. A lease itself is never written (it lives in memory), so a task's record on disk says `PENDING`
+//! while it runs. Old chunks are removed or compacted as their records stop being current ([`journal`]).
 //!
 //! Time comes from the injected [`Clock`]; the store never reads the wall clock itself.
 
 pub mod disk;
 pub mod flush;
-pub mod keys;
+pub mod journal;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -31,7 +34,8 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
-use disk::{Disk, WriteSet};
+use disk::{ChunkWriter, Disk, Entry, Loc};
+use journal::Journal;
 use record::{ReadyKey, TaskRecord};
 
 /// Identifies a client connection, so its leases can be released when it closes.
@@ -134,23 +138,31 @@ struct LeaseEntry {
 /// What to write for a task at the next write-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dirty {
-    /// Put its record (in `live`) into the `live` tree.
-    Live,
-    /// As `Live`, and remove it from the `done` tree (requeued from the dead set, or its id reused).
-    Revived,
-    /// Put its record (in `finished`) into the `done` tree and remove it from the `live` tree.
-    Finished,
-    /// Remove it from both trees (purged or expired).
-    Deleted,
+    /// Its record (in `live` or `finished`).
+    Put,
+    /// A tombstone (purged or expired), if a record of it is on disk.
+    Delete,
 }
 
-/// An index key to add or remove at the next write-out.
-#[derive(Debug)]
-enum IndexOp {
-    ExpiryInsert(Vec<u8>),
-    ExpiryRemove(Vec<u8>),
-    DeadInsert(Vec<u8>),
-    DeadRemove(Vec<u8>),
+/// What memory keeps of a finished task whose result is kept.
+#[derive(Debug, Clone)]
+struct DoneMeta {
+    state: TaskState,
+    expires_at_ms: u64,
+    /// Its queue, if it is in the dead set (`FAILURE`).
+    dead_queue: Option<String>,
+    finished_at_ms: u64,
+}
+
+impl DoneMeta {
+    fn of(record: &TaskRecord) -> DoneMeta {
+        DoneMeta {
+            state: record.state,
+            expires_at_ms: record.result_expires_at_ms.unwrap_or(u64::MAX),
+            dead_queue: (record.state == TaskState::Failure).then(|| record.queue.clone()),
+            finished_at_ms: record.finished_at_ms.unwrap_or(0),
+        }
+    }
 }
 
 /// Everything in memory, behind one lock.
@@ -161,11 +173,15 @@ struct State {
     live: HashMap<TaskId, Arc<TaskRecord>>,
     /// Terminal tasks whose record is not on disk yet, with the generation of their last change.
     finished: HashMap<TaskId, (u64, Arc<TaskRecord>)>,
+    /// Every finished task whose result is kept, on disk or not yet.
+    done: HashMap<TaskId, DoneMeta>,
+    /// (expire-at, id) of finished tasks; an entry whose task changed since is skipped when due.
+    expiry: BTreeSet<(u64, TaskId)>,
+    /// The dead set: per queue, (failed-at, id), oldest first.
+    dead: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
     dirty: HashMap<TaskId, Dirty>,
-    /// Deletions taken by a write-out in progress: gone for readers, though sled may still show them.
-    deleting: HashSet<TaskId>,
-    index_ops: Vec<IndexOp>,
     generation: u64,
+    journal: Journal,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
     scheduled: BTreeMap<(u64, TaskId), String>,
@@ -175,7 +191,6 @@ struct State {
     next_seq: u64,
     next_lease_id: u64,
     totals: Totals,
-    results_stored: u64,
 }
 
 impl State {
@@ -186,8 +201,7 @@ impl State {
         self.queues.get_mut(name).expect("just inserted")
     }
 
-    /// A queue position after every earlier one, in this run and (clock permitting) in earlier runs: a
-    /// requeued task's new `seq` must beat its old `done` copy's (see [`disk`]).
+    /// A queue position after every earlier one, in this run and (clock permitting) in earlier runs.
     fn take_seq(&mut self, now_ms: u64) -> u64 {
         self.next_seq = (self.next_seq + 1).max(now_ms.saturating_mul(1024));
         self.next_seq
@@ -206,22 +220,45 @@ impl State {
         Some(entry)
     }
 
-    /// Notes that a live task's record changed.
+    /// Notes that a task's record changed.
     fn touch(&mut self, id: &str) {
-        let kind = match self.dirty.get(id) {
-            Some(Dirty::Revived | Dirty::Deleted) => Dirty::Revived,
-            _ => Dirty::Live,
-        };
-        self.dirty.insert(id.to_string(), kind);
+        self.dirty.insert(id.to_string(), Dirty::Put);
     }
 
-    /// Moves a task from `live` to `finished` and notes it.
+    /// Moves a task from `live` to `finished` (and `done`, the expiry index and, if it failed, the dead set).
     fn retire(&mut self, record: TaskRecord) {
         self.live.remove(&record.id);
         self.generation += 1;
-        self.dirty.insert(record.id.clone(), Dirty::Finished);
+        self.touch(&record.id);
+        let meta = DoneMeta::of(&record);
+        self.expiry.insert((meta.expires_at_ms, record.id.clone()));
+        self.add_dead(&record.id, &meta);
+        self.done.insert(record.id.clone(), meta);
         self.finished.insert(record.id.clone(), (self.generation, Arc::new(record)));
-        self.results_stored += 1;
+    }
+
+    fn add_dead(&mut self, id: &str, meta: &DoneMeta) {
+        if let Some(queue) = &meta.dead_queue {
+            self.dead.entry(queue.clone()).or_default().insert((meta.finished_at_ms, id.to_string()));
+            self.queue(queue).dead += 1;
+        }
+    }
+
+    /// Forgets a finished task's result (expired, purged, or requeued): out of `done`, `finished` and the dead
+    /// set. Returns what was known of it.
+    fn forget_done(&mut self, id: &str) -> Option<DoneMeta> {
+        self.finished.remove(id);
+        let meta = self.done.remove(id)?;
+        if let Some(queue) = &meta.dead_queue {
+            if let Some(set) = self.dead.get_mut(queue) {
+                set.remove(&(meta.finished_at_ms, id.to_string()));
+                if set.is_empty() {
+                    self.dead.remove(queue);
+                }
+            }
+            decrement(&mut self.queue(queue).dead);
+        }
+        Some(meta)
     }
 
     /// Takes a live task's record out of `live` for the caller to place again (or retire).
@@ -232,18 +269,18 @@ impl State {
     /// Forgets a task entirely and notes it.
     fn delete(&mut self, id: &str) {
         self.live.remove(id);
-        self.finished.remove(id);
-        self.dirty.insert(id.to_string(), Dirty::Deleted);
+        self.forget_done(id);
+        self.dirty.insert(id.to_string(), Dirty::Delete);
     }
 
-    /// Whether the task was deleted (purged or expired), whatever sled still shows.
-    fn is_deleted(&self, id: &str) -> bool {
-        self.dirty.get(id) == Some(&Dirty::Deleted) || self.deleting.contains(id)
-    }
-
-    /// A task's record, wherever it is in memory.
+    /// A task's record, if it is in memory.
     fn record(&self, id: &str) -> Option<&TaskRecord> {
         self.live.get(id).or_else(|| self.finished.get(id).map(|(_, r)| r)).map(|r| &**r)
+    }
+
+    /// A task's state, if the task exists.
+    fn state_of(&self, id: &str) -> Option<TaskState> {
+        self.live.get(id).map(|r| r.state).or_else(|| self.done.get(id).map(|m| m.state))
     }
 }
 
@@ -269,15 +306,23 @@ pub struct StoreStats {
     pub leases_by_conn: HashMap<ConnId, u64>,
 }
 
-/// A noted change taken for a write-out: the task, what to write, and its record (with the generation of a
-/// finished one) as it was when taken.
-type Taken = (TaskId, Dirty, Option<(u64, Arc<TaskRecord>)>);
+/// A noted change taken for a write-out: the task, and its record (with the generation of a finished one) as
+/// it was when taken, or `None` for a tombstone.
+type Taken = (TaskId, Option<(Option<u64>, Arc<TaskRecord>)>);
+
+/// What a write-out wrote, to be noted in [`Journal`] once it is in sled.
+struct Written {
+    chunks: Vec<disk::NewChunk>,
+    puts: Vec<(TaskId, Loc)>,
+    tombstones: Vec<TaskId>,
+}
 
 /// The memory and the disk, shared with the flusher task.
 struct Core {
     disk: Disk,
     state: Mutex<State>,
-    /// Held for a whole write-out, so batches reach sled in the order they were taken.
+    /// Held for a whole write-out, so write-outs reach sled in the order they were taken and the journal
+    /// account changes under one writer.
     write_lock: Mutex<()>,
     /// Set when a write-out put changes in sled that no flush has covered yet.
     unflushed: AtomicBool,
@@ -288,54 +333,88 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes every change noted so far to sled (not flushed). Returns whether anything was written.
+    /// Appends every change noted so far to the journal, and removes or compacts old chunks (not flushed).
+    /// Returns whether anything was written.
     fn write_out(&self) -> Result<bool, StoreError> {
         let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let compact = self.lock().journal.to_compact();
+        // Only write-outs change the journal, and this one holds the write lock: read without the state lock.
+        let mut old = Vec::with_capacity(compact.len());
+        for number in &compact {
+            if let Some(bytes) = self.disk.chunk(*number)? {
+                old.push((*number, bytes));
+            }
+        }
         let taken: Vec<Taken>;
-        let index_ops: Vec<IndexOp>;
+        let mut copies: Vec<(&str, &[u8])> = Vec::new();
+        let remove: Vec<u64>;
+        let first: u64;
         {
             let mut st = self.lock();
-            if st.dirty.is_empty() && st.index_ops.is_empty() {
+            remove = st.journal.to_remove(&compact);
+            if st.dirty.is_empty() && remove.is_empty() {
                 return Ok(false);
             }
-            taken = std::mem::take(&mut st.dirty)
+            let dirty = std::mem::take(&mut st.dirty);
+            taken = dirty
                 .into_iter()
-                .map(|(id, kind)| {
+                .filter_map(|(id, kind)| {
                     let record = match kind {
-                        Dirty::Live | Dirty::Revived => st.live.get(&id).map(|r| (0, r.clone())),
-                        Dirty::Finished => st.finished.get(&id).map(|(g, r)| (*g, r.clone())),
-                        Dirty::Deleted => {
-                            st.deleting.insert(id.clone());
+                        Dirty::Put => match st.live.get(&id) {
+                            Some(r) => Some((None, r.clone())),
+                            None => Some(st.finished.get(&id).map(|(g, r)| (Some(*g), r.clone()))?),
+                        },
+                        // No record of it on disk: nothing to hide.
+                        Dirty::Delete => {
+                            st.journal.loc(&id)?;
                             None
                         }
                     };
-                    (id, kind, record)
+                    Some((id, record))
                 })
                 .collect();
-            index_ops = std::mem::take(&mut st.index_ops);
+            let writing: HashSet<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+            for (number, bytes) in &old {
+                for entry in disk::entries(*number, bytes)? {
+                    if let Entry::Put { id, loc, body } = entry {
+                        if !writing.contains(id) && st.journal.is_current(id, loc) {
+                            copies.push((id, body));
+                        }
+                    }
+                }
+            }
+            first = st.journal.next_chunk();
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
-        let result = Self::write_set(&taken, &index_ops).and_then(|set| self.disk.apply(&set));
+        let result = Self::encode(first, &copies, &taken).and_then(|written| {
+            self.disk.apply(&written.chunks, &remove)?;
+            Ok(written)
+        });
         let mut st = self.lock();
-        for (id, kind, _) in &taken {
-            if *kind == Dirty::Deleted {
-                st.deleting.remove(id);
+        let written = match result {
+            Ok(written) => written,
+            Err(e) => {
+                // Nothing is lost from memory: note everything again (unless changed since) for the next one.
+                for (id, record) in taken {
+                    st.dirty.entry(id).or_insert(if record.is_some() { Dirty::Put } else { Dirty::Delete });
+                }
+                return Err(e);
             }
+        };
+        for chunk in &written.chunks {
+            st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
         }
-        if let Err(e) = result {
-            // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
-            for (id, kind, _) in taken {
-                st.dirty.entry(id).or_insert(kind);
-            }
-            let mut ops = index_ops;
-            ops.append(&mut st.index_ops);
-            st.index_ops = ops;
-            return Err(e);
+        for (id, loc) in &written.puts {
+            st.journal.set(id, *loc);
         }
+        for id in &written.tombstones {
+            st.journal.clear(id);
+        }
+        st.journal.remove_chunks(&remove);
         self.unflushed.store(true, Ordering::SeqCst);
         // Finished records now on disk leave memory, unless they changed again meanwhile.
-        for (id, kind, record) in taken {
-            if let (Dirty::Finished, Some((generation, _))) = (kind, record) {
+        for (id, record) in taken {
+            if let Some((Some(generation), _)) = record {
                 if st.finished.get(&id).is_some_and(|(g, _)| *g == generation) {
                     st.finished.remove(&id);
                 }
@@ -344,40 +423,29 @@ impl Core {
         Ok(true)
     }
 
-    fn write_set(taken: &[Taken], index_ops: &[IndexOp]) -> Result<WriteSet, StoreError> {
-        let mut set = WriteSet::default();
-        for (id, kind, record) in taken {
-            match (kind, record) {
-                (Dirty::Live, Some((_, record))) => set.live_put.push((id.clone(), disk::encode(record)?)),
-                (Dirty::Revived, Some((_, record))) => {
-                    set.live_put.push((id.clone(), disk::encode(record)?));
-                    set.done_remove.push(id.clone());
+    /// Builds the chunks of a write-out: records moved out of compacted chunks first, then the changes (so a
+    /// change wins over a copy in recovery's last-entry-wins reading).
+    fn encode(first: u64, copies: &[(&str, &[u8])], taken: &[Taken]) -> Result<Written, StoreError> {
+        let mut writer = ChunkWriter::new(first);
+        let mut puts = Vec::with_capacity(copies.len() + taken.len());
+        let mut tombstones = Vec::new();
+        for (id, body) in copies {
+            puts.push((id.to_string(), writer.put_encoded(id, body)?));
+        }
+        for (id, record) in taken {
+            match record {
+                Some((_, record)) => puts.push((id.clone(), writer.put(record)?)),
+                None => {
+                    writer.delete(id)?;
+                    tombstones.push(id.clone());
                 }
-                (Dirty::Finished, Some((_, record))) => {
-                    set.done_put.push((id.clone(), disk::encode(record)?));
-                    set.live_remove.push(id.clone());
-                }
-                (Dirty::Deleted, _) => {
-                    set.live_remove.push(id.clone());
-                    set.done_remove.push(id.clone());
-                }
-                // The record left memory since it was noted (a later note covers it).
-                (_, None) => {}
             }
         }
-        for op in index_ops {
-            match op {
-                IndexOp::ExpiryInsert(k) => set.expiry_insert.push(k.clone()),
-                IndexOp::ExpiryRemove(k) => set.expiry_remove.push(k.clone()),
-                IndexOp::DeadInsert(k) => set.dead_insert.push(k.clone()),
-                IndexOp::DeadRemove(k) => set.dead_remove.push(k.clone()),
-            }
-        }
-        Ok(set)
+        Ok(Written { chunks: writer.finish().0, puts, tombstones })
     }
 
-    /// Writes out, and flushes if anything was written since the last flush (by this write-out or any other:
-    /// an admin op's, the expiry's). A waiter whose change is already flushed costs nothing.
+    /// Writes out, and flushes if anything was written since the last flush (by this write-out or any other).
+    /// A waiter whose change is already flushed costs nothing.
     fn persist(&self) -> Result<(), StoreError> {
         self.write_out()?;
         if self.unflushed.swap(false, Ordering::SeqCst) {
@@ -390,7 +458,7 @@ impl Core {
     }
 }
 
-/// The broker's state: in-memory queues over a durable sled copy.
+/// The broker's state: in-memory queues over a durable sled journal.
 pub struct Store {
     core: Arc<Core>,
     options: StoreOptions,
@@ -468,35 +536,53 @@ impl Store {
         &self.finished_notify
     }
 
+    /// Bytes in the journal, and bytes of current records in it.
+    pub fn journal_size(&self) -> (u64, u64) {
+        self.lock().journal.size()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.core.lock()
     }
 
-    /// Rebuilds the in-memory queues from the `live` tree.
+    /// Reads the journal back: the last entry of each task wins. Rebuilds the queues, the finished tasks'
+    /// index and the journal's account.
     fn recover(&self) -> Result<(), StoreError> {
         let now = self.now_ms();
-        let disk = &self.core.disk;
-        let mut records = disk.live_records()?;
+        let chunks = self.core.disk.chunks()?;
+        let mut latest: HashMap<&str, (Loc, &[u8])> = HashMap::new();
+        let mut st = self.lock();
+        for (number, bytes) in &chunks {
+            let mut tombstones = 0;
+            for entry in disk::entries(*number, bytes)? {
+                match entry {
+                    Entry::Put { id, loc, body } => {
+                        latest.insert(id, (loc, body));
+                    }
+                    Entry::Delete { id } => {
+                        latest.remove(id);
+                        tombstones += 1;
+                    }
+                }
+            }
+            st.journal.add_chunk(*number, bytes.len() as u64, tombstones);
+        }
+        let mut records = Vec::with_capacity(latest.len());
+        for (id, (loc, body)) in latest {
+            st.journal.set(id, loc);
+            records.push(disk::decode(id, body)?);
+        }
         // FIFO within a priority is `seq` order, which the records keep.
         records.sort_by_key(|r| r.seq);
-        let mut st = self.lock();
         let mut requeued = 0;
-        // Older finished copies of live tasks (an interrupted requeue), about to be removed from `done`.
-        let mut stale_done = 0u64;
         for mut record in records {
             st.next_seq = st.next_seq.max(record.seq);
-            // A crash between two steps of a move can leave a task in both trees: the higher `seq` is the truth,
-            // and on a tie (finishing keeps `seq`) the finished copy.
-            if let Some(done) = disk.load_done(&record.id)? {
-                if done.seq >= record.seq {
-                    st.generation += 1;
-                    let generation = st.generation;
-                    st.dirty.insert(done.id.clone(), Dirty::Finished);
-                    st.finished.insert(done.id.clone(), (generation, Arc::new(done)));
-                    continue;
-                }
-                st.dirty.insert(record.id.clone(), Dirty::Revived);
-                stale_done += 1;
+            if record.state.is_terminal() {
+                let meta = DoneMeta::of(&record);
+                st.expiry.insert((meta.expires_at_ms, record.id.clone()));
+                st.add_dead(&record.id, &meta);
+                st.done.insert(record.id, meta);
+                continue;
             }
             if record.state == TaskState::Started {
                 // Leased when the daemon stopped. A lease is not noted for writing, but a later write of the same
@@ -527,25 +613,16 @@ impl Store {
             }
             st.live.insert(record.id.clone(), Arc::new(record));
         }
-        for (queue, id, key) in disk.dead_entries(None, usize::MAX)? {
-            // Only the key of the task's latest failure counts; a crash mid-write can leave older ones.
-            let current = match disk.load_done(&id)? {
-                Some(record) if record.state == TaskState::Failure && !st.live.contains_key(&id) => {
-                    keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id) == key
-                }
-                _ => false,
-            };
-            if current {
-                st.queue(&queue).dead += 1;
-            } else {
-                st.index_ops.push(IndexOp::DeadRemove(key));
-            }
-        }
-        // Kept results: the done tree, plus tasks finished during recovery that are not in it yet.
-        let newly_finished = st.finished.keys().filter(|id| matches!(disk.load_done(id), Ok(None))).count();
-        st.results_stored = (disk.count_done() + newly_finished as u64).saturating_sub(stale_done);
         st.next_lease_id = now.saturating_mul(1000);
-        tracing::info!(live = st.live.len(), requeued, results = st.results_stored, "store recovered");
+        let (bytes, current) = st.journal.size();
+        tracing::info!(
+            live = st.live.len(),
+            requeued,
+            results = st.done.len(),
+            journal_bytes = bytes,
+            current_bytes = current,
+            "store recovered"
+        );
         Ok(())
     }
 
@@ -574,17 +651,6 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a task with this id exists (in memory, or on disk and not being deleted); its state if so.
-    fn existing_state(&self, st: &State, id: &str) -> Result<Option<TaskState>, StoreError> {
-        if let Some(record) = st.record(id) {
-            return Ok(Some(record.state));
-        }
-        if st.is_deleted(id) {
-            return Ok(None);
-        }
-        Ok(self.core.disk.load_done(id)?.map(|r| r.state))
-    }
-
     /// Stores new tasks (or finds existing ones by id). All are validated before any is stored.
     pub fn enqueue(&self, specs: Vec<TaskSpec>) -> Result<Vec<Enqueued>, StoreError> {
         for (i, spec) in specs.iter().enumerate() {
@@ -599,7 +665,7 @@ impl Store {
         let mut st = self.lock();
         for spec in specs {
             if let Some(id) = &spec.id {
-                if let Some(state) = self.existing_state(&st, id)? {
+                if let Some(state) = st.state_of(id) {
                     out.push(Enqueued { id: id.clone(), created: false, state });
                     continue;
                 }
@@ -915,42 +981,27 @@ impl Store {
             self.ready_notify.notify_waiters();
             self.finished_notify.notify_waiters();
         }
-        if self.expire_results(now)? > 0 {
+        if self.expire_results(now) > 0 {
             self.finished_notify.notify_waiters();
         }
         Ok(())
     }
 
-    /// Removes results whose TTL has passed. The expiry index is on disk, so this writes out first.
-    fn expire_results(&self, now: u64) -> Result<usize, StoreError> {
-        let disk = &self.core.disk;
-        let due = disk.due_expiries(now, EXPIRY_BATCH)?;
-        if due.is_empty() {
-            return Ok(0);
-        }
-        self.core.write_out()?;
-        let mut expired = 0;
+    /// Removes results whose TTL has passed.
+    fn expire_results(&self, now: u64) -> usize {
         let mut st = self.lock();
-        for (key, at, id) in due {
-            st.index_ops.push(IndexOp::ExpiryRemove(key));
-            // A task that changed since (requeued, or finished again) has its own, newer expiry.
-            if st.record(&id).is_some() || st.dirty.contains_key(&id) || st.deleting.contains(&id) {
-                continue;
+        let mut expired = 0;
+        for _ in 0..EXPIRY_BATCH {
+            let Some((at, id)) = st.expiry.pop_first() else { break };
+            if at > now {
+                st.expiry.insert((at, id));
+                break;
             }
-            let Some(record) = disk.load_done(&id)? else { continue };
-            if !record.state.is_terminal() || record.result_expires_at_ms != Some(at) {
+            // A task that changed since (requeued, or finished again) has its own, newer entry.
+            if st.done.get(&id).is_none_or(|meta| meta.expires_at_ms != at) || st.live.contains_key(&id) {
                 continue;
-            }
-            if record.state == TaskState::Failure {
-                st.index_ops.push(IndexOp::DeadRemove(keys::dead(
-                    &record.queue,
-                    record.finished_at_ms.unwrap_or(0),
-                    &id,
-                )));
-                decrement(&mut st.queue(&record.queue).dead);
             }
             st.delete(&id);
-            decrement(&mut st.results_stored);
             st.totals.expired_results += 1;
             expired += 1;
         }
@@ -958,21 +1009,36 @@ impl Store {
         if expired > 0 {
             tracing::debug!(expired, "results expired");
         }
-        Ok(expired)
+        expired
+    }
+
+    /// Calls `f` on a task's record, wherever it is: in memory, or read back from the journal.
+    fn with_record<T>(&self, id: &str, f: impl Fn(&TaskRecord) -> T) -> Result<Option<T>, StoreError> {
+        // A compaction can move the record between reading its place and reading the chunk: look again.
+        for _ in 0..8 {
+            let loc = {
+                let st = self.lock();
+                if let Some(record) = st.record(id) {
+                    return Ok(Some(f(record)));
+                }
+                if !st.done.contains_key(id) {
+                    return Ok(None);
+                }
+                st.journal.loc(id).ok_or_else(|| StoreError::Corrupt {
+                    id: id.to_string(),
+                    message: "finished task with no record in memory or on disk".into(),
+                })?
+            };
+            if let Some(record) = self.core.disk.read(id, loc)? {
+                return Ok(Some(f(&record)));
+            }
+        }
+        Err(StoreError::Flush(format!("the record of {id} kept moving while being read")))
     }
 
     /// Reads a task.
     pub fn get(&self, id: &str) -> Result<TaskInfo, StoreError> {
-        {
-            let st = self.lock();
-            if let Some(record) = st.record(id) {
-                return Ok(record.info());
-            }
-            if st.is_deleted(id) {
-                return Err(StoreError::NotFound(id.to_string()));
-            }
-        }
-        self.core.disk.load_done(id)?.map(|r| r.info()).ok_or_else(|| StoreError::NotFound(id.to_string()))
+        self.with_record(id, TaskRecord::info)?.ok_or_else(|| StoreError::NotFound(id.to_string()))
     }
 
     /// Revokes a task; returns its state afterwards.
@@ -1018,16 +1084,22 @@ impl Store {
         ids.len() as u64
     }
 
+    /// Ids in the dead set: of one queue or all (`"*"` or `None`); per queue oldest failure first, queues in
+    /// name order.
+    fn dead_ids(&self, queue: Option<&str>, limit: usize) -> Vec<TaskId> {
+        let st = self.lock();
+        let sets: Vec<&BTreeSet<(u64, TaskId)>> = match queue {
+            Some(q) if q != "*" => st.dead.get(q).into_iter().collect(),
+            _ => st.dead.values().collect(),
+        };
+        sets.into_iter().flatten().take(limit).map(|(_, id)| id.clone()).collect()
+    }
+
     /// Lists dead tasks: per queue, oldest failure first; queues in name order.
     pub fn dead_list(&self, queue: Option<&str>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
-        self.core.write_out()?;
         let mut out = Vec::new();
-        // Stale keys (requeued tasks not yet cleaned) are skipped, so read a little more than asked.
-        for (_, id, _) in self.core.disk.dead_entries(queue, limit.saturating_mul(2).saturating_add(16))? {
-            if out.len() >= limit {
-                break;
-            }
-            if let Ok(info) = self.get(&id) {
+        for id in self.dead_ids(queue, limit) {
+            if let Some(info) = self.with_record(&id, TaskRecord::info)? {
                 if info.state == TaskState::Failure {
                     out.push(info);
                 }
@@ -1038,25 +1110,22 @@ impl Store {
 
     /// Puts dead tasks back in their queues as new tasks.
     pub fn dead_requeue(&self, request: &DeadRequeue) -> Result<u64, StoreError> {
-        self.core.write_out()?;
         let mut ids = request.ids.clone();
         if let Some(queue) = &request.queue {
-            ids.extend(self.core.disk.dead_entries(Some(queue), usize::MAX)?.into_iter().map(|(_, id, _)| id));
+            ids.extend(self.dead_ids(Some(queue), usize::MAX));
         }
         let now = self.now_ms();
         let mut count = 0;
         for id in ids {
+            let Some(mut record) = self.with_record(&id, TaskRecord::clone)? else { continue };
             let mut st = self.lock();
-            let record = match st.finished.get(&id) {
-                Some((_, r)) => Some((**r).clone()),
-                None if st.live.contains_key(&id) || st.is_deleted(&id) => None,
-                None => self.core.disk.load_done(&id)?,
-            };
-            let Some(mut record) = record.filter(|r| r.state == TaskState::Failure) else { continue };
-            st.index_ops.push(IndexOp::DeadRemove(keys::dead(&record.queue, record.finished_at_ms.unwrap_or(0), &id)));
-            decrement(&mut st.queue(&record.queue).dead);
-            decrement(&mut st.results_stored);
-            st.finished.remove(&id);
+            // Still the same failure (nothing requeued or removed it meanwhile)?
+            match st.done.get(&id) {
+                Some(meta)
+                    if meta.state == TaskState::Failure && Some(meta.finished_at_ms) == record.finished_at_ms => {}
+                _ => continue,
+            }
+            st.forget_done(&id);
             record.attempts = 0;
             record.lease_losses = 0;
             record.error = None;
@@ -1065,7 +1134,6 @@ impl Store {
             record.eta_ms = None;
             record.state = TaskState::Pending;
             self.return_to_queue(&mut st, record, now);
-            st.dirty.insert(id.clone(), Dirty::Revived);
             count += 1;
         }
         if count > 0 {
@@ -1092,7 +1160,7 @@ impl Store {
                 })
                 .collect(),
             totals: st.totals.clone(),
-            results_stored: st.results_stored,
+            results_stored: st.done.len() as u64,
             leases_by_conn: st.by_conn.iter().map(|(c, s)| (*c, s.len() as u64)).collect(),
         }
     }
@@ -1144,7 +1212,6 @@ impl Store {
         let expires = now.saturating_add(ttl_ms);
         record.finished_at_ms = Some(now);
         record.result_expires_at_ms = Some(expires);
-        st.index_ops.push(IndexOp::ExpiryInsert(keys::expiry(expires, &record.id)));
         st.retire(record);
     }
 
@@ -1162,8 +1229,6 @@ impl Store {
     /// Moves a task to the dead set (`FAILURE`).
     fn bury(&self, st: &mut State, mut record: TaskRecord, now: u64) {
         record.state = TaskState::Failure;
-        st.index_ops.push(IndexOp::DeadInsert(keys::dead(&record.queue, now, &record.id)));
-        st.queue(&record.queue).dead += 1;
         st.totals.dead += 1;
         let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
         self.finish(st, record, now, ttl)
