@@ -62,6 +62,9 @@ pub struct Config {
     pub max_lease_losses: u32,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
+    /// The data directory is rewritten to give freed space back once sled's files are larger than this and
+    /// four times the journal in them.
+    pub shrink_min_bytes: u64,
 }
 
 impl Default for Config {
@@ -82,7 +85,8 @@ impl Default for Config {
             max_wait_ms: 300_000,
             tick_ms: 50,
             max_lease_losses: 10,
-            cache_capacity_bytes: 128 * 1024 * 1024,
+            cache_capacity_bytes: 32 * 1024 * 1024,
+            shrink_min_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -194,10 +194,10 @@ async fn an_older_data_directory_is_moved_into_the_journal() {
     server.stop_keep_dir().await;
 
     {
-        let db = sled::open(server.dir.path()).unwrap();
-        let journal = db.open_tree("journal").unwrap();
+        // The records as the daemon wrote them...
         let mut records = std::collections::HashMap::<String, TaskRecord>::new();
-        for chunk in journal.iter() {
+        let current = server.dir.path().join("sled-1");
+        for chunk in sled::open(&current).unwrap().open_tree("journal").unwrap().iter() {
             let (key, bytes) = chunk.unwrap();
             for entry in entries(u64::from_be_bytes(key.as_ref().try_into().unwrap()), &bytes).unwrap() {
                 if let Entry::Put { id, body, .. } = entry {
@@ -205,7 +205,10 @@ async fn an_older_data_directory_is_moved_into_the_journal() {
                 }
             }
         }
-        db.drop_tree("journal").unwrap();
+        // ... into the old layout: sled's files at the top of the data directory, one tree per kind.
+        std::fs::remove_dir_all(&current).unwrap();
+        std::fs::remove_file(server.dir.path().join("CURRENT")).unwrap();
+        let db = sled::open(server.dir.path()).unwrap();
         let live = db.open_tree("live").unwrap();
         let done = db.open_tree("done").unwrap();
         let named = |r: &TaskRecord| rmp_serde::to_vec_named(r).unwrap();
@@ -248,11 +251,25 @@ async fn an_older_data_directory_is_moved_into_the_journal() {
             assert!(!names.contains(&old.to_string()), "old tree {old} still there: {names:?}");
         }
     }
-    // The move is done once: a second start sees the same.
+    // The move is done once: a second start sees the same. Its first rewrite (forced here by a zero threshold)
+    // moves the database out of the top of the data directory into `sled-1`.
+    server.config.shrink_min_bytes = 0;
     server.start_again().await;
     let client = server.client().await;
+    let root = server.dir.path().to_path_buf();
+    common::eventually("the first rewrite", Duration::from_secs(10), || async {
+        std::fs::read_to_string(root.join("CURRENT")).ok().filter(|c| c.trim() == "sled-1")
+    })
+    .await;
+    for file in ["conf", "db", "blobs"] {
+        assert!(!root.join(file).exists(), "{file} left at the top of the data directory");
+    }
     assert_eq!(client.get(&finished).await.unwrap().state, TaskState::Success);
     assert_eq!(client.get(&requeued).await.unwrap().state, TaskState::Pending, "its lease ended with the daemon");
+    drop(client);
+    server.restart().await;
+    let client = server.client().await;
+    assert_eq!(client.get(&finished).await.unwrap().result, Some(Value::from("done")));
 }
 
 /// Old journal chunks whose records are mostly gone are compacted: their current records are copied forward
@@ -306,4 +323,59 @@ async fn compaction_keeps_every_current_record_and_nothing_deleted() {
         assert_eq!((info.queue.as_str(), &info.args[0]), ("c", &payload));
     }
     assert!(client.get(&gone).await.unwrap_err().is(ErrorCode::NotFound));
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .unwrap()
+        .flatten()
+        .map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) })
+        .sum()
+}
+
+/// sled never gives freed space back, so once results expire the daemon rewrites its database into a new
+/// directory and removes the old one: the data directory shrinks, and what was kept is still there.
+#[tokio::test]
+async fn the_data_directory_shrinks_back_after_results_expire() {
+    let mut server = TestServer::start_with(|c| c.shrink_min_bytes = 1 << 20, true).await;
+    let client = server.client().await;
+    let kept = client.enqueue(TaskSpec { queue: Some("keep".into()), ..TaskSpec::new("job") }).await.unwrap().id;
+    let payload = Value::from("r".repeat(2000));
+    for _ in 0..20 {
+        let batch = (0..100)
+            .map(|_| TaskSpec { args: vec![payload.clone()], result_ttl_ms: Some(60_000), ..TaskSpec::new("job") })
+            .collect();
+        client.enqueue_batch(batch).await.unwrap();
+        for t in client.lease(&lease(100)).await.unwrap() {
+            client.ack(&t.id, t.lease_id, payload.clone()).await.unwrap();
+        }
+    }
+    assert_eq!(client.stats().await.unwrap().results_stored, 2000);
+    let before = dir_bytes(server.dir.path());
+    assert!(before > 8 << 20, "data dir of {before} bytes");
+
+    server.clock().advance(Duration::from_secs(61));
+    server.tick();
+    assert_eq!(client.stats().await.unwrap().results_stored, 0);
+    // A durable op makes the write-out that removes the expired records' chunks; the next check shrinks.
+    client.enqueue(TaskSpec { queue: Some("tick".into()), ..TaskSpec::new("tick") }).await.unwrap();
+    server.clock().advance(Duration::from_secs(10));
+    server.tick();
+    let after = dir_bytes(server.dir.path());
+    assert!(after < before / 4, "data dir went from {before} to {after} bytes");
+
+    drop(client);
+    server.restart().await;
+    let client = server.client().await;
+    assert_eq!(client.get(&kept).await.unwrap().state, TaskState::Pending);
+    assert_eq!(client.stats().await.unwrap().results_stored, 0);
+    let current = std::fs::read_to_string(server.dir.path().join("CURRENT")).unwrap();
+    assert_eq!(current.trim(), "sled-2");
+    let dirs: Vec<_> = std::fs::read_dir(server.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sled-"))
+        .collect();
+    assert_eq!(dirs, vec!["sled-2".to_string()], "the old database is gone");
 }

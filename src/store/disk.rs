@@ -21,6 +21,9 @@
 //! compacted by copying those into the next write-out, oldest chunk first, when the journal holds much more than
 //! what is current.
 
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
+
 use broker_client::proto::TaskId;
 
 use super::record::TaskRecord;
@@ -212,8 +215,10 @@ impl ChunkWriter {
     }
 }
 
-/// The sled database and its journal.
-pub struct Disk {
+/// One sled database holding the journal.
+struct Db {
+    /// Its directory.
+    path: PathBuf,
     db: sled::Db,
     /// sled's log file, opened a second time: on Linux sled makes its writes stable with `sync_file_range`,
     /// which neither flushes the drive's write cache nor the file's size, so [`Disk::flush`] adds an
@@ -222,38 +227,111 @@ pub struct Disk {
     journal: sled::Tree,
 }
 
-/// The trees of the layout before the journal (one sled key per task and index entry).
-const OLD_TREES: [&str; 4] = ["live", "done", "expiry", "dead"];
-
-impl Disk {
-    /// Opens the database in `config.data_dir` (sled's own timed flush is off: the store flushes), moving the
-    /// records of a data directory in the older per-task layout into the journal first.
-    pub fn open(config: &Config) -> Result<Disk, StoreError> {
-        let db = sled::Config::new()
-            .path(&config.data_dir)
-            .cache_capacity(config.cache_capacity_bytes)
-            .flush_every_ms(None)
-            .open()?;
-        let log_path = config.data_dir.join("db");
+impl Db {
+    fn open(path: &Path, cache_capacity: u64) -> Result<Db, StoreError> {
+        let db = sled::Config::new().path(path).cache_capacity(cache_capacity).flush_every_ms(None).open()?;
+        let log_path = path.join("db");
         let log_file = std::fs::File::open(&log_path).map_err(|e| {
             StoreError::Flush(format!("cannot open sled's log file {} to sync it: {e}", log_path.display()))
         })?;
-        let disk = Disk { log_file, journal: db.open_tree("journal")?, db };
+        Ok(Db { path: path.to_path_buf(), journal: db.open_tree("journal")?, db, log_file })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.log_file.sync_data().map_err(|e| StoreError::Flush(format!("fdatasync of sled's log: {e}")))?;
+        Ok(())
+    }
+}
+
+/// The data directory: the sled database in use, which [`Disk::rewrite`] can replace by a compact copy.
+///
+/// Layout: `CURRENT` names the database directory in use (`sled-N`). sled reuses the space of removed data but
+/// never gives it back to the filesystem, so shrinking the directory means copying the journal into a new
+/// database `sled-N+1`, flushing it, pointing `CURRENT` at it (write, fsync, rename: atomic), and removing the
+/// old one. A crash before the rename leaves the old database in use; any `sled-*` directory `CURRENT` does not
+/// name is removed at startup. A data directory from before this layout (sled's files at its top) is used in
+/// place until its first rewrite.
+pub struct Disk {
+    root: PathBuf,
+    cache_capacity: u64,
+    current: RwLock<Db>,
+}
+
+/// The trees of the layout before the journal (one sled key per task and index entry).
+const OLD_TREES: [&str; 4] = ["live", "done", "expiry", "dead"];
+/// sled's files at the top of a data directory from before the `CURRENT` layout (and its `snap.*` files).
+const TOP_LEVEL_SLED: [&str; 3] = ["conf", "db", "blobs"];
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Flush(format!("{what} {}: {e}", path.display()))
+}
+
+fn sync_dir(path: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync directory", path, e))
+}
+
+impl Disk {
+    /// Opens the database in use in `config.data_dir` (sled's own timed flush is off: the store flushes),
+    /// moving the records of a data directory in the older per-task layout into the journal first.
+    pub fn open(config: &Config) -> Result<Disk, StoreError> {
+        let root = config.data_dir.clone();
+        std::fs::create_dir_all(&root).map_err(|e| io_error("cannot create data dir", &root, e))?;
+        let pointer = root.join("CURRENT");
+        let path = match std::fs::read_to_string(&pointer) {
+            Ok(name) => root.join(name.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && root.join("conf").exists() => root.clone(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let path = root.join("sled-1");
+                Self::point_at(&root, &path)?;
+                path
+            }
+            Err(e) => return Err(io_error("cannot read", &pointer, e)),
+        };
+        // Leftovers of an interrupted rewrite.
+        for entry in std::fs::read_dir(&root).map_err(|e| io_error("cannot list", &root, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("sled-") && entry.path() != path {
+                tracing::info!(dir = %entry.path().display(), "removing an unused database directory");
+                std::fs::remove_dir_all(entry.path()).map_err(|e| io_error("cannot remove", &entry.path(), e))?;
+            }
+        }
+        let db = Db::open(&path, config.cache_capacity_bytes)?;
+        let disk = Disk { root, cache_capacity: config.cache_capacity_bytes, current: RwLock::new(db) };
         disk.migrate()?;
         Ok(disk)
+    }
+
+    /// Makes `CURRENT` name `path`: written aside, synced, renamed over the old one, directory synced.
+    fn point_at(root: &Path, path: &Path) -> Result<(), StoreError> {
+        let name = path.file_name().expect("a sled-N directory").to_string_lossy().into_owned();
+        let tmp = root.join("CURRENT.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, root.join("CURRENT"))
+        };
+        write().map_err(|e| io_error("cannot write", &root.join("CURRENT"), e))?;
+        sync_dir(root)
+    }
+
+    fn db(&self) -> RwLockReadGuard<'_, Db> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves the records of the per-task layout (trees `live` and `done`; a task found in both keeps the copy
     /// with the higher `seq`, the finished one on a tie) into the journal, then drops the old trees. A crash
     /// in between repeats the move at the next start, which appends the same records again: harmless.
     fn migrate(&self) -> Result<(), StoreError> {
-        let names = self.db.tree_names();
+        let db = self.db();
+        let names = db.db.tree_names();
         if !OLD_TREES.iter().any(|t| names.iter().any(|n| n.as_ref() == t.as_bytes())) {
             return Ok(());
         }
         let mut records: std::collections::HashMap<TaskId, TaskRecord> = Default::default();
         for (tree, finished) in [("done", true), ("live", false)] {
-            for entry in self.db.open_tree(tree)?.iter() {
+            for entry in db.db.open_tree(tree)?.iter() {
                 let (key, bytes) = entry?;
                 let record = decode(&String::from_utf8_lossy(&key), &bytes)?;
                 match records.get(&record.id) {
@@ -264,6 +342,7 @@ impl Disk {
                 }
             }
         }
+        drop(db);
         if !records.is_empty() {
             let first = self.last_chunk()?.map_or(0, |n| n + 1);
             let mut writer = ChunkWriter::new(first);
@@ -273,22 +352,23 @@ impl Disk {
             self.apply(&writer.finish().0, &[])?;
             self.flush()?;
         }
+        let db = self.db();
         for tree in OLD_TREES {
-            self.db.drop_tree(tree)?;
+            db.db.drop_tree(tree)?;
         }
-        self.flush()?;
+        db.flush()?;
         tracing::info!(records = records.len(), "moved the per-task trees of an older data directory into the journal");
         Ok(())
     }
 
     fn last_chunk(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.journal.last()?.and_then(|(key, _)| Some(u64::from_be_bytes(key.as_ref().try_into().ok()?))))
+        Ok(self.db().journal.last()?.and_then(|(key, _)| Some(u64::from_be_bytes(key.as_ref().try_into().ok()?))))
     }
 
     /// Every chunk, in order (startup).
     pub fn chunks(&self) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.journal.iter() {
+        for entry in self.db().journal.iter() {
             let (key, bytes) = entry?;
             let number = u64::from_be_bytes(
                 key.as_ref().try_into().map_err(|_| corrupt(0, format!("bad journal key {:?}", key.as_ref())))?,
@@ -300,7 +380,7 @@ impl Disk {
 
     /// One chunk, if it is still there.
     pub fn chunk(&self, number: u64) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.journal.get(number.to_be_bytes())?)
+        Ok(self.db().journal.get(number.to_be_bytes())?)
     }
 
     /// Reads the record at `loc`; `None` if its chunk is gone (it was compacted since `loc` was read).
@@ -325,15 +405,73 @@ impl Disk {
         for number in remove {
             batch.remove(&number.to_be_bytes());
         }
-        self.journal.apply_batch(batch)?;
+        self.db().journal.apply_batch(batch)?;
         Ok(())
     }
 
     /// Makes everything applied so far durable: sled writes its buffers out, then the log file is fdatasync'ed.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.log_file.sync_data().map_err(|e| StoreError::Flush(format!("fdatasync of sled's log: {e}")))?;
+        self.db().flush()
+    }
+
+    /// Bytes sled's files take.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db().db.size_on_disk()?)
+    }
+
+    /// Removes sled's files from the top of a data directory of the layout before `CURRENT`.
+    fn remove_top_level(root: &Path) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(root)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if TOP_LEVEL_SLED.contains(&name.as_str()) || name.starts_with("snap.") {
+                if entry.path().is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                } else {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Copies the journal into a new database, switches to it and removes the old one (see [`Disk`]). The
+    /// caller holds off write-outs meanwhile. Returns sled's size before and after.
+    pub fn rewrite(&self) -> Result<(u64, u64), StoreError> {
+        let before = self.size_on_disk()?;
+        let old_path = self.db().path.clone();
+        let generation =
+            old_path.file_name().and_then(|n| n.to_str()?.strip_prefix("sled-")?.parse::<u64>().ok()).unwrap_or(0);
+        let path = self.root.join(format!("sled-{}", generation + 1));
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| io_error("cannot remove", &path, e))?;
+        }
+        let new = Db::open(&path, self.cache_capacity)?;
+        {
+            let old = self.db();
+            let mut batch = sled::Batch::default();
+            let mut batched = 0;
+            for entry in old.journal.iter() {
+                let (key, value) = entry?;
+                batch.insert(key, value);
+                batched += 1;
+                if batched == 256 {
+                    new.journal.apply_batch(std::mem::take(&mut batch))?;
+                    batched = 0;
+                }
+            }
+            new.journal.apply_batch(batch)?;
+            // The old database's writes not flushed yet are in the copy: flushing it covers them.
+            new.flush()?;
+        }
+        Self::point_at(&self.root, &path)?;
+        let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|p| p.into_inner()), new);
+        drop(old);
+        let removed =
+            if old_path == self.root { Self::remove_top_level(&self.root) } else { std::fs::remove_dir_all(&old_path) };
+        if let Err(e) = removed {
+            tracing::warn!(dir = %old_path.display(), error = %e, "could not remove the old database");
+        }
+        Ok((before, self.size_on_disk()?))
     }
 }
 

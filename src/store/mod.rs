@@ -94,6 +94,8 @@ pub struct StoreOptions {
     pub fsync: FsyncPolicy,
     /// Flush period (the only flushes under `interval`; background write-out under `always`).
     pub fsync_interval: Duration,
+    /// See [`Config::shrink_min_bytes`].
+    pub shrink_min_bytes: u64,
 }
 
 impl From<&Config> for StoreOptions {
@@ -106,6 +108,7 @@ impl From<&Config> for StoreOptions {
             max_lease_losses: config.max_lease_losses.max(1),
             fsync: config.fsync,
             fsync_interval: Duration::from_millis(config.fsync_interval_ms.max(1)),
+            shrink_min_bytes: config.shrink_min_bytes,
         }
     }
 }
@@ -115,6 +118,8 @@ const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_DELAY_MAX_MS: u64 = 3_600_000;
 /// How many expired results one tick removes at most, so a tick never stalls the daemon.
 const EXPIRY_BATCH: usize = 10_000;
+/// How often (store clock) a tick checks whether the data directory should be rewritten to shrink.
+const SHRINK_CHECK_MS: u64 = 10_000;
 
 #[derive(Debug, Default)]
 struct QueueIndex {
@@ -420,6 +425,14 @@ impl Core {
                 }
             }
         }
+        // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
+        // survives a crash without the writes that emptied them.
+        let emptied = st.journal.to_remove(&[]);
+        drop(st);
+        if !emptied.is_empty() {
+            self.disk.apply(&[], &emptied)?;
+            self.lock().journal.remove_chunks(&emptied);
+        }
         Ok(true)
     }
 
@@ -469,6 +482,8 @@ pub struct Store {
     ready_notify: Notify,
     /// Woken whenever a task reaches a terminal state or disappears.
     finished_notify: Notify,
+    /// When the tick last checked the data directory's size.
+    shrink_checked_ms: AtomicU64,
 }
 
 impl Store {
@@ -494,6 +509,7 @@ impl Store {
             clock,
             ready_notify: Notify::new(),
             finished_notify: Notify::new(),
+            shrink_checked_ms: AtomicU64::new(0),
         };
         store.recover()?;
         store.core.persist()?;
@@ -984,7 +1000,33 @@ impl Store {
         if self.expire_results(now) > 0 {
             self.finished_notify.notify_waiters();
         }
+        if now.saturating_sub(self.shrink_checked_ms.load(Ordering::Relaxed)) >= SHRINK_CHECK_MS {
+            self.shrink_checked_ms.store(now, Ordering::Relaxed);
+            self.shrink_if_bloated()?;
+        }
         Ok(())
+    }
+
+    /// Rewrites the data directory if sled's files are much larger than the journal in them (see
+    /// [`Config::shrink_min_bytes`]). Returns whether it did.
+    pub fn shrink_if_bloated(&self) -> Result<bool, StoreError> {
+        let disk = &self.core.disk;
+        let on_disk = disk.size_on_disk()?;
+        let (journal, _) = self.journal_size();
+        if on_disk <= self.options.shrink_min_bytes.max(journal.saturating_mul(4)) {
+            return Ok(false);
+        }
+        let _order = self.core.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
+        let (before, after) = disk.rewrite()?;
+        tracing::info!(
+            before,
+            after,
+            journal,
+            took_ms = started.elapsed().as_millis() as u64,
+            "data directory rewritten"
+        );
+        Ok(true)
     }
 
     /// Removes results whose TTL has passed.
