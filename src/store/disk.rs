@@ -22,7 +22,7 @@
 //! what is current.
 
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use broker_client::proto::TaskId;
 
@@ -256,6 +256,8 @@ pub struct Disk {
     root: PathBuf,
     cache_capacity: u64,
     current: RwLock<Db>,
+    /// While a rewrite copies the journal: the batches applied meanwhile, to replay into the copy.
+    rewrite_log: Mutex<Option<Vec<sled::Batch>>>,
 }
 
 /// The trees of the layout before the journal (one sled key per task and index entry).
@@ -297,7 +299,12 @@ impl Disk {
             }
         }
         let db = Db::open(&path, config.cache_capacity_bytes)?;
-        let disk = Disk { root, cache_capacity: config.cache_capacity_bytes, current: RwLock::new(db) };
+        let disk = Disk {
+            root,
+            cache_capacity: config.cache_capacity_bytes,
+            current: RwLock::new(db),
+            rewrite_log: Mutex::new(None),
+        };
         disk.migrate()?;
         Ok(disk)
     }
@@ -405,7 +412,11 @@ impl Disk {
         for number in remove {
             batch.remove(&number.to_be_bytes());
         }
+        let noted = self.noted().is_some().then(|| batch.clone());
         self.db().journal.apply_batch(batch)?;
+        if let (Some(batch), Some(log)) = (noted, self.noted().as_mut()) {
+            log.push(batch);
+        }
         Ok(())
     }
 
@@ -434,9 +445,10 @@ impl Disk {
         Ok(())
     }
 
-    /// Copies the journal into a new database, switches to it and removes the old one (see [`Disk`]). The
-    /// caller holds off write-outs meanwhile. Returns sled's size before and after.
-    pub fn rewrite(&self) -> Result<(u64, u64), StoreError> {
+    /// Starts copying the journal into a new database (see [`Disk`]): creates it, and from now on every
+    /// [`Disk::apply`] is also noted, to be replayed into the copy. The caller holds off write-outs during this
+    /// call and during [`Disk::finish_rewrite`], not in between, while [`Disk::copy_for_rewrite`] runs.
+    pub fn begin_rewrite(&self) -> Result<Rewrite, StoreError> {
         let before = self.size_on_disk()?;
         let old_path = self.db().path.clone();
         let generation =
@@ -446,32 +458,75 @@ impl Disk {
             std::fs::remove_dir_all(&path).map_err(|e| io_error("cannot remove", &path, e))?;
         }
         let new = Db::open(&path, self.cache_capacity)?;
-        {
-            let old = self.db();
-            let mut batch = sled::Batch::default();
-            let mut batched = 0;
-            for entry in old.journal.iter() {
-                let (key, value) = entry?;
-                batch.insert(key, value);
-                batched += 1;
-                if batched == 256 {
-                    new.journal.apply_batch(std::mem::take(&mut batch))?;
-                    batched = 0;
-                }
+        *self.noted() = Some(Vec::new());
+        Ok(Rewrite { new: Some(new), old_path, before })
+    }
+
+    fn noted(&self) -> MutexGuard<'_, Option<Vec<sled::Batch>>> {
+        self.rewrite_log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copies every chunk into the new database. Chunks are never changed once written, only added and
+    /// removed, so a copy taken while write-outs go on, followed by the replay of what they did meanwhile, is
+    /// exactly the journal.
+    pub fn copy_for_rewrite(&self, rewrite: &Rewrite) -> Result<(), StoreError> {
+        let new = rewrite.new.as_ref().expect("rewrite in progress");
+        let chunks = self.db().journal.iter();
+        let mut batch = sled::Batch::default();
+        let mut batched = 0;
+        for entry in chunks {
+            let (key, value) = entry?;
+            batch.insert(key, value);
+            batched += 1;
+            if batched == 256 {
+                new.journal.apply_batch(std::mem::take(&mut batch))?;
+                batched = 0;
             }
-            new.journal.apply_batch(batch)?;
-            // The old database's writes not flushed yet are in the copy: flushing it covers them.
-            new.flush()?;
         }
-        Self::point_at(&self.root, &path)?;
+        new.journal.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Replays the write-outs made during the copy, flushes the new database, points `CURRENT` at it, and
+    /// removes the old one. Returns sled's size before and after.
+    pub fn finish_rewrite(&self, mut rewrite: Rewrite) -> Result<(u64, u64), StoreError> {
+        let new = rewrite.new.take().expect("rewrite in progress");
+        let noted = self.noted().take().unwrap_or_default();
+        for batch in noted {
+            new.journal.apply_batch(batch)?;
+        }
+        // The old database's writes not flushed yet are in the copy: flushing it covers them.
+        new.flush()?;
+        Self::point_at(&self.root, &new.path)?;
         let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|p| p.into_inner()), new);
         drop(old);
+        let old_path = &rewrite.old_path;
         let removed =
-            if old_path == self.root { Self::remove_top_level(&self.root) } else { std::fs::remove_dir_all(&old_path) };
+            if *old_path == self.root { Self::remove_top_level(&self.root) } else { std::fs::remove_dir_all(old_path) };
         if let Err(e) = removed {
             tracing::warn!(dir = %old_path.display(), error = %e, "could not remove the old database");
         }
-        Ok((before, self.size_on_disk()?))
+        Ok((rewrite.before, self.size_on_disk()?))
+    }
+}
+
+/// A rewrite of the data directory in progress (see [`Disk::begin_rewrite`]). Dropped unfinished, it stops
+/// noting write-outs and removes the unfinished copy.
+pub struct Rewrite {
+    new: Option<Db>,
+    old_path: PathBuf,
+    before: u64,
+}
+
+impl Drop for Rewrite {
+    fn drop(&mut self) {
+        if let Some(new) = self.new.take() {
+            let path = new.path.clone();
+            drop(new);
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(dir = %path.display(), error = %e, "could not remove an unfinished copy");
+            }
+        }
     }
 }
 

@@ -1016,9 +1016,19 @@ impl Store {
         if on_disk <= self.options.shrink_min_bytes.max(journal.saturating_mul(4)) {
             return Ok(false);
         }
-        let _order = self.core.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Write-outs pause only while the copy starts and while it is finished, not while it is made.
+        let order = || self.core.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let started = std::time::Instant::now();
-        let (before, after) = disk.rewrite()?;
+        let rewrite = {
+            let _order = order();
+            disk.begin_rewrite()?
+        };
+        disk.copy_for_rewrite(&rewrite)?;
+        let (before, after) = {
+            let _order = order();
+            disk.finish_rewrite(rewrite)?
+        };
+        release_freed_memory();
         tracing::info!(
             before,
             after,
@@ -1308,6 +1318,16 @@ fn initial_counter(now_ms: u64) -> u64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     (x & 0xffff_ffff) << 16
+}
+
+/// Gives the memory freed by a closed database back to the system. glibc's allocator keeps freed memory in
+/// per-thread arenas; the old database's page cache would otherwise stay in the daemon's resident size.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Counters never wrap below zero, even if an index and a count ever disagree.
