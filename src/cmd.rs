@@ -135,8 +135,35 @@ fn durable_reply<T: Serialize>(shared: &Shared, id: u64, result: Result<T, Refus
     Outcome::Reply(reply(id, result), ticket)
 }
 
-fn body<T: DeserializeOwned>(request: Value) -> Result<T, Refusal> {
-    proto::from_value(request).map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid request: {e}")))
+/// Decodes a request's op fields straight from its frame (the envelope keys `id` and `op` are ignored).
+fn body<T: DeserializeOwned>(request: &[u8]) -> Result<T, Refusal> {
+    rmp_serde::from_slice(request).map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid request: {e}")))
+}
+
+/// The envelope of a request, read without building the rest of it.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    id: Option<u64>,
+    #[serde(borrow)]
+    op: Option<&'a str>,
+}
+
+/// Why a frame that is not a well-formed request envelope is refused.
+fn refuse_envelope(frame: &[u8]) -> ReplyFrame {
+    let request: Value = match rmp_serde::from_slice(frame) {
+        Ok(value) => value,
+        Err(e) => return error_frame(None, ErrorCode::BadFrame, &format!("not valid MessagePack: {e}")),
+    };
+    let Some(map) = request.as_map() else {
+        return error_frame(None, ErrorCode::BadFrame, "a request must be a MessagePack map");
+    };
+    let Some(id) = proto::map_get(map, "id").and_then(Value::as_u64) else {
+        return error_frame(None, ErrorCode::BadRequest, "missing or invalid field `id` (an unsigned integer)");
+    };
+    if proto::map_get(map, "op").and_then(Value::as_str).is_none() {
+        return error_frame(Some(id), ErrorCode::BadRequest, "missing or invalid field `op` (a string)");
+    }
+    error_frame(Some(id), ErrorCode::BadFrame, "the request envelope could not be read")
 }
 
 /// Handles one frame's payload.
@@ -144,27 +171,13 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
     if let Err(e) = check_msgpack(frame, MAX_DEPTH) {
         return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, &format!("not valid MessagePack: {e}")), None);
     }
-    let request: Value = match rmp_serde::from_slice(frame) {
-        Ok(value) => value,
-        Err(e) => {
-            return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, &format!("not valid MessagePack: {e}")), None)
-        }
+    // A map whose `id` and `op` read as they should; anything else is refused by the slower path that says why.
+    let is_map = frame.first().is_some_and(|b| matches!(b, 0x80..=0x8f | 0xde | 0xdf));
+    let (id, op_name) = match is_map.then(|| rmp_serde::from_slice::<Head>(frame)) {
+        Some(Ok(Head { id: Some(id), op: Some(op) })) => (id, op),
+        _ => return Outcome::Reply(refuse_envelope(frame), None),
     };
-    let Some(map) = request.as_map() else {
-        return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, "a request must be a MessagePack map"), None);
-    };
-    let Some(id) = proto::map_get(map, "id").and_then(Value::as_u64) else {
-        return Outcome::Reply(
-            error_frame(None, ErrorCode::BadRequest, "missing or invalid field `id` (an unsigned integer)"),
-            None,
-        );
-    };
-    let Some(op_name) = proto::map_get(map, "op").and_then(Value::as_str).map(str::to_string) else {
-        return Outcome::Reply(
-            error_frame(Some(id), ErrorCode::BadRequest, "missing or invalid field `op` (a string)"),
-            None,
-        );
-    };
+    let request = frame;
     if shared.shutdown.is_cancelled() {
         return Outcome::Reply(error_frame(Some(id), ErrorCode::ShuttingDown, "the daemon is shutting down"), None);
     }
@@ -174,7 +187,7 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
             None,
         );
     }
-    match op_name.as_str() {
+    match op_name {
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
         op::ENQUEUE => durable_reply(shared, id, enqueue(shared, request)),
         op::ENQUEUE_BATCH => durable_reply(shared, id, enqueue_batch(shared, request)),
@@ -196,7 +209,7 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
     }
 }
 
-fn hello(shared: &Shared, session: &mut Session, request: Value) -> Result<HelloReply, Refusal> {
+fn hello(shared: &Shared, session: &mut Session, request: &[u8]) -> Result<HelloReply, Refusal> {
     let hello: Hello = body(request)?;
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal::new(
@@ -215,13 +228,13 @@ fn hello(shared: &Shared, session: &mut Session, request: Value) -> Result<Hello
     })
 }
 
-fn enqueue(shared: &Shared, request: Value) -> Result<Enqueued, Refusal> {
+fn enqueue(shared: &Shared, request: &[u8]) -> Result<Enqueued, Refusal> {
     let request: Enqueue = body(request)?;
     let mut done = shared.store.enqueue(vec![request.task])?;
     done.pop().ok_or_else(|| Refusal::new(ErrorCode::Internal, "enqueue stored nothing"))
 }
 
-fn enqueue_batch(shared: &Shared, request: Value) -> Result<EnqueuedBatch, Refusal> {
+fn enqueue_batch(shared: &Shared, request: &[u8]) -> Result<EnqueuedBatch, Refusal> {
     let request: EnqueueBatch = body(request)?;
     if request.tasks.len() > shared.config.max_enqueue_batch {
         return Err(Refusal::new(
@@ -236,7 +249,7 @@ fn enqueue_batch(shared: &Shared, request: Value) -> Result<EnqueuedBatch, Refus
     Ok(EnqueuedBatch { tasks: shared.store.enqueue(request.tasks)? })
 }
 
-fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Outcome {
+fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
     let request: Lease = match body(request) {
         Ok(r) => r,
         Err(refusal) => return Outcome::Reply(reply::<Leased>(id, Err(refusal)), None),
@@ -324,20 +337,20 @@ fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn ack(shared: &Shared, request: Value) -> Result<Empty, Refusal> {
+fn ack(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
     let request: Ack = body(request)?;
     shared.store.ack(&request.task_id, request.lease_id, request.result)?;
     Ok(Empty {})
 }
 
-fn fail(shared: &Shared, request: Value) -> Result<Failed, Refusal> {
+fn fail(shared: &Shared, request: &[u8]) -> Result<Failed, Refusal> {
     let request: Fail = body(request)?;
     let outcome =
         shared.store.fail(&request.task_id, request.lease_id, request.error, request.retry, request.countdown_ms)?;
     Ok(Failed { state: outcome.state, retry_at_ms: outcome.retry_at_ms })
 }
 
-fn extend(shared: &Shared, request: Value) -> Result<Extended, Refusal> {
+fn extend(shared: &Shared, request: &[u8]) -> Result<Extended, Refusal> {
     let request: Extend = body(request)?;
     if request.lease_ms == Some(0) {
         return Err(Refusal::new(ErrorCode::BadRequest, "`lease_ms` must be positive"));
@@ -346,13 +359,13 @@ fn extend(shared: &Shared, request: Value) -> Result<Extended, Refusal> {
     Ok(Extended { deadline_ms, revoked })
 }
 
-fn release(shared: &Shared, request: Value) -> Result<Empty, Refusal> {
+fn release(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
     let request: Release = body(request)?;
     shared.store.release(&request.task_id, request.lease_id)?;
     Ok(Empty {})
 }
 
-fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Outcome {
+fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
     let request: Get = match body(request) {
         Ok(r) => r,
         Err(refusal) => return Outcome::Reply(reply::<TaskInfo>(id, Err(refusal)), None),
@@ -376,7 +389,7 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: Value) -> Outc
     }))
 }
 
-fn revoke(shared: &Shared, request: Value) -> Result<Revoked, Refusal> {
+fn revoke(shared: &Shared, request: &[u8]) -> Result<Revoked, Refusal> {
     let request: Revoke = body(request)?;
     Ok(Revoked { state: shared.store.revoke(&request.task_id)? })
 }
@@ -407,13 +420,13 @@ fn stats(shared: &Shared) -> Stats {
     }
 }
 
-fn purge(shared: &Shared, request: Value) -> Result<Purged, Refusal> {
+fn purge(shared: &Shared, request: &[u8]) -> Result<Purged, Refusal> {
     let request: Purge = body(request)?;
     validate_queue(&request.queue)?;
     Ok(Purged { purged: shared.store.purge(&request.queue) })
 }
 
-fn dead_list(shared: &Shared, request: Value) -> Result<DeadTasks, Refusal> {
+fn dead_list(shared: &Shared, request: &[u8]) -> Result<DeadTasks, Refusal> {
     let request: DeadList = body(request)?;
     if let Some(queue) = &request.queue {
         validate_name("queue", queue)?;
@@ -422,7 +435,7 @@ fn dead_list(shared: &Shared, request: Value) -> Result<DeadTasks, Refusal> {
     Ok(DeadTasks { tasks: shared.store.dead_list(request.queue.as_deref(), limit)? })
 }
 
-fn dead_requeue(shared: &Shared, request: Value) -> Result<Requeued, Refusal> {
+fn dead_requeue(shared: &Shared, request: &[u8]) -> Result<Requeued, Refusal> {
     let request: DeadRequeue = body(request)?;
     for id in &request.ids {
         validate_name("ids", id)?;

@@ -27,7 +27,8 @@ use crate::proto::{self, *};
 /// The callers waiting for replies, and why the connection closed once it has.
 #[derive(Default)]
 struct PendingState {
-    waiters: HashMap<u64, oneshot::Sender<Result<Value, Error>>>,
+    /// Each waiter gets the whole reply frame, whose body it decodes into the type it wants.
+    waiters: HashMap<u64, oneshot::Sender<Result<Bytes, Error>>>,
     closed: Option<Error>,
 }
 
@@ -111,7 +112,7 @@ impl ConnectOptions {
 struct Outgoing {
     id: u64,
     frame: Vec<u8>,
-    reply: oneshot::Sender<Result<Value, Error>>,
+    reply: oneshot::Sender<Result<Bytes, Error>>,
 }
 
 struct Shared {
@@ -155,8 +156,8 @@ impl Client {
         let frame = proto::encode(&RequestEnvelope { id: 0, op: op::HELLO, body: &hello })?;
         let (reply_tx, reply_rx) = oneshot::channel();
         tx.send(Outgoing { id: 0, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
-        let body = reply_rx.await.map_err(|_| Error::closed())??;
-        let server: HelloReply = decode_body(body)?;
+        let reply = reply_rx.await.map_err(|_| Error::closed())??;
+        let server = decode_body::<TypedReply<HelloReply>>(&reply)?.body;
         Ok(Client { shared: Arc::new(Shared { next_id: AtomicU64::new(1), outgoing: tx, pending, server }) })
     }
 
@@ -165,8 +166,20 @@ impl Client {
         &self.shared.server
     }
 
-    /// Sends any op with any body and returns the reply body undecoded. The typed methods are built on this.
+    /// Sends any op with any body and returns the reply body as a [`Value`].
     pub async fn call_raw<B: Serialize>(&self, op_name: &str, body: &B) -> Result<Value, Error> {
+        let frame = self.send(op_name, body).await?;
+        Ok(decode_body::<RawReply>(&frame)?.body)
+    }
+
+    /// Sends an op and decodes its reply body as `R`.
+    pub async fn call<B: Serialize, R: DeserializeOwned>(&self, op_name: &str, body: &B) -> Result<R, Error> {
+        let frame = self.send(op_name, body).await?;
+        Ok(decode_body::<TypedReply<R>>(&frame)?.body)
+    }
+
+    /// Sends a request and returns its successful reply's frame.
+    async fn send<B: Serialize>(&self, op_name: &str, body: &B) -> Result<Bytes, Error> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = proto::encode(&RequestEnvelope { id, op: op_name, body })?;
         // The daemon answers a frame it cannot read with an error that has no request id, which no caller could
@@ -182,11 +195,6 @@ impl Client {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.shared.outgoing.send(Outgoing { id, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
         reply_rx.await.map_err(|_| Error::closed())?
-    }
-
-    /// Sends an op and decodes its reply body as `R`.
-    pub async fn call<B: Serialize, R: DeserializeOwned>(&self, op_name: &str, body: &B) -> Result<R, Error> {
-        decode_body(self.call_raw(op_name, body).await?)
     }
 
     /// Enqueues one task; returns its id once the task is durable under the daemon's fsync policy.
@@ -279,8 +287,27 @@ pub fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn decode_body<R: DeserializeOwned>(body: Value) -> Result<R, Error> {
-    proto::from_value(body).map_err(|e| Error::new(ErrorKind::Protocol, format!("unexpected reply body: {e}")))
+/// A successful reply, its body as a [`Value`] (nil if absent).
+#[derive(serde::Deserialize)]
+struct RawReply {
+    #[serde(default = "nil")]
+    body: Value,
+}
+
+fn nil() -> Value {
+    Value::Nil
+}
+
+/// A successful reply, its body typed.
+#[derive(serde::Deserialize)]
+#[serde(bound = "R: DeserializeOwned")]
+struct TypedReply<R> {
+    body: R,
+}
+
+/// Decodes a reply frame's body straight from the frame (the envelope keys are ignored).
+fn decode_body<R: DeserializeOwned>(frame: &[u8]) -> Result<R, Error> {
+    rmp_serde::from_slice(frame).map_err(|e| Error::new(ErrorKind::Protocol, format!("unexpected reply body: {e}")))
 }
 
 async fn write_loop(
@@ -351,41 +378,32 @@ async fn read_loop(mut stream: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameC
         };
         let waiter = lock(&pending).waiters.remove(&id);
         if let Some(waiter) = waiter {
-            let _ = waiter.send(result);
+            let _ = waiter.send(result.map(|()| frame));
         }
     }
 }
 
-/// Splits a reply frame into its request id and its body or error.
-fn parse_reply(frame: &[u8]) -> Result<(Option<u64>, Result<Value, Error>), Error> {
-    let value: Value = rmp_serde::from_slice(frame)
-        .map_err(|e| Error::new(ErrorKind::Protocol, format!("reply is not MessagePack: {e}")))?;
-    let Value::Map(entries) = value else {
+/// A reply's envelope, read without its body.
+#[derive(serde::Deserialize)]
+struct ReplyHead {
+    id: Option<u64>,
+    ok: Option<bool>,
+    error: Option<WireError>,
+}
+
+/// Reads a reply frame's request id, and whether it succeeded (its body is decoded later, by the caller).
+fn parse_reply(frame: &[u8]) -> Result<(Option<u64>, Result<(), Error>), Error> {
+    if !frame.first().is_some_and(|b| matches!(b, 0x80..=0x8f | 0xde | 0xdf)) {
         return Err(Error::new(ErrorKind::Protocol, "reply is not a map"));
-    };
-    let mut id = None;
-    let mut ok = None;
-    let mut body = Value::Nil;
-    let mut error = None;
-    for (key, value) in entries {
-        match key.as_str() {
-            Some("id") => id = value.as_u64(),
-            Some("ok") => ok = value.as_bool(),
-            Some("body") => body = value,
-            Some("error") => error = Some(value),
-            _ => {}
-        }
     }
-    let result = match (ok, error) {
-        (Some(true), _) => Ok(body),
-        (_, Some(error)) => {
-            let wire: WireError = proto::from_value(error)
-                .map_err(|e| Error::new(ErrorKind::Protocol, format!("malformed error reply: {e}")))?;
-            Err(Error::from_wire(wire))
-        }
+    let head: ReplyHead =
+        rmp_serde::from_slice(frame).map_err(|e| Error::new(ErrorKind::Protocol, format!("malformed reply: {e}")))?;
+    let result = match (head.ok, head.error) {
+        (Some(true), _) => Ok(()),
+        (_, Some(wire)) => Err(Error::from_wire(wire)),
         _ => Err(Error::new(ErrorKind::Protocol, "reply has neither ok nor error")),
     };
-    Ok((id, result))
+    Ok((head.id, result))
 }
 
 fn fail_all(pending: &Pending, error: Error) {

@@ -153,6 +153,7 @@ impl ChunkWriter {
             self.seal();
         }
         if self.current.is_empty() {
+            self.current.reserve(CHUNK_TARGET + CHUNK_TARGET / 2);
             self.current.push(FORMAT);
         }
         let id_len = u16::try_from(id.len())

@@ -2,11 +2,12 @@
 //! much of each chunk is still current. From that it picks the chunks a write-out removes and the ones it
 //! compacts. Only write-outs change it (they run one at a time), under the state lock.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use broker_client::proto::TaskId;
 
 use super::disk::Loc;
+use super::Map;
 
 /// Compaction starts once the journal is larger than this...
 const COMPACT_MIN_BYTES: u64 = 4 << 20;
@@ -26,7 +27,7 @@ struct ChunkStat {
 /// The in-memory account of the journal.
 #[derive(Debug, Default)]
 pub struct Journal {
-    locs: HashMap<TaskId, Loc>,
+    locs: Map<TaskId, Loc>,
     chunks: BTreeMap<u64, ChunkStat>,
     /// Chunks with no current record.
     empty: BTreeSet<u64>,

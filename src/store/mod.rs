@@ -21,7 +21,7 @@ pub mod flush;
 pub mod journal;
 pub mod record;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -37,6 +37,12 @@ use crate::config::{Config, FsyncPolicy};
 use disk::{ChunkWriter, Disk, Entry, Loc};
 use journal::Journal;
 use record::{ReadyKey, TaskRecord};
+
+/// The hash maps and sets of the store. Keys are task ids, often chosen by clients: foldhash is seeded at random
+/// per process (so ids cannot be picked to collide), and several times faster than std's SipHash on short keys.
+pub(crate) type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// See [`Map`].
+pub(crate) type Set<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Identifies a client connection, so its leases can be released when it closes.
 pub type ConnId = u64;
@@ -175,24 +181,24 @@ impl DoneMeta {
 struct State {
     /// Every non-terminal task. Shared with a write-out in progress (which encodes outside the lock); a change
     /// to a record the write-out still holds copies it (`Arc::make_mut`).
-    live: HashMap<TaskId, Arc<TaskRecord>>,
+    live: Map<TaskId, Arc<TaskRecord>>,
     /// Terminal tasks whose record is not on disk yet, with the generation of their last change.
-    finished: HashMap<TaskId, (u64, Arc<TaskRecord>)>,
+    finished: Map<TaskId, (u64, Arc<TaskRecord>)>,
     /// Every finished task whose result is kept, on disk or not yet.
-    done: HashMap<TaskId, DoneMeta>,
+    done: Map<TaskId, DoneMeta>,
     /// (expire-at, id) of finished tasks; an entry whose task changed since is skipped when due.
     expiry: BTreeSet<(u64, TaskId)>,
     /// The dead set: per queue, (failed-at, id), oldest first.
     dead: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
-    dirty: HashMap<TaskId, Dirty>,
+    dirty: Map<TaskId, Dirty>,
     generation: u64,
     journal: Journal,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
     scheduled: BTreeMap<(u64, TaskId), String>,
-    leases: HashMap<TaskId, LeaseEntry>,
+    leases: Map<TaskId, LeaseEntry>,
     deadlines: BTreeSet<(u64, TaskId)>,
-    by_conn: HashMap<ConnId, HashSet<TaskId>>,
+    by_conn: Map<ConnId, Set<TaskId>>,
     next_seq: u64,
     next_lease_id: u64,
     totals: Totals,
@@ -378,7 +384,7 @@ impl Core {
                     Some((id, record))
                 })
                 .collect();
-            let writing: HashSet<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+            let writing: Set<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
             for (number, bytes) in &old {
                 for entry in disk::entries(*number, bytes)? {
                     if let Entry::Put { id, loc, body } = entry {
@@ -566,7 +572,7 @@ impl Store {
     fn recover(&self) -> Result<(), StoreError> {
         let now = self.now_ms();
         let chunks = self.core.disk.chunks()?;
-        let mut latest: HashMap<&str, (Loc, &[u8])> = HashMap::new();
+        let mut latest: Map<&str, (Loc, &[u8])> = Map::default();
         let mut st = self.lock();
         for (number, bytes) in &chunks {
             let mut tombstones = 0;
