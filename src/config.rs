@@ -86,7 +86,7 @@ impl Default for Config {
             tick_ms: 50,
             max_lease_losses: 10,
             cache_capacity_bytes: 32 * 1024 * 1024,
-            shrink_min_bytes: 64 * 1024 * 1024,
+            shrink_min_bytes: 16 * 1024 * 1024,
         }
     }
 }

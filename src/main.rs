@@ -13,6 +13,11 @@ use broker_client::proto::{DeadRequeue, Stats, TaskInfo, TaskSpec, Value};
 use broker_client::{Client, ConnectOptions};
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of glibc's allocator: the daemon allocates and frees many small objects (task ids, records,
+/// frames) across threads, and mimalloc does that faster (see BENCHMARKS.md for the measurement).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "broker", version, about = "A durable task broker for background jobs")]
 struct Cli {

@@ -1034,7 +1034,7 @@ impl Store {
             let _order = order();
             disk.finish_rewrite(rewrite)?
         };
-        release_freed_memory();
+
         tracing::info!(
             before,
             after,
@@ -1324,16 +1324,6 @@ fn initial_counter(now_ms: u64) -> u64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     (x & 0xffff_ffff) << 16
-}
-
-/// Gives the memory freed by a closed database back to the system. glibc's allocator keeps freed memory in
-/// per-thread arenas; the old database's page cache would otherwise stay in the daemon's resident size.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Counters never wrap below zero, even if an index and a count ever disagree.
