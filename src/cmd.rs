@@ -262,11 +262,11 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
     }
     let conn = session.conn;
     let max = request.max as usize;
-    let first = shared.store.lease(conn, &request.queues, max, request.lease_ms);
+    let (first, unflushed) = shared.store.lease(conn, &request.queues, max, request.lease_ms);
     if request.wait_ms == 0 || !first.is_empty() {
-        // Tasks go out only once what made them leasable (their enqueue) and the lease itself are durable: a
-        // worker never runs a task that a crash could then un-enqueue.
-        let ticket = (!first.is_empty()).then(|| (id, shared.store.durable()));
+        // Tasks go out only once what made them leasable (their enqueue) is durable: a worker never runs a task
+        // that a crash could then un-enqueue. Most tasks have waited in their queue past a flush already.
+        let ticket = unflushed.then(|| (id, shared.store.durable()));
         return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), ticket);
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
@@ -279,11 +279,14 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
             if closing.is_cancelled() || shared.shutdown.is_cancelled() {
                 return None;
             }
-            Some(store.lease(conn, &request.queues, max, request.lease_ms)).filter(|tasks| !tasks.is_empty())
+            Some(store.lease(conn, &request.queues, max, request.lease_ms)).filter(|(tasks, _)| !tasks.is_empty())
         })
         .await;
-        let Some(tasks) = leased else { return ok_frame(id, &Leased { tasks: vec![] }) };
+        let Some((tasks, unflushed)) = leased else { return ok_frame(id, &Leased { tasks: vec![] }) };
         let frame = ok_frame(id, &Leased { tasks });
+        if !unflushed {
+            return frame;
+        }
         match store.durable().await {
             Ok(()) => frame,
             Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),

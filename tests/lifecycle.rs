@@ -581,3 +581,27 @@ async fn the_client_refuses_a_request_the_daemon_could_not_answer() {
     client.enqueue(spec("small", vec![])).await.unwrap();
     assert_eq!(client.stats().await.unwrap().totals.enqueued, 1);
 }
+
+/// Under fsync=always a lease reply waits for a flush only when a task it hands out is not on disk yet (so a
+/// worker never runs a task a crash could un-enqueue); a task that waited in its queue past a flush goes out at
+/// once. The store is driven directly here, with no periodic flush, so nothing is flushed behind the test's back.
+#[tokio::test]
+async fn a_lease_waits_for_a_flush_only_for_tasks_not_yet_on_disk() {
+    let server = TestServer::start_with(|c| c.fsync_interval_ms = 3_600_000, true).await;
+    let store = server.handle.as_ref().unwrap().store().clone();
+    let queues = vec!["default".to_string()];
+    let conn = 1 << 40;
+
+    server.client().await.enqueue(TaskSpec::new("flushed")).await.unwrap();
+    let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
+    assert_eq!((tasks.len(), unflushed), (1, false), "acknowledged enqueue: on disk");
+
+    store.enqueue(vec![TaskSpec::new("in memory")]).unwrap();
+    let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
+    assert_eq!((tasks.len(), unflushed), (1, true), "not flushed yet: the reply must wait");
+
+    store.enqueue(vec![TaskSpec::new("then flushed")]).unwrap();
+    store.durable().await.unwrap();
+    let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
+    assert_eq!((tasks.len(), unflushed), (1, false));
+}

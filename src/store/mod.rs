@@ -193,6 +193,8 @@ struct State {
     dirty: Map<TaskId, Dirty>,
     generation: u64,
     journal: Journal,
+    /// Journal chunks numbered below this are flushed to disk.
+    durable_below: u64,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
     scheduled: BTreeMap<(u64, TaskId), String>,
@@ -468,10 +470,13 @@ impl Core {
     fn persist(&self) -> Result<(), StoreError> {
         self.write_out()?;
         if self.unflushed.swap(false, Ordering::SeqCst) {
+            let mark = self.lock().journal.next_chunk();
             if let Err(e) = self.disk.flush() {
                 self.unflushed.store(true, Ordering::SeqCst);
                 return Err(e);
             }
+            let mut st = self.lock();
+            st.durable_below = st.durable_below.max(mark);
         }
         Ok(())
     }
@@ -636,6 +641,8 @@ impl Store {
             st.live.insert(record.id.clone(), Arc::new(record));
         }
         st.next_lease_id = now.saturating_mul(1000);
+        // What was read back is on disk.
+        st.durable_below = st.journal.next_chunk();
         let (bytes, current) = st.journal.size();
         tracing::info!(
             live = st.live.len(),
@@ -751,8 +758,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Leases up to `max` ready tasks from `queues`, in queue order, for connection `conn`.
-    pub fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Vec<LeasedTask> {
+    /// Leases up to `max` ready tasks from `queues`, in queue order, for connection `conn`. Also says whether
+    /// any of them is not on disk yet (enqueued or changed since the last flush): the reply must then wait for
+    /// a flush, so a worker never runs a task that a crash could un-enqueue. A lease itself is never written.
+    pub fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> (Vec<LeasedTask>, bool) {
         let now = self.now_ms();
         let mut out = Vec::new();
         let mut expired = false;
@@ -800,11 +809,14 @@ impl Store {
                 out.push(LeasedTask { lease_id, ..leased });
             }
         }
+        let unflushed = out.iter().any(|task| {
+            st.dirty.contains_key(&task.id) || st.journal.loc(&task.id).is_none_or(|loc| loc.chunk >= st.durable_below)
+        });
         drop(st);
         if expired {
             self.finished_notify.notify_waiters();
         }
-        out
+        (out, unflushed)
     }
 
     /// Checks that `lease_id` on `id` is held.
