@@ -119,21 +119,40 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
     Ok(ServerHandle { addr, shared, accept, ticker })
 }
 
+/// How often the data directory's size is checked (see [`Store::shrink_if_bloated`]).
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(10);
+
 async fn run_ticker(shared: Arc<Shared>) {
     let mut interval = tokio::time::interval(Duration::from_millis(shared.config.tick_ms.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The data directory check runs beside the ticks, not in them: a rewrite copies the whole journal, and
+    // schedules and lease deadlines must not wait for it.
+    let mut disk_check: Option<JoinHandle<()>> = None;
+    let mut checked = tokio::time::Instant::now() - DISK_CHECK_EVERY;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => break,
         }
-        // The tick may read and write sled (result expiry): keep it off the async workers.
         let store = shared.store.clone();
         match tokio::task::spawn_blocking(move || store.tick()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "maintenance tick failed"),
             Err(e) => tracing::error!(error = %e, "maintenance tick panicked"),
         }
+        if checked.elapsed() >= DISK_CHECK_EVERY && disk_check.as_ref().is_none_or(|check| check.is_finished()) {
+            checked = tokio::time::Instant::now();
+            let store = shared.store.clone();
+            disk_check = Some(tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.shrink_if_bloated() {
+                    tracing::error!(error = %e, "data directory rewrite failed");
+                }
+            }));
+        }
+    }
+    // A rewrite in progress holds the store: let it finish before the store closes.
+    if let Some(check) = disk_check {
+        let _ = check.await;
     }
 }
 

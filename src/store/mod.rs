@@ -124,8 +124,6 @@ const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_DELAY_MAX_MS: u64 = 3_600_000;
 /// How many expired results one tick removes at most, so a tick never stalls the daemon.
 const EXPIRY_BATCH: usize = 10_000;
-/// How often (store clock) a tick checks whether the data directory should be rewritten to shrink.
-const SHRINK_CHECK_MS: u64 = 10_000;
 
 #[derive(Debug, Default)]
 struct QueueIndex {
@@ -493,8 +491,6 @@ pub struct Store {
     ready_notify: Notify,
     /// Woken whenever a task reaches a terminal state or disappears.
     finished_notify: Notify,
-    /// When the tick last checked the data directory's size.
-    shrink_checked_ms: AtomicU64,
 }
 
 impl Store {
@@ -520,7 +516,6 @@ impl Store {
             clock,
             ready_notify: Notify::new(),
             finished_notify: Notify::new(),
-            shrink_checked_ms: AtomicU64::new(0),
         };
         store.recover()?;
         store.core.persist()?;
@@ -1017,10 +1012,6 @@ impl Store {
         }
         if self.expire_results(now) > 0 {
             self.finished_notify.notify_waiters();
-        }
-        if now.saturating_sub(self.shrink_checked_ms.load(Ordering::Relaxed)) >= SHRINK_CHECK_MS {
-            self.shrink_checked_ms.store(now, Ordering::Relaxed);
-            self.shrink_if_bloated()?;
         }
         Ok(())
     }
