@@ -33,10 +33,11 @@ pub type TaskId = String;
 pub const MAX_ID_LEN: usize = 200;
 
 /// Where a task is in its life. Every state after `STARTED` that ends in a result is terminal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE", try_from = "String")]
 pub enum TaskState {
     /// Waiting in its queue, ready to be leased.
+    #[default]
     Pending,
     /// Waiting for its countdown or eta; not leasable yet.
     Scheduled,

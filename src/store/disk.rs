@@ -536,40 +536,12 @@ mod tests {
     use super::*;
 
     fn record(id: &str, payload: usize) -> TaskRecord {
-        let mut r = sample();
-        r.id = id.to_string();
-        r.args = vec![broker_client::proto::Value::from("x".repeat(payload))];
-        r
-    }
-
-    fn sample() -> TaskRecord {
         TaskRecord {
-            id: String::new(),
+            id: id.to_string(),
             queue: "q".into(),
             task: "t".into(),
-            args: vec![],
-            kwargs: Default::default(),
-            context: Default::default(),
-            priority: 0,
-            max_retries: 3,
-            retry_delay_ms: 1000,
-            retry_backoff: true,
-            retry_delay_max_ms: 10,
-            lease_ms: 10,
-            expires_at_ms: None,
-            result_ttl_ms: 10,
-            state: broker_client::proto::TaskState::Pending,
-            attempts: 0,
-            lease_losses: 0,
-            seq: 1,
-            created_at_ms: 1,
-            eta_ms: None,
-            started_at_ms: None,
-            finished_at_ms: None,
-            result: None,
-            error: None,
-            result_expires_at_ms: None,
-            revoked: false,
+            args: vec![broker_client::proto::Value::from("x".repeat(payload))],
+            ..TaskRecord::default()
         }
     }
 

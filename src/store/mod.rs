@@ -713,17 +713,11 @@ impl Store {
                 expires_at_ms: spec.expires_at_ms.or(spec.expires_in_ms.map(|e| now.saturating_add(e))),
                 result_ttl_ms: spec.result_ttl_ms.unwrap_or(self.options.result_ttl_ms),
                 state: if eta_ms.is_some() { TaskState::Scheduled } else { TaskState::Pending },
-                attempts: 0,
-                lease_losses: 0,
                 seq,
                 created_at_ms: now,
                 eta_ms,
-                started_at_ms: None,
-                finished_at_ms: None,
-                result: None,
-                error: None,
-                result_expires_at_ms: None,
-                revoked: false,
+                // Not yet leased, run or finished.
+                ..TaskRecord::default()
             };
             st.totals.enqueued += 1;
             if record.expires_at_ms.is_some_and(|e| e <= now) {

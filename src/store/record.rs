@@ -11,7 +11,7 @@ pub type ReadyKey = (Reverse<i32>, u64);
 
 /// One task. The `live` and `done` trees hold these as MessagePack arrays in field order (see
 /// [`super::disk::encode`]): new fields go at the end, with `#[serde(default)]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: TaskId,
     pub queue: String,
