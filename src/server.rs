@@ -1,15 +1,19 @@
 //! The accept loop, one task per connection, the maintenance ticker, and shutdown.
 //!
-//! Each connection has a reader (this module's loop: frames → [`cmd::handle`]) and a writer task that sends
-//! replies in the order they become ready. A reply that changed state waits in the writer for its flush ticket,
-//! so pipelined writes on one connection share flushes; ops that wait (long-poll `lease`, `get` with `wait_ms`)
-//! run on their own tasks and send their reply when done, never holding up the replies behind them.
+//! Each connection is one task: it reads frames, hands them to [`cmd::handle`], and writes replies in the order
+//! they become ready, batching what is ready at once into one socket write. A reply that changed state waits
+//! for its flush ticket without holding up the replies behind it, so pipelined writes on one connection share
+//! flushes; ops that wait (long-poll `lease`, `get` with `wait_ms`) are polled by the same task and answer
+//! when done.
 //!
 //! Shutdown is one [`CancellationToken`]: the accept loop stops, every connection stops reading, waiting ops
-//! answer with what they have, writers drain, leases still held are released, and the store is flushed.
+//! answer with what they have, the replies still due are written, leases still held are released, and the store
+//! is flushed.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +24,7 @@ use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +60,7 @@ pub enum ServerError {
 /// How long a closing connection may take to write its last replies.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many replies may wait to be written per connection before the reader stops reading (backpressure).
+/// How many replies may wait (for a flush, or a waiting op) per connection before it stops reading (backpressure).
 const REPLY_QUEUE: usize = 1024;
 
 /// A running server.
@@ -192,10 +196,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     connections.wait().await;
 }
 
-/// A reply on its way to the writer, with the flush it must wait for.
-struct Outbound {
-    frame: ReplyFrame,
-    ticket: Option<(u64, Durable)>,
+/// A reply not ready yet: one waiting for its flush ticket, or a waiting op (long-poll `lease`, `get`).
+type Pending = Pin<Box<dyn Future<Output = ReplyFrame> + Send>>;
+
+/// What a connection has to do next.
+enum Ready {
+    /// What the reader gave.
+    Frame(Option<Result<Frame, std::io::Error>>),
+    /// A pending reply that became ready.
+    Reply(ReplyFrame),
 }
 
 async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn: u64) {
@@ -212,64 +221,61 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     tracing::debug!(conn, %peer, "connected");
     let (read, write) = stream.into_split();
     let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_bytes));
-    let (tx, rx) = mpsc::channel::<Outbound>(REPLY_QUEUE);
-    let writer = tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx));
-    let waiting = TaskTracker::new();
+    let mut out = ReplySink { sink: FramedWrite::new(write, FrameCodec::new(usize::MAX)), broken: false };
+    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut session = Session { conn, greeted: false, closing: CancellationToken::new() };
-    let max_frame = shared.config.max_frame_bytes;
 
-    loop {
-        let frame = tokio::select! {
-            frame = frames.next() => frame,
-            _ = shared.shutdown.cancelled() => break,
+    // Read a request, answer what is ready, and repeat while more is ready at once; then write it all with one
+    // flush. Replies that must wait (for a flush, or a waiting op) go out as they become ready, never holding up
+    // the ones behind them. Writing to a peer that does not read blocks only this connection, and shutdown still
+    // gets through.
+    'serve: loop {
+        let first = tokio::select! {
+            // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
+            frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
+            Some(frame) = pending.next(), if !pending.is_empty() => Ready::Reply(frame),
+            _ = shared.shutdown.cancelled() => break 'serve,
         };
-        let outbound = match frame {
-            Some(Ok(Frame::Message(bytes))) => match cmd::handle(&shared, &mut session, &bytes) {
-                Outcome::Reply(frame, ticket) => Outbound { frame, ticket },
-                Outcome::Wait(pending) => {
-                    let tx = tx.clone();
-                    waiting.spawn(async move {
-                        let frame = pending.await;
-                        let _ = tx.send(Outbound { frame, ticket: None }).await;
-                    });
-                    continue;
+        let work = async {
+            let mut next = Some(first);
+            while let Some(ready) = next.take() {
+                match ready {
+                    Ready::Frame(frame) => {
+                        if !serve_frame(&shared, &mut session, frame, &mut out, &mut pending).await {
+                            return false;
+                        }
+                    }
+                    Ready::Reply(frame) => out.feed(frame).await,
                 }
-            },
-            Some(Ok(Frame::TooLarge(len))) => Outbound {
-                frame: cmd::error_frame(
-                    None,
-                    ErrorCode::FrameTooLarge,
-                    &format!("frame of {len} bytes exceeds the maximum of {max_frame}; it was skipped"),
-                ),
-                ticket: None,
-            },
-            Some(Err(e)) => {
-                tracing::debug!(conn, error = %e, "read failed");
-                break;
+                // Whatever else is ready now joins the same socket write.
+                if pending.len() < REPLY_QUEUE {
+                    next = frames.next().now_or_never().map(Ready::Frame);
+                }
+                if next.is_none() {
+                    next = pending.next().now_or_never().flatten().map(Ready::Reply);
+                }
             }
-            None => break,
+            out.flush().await;
+            true
         };
-        // A client that stops reading its replies fills the queue; shutdown must not wait on it.
+        // Writing blocks while the peer does not read; shutdown must still get through.
         tokio::select! {
-            sent = tx.send(outbound) => if sent.is_err() { break },
-            _ = shared.shutdown.cancelled() => break,
+            open = work => if !open { break 'serve },
+            _ = shared.shutdown.cancelled() => break 'serve,
         }
     }
 
-    // Waiting ops answer now; then the writer drains every reply (each after its flush) and closes. A peer that
-    // does not read them gets DRAIN_TIMEOUT, then its socket is dropped (which also ends the waiting ops' sends).
+    // Waiting ops answer now; then every reply still due is written (each after its flush). A peer that does not
+    // read them gets DRAIN_TIMEOUT, then its socket is dropped.
     session.closing.cancel();
-    waiting.close();
-    let mut writer = writer;
     let drain = async {
-        waiting.wait().await;
-        drop(tx);
-        let _ = (&mut writer).await;
+        while let Some(frame) = pending.next().await {
+            out.feed(frame).await;
+        }
+        out.flush().await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!(conn, "peer is not reading its replies; closing without them");
-        writer.abort();
-        waiting.wait().await;
     }
     let released = shared.store.release_connection(conn, shared.shutdown.is_cancelled());
     if released > 0 {
@@ -279,44 +285,33 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     tracing::debug!(conn, "disconnected");
 }
 
-/// Writes replies as they become ready. A reply that waits for its flush does not hold up the replies behind
-/// it (a `get` or `lease` answered in memory goes out at once); clients match replies by id.
-async fn write_loop(sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>, mut rx: mpsc::Receiver<Outbound>) {
-    let mut waiting = FuturesUnordered::new();
-    let mut out = ReplySink { sink, broken: false };
-    loop {
-        tokio::select! {
-            // Replies waiting for a slow flush count against the same bound as queued ones (backpressure).
-            next = rx.recv(), if waiting.len() < REPLY_QUEUE => match next {
-                Some(Outbound { frame, ticket: None }) => out.feed(frame).await,
-                Some(Outbound { frame, ticket: Some((id, durable)) }) => waiting.push(after_flush(id, frame, durable)),
-                None => break,
-            },
-            Some(frame) = waiting.next(), if !waiting.is_empty() => out.feed(frame).await,
+/// Handles what the reader gave: a request (its reply written now, or left pending), an oversized frame (an
+/// error reply), or the end of the stream. Returns false when the connection is done reading.
+async fn serve_frame(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    frame: Option<Result<Frame, std::io::Error>>,
+    out: &mut ReplySink,
+    pending: &mut FuturesUnordered<Pending>,
+) -> bool {
+    match frame {
+        Some(Ok(Frame::Message(bytes))) => match cmd::handle(shared, session, &bytes) {
+            Outcome::Reply(frame, None) => out.feed(frame).await,
+            Outcome::Reply(frame, Some((id, durable))) => pending.push(Box::pin(after_flush(id, frame, durable))),
+            Outcome::Wait(waiting) => pending.push(waiting),
+        },
+        Some(Ok(Frame::TooLarge(len))) => {
+            let max = shared.config.max_frame_bytes;
+            let message = format!("frame of {len} bytes exceeds the maximum of {max}; it was skipped");
+            out.feed(cmd::error_frame(None, ErrorCode::FrameTooLarge, &message)).await;
         }
-        // Gather whatever else is ready now, then write it all with one flush.
-        loop {
-            if waiting.len() >= REPLY_QUEUE {
-                break;
-            }
-            if let Ok(next) = rx.try_recv() {
-                match next {
-                    Outbound { frame, ticket: None } => out.feed(frame).await,
-                    Outbound { frame, ticket: Some((id, durable)) } => waiting.push(after_flush(id, frame, durable)),
-                }
-            } else if let Some(Some(frame)) = waiting.next().now_or_never() {
-                out.feed(frame).await;
-            } else {
-                break;
-            }
+        Some(Err(e)) => {
+            tracing::debug!(conn = session.conn, error = %e, "read failed");
+            return false;
         }
-        out.flush().await;
+        None => return false,
     }
-    // The reader is gone: the replies still waiting for their flush go out as it completes.
-    while let Some(frame) = waiting.next().await {
-        out.feed(frame).await;
-    }
-    out.flush().await;
+    true
 }
 
 async fn after_flush(id: u64, frame: ReplyFrame, durable: Durable) -> ReplyFrame {
