@@ -122,6 +122,8 @@ impl From<&Config> for StoreOptions {
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_DELAY_MAX_MS: u64 = 3_600_000;
+/// How many tasks a write-out handles per hold of the state lock, so requests never wait long for it.
+const LOCK_BATCH: usize = 512;
 /// How many expired results one tick removes at most, so a tick never stalls the daemon.
 const EXPIRY_BATCH: usize = 10_000;
 
@@ -189,6 +191,8 @@ struct State {
     /// The dead set: per queue, (failed-at, id), oldest first.
     dead: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
     dirty: Map<TaskId, Dirty>,
+    /// Tasks whose record the write-out in progress took: their place on disk is about to change.
+    writing: Set<TaskId>,
     generation: u64,
     journal: Journal,
     /// Journal chunks numbered below this are flushed to disk.
@@ -356,35 +360,46 @@ impl Core {
                 old.push((*number, bytes));
             }
         }
-        let taken: Vec<Taken>;
-        let mut copies: Vec<(&str, &[u8])> = Vec::new();
-        let remove: Vec<u64>;
-        let first: u64;
-        {
+        let (dirty, remove, first) = {
             let mut st = self.lock();
-            remove = st.journal.to_remove(&compact);
+            let remove = st.journal.to_remove(&compact);
             if st.dirty.is_empty() && remove.is_empty() {
                 return Ok(false);
             }
-            let dirty = std::mem::take(&mut st.dirty);
-            taken = dirty
-                .into_iter()
-                .filter_map(|(id, kind)| {
-                    let record = match kind {
-                        Dirty::Put => match st.live.get(&id) {
-                            Some(r) => Some((None, r.clone())),
-                            None => Some(st.finished.get(&id).map(|(g, r)| (Some(*g), r.clone()))?),
-                        },
-                        // No record of it on disk: nothing to hide.
-                        Dirty::Delete => {
-                            st.journal.loc(&id)?;
-                            None
-                        }
-                    };
-                    Some((id, record))
-                })
-                .collect();
+            (std::mem::take(&mut st.dirty), remove, st.journal.next_chunk())
+        };
+        // The records are looked up a batch at a time, so requests never wait long for the state lock. A record
+        // that changes between two batches is noted again and written by the next write-out too.
+        let dirty: Vec<(TaskId, Dirty)> = dirty.into_iter().collect();
+        let mut taken: Vec<Taken> = Vec::with_capacity(dirty.len());
+        for batch in dirty.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            let start = taken.len();
+            taken.extend(batch.iter().filter_map(|(id, kind)| {
+                let record = match kind {
+                    Dirty::Put => match st.live.get(id) {
+                        Some(r) => Some((None, r.clone())),
+                        None => Some(st.finished.get(id).map(|(g, r)| (Some(*g), r.clone()))?),
+                    },
+                    // No record of it on disk: nothing to hide.
+                    Dirty::Delete => {
+                        st.journal.loc(id)?;
+                        None
+                    }
+                };
+                Some((id.clone(), record))
+            }));
+            for (id, record) in &taken[start..] {
+                if record.is_some() {
+                    st.writing.insert(id.clone());
+                }
+            }
+        }
+        drop(dirty);
+        let mut copies: Vec<(&str, &[u8])> = Vec::new();
+        if !old.is_empty() {
             let writing: Set<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+            let st = self.lock();
             for (number, bytes) in &old {
                 for entry in disk::entries(*number, bytes)? {
                     if let Entry::Put { id, loc, body } = entry {
@@ -394,43 +409,59 @@ impl Core {
                     }
                 }
             }
-            first = st.journal.next_chunk();
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
         let result = Self::encode(first, &copies, &taken).and_then(|written| {
             self.disk.apply(&written.chunks, &remove)?;
             Ok(written)
         });
-        let mut st = self.lock();
         let written = match result {
             Ok(written) => written,
             Err(e) => {
                 // Nothing is lost from memory: note everything again (unless changed since) for the next one.
+                let mut st = self.lock();
                 for (id, record) in taken {
+                    st.writing.remove(&id);
                     st.dirty.entry(id).or_insert(if record.is_some() { Dirty::Put } else { Dirty::Delete });
                 }
                 return Err(e);
             }
         };
-        for chunk in &written.chunks {
-            st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
-        }
-        for (id, loc) in &written.puts {
-            st.journal.set(id, *loc);
-        }
-        for id in &written.tombstones {
-            st.journal.clear(id);
-        }
-        st.journal.remove_chunks(&remove);
         self.unflushed.store(true, Ordering::SeqCst);
+        // The account of the journal, a batch at a time too. Until it is done, a reader may find a record's
+        // chunk gone (compacted); it then waits for this write-out (see `Store::with_record`).
+        {
+            let mut st = self.lock();
+            for chunk in &written.chunks {
+                st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
+            }
+        }
+        for batch in written.puts.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            for (id, loc) in batch {
+                st.journal.set(id, *loc);
+            }
+        }
+        for batch in written.tombstones.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            for id in batch {
+                st.journal.clear(id);
+            }
+        }
         // Finished records now on disk leave memory, unless they changed again meanwhile.
-        for (id, record) in taken {
-            if let Some((Some(generation), _)) = record {
-                if st.finished.get(&id).is_some_and(|(g, _)| *g == generation) {
-                    st.finished.remove(&id);
+        for batch in taken.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            for (id, record) in batch {
+                st.writing.remove(id);
+                if let Some((Some(generation), _)) = record {
+                    if st.finished.get(id).is_some_and(|(g, _)| g == generation) {
+                        st.finished.remove(id);
+                    }
                 }
             }
         }
+        let mut st = self.lock();
+        st.journal.remove_chunks(&remove);
         // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
         // survives a crash without the writes that emptied them.
         let emptied = st.journal.to_remove(&[]);
@@ -799,7 +830,9 @@ impl Store {
             }
         }
         let unflushed = out.iter().any(|task| {
-            st.dirty.contains_key(&task.id) || st.journal.loc(&task.id).is_none_or(|loc| loc.chunk >= st.durable_below)
+            st.dirty.contains_key(&task.id)
+                || st.writing.contains(&task.id)
+                || st.journal.loc(&task.id).is_none_or(|loc| loc.chunk >= st.durable_below)
         });
         drop(st);
         if expired {
@@ -1087,6 +1120,8 @@ impl Store {
             if let Some(record) = self.core.disk.read(id, loc)? {
                 return Ok(Some(f(&record)));
             }
+            // Its chunk was compacted by a write-out that has not moved its place yet: wait for that write-out.
+            drop(self.core.write_lock.lock().unwrap_or_else(|p| p.into_inner()));
         }
         Err(StoreError::Flush(format!("the record of {id} kept moving while being read")))
     }
