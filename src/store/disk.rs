@@ -449,7 +449,7 @@ impl Disk {
     /// Starts copying the journal into a new database (see [`Disk`]): creates it, and from now on every
     /// [`Disk::apply`] is also noted, to be replayed into the copy. The caller holds off write-outs during this
     /// call and during [`Disk::finish_rewrite`], not in between, while [`Disk::copy_for_rewrite`] runs.
-    pub fn begin_rewrite(&self) -> Result<Rewrite, StoreError> {
+    pub fn begin_rewrite(&self) -> Result<Rewrite<'_>, StoreError> {
         let before = self.size_on_disk()?;
         let old_path = self.db().path.clone();
         let generation =
@@ -460,7 +460,7 @@ impl Disk {
         }
         let new = Db::open(&path, self.cache_capacity)?;
         *self.noted() = Some(Vec::new());
-        Ok(Rewrite { new: Some(new), old_path, before })
+        Ok(Rewrite { disk: self, new: Some(new), old_path, before })
     }
 
     fn noted(&self) -> MutexGuard<'_, Option<Vec<sled::Batch>>> {
@@ -470,7 +470,7 @@ impl Disk {
     /// Copies every chunk into the new database. Chunks are never changed once written, only added and
     /// removed, so a copy taken while write-outs go on, followed by the replay of what they did meanwhile, is
     /// exactly the journal.
-    pub fn copy_for_rewrite(&self, rewrite: &Rewrite) -> Result<(), StoreError> {
+    pub fn copy_for_rewrite(&self, rewrite: &Rewrite<'_>) -> Result<(), StoreError> {
         let new = rewrite.new.as_ref().expect("rewrite in progress");
         let chunks = self.db().journal.iter();
         let mut batch = sled::Batch::default();
@@ -490,15 +490,24 @@ impl Disk {
 
     /// Replays the write-outs made during the copy, flushes the new database, points `CURRENT` at it, and
     /// removes the old one. Returns sled's size before and after.
-    pub fn finish_rewrite(&self, mut rewrite: Rewrite) -> Result<(u64, u64), StoreError> {
-        let new = rewrite.new.take().expect("rewrite in progress");
+    pub fn finish_rewrite(&self, mut rewrite: Rewrite<'_>) -> Result<(u64, u64), StoreError> {
+        // Until `CURRENT` names the copy, a failure leaves the rewrite to its drop (which removes the copy).
         let noted = self.noted().take().unwrap_or_default();
+        let new = rewrite.new.as_ref().expect("rewrite in progress");
         for batch in noted {
             new.journal.apply_batch(batch)?;
         }
         // The old database's writes not flushed yet are in the copy: flushing it covers them.
         new.flush()?;
-        Self::point_at(&self.root, &new.path)?;
+        if let Err(e) = Self::point_at(&self.root, &new.path) {
+            // The rename may have happened even so; a restart opens what `CURRENT` names, so follow it.
+            let named = std::fs::read_to_string(self.root.join("CURRENT")).unwrap_or_default();
+            if Some(named.trim()) != new.path.file_name().and_then(|n| n.to_str()) {
+                return Err(e);
+            }
+            tracing::error!(error = %e, "switched to the rewritten database, but could not sync the switch");
+        }
+        let new = rewrite.new.take().expect("rewrite in progress");
         let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|p| p.into_inner()), new);
         drop(old);
         let old_path = &rewrite.old_path;
@@ -511,17 +520,19 @@ impl Disk {
     }
 }
 
-/// A rewrite of the data directory in progress (see [`Disk::begin_rewrite`]). Dropped unfinished, it stops
-/// noting write-outs and removes the unfinished copy.
-pub struct Rewrite {
+/// A rewrite of the data directory in progress (see [`Disk::begin_rewrite`]). Dropped unfinished (its copy
+/// failed), it stops noting write-outs and removes the unfinished copy.
+pub struct Rewrite<'a> {
+    disk: &'a Disk,
     new: Option<Db>,
     old_path: PathBuf,
     before: u64,
 }
 
-impl Drop for Rewrite {
+impl Drop for Rewrite<'_> {
     fn drop(&mut self) {
         if let Some(new) = self.new.take() {
+            *self.disk.noted() = None;
             let path = new.path.clone();
             drop(new);
             if let Err(e) = std::fs::remove_dir_all(&path) {
@@ -579,5 +590,59 @@ mod tests {
         {
             assert!(entries(1, bytes).is_err(), "{bytes:?}");
         }
+    }
+
+    fn chunk(number: u64) -> NewChunk {
+        let mut writer = ChunkWriter::new(number);
+        writer.put(&record(&format!("task{number}"), 10)).unwrap();
+        writer.finish().0.pop().unwrap()
+    }
+
+    fn numbers(disk: &Disk) -> Vec<u64> {
+        disk.chunks().unwrap().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// A rewrite copies the journal while write-outs go on: what they add and remove during the copy is
+    /// replayed into the copy, so the new database holds exactly what the old one did when it was swapped in.
+    #[test]
+    fn a_rewrite_keeps_what_write_outs_did_during_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let disk = Disk::open(&config).unwrap();
+        disk.apply(&(0..10).map(chunk).collect::<Vec<_>>(), &[]).unwrap();
+        let rewrite = disk.begin_rewrite().unwrap();
+        disk.apply(&[chunk(10)], &[3]).unwrap();
+        disk.copy_for_rewrite(&rewrite).unwrap();
+        disk.apply(&[chunk(11)], &[10, 0]).unwrap();
+        disk.finish_rewrite(rewrite).unwrap();
+        let expected = vec![1, 2, 4, 5, 6, 7, 8, 9, 11];
+        assert_eq!(numbers(&disk), expected);
+        assert_eq!(std::fs::read_to_string(dir.path().join("CURRENT")).unwrap().trim(), "sled-2");
+        assert!(!dir.path().join("sled-1").exists(), "the old database is removed");
+        // Write-outs after the swap go to the new database only, and nothing is noted any more.
+        disk.apply(&[chunk(12)], &[]).unwrap();
+        assert!(disk.noted().is_none());
+        disk.flush().unwrap();
+        drop(disk);
+        let disk = Disk::open(&config).unwrap();
+        assert_eq!(numbers(&disk), [expected, vec![12]].concat());
+        let (_, bytes) = disk.chunks().unwrap().pop().unwrap();
+        assert!(matches!(entries(12, &bytes).unwrap()[..], [Entry::Put { id: "task12", .. }]));
+    }
+
+    /// A rewrite abandoned before it finishes leaves the database in use alone and removes its copy.
+    #[test]
+    fn an_abandoned_rewrite_removes_its_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let disk = Disk::open(&config).unwrap();
+        disk.apply(&[chunk(0)], &[]).unwrap();
+        let rewrite = disk.begin_rewrite().unwrap();
+        assert!(dir.path().join("sled-2").exists());
+        disk.apply(&[chunk(1)], &[]).unwrap();
+        drop(rewrite);
+        assert!(disk.noted().is_none(), "write-outs are no longer noted");
+        assert!(!dir.path().join("sled-2").exists());
+        assert_eq!(numbers(&disk), vec![0, 1]);
     }
 }
