@@ -229,12 +229,14 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     // flush. Replies that must wait (for a flush, or a waiting op) go out as they become ready, never holding up
     // the ones behind them. Writing to a peer that does not read blocks only this connection, and shutdown still
     // gets through.
+    let mut drain_deadline = None;
     'serve: loop {
         let first = tokio::select! {
-            // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
-            frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
+            biased;
             Some(frame) = pending.next(), if !pending.is_empty() => Ready::Reply(frame),
             _ = shared.shutdown.cancelled() => break 'serve,
+            // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
+            frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
         };
         let work = async {
             let mut next = Some(first);
@@ -258,10 +260,18 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
             out.flush().await;
             true
         };
-        // Writing blocks while the peer does not read; shutdown must still get through.
+        // Writing blocks while the peer does not read; shutdown must still get through, without dropping the
+        // replies in hand: they get the drain time.
+        tokio::pin!(work);
         tokio::select! {
-            open = work => if !open { break 'serve },
-            _ = shared.shutdown.cancelled() => break 'serve,
+            biased;
+            open = &mut work => if !open { break 'serve },
+            _ = shared.shutdown.cancelled() => {
+                let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+                drain_deadline = Some(deadline);
+                let _ = tokio::time::timeout_at(deadline, work).await;
+                break 'serve;
+            }
         }
     }
 
@@ -274,7 +284,8 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
         }
         out.flush().await;
     };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+    let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN_TIMEOUT);
+    if tokio::time::timeout_at(deadline, drain).await.is_err() {
         tracing::warn!(conn, "peer is not reading its replies; closing without them");
     }
     let released = shared.store.release_connection(conn, shared.shutdown.is_cancelled());

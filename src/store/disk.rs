@@ -291,7 +291,11 @@ impl Disk {
             }
             Err(e) => return Err(io_error("cannot read", &pointer, e)),
         };
-        // Leftovers of an interrupted rewrite.
+        // Leftovers of an interrupted rewrite: the database `CURRENT` no longer names.
+        if path != root && root.join("conf").exists() {
+            tracing::info!(dir = %root.display(), "removing the database the first rewrite replaced");
+            Self::remove_top_level(&root).map_err(|e| io_error("cannot remove old files in", &root, e))?;
+        }
         for entry in std::fs::read_dir(&root).map_err(|e| io_error("cannot list", &root, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("sled-") && entry.path() != path {
@@ -497,15 +501,26 @@ impl Disk {
         for batch in noted {
             new.journal.apply_batch(batch)?;
         }
-        // The old database's writes not flushed yet are in the copy: flushing it covers them.
+        // The old database's writes not flushed yet are in the copy: flushing it covers them. sled does not sync
+        // its directory; the copy's files must be there before `CURRENT` names it.
         new.flush()?;
+        sync_dir(&new.path)?;
         if let Err(e) = Self::point_at(&self.root, &new.path) {
-            // The rename may have happened even so; a restart opens what `CURRENT` names, so follow it.
-            let named = std::fs::read_to_string(self.root.join("CURRENT")).unwrap_or_default();
-            if Some(named.trim()) != new.path.file_name().and_then(|n| n.to_str()) {
-                return Err(e);
+            // The rename may have happened even so. Pointing `CURRENT` back at the database in use settles which
+            // one a restart opens; if even that fails, neither may be removed.
+            let back = if rewrite.old_path == self.root {
+                // The layout before `CURRENT`: no `CURRENT` means the database at the top.
+                std::fs::remove_file(self.root.join("CURRENT"))
+                    .map_err(|e| io_error("cannot remove", &self.root.join("CURRENT"), e))
+                    .and_then(|()| sync_dir(&self.root))
+            } else {
+                Self::point_at(&self.root, &rewrite.old_path)
+            };
+            if let Err(back) = back {
+                tracing::error!(error = %back, "could not settle CURRENT after a failed switch; keeping both databases");
+                rewrite.new.take();
             }
-            tracing::error!(error = %e, "switched to the rewritten database, but could not sync the switch");
+            return Err(e);
         }
         let new = rewrite.new.take().expect("rewrite in progress");
         let old = std::mem::replace(&mut *self.current.write().unwrap_or_else(|p| p.into_inner()), new);

@@ -191,8 +191,9 @@ struct State {
     /// The dead set: per queue, (failed-at, id), oldest first.
     dead: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
     dirty: Map<TaskId, Dirty>,
-    /// Tasks whose record the write-out in progress took: their place on disk is about to change.
-    writing: Set<TaskId>,
+    /// The notes the write-out in progress took (shared with it, read-only): those tasks' places on disk are
+    /// about to change, so until it is done their old place says nothing about what is durable.
+    writing: Arc<Map<TaskId, Dirty>>,
     generation: u64,
     journal: Journal,
     /// Journal chunks numbered below this are flushed to disk.
@@ -360,26 +361,60 @@ impl Core {
                 old.push((*number, bytes));
             }
         }
-        let (dirty, remove, first) = {
+        let (notes, remove, first) = {
             let mut st = self.lock();
             let remove = st.journal.to_remove(&compact);
             if st.dirty.is_empty() && remove.is_empty() {
                 return Ok(false);
             }
-            (std::mem::take(&mut st.dirty), remove, st.journal.next_chunk())
+            st.writing = Arc::new(std::mem::take(&mut st.dirty));
+            (st.writing.clone(), remove, st.journal.next_chunk())
         };
-        // The records are looked up a batch at a time, so requests never wait long for the state lock. A record
-        // that changes between two batches is noted again and written by the next write-out too.
-        let dirty: Vec<(TaskId, Dirty)> = dirty.into_iter().collect();
-        let mut taken: Vec<Taken> = Vec::with_capacity(dirty.len());
-        for batch in dirty.chunks(LOCK_BATCH) {
-            let mut st = self.lock();
-            let start = taken.len();
+        let result = self.write_notes(&notes, &old, first, &remove);
+        let mut st = self.lock();
+        let writing = std::mem::take(&mut st.writing);
+        if result.is_err() {
+            // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
+            for (id, kind) in notes.iter() {
+                st.dirty.entry(id.clone()).or_insert(*kind);
+            }
+        }
+        drop(st);
+        // The notes are freed outside the lock.
+        drop((writing, notes));
+        result?;
+        let st = self.lock();
+        // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
+        // survives a crash without the writes that emptied them.
+        let emptied = st.journal.to_remove(&[]);
+        drop(st);
+        if !emptied.is_empty() {
+            self.disk.apply(&[], &emptied)?;
+            self.lock().journal.remove_chunks(&emptied);
+        }
+        Ok(true)
+    }
+
+    /// Writes the records `notes` name (and moves the current records out of the chunks in `old`, which go
+    /// with `remove`), then notes their new places. The state lock is taken a batch at a time, so requests
+    /// never wait long for it; a record that changes between two batches is noted again and written by the next
+    /// write-out too.
+    fn write_notes(
+        &self,
+        notes: &Map<TaskId, Dirty>,
+        old: &[(u64, sled::IVec)],
+        first: u64,
+        remove: &[u64],
+    ) -> Result<(), StoreError> {
+        let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
+        let mut taken: Vec<Taken> = Vec::with_capacity(notes.len());
+        for batch in notes.chunks(LOCK_BATCH) {
+            let st = self.lock();
             taken.extend(batch.iter().filter_map(|(id, kind)| {
                 let record = match kind {
-                    Dirty::Put => match st.live.get(id) {
+                    Dirty::Put => match st.live.get(*id) {
                         Some(r) => Some((None, r.clone())),
-                        None => Some(st.finished.get(id).map(|(g, r)| (Some(*g), r.clone()))?),
+                        None => Some(st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone()))?),
                     },
                     // No record of it on disk: nothing to hide.
                     Dirty::Delete => {
@@ -387,23 +422,16 @@ impl Core {
                         None
                     }
                 };
-                Some((id.clone(), record))
+                Some(((*id).clone(), record))
             }));
-            for (id, record) in &taken[start..] {
-                if record.is_some() {
-                    st.writing.insert(id.clone());
-                }
-            }
         }
-        drop(dirty);
         let mut copies: Vec<(&str, &[u8])> = Vec::new();
         if !old.is_empty() {
-            let writing: Set<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
             let st = self.lock();
-            for (number, bytes) in &old {
+            for (number, bytes) in old {
                 for entry in disk::entries(*number, bytes)? {
                     if let Entry::Put { id, loc, body } = entry {
-                        if !writing.contains(id) && st.journal.is_current(id, loc) {
+                        if !st.writing.contains_key(id) && st.journal.is_current(id, loc) {
                             copies.push((id, body));
                         }
                     }
@@ -411,25 +439,11 @@ impl Core {
             }
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
-        let result = Self::encode(first, &copies, &taken).and_then(|written| {
-            self.disk.apply(&written.chunks, &remove)?;
-            Ok(written)
-        });
-        let written = match result {
-            Ok(written) => written,
-            Err(e) => {
-                // Nothing is lost from memory: note everything again (unless changed since) for the next one.
-                let mut st = self.lock();
-                for (id, record) in taken {
-                    st.writing.remove(&id);
-                    st.dirty.entry(id).or_insert(if record.is_some() { Dirty::Put } else { Dirty::Delete });
-                }
-                return Err(e);
-            }
-        };
+        let written = Self::encode(first, &copies, &taken)?;
+        self.disk.apply(&written.chunks, remove)?;
         self.unflushed.store(true, Ordering::SeqCst);
-        // The account of the journal, a batch at a time too. Until it is done, a reader may find a record's
-        // chunk gone (compacted); it then waits for this write-out (see `Store::with_record`).
+        // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then waits for
+        // this write-out (see `Store::with_record`).
         {
             let mut st = self.lock();
             for chunk in &written.chunks {
@@ -452,7 +466,6 @@ impl Core {
         for batch in taken.chunks(LOCK_BATCH) {
             let mut st = self.lock();
             for (id, record) in batch {
-                st.writing.remove(id);
                 if let Some((Some(generation), _)) = record {
                     if st.finished.get(id).is_some_and(|(g, _)| g == generation) {
                         st.finished.remove(id);
@@ -460,17 +473,8 @@ impl Core {
                 }
             }
         }
-        let mut st = self.lock();
-        st.journal.remove_chunks(&remove);
-        // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
-        // survives a crash without the writes that emptied them.
-        let emptied = st.journal.to_remove(&[]);
-        drop(st);
-        if !emptied.is_empty() {
-            self.disk.apply(&[], &emptied)?;
-            self.lock().journal.remove_chunks(&emptied);
-        }
-        Ok(true)
+        self.lock().journal.remove_chunks(remove);
+        Ok(())
     }
 
     /// Builds the chunks of a write-out: records moved out of compacted chunks first, then the changes (so a
@@ -831,7 +835,7 @@ impl Store {
         }
         let unflushed = out.iter().any(|task| {
             st.dirty.contains_key(&task.id)
-                || st.writing.contains(&task.id)
+                || st.writing.contains_key(&task.id)
                 || st.journal.loc(&task.id).is_none_or(|loc| loc.chunk >= st.durable_below)
         });
         drop(st);
