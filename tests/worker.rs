@@ -86,6 +86,17 @@ async fn finished(client: &Client, id: &str) -> TaskInfo {
 }
 
 /// Waits until `counter` reaches `n`.
+/// A handler that counts its starts and never finishes.
+fn stuck(
+    started: &Arc<AtomicUsize>,
+) -> impl Fn(Task<()>) -> std::future::Pending<Result<(), TaskFailure>> + Send + Sync + 'static {
+    let started = started.clone();
+    move |_task| {
+        started.fetch_add(1, Ordering::SeqCst);
+        std::future::pending()
+    }
+}
+
 async fn count_is(counter: &AtomicUsize, n: usize) {
     eventually(&format!("counter at {n}"), WAIT, || async { (counter.load(Ordering::SeqCst) == n).then_some(()) }).await
 }
@@ -400,14 +411,7 @@ async fn tasks_still_running_after_the_grace_period_are_released() {
     let server = TestServer::start().await;
     let client = server.client().await;
     let running = Arc::new(AtomicUsize::new(0));
-    let r = running.clone();
-    let handler = move |_task: Task<()>| {
-        r.fetch_add(1, Ordering::SeqCst);
-        async {
-            std::future::pending::<()>().await;
-            Ok(())
-        }
-    };
+    let handler = stuck(&running);
     let worker = worker(&server).grace_period(Duration::from_millis(100)).register("stuck", handler).build();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(worker.run_until(async move {
@@ -516,14 +520,7 @@ async fn stopping_at_once_leaves_running_tasks_to_the_daemon() {
     let server = TestServer::start().await;
     let client = server.client().await;
     let running = Arc::new(AtomicUsize::new(0));
-    let r = running.clone();
-    let handler = move |_task: Task<()>| {
-        r.fetch_add(1, Ordering::SeqCst);
-        async {
-            std::future::pending::<()>().await;
-            Ok(())
-        }
-    };
+    let handler = stuck(&running);
     let (stop, run) = spawn(worker(&server).register("stuck", handler).build());
     let id = enqueue(&client, spec("stuck", vec![])).await;
     count_is(&running, 1).await;
