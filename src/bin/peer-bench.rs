@@ -619,6 +619,11 @@ struct Produce {
 }
 
 impl Produce {
+    /// A producer that runs until `deadline`, with no limit and no backlog cap.
+    fn until(queue: &str, conn: usize, depth: usize, batch: usize, deadline: Instant) -> Produce {
+        Produce { queue: queue.to_string(), conn, depth, batch, deadline, limit: u64::MAX, backlog: None }
+    }
+
     /// Whether a request of `job.batch` tasks may be sent now (the backlog has room); counts it if so.
     fn take_room(&self) -> bool {
         match &self.backlog {
@@ -646,6 +651,22 @@ struct Backlog {
     enqueued: AtomicU64,
     acked: Arc<AtomicU64>,
     max: u64,
+}
+
+/// Starts one producer per connection, each with the job `job` gives its connection number; each is given
+/// DRAIN_GRACE past its deadline to collect its replies. A handle yields the tasks its producer enqueued.
+fn spawn_producers(
+    conns: Vec<Conn>,
+    job: impl Fn(usize) -> Produce,
+) -> Vec<tokio::task::JoinHandle<Result<Result<u64>, tokio::time::error::Elapsed>>> {
+    conns
+        .into_iter()
+        .enumerate()
+        .map(|(conn_no, conn)| {
+            let job = job(conn_no);
+            tokio::spawn(tokio::time::timeout_at((job.deadline + DRAIN_GRACE).into(), produce(conn, job)))
+        })
+        .collect()
 }
 
 /// Enqueues until the deadline or the limit, keeping `depth` requests in flight; returns the tasks enqueued.
@@ -765,22 +786,7 @@ async fn enqueue_rate(args: &LoadArgs, queue: &str, depth: usize, batch: usize, 
     }
     let start = Instant::now();
     let deadline = start + run;
-    let handles: Vec<_> = conns
-        .into_iter()
-        .enumerate()
-        .map(|(conn_no, conn)| {
-            let job = Produce {
-                queue: queue.to_string(),
-                conn: conn_no,
-                depth,
-                batch,
-                deadline,
-                limit: u64::MAX,
-                backlog: None,
-            };
-            tokio::spawn(tokio::time::timeout_at((deadline + DRAIN_GRACE).into(), produce(conn, job)))
-        })
-        .collect();
+    let handles = spawn_producers(conns, |conn| Produce::until(queue, conn, depth, batch, deadline));
     let mut total = 0;
     for h in handles {
         total += h.await?.context("producer did not drain in time")??;
@@ -799,22 +805,7 @@ async fn cycle_rate(args: &LoadArgs, queue: &str, depth: usize, run: Duration) -
     let acked = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + run;
-    let producers: Vec<_> = producers
-        .into_iter()
-        .enumerate()
-        .map(|(conn_no, conn)| {
-            let job = Produce {
-                queue: queue.to_string(),
-                conn: conn_no,
-                depth,
-                batch: 1,
-                deadline,
-                limit: u64::MAX,
-                backlog: None,
-            };
-            tokio::spawn(tokio::time::timeout_at((deadline + DRAIN_GRACE).into(), produce(conn, job)))
-        })
-        .collect();
+    let producers = spawn_producers(producers, |conn| Produce::until(queue, conn, depth, 1, deadline));
     let consumers: Vec<_> = consumers
         .into_iter()
         .map(|conn| {
@@ -1092,24 +1083,15 @@ async fn soak(args: &SoakArgs) -> Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.timeout);
     let per_producer = args.tasks / connections as u64;
-    let producers: Vec<_> = producers
-        .into_iter()
-        .enumerate()
-        .map(|(conn_no, conn)| {
-            // The first producer also sends the remainder of the division.
-            let extra = if conn_no == 0 { args.tasks % connections as u64 } else { 0 };
-            let job = Produce {
-                queue: queue.clone(),
-                conn: conn_no,
-                depth: args.depth,
-                batch: 1,
-                deadline,
-                limit: per_producer + extra,
-                backlog: Some(backlog.clone()),
-            };
-            tokio::spawn(tokio::time::timeout_at((deadline + DRAIN_GRACE).into(), produce(conn, job)))
-        })
-        .collect();
+    let producers = spawn_producers(producers, |conn| {
+        // The first producer also sends the remainder of the division.
+        let extra = if conn == 0 { args.tasks % connections as u64 } else { 0 };
+        Produce {
+            limit: per_producer + extra,
+            backlog: Some(backlog.clone()),
+            ..Produce::until(&queue, conn, args.depth, 1, deadline)
+        }
+    });
     let tasks = args.tasks;
     let consumers: Vec<_> = consumers
         .into_iter()
