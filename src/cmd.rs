@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::flush::Durable;
+use crate::store::commit::Durable;
 use crate::store::{validate_name, validate_queue, ConnId, Store, StoreError};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
@@ -287,7 +287,7 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
         if !unflushed {
             return frame;
         }
-        match store.durable().await {
+        match store.durable().wait().await {
             Ok(()) => frame,
             Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
         }

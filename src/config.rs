@@ -36,8 +36,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `always` or `interval`.
     pub fsync: FsyncPolicy,
-    /// The flush period under `fsync = "interval"`.
+    /// The period of the log's `fdatasync` under `fsync = "interval"`.
     pub fsync_interval_ms: u64,
+    /// How often sled is brought up to date from the log (a checkpoint) while tasks change.
+    pub checkpoint_interval_ms: u64,
+    /// A checkpoint also starts once the log segment in use holds this many bytes.
+    pub checkpoint_log_bytes: u64,
     /// The largest frame accepted, in bytes.
     pub max_frame_bytes: usize,
     /// The most connections open at once; more wait to be accepted.
@@ -74,6 +78,8 @@ impl Default for Config {
             data_dir: PathBuf::from("broker-data"),
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: 100,
+            checkpoint_interval_ms: 1000,
+            checkpoint_log_bytes: 64 * 1024 * 1024,
             max_frame_bytes: broker_client::proto::DEFAULT_MAX_FRAME,
             max_connections: 10_000,
             default_lease_ms: 30_000,

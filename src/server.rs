@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::cmd::{self, ConnInfo, Outcome, ReplyFrame, Session, Shared};
 use crate::config::Config;
-use crate::store::flush::Durable;
+use crate::store::commit::Durable;
 use crate::store::{Store, StoreError};
 
 /// Why the server could not start.
@@ -326,7 +326,7 @@ async fn serve_frame(
 }
 
 async fn after_flush(id: u64, frame: ReplyFrame, durable: Durable) -> ReplyFrame {
-    match durable.await {
+    match durable.wait().await {
         Ok(()) => frame,
         Err(e) => cmd::error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use broker_client::proto::{ErrorCode, Lease, TaskSpec, TaskState, Value};
 use broker_client::{Client, ConnectOptions};
-use common::TestServer;
+use common::{eventually, TestServer};
 
 fn lease(max: u32) -> Lease {
     Lease { queues: vec!["default".into()], max, wait_ms: 0, lease_ms: None }
@@ -276,7 +276,7 @@ async fn an_older_data_directory_is_moved_into_the_journal() {
 /// and the chunks removed. Nothing current is lost, nothing deleted comes back, and a restart reads the same.
 #[tokio::test]
 async fn compaction_keeps_every_current_record_and_nothing_deleted() {
-    let mut server = TestServer::start_manual().await;
+    let mut server = TestServer::start_with(|c| c.checkpoint_interval_ms = 10, true).await;
     let client = server.client().await;
     let payload = Value::from("p".repeat(1000));
     // Three queues interleaved in the same chunks; two are purged, so each chunk keeps a third of its bytes.
@@ -295,24 +295,27 @@ async fn compaction_keeps_every_current_record_and_nothing_deleted() {
     }
     let gone = client.enqueue(TaskSpec { queue: Some("a".into()), ..TaskSpec::new("job") }).await.unwrap().id;
     let store = server.handle.as_ref().unwrap().store().clone();
-    let (before, _) = store.journal_size();
-    assert!(before > 6_000_000, "journal of {before} bytes");
+    // Checkpoints bring the journal in sled up to date in the background.
+    let before = eventually("the checkpoints that write the tasks", Duration::from_secs(30), || async {
+        Some(store.journal_size().0).filter(|bytes| *bytes > 6_000_000)
+    })
+    .await;
     assert_eq!(client.purge("a").await.unwrap() + client.purge("b").await.unwrap(), 4201);
-    // Each write-out compacts a bounded part, until the journal is at most about twice what is current in it;
-    // durable enqueues drive write-outs.
-    let compacted = |(bytes, current): (u64, u64)| bytes <= 2 * current + (512 << 10);
-    for _ in 0..200 {
-        if compacted(store.journal_size()) {
-            break;
-        }
+    // Each checkpoint compacts a bounded part, until the journal is at most about twice what is current in it;
+    // enqueues give the log records, which start checkpoints.
+    let compacted = |(bytes, current): (u64, u64)| bytes <= 2 * current + (512 << 10) && bytes + (1 << 20) < before;
+    let (bytes, current) = eventually("compaction", Duration::from_secs(30), || async {
         client.enqueue(TaskSpec { queue: Some("tick".into()), ..TaskSpec::new("tick") }).await.unwrap();
-    }
-    let (bytes, current) = store.journal_size();
-    assert!(compacted((bytes, current)), "journal {bytes} bytes for {current} current");
-    assert!(bytes + (1 << 20) < before, "journal went from {before} to {bytes} bytes");
-    drop((store, client));
-
-    server.restart().await;
+        Some(store.journal_size()).filter(|size| compacted(*size))
+    })
+    .await;
+    assert!(current > 2_000_000, "journal {bytes} bytes for {current} current");
+    // A clean stop writes the last changes; the account then is what recovery must count.
+    drop(client);
+    server.stop_keep_dir().await;
+    let (_, current) = store.journal_size();
+    drop(store);
+    server.start_again().await;
     let client = server.client().await;
     assert_eq!(server.handle.as_ref().unwrap().store().journal_size().1, current, "recovery counts the same");
     let stats = client.stats().await.unwrap();
@@ -337,7 +340,14 @@ fn dir_bytes(path: &std::path::Path) -> u64 {
 /// directory and removes the old one: the data directory shrinks, and what was kept is still there.
 #[tokio::test]
 async fn the_data_directory_shrinks_back_after_results_expire() {
-    let mut server = TestServer::start_with(|c| c.shrink_min_bytes = 1 << 20, true).await;
+    let mut server = TestServer::start_with(
+        |c| {
+            c.shrink_min_bytes = 1 << 20;
+            c.checkpoint_interval_ms = 10;
+        },
+        true,
+    )
+    .await;
     let client = server.client().await;
     let kept = client.enqueue(TaskSpec { queue: Some("keep".into()), ..TaskSpec::new("job") }).await.unwrap().id;
     let payload = Value::from("r".repeat(2000));
@@ -351,16 +361,21 @@ async fn the_data_directory_shrinks_back_after_results_expire() {
         }
     }
     assert_eq!(client.stats().await.unwrap().results_stored, 2000);
-    let before = dir_bytes(server.dir.path());
-    assert!(before > 8 << 20, "data dir of {before} bytes");
+    let sled_dir = server.dir.path().join("sled-1");
+    let before = eventually("checkpoints that write the results to sled", Duration::from_secs(30), || async {
+        Some(dir_bytes(&sled_dir)).filter(|bytes| *bytes > 8 << 20)
+    })
+    .await;
 
     server.clock().advance(Duration::from_secs(61));
     server.tick();
     assert_eq!(client.stats().await.unwrap().results_stored, 0);
-    // A durable op makes the write-out that removes the expired records' chunks; the next check shrinks (the
-    // daemon checks every 10 s; the test does not wait).
-    client.enqueue(TaskSpec { queue: Some("tick".into()), ..TaskSpec::new("tick") }).await.unwrap();
-    assert!(server.handle.as_ref().unwrap().store().shrink_if_bloated().unwrap(), "a rewrite was due");
+    // A checkpoint removes the expired records' chunks; the next check shrinks (the daemon checks every 10 s;
+    // the test checks itself until it is due).
+    let store = server.handle.as_ref().unwrap().store().clone();
+    eventually("a rewrite", Duration::from_secs(30), || async { store.shrink_if_bloated().unwrap().then_some(()) })
+        .await;
+    drop(store);
     let after = dir_bytes(server.dir.path());
     assert!(after < before / 4, "data dir went from {before} to {after} bytes");
 

@@ -109,6 +109,41 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
 }
 
+/// Appends an entry's head (kind, id length, id).
+fn write_head(out: &mut Vec<u8>, kind: u8, id: &str) -> Result<(), StoreError> {
+    let id_len = u16::try_from(id.len())
+        .map_err(|_| StoreError::Corrupt { id: id.to_string(), message: "task id too long to store".into() })?;
+    out.push(kind);
+    out.extend_from_slice(&id_len.to_le_bytes());
+    out.extend_from_slice(id.as_bytes());
+    Ok(())
+}
+
+/// Appends a put's body length and body, encoding the record.
+fn write_body(out: &mut Vec<u8>, record: &TaskRecord) -> Result<(), StoreError> {
+    let body_start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    rmp_serde::encode::write(out, record)
+        .map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })?;
+    let len = u32::try_from(out.len() - body_start - 4)
+        .map_err(|_| StoreError::Corrupt { id: record.id.clone(), message: "record too large to store".into() })?;
+    out[body_start..body_start + 4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Appends a one-entry chunk holding `record` (the payload of a log record, see [`super::wal`]).
+pub fn write_put(out: &mut Vec<u8>, record: &TaskRecord) -> Result<(), StoreError> {
+    out.push(FORMAT);
+    write_head(out, PUT, &record.id)?;
+    write_body(out, record)
+}
+
+/// Appends a one-entry chunk holding a tombstone for `id`.
+pub fn write_delete(out: &mut Vec<u8>, id: &str) -> Result<(), StoreError> {
+    out.push(FORMAT);
+    write_head(out, DELETE, id)
+}
+
 /// A chunk closed by a [`ChunkWriter`], ready to be written.
 #[derive(Debug)]
 pub struct NewChunk {
@@ -156,22 +191,16 @@ impl ChunkWriter {
             self.current.reserve(CHUNK_TARGET + CHUNK_TARGET / 2);
             self.current.push(FORMAT);
         }
-        let id_len = u16::try_from(id.len())
-            .map_err(|_| StoreError::Corrupt { id: id.to_string(), message: "task id too long to store".into() })?;
         let start = self.current.len();
-        self.current.push(kind);
-        self.current.extend_from_slice(&id_len.to_le_bytes());
-        self.current.extend_from_slice(id.as_bytes());
+        write_head(&mut self.current, kind, id)?;
         Ok(start)
     }
 
-    /// Finishes a put whose body was appended from `body_start`: writes its length, and moves it to a chunk of
-    /// its own if it made a shared chunk much larger than the target.
+    /// Finishes a put whose body (with its length) was appended from `body_start`: moves it to a chunk of its
+    /// own if it made a shared chunk much larger than the target.
     fn end_put(&mut self, start: usize, body_start: usize) -> Result<Loc, StoreError> {
-        let len = self.current.len() - body_start - 4;
-        let len32 = u32::try_from(len)
+        let len32 = u32::try_from(self.current.len() - body_start - 4)
             .map_err(|_| StoreError::Corrupt { id: String::new(), message: "record too large to store".into() })?;
-        self.current[body_start..body_start + 4].copy_from_slice(&len32.to_le_bytes());
         let mut body_start = body_start;
         if start > 1 && self.current.len() > 2 * CHUNK_TARGET {
             let entry = self.current.split_off(start);
@@ -187,9 +216,7 @@ impl ChunkWriter {
     pub fn put(&mut self, record: &TaskRecord) -> Result<Loc, StoreError> {
         let start = self.begin(PUT, &record.id)?;
         let body_start = self.current.len();
-        self.current.extend_from_slice(&[0; 4]);
-        rmp_serde::encode::write(&mut self.current, record)
-            .map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })?;
+        write_body(&mut self.current, record)?;
         self.end_put(start, body_start)
     }
 
@@ -197,7 +224,9 @@ impl ChunkWriter {
     pub fn put_encoded(&mut self, id: &str, body: &[u8]) -> Result<Loc, StoreError> {
         let start = self.begin(PUT, id)?;
         let body_start = self.current.len();
-        self.current.extend_from_slice(&[0; 4]);
+        let len = u32::try_from(body.len())
+            .map_err(|_| StoreError::Corrupt { id: id.to_string(), message: "record too large to store".into() })?;
+        self.current.extend_from_slice(&len.to_le_bytes());
         self.current.extend_from_slice(body);
         self.end_put(start, body_start)
     }
@@ -226,7 +255,14 @@ struct Db {
     /// `fdatasync` of its own. Without it an acknowledged write survives `kill -9` but not a power loss.
     log_file: std::fs::File,
     journal: sled::Tree,
+    /// Small facts about the data: the checkpoint mark ([`Disk::replay_from`]).
+    meta: sled::Tree,
+    /// Blob files (sled's home for values and nodes over about 128 KiB) already synced.
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
+
+/// The key in `meta` of the first log segment a recovery must replay.
+const REPLAY_FROM: &[u8] = b"wal_replay_from";
 
 impl Db {
     fn open(path: &Path, cache_capacity: u64) -> Result<Db, StoreError> {
@@ -235,13 +271,53 @@ impl Db {
         let log_file = std::fs::File::open(&log_path).map_err(|e| {
             StoreError::Flush(format!("cannot open sled's log file {} to sync it: {e}", log_path.display()))
         })?;
-        Ok(Db { path: path.to_path_buf(), journal: db.open_tree("journal")?, db, log_file })
+        Ok(Db {
+            path: path.to_path_buf(),
+            journal: db.open_tree("journal")?,
+            meta: db.open_tree("meta")?,
+            db,
+            log_file,
+            synced_blobs: Mutex::new(Default::default()),
+        })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.log_file.sync_data().map_err(|e| StoreError::Flush(format!("fdatasync of sled's log: {e}")))?;
+        self.sync_blobs()?;
         Ok(())
+    }
+
+    /// Syncs the blob files not synced yet, and their directory. sled 0.34 writes a value or node over about
+    /// 128 KiB to a file of its own under `blobs/` and never syncs it; its log then points at a file a power
+    /// loss may take away. Returns how many files it synced.
+    fn sync_blobs(&self) -> Result<usize, StoreError> {
+        let dir = self.path.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_error("cannot list", &dir, e)),
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut present = std::collections::HashSet::new();
+        let mut count = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(entry.path()).and_then(|f| f.sync_data()) {
+                    Ok(()) => count += 1,
+                    // sled removed it meanwhile (the value was replaced): nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error("cannot sync", &entry.path(), e)),
+                }
+            }
+            present.insert(name);
+        }
+        if count > 0 {
+            sync_dir(&dir)?;
+        }
+        *synced = present;
+        Ok(count)
     }
 }
 
@@ -425,6 +501,20 @@ impl Disk {
         Ok(())
     }
 
+    /// The first log segment a recovery must replay: everything in the segments before it is in the journal
+    /// (0 when no checkpoint was ever marked).
+    pub fn replay_from(&self) -> Result<u64, StoreError> {
+        let mark = self.db().meta.get(REPLAY_FROM)?;
+        Ok(mark.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))).unwrap_or(0))
+    }
+
+    /// Marks that the journal holds everything of the log segments before `segment`. Durable with the next
+    /// [`Disk::flush`], and never before the chunks applied before it (sled recovers a prefix of its writes).
+    pub fn set_replay_from(&self, segment: u64) -> Result<(), StoreError> {
+        self.db().meta.insert(REPLAY_FROM, &segment.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Makes everything applied so far durable: sled writes its buffers out, then the log file is fdatasync'ed.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db().flush()
@@ -500,6 +590,9 @@ impl Disk {
         let new = rewrite.new.as_ref().expect("rewrite in progress");
         for batch in noted {
             new.journal.apply_batch(batch)?;
+        }
+        if let Some(mark) = self.db().meta.get(REPLAY_FROM)? {
+            new.meta.insert(REPLAY_FROM, mark)?;
         }
         // The old database's writes not flushed yet are in the copy: flushing it covers them. sled does not sync
         // its directory; the copy's files must be there before `CURRENT` names it.

@@ -16,25 +16,29 @@
 //!
 //! Time comes from the injected [`Clock`]; the store never reads the wall clock itself.
 
+pub mod checkpoint;
+pub mod commit;
 pub mod disk;
-pub mod flush;
 pub mod journal;
 pub mod record;
+pub mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use broker_client::proto::{
     DeadRequeue, Enqueued, LeasedTask, QueueStats, TaskError, TaskId, TaskInfo, TaskSpec, TaskState, Totals, Value,
     DEFAULT_QUEUE, MAX_ID_LEN,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
-use disk::{ChunkWriter, Disk, Entry, Loc};
+use commit::{Durable, Pacing, Progress};
+use disk::{Disk, Entry, Loc};
 use journal::Journal;
 use record::{ReadyKey, TaskRecord};
 
@@ -98,8 +102,12 @@ pub struct StoreOptions {
     pub max_lease_losses: u32,
     /// Flush policy.
     pub fsync: FsyncPolicy,
-    /// Flush period (the only flushes under `interval`; background write-out under `always`).
+    /// Sync period of the log under `interval`; period of the rounds nobody waits for under `always`.
     pub fsync_interval: Duration,
+    /// See [`Config::checkpoint_interval_ms`].
+    pub checkpoint_interval: Duration,
+    /// See [`Config::checkpoint_log_bytes`].
+    pub checkpoint_log_bytes: u64,
     /// See [`Config::shrink_min_bytes`].
     pub shrink_min_bytes: u64,
 }
@@ -114,6 +122,8 @@ impl From<&Config> for StoreOptions {
             max_lease_losses: config.max_lease_losses.max(1),
             fsync: config.fsync,
             fsync_interval: Duration::from_millis(config.fsync_interval_ms.max(1)),
+            checkpoint_interval: Duration::from_millis(config.checkpoint_interval_ms.max(1)),
+            checkpoint_log_bytes: config.checkpoint_log_bytes.max(1),
             shrink_min_bytes: config.shrink_min_bytes,
         }
     }
@@ -146,7 +156,7 @@ struct LeaseEntry {
     queue: String,
 }
 
-/// What to write for a task at the next write-out.
+/// What to write for a task at the next log round or checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dirty {
     /// Its record (in `live` or `finished`).
@@ -190,14 +200,23 @@ struct State {
     expiry: BTreeSet<(u64, TaskId)>,
     /// The dead set: per queue, (failed-at, id), oldest first.
     dead: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
-    dirty: Map<TaskId, Dirty>,
-    /// The notes the write-out in progress took (shared with it, read-only): those tasks' places on disk are
-    /// about to change, so until it is done their old place says nothing about what is durable.
-    writing: Arc<Map<TaskId, Dirty>>,
+    /// Tasks changed since the log writer's last round took its notes ([`commit`]).
+    to_log: Map<TaskId, Dirty>,
+    /// The notes of the log round being written (shared with it, read-only): not durable yet.
+    logging: Arc<Map<TaskId, Dirty>>,
+    /// How many rounds the log writer has started; the next one takes `to_log`.
+    rounds_taken: u64,
+    /// The highest round a ticket waits for.
+    wanted: u64,
+    /// Under `interval`: the log writer's wake-up, rung when `to_log` stops being empty.
+    eager_wake: Option<Arc<Condvar>>,
+    /// Tasks logged since the last checkpoint took its notes ([`checkpoint`]).
+    to_checkpoint: Map<TaskId, Dirty>,
+    /// The notes the checkpoint in progress took (shared with it, read-only): those tasks' places in the journal
+    /// are about to change, so until it is done their old place says nothing about what is current.
+    checkpoint_writing: Arc<Map<TaskId, Dirty>>,
     generation: u64,
     journal: Journal,
-    /// Journal chunks numbered below this are flushed to disk.
-    durable_below: u64,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
     scheduled: BTreeMap<(u64, TaskId), String>,
@@ -236,9 +255,19 @@ impl State {
         Some(entry)
     }
 
+    /// Notes what to log for a task.
+    fn note(&mut self, id: &str, kind: Dirty) {
+        if self.to_log.is_empty() {
+            if let Some(wake) = &self.eager_wake {
+                wake.notify_one();
+            }
+        }
+        self.to_log.insert(id.to_string(), kind);
+    }
+
     /// Notes that a task's record changed.
     fn touch(&mut self, id: &str) {
-        self.dirty.insert(id.to_string(), Dirty::Put);
+        self.note(id, Dirty::Put);
     }
 
     /// Moves a task from `live` to `finished` (and `done`, the expiry index and, if it failed, the dead set).
@@ -286,7 +315,7 @@ impl State {
     fn delete(&mut self, id: &str) {
         self.live.remove(id);
         self.forget_done(id);
-        self.dirty.insert(id.to_string(), Dirty::Delete);
+        self.note(id, Dirty::Delete);
     }
 
     /// A task's record, if it is in memory.
@@ -333,15 +362,29 @@ struct Written {
     tombstones: Vec<TaskId>,
 }
 
-/// The memory and the disk, shared with the flusher task.
+/// The memory and the disk, shared with the log writer and checkpoint threads.
 struct Core {
     disk: Disk,
+    /// The log's segments.
+    wal_dir: PathBuf,
     state: Mutex<State>,
-    /// Held for a whole write-out, so write-outs reach sled in the order they were taken and the journal
-    /// account changes under one writer.
+    /// Held for a whole checkpoint write-out, so write-outs reach sled in the order they were taken and the
+    /// journal account changes under one writer.
     write_lock: Mutex<()>,
-    /// Set when a write-out put changes in sled that no flush has covered yet.
-    unflushed: AtomicBool,
+    /// Wakes the log writer (paired with `state`).
+    log_wake: Arc<Condvar>,
+    /// Set when the store closes: the log writer runs a last round and returns.
+    stopping: AtomicBool,
+    /// The rounds made durable, for tickets.
+    progress: watch::Sender<Progress>,
+    /// Whether a checkpoint was asked for and has not ended.
+    checkpointing: AtomicBool,
+    /// Checkpoints completed since the store opened.
+    checkpoints: AtomicU64,
+    /// When the running checkpoint started (for the watchdog).
+    checkpoint_started: Mutex<Option<Instant>>,
+    /// The checkpoint thread's requests (segment numbers); `None` once closed.
+    checkpoint_requests: Mutex<Option<std::sync::mpsc::Sender<u64>>>,
 }
 
 impl Core {
@@ -349,169 +392,20 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends every change noted so far to the journal, and removes or compacts old chunks (not flushed).
-    /// Returns whether anything was written.
-    fn write_out(&self) -> Result<bool, StoreError> {
-        let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let compact = self.lock().journal.to_compact();
-        // Only write-outs change the journal, and this one holds the write lock: read without the state lock.
-        let mut old = Vec::with_capacity(compact.len());
-        for number in &compact {
-            if let Some(bytes) = self.disk.chunk(*number)? {
-                old.push((*number, bytes));
-            }
-        }
-        let (notes, remove, first) = {
-            let mut st = self.lock();
-            let remove = st.journal.to_remove(&compact);
-            if st.dirty.is_empty() && remove.is_empty() {
-                return Ok(false);
-            }
-            st.writing = Arc::new(std::mem::take(&mut st.dirty));
-            (st.writing.clone(), remove, st.journal.next_chunk())
-        };
-        let result = self.write_notes(&notes, &old, first, &remove);
-        let mut st = self.lock();
-        let writing = std::mem::take(&mut st.writing);
-        if result.is_err() {
-            // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
-            for (id, kind) in notes.iter() {
-                st.dirty.entry(id.clone()).or_insert(*kind);
-            }
-        }
-        drop(st);
-        // The notes are freed outside the lock.
-        drop((writing, notes));
-        result?;
-        let st = self.lock();
-        // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
-        // survives a crash without the writes that emptied them.
-        let emptied = st.journal.to_remove(&[]);
-        drop(st);
-        if !emptied.is_empty() {
-            self.disk.apply(&[], &emptied)?;
-            self.lock().journal.remove_chunks(&emptied);
-        }
-        Ok(true)
-    }
-
-    /// Writes the records `notes` name (and moves the current records out of the chunks in `old`, which go
-    /// with `remove`), then notes their new places. The state lock is taken a batch at a time, so requests
-    /// never wait long for it; a record that changes between two batches is noted again and written by the next
-    /// write-out too.
-    fn write_notes(
-        &self,
-        notes: &Map<TaskId, Dirty>,
-        old: &[(u64, sled::IVec)],
-        first: u64,
-        remove: &[u64],
-    ) -> Result<(), StoreError> {
-        let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
-        let mut taken: Vec<Taken> = Vec::with_capacity(notes.len());
-        for batch in notes.chunks(LOCK_BATCH) {
-            let st = self.lock();
-            taken.extend(batch.iter().filter_map(|(id, kind)| {
-                let record = match kind {
-                    Dirty::Put => match st.live.get(*id) {
-                        Some(r) => Some((None, r.clone())),
-                        None => Some(st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone()))?),
-                    },
-                    // No record of it on disk: nothing to hide.
-                    Dirty::Delete => {
-                        st.journal.loc(id)?;
-                        None
-                    }
-                };
-                Some(((*id).clone(), record))
-            }));
-        }
-        let mut copies: Vec<(&str, &[u8])> = Vec::new();
-        if !old.is_empty() {
-            let st = self.lock();
-            for (number, bytes) in old {
-                for entry in disk::entries(*number, bytes)? {
-                    if let Entry::Put { id, loc, body } = entry {
-                        if !st.writing.contains_key(id) && st.journal.is_current(id, loc) {
-                            copies.push((id, body));
-                        }
-                    }
-                }
-            }
-        }
-        // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
-        let written = Self::encode(first, &copies, &taken)?;
-        self.disk.apply(&written.chunks, remove)?;
-        self.unflushed.store(true, Ordering::SeqCst);
-        // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then waits for
-        // this write-out (see `Store::with_record`).
+    /// Stops the log writer (after its last round) and the checkpoint thread (after its checkpoint), and waits
+    /// for `threads` to end.
+    fn stop_threads(&self, threads: Vec<std::thread::JoinHandle<()>>) {
+        self.stopping.store(true, Ordering::SeqCst);
         {
-            let mut st = self.lock();
-            for chunk in &written.chunks {
-                st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
+            let _st = self.lock();
+            self.log_wake.notify_all();
+        }
+        self.checkpoint_requests.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a store thread panicked");
             }
         }
-        for batch in written.puts.chunks(LOCK_BATCH) {
-            let mut st = self.lock();
-            for (id, loc) in batch {
-                st.journal.set(id, *loc);
-            }
-        }
-        for batch in written.tombstones.chunks(LOCK_BATCH) {
-            let mut st = self.lock();
-            for id in batch {
-                st.journal.clear(id);
-            }
-        }
-        // Finished records now on disk leave memory, unless they changed again meanwhile.
-        for batch in taken.chunks(LOCK_BATCH) {
-            let mut st = self.lock();
-            for (id, record) in batch {
-                if let Some((Some(generation), _)) = record {
-                    if st.finished.get(id).is_some_and(|(g, _)| g == generation) {
-                        st.finished.remove(id);
-                    }
-                }
-            }
-        }
-        self.lock().journal.remove_chunks(remove);
-        Ok(())
-    }
-
-    /// Builds the chunks of a write-out: records moved out of compacted chunks first, then the changes (so a
-    /// change wins over a copy in recovery's last-entry-wins reading).
-    fn encode(first: u64, copies: &[(&str, &[u8])], taken: &[Taken]) -> Result<Written, StoreError> {
-        let mut writer = ChunkWriter::new(first);
-        let mut puts = Vec::with_capacity(copies.len() + taken.len());
-        let mut tombstones = Vec::new();
-        for (id, body) in copies {
-            puts.push((id.to_string(), writer.put_encoded(id, body)?));
-        }
-        for (id, record) in taken {
-            match record {
-                Some((_, record)) => puts.push((id.clone(), writer.put(record)?)),
-                None => {
-                    writer.delete(id)?;
-                    tombstones.push(id.clone());
-                }
-            }
-        }
-        Ok(Written { chunks: writer.finish().0, puts, tombstones })
-    }
-
-    /// Writes out, and flushes if anything was written since the last flush (by this write-out or any other).
-    /// A waiter whose change is already flushed costs nothing.
-    fn persist(&self) -> Result<(), StoreError> {
-        self.write_out()?;
-        if self.unflushed.swap(false, Ordering::SeqCst) {
-            let mark = self.lock().journal.next_chunk();
-            if let Err(e) = self.disk.flush() {
-                self.unflushed.store(true, Ordering::SeqCst);
-                return Err(e);
-            }
-            let mut st = self.lock();
-            st.durable_below = st.durable_below.max(mark);
-        }
-        Ok(())
     }
 }
 
@@ -521,7 +415,8 @@ pub struct Store {
     options: StoreOptions,
     clock: Arc<dyn Clock>,
     id_counter: AtomicU64,
-    flusher: flush::Flusher,
+    /// The log writer and checkpoint threads, joined by [`Store::close`].
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Woken whenever a task becomes ready (enqueue, schedule due, retry due, lease lost, requeue).
     ready_notify: Notify,
     /// Woken whenever a task reaches a terminal state or disappears.
@@ -529,31 +424,61 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `config.data_dir` and rebuilds the queues from it. Tasks that were leased
-    /// when the daemon stopped go back to their queues. Must run inside a tokio runtime (the flusher is a task).
+    /// Opens (or creates) the store in `config.data_dir`: reads the journal in sled, replays the log on top,
+    /// writes what the log held into sled (a checkpoint) and starts a new log segment, then starts the log writer
+    /// and checkpoint threads. Tasks that were leased when the daemon stopped go back to their queues.
     pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
         let options = StoreOptions::from(config);
+        let (checkpoint_tx, checkpoint_rx) = std::sync::mpsc::channel();
         let core = Arc::new(Core {
             disk: Disk::open(config)?,
+            wal_dir: config.data_dir.join("wal"),
             state: Mutex::new(State::default()),
             write_lock: Mutex::new(()),
-            unflushed: AtomicBool::new(false),
+            log_wake: Arc::new(Condvar::new()),
+            stopping: AtomicBool::new(false),
+            progress: watch::Sender::new(Progress::default()),
+            checkpointing: AtomicBool::new(false),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_started: Mutex::new(None),
+            checkpoint_requests: Mutex::new(Some(checkpoint_tx)),
         });
-        let persist = {
-            let core = core.clone();
-            move || core.persist().map_err(|e| e.to_string())
-        };
         let store = Store {
-            flusher: flush::Flusher::start(Arc::new(persist), options.fsync, options.fsync_interval),
             core,
             options,
             id_counter: AtomicU64::new(initial_counter(clock.now_ms())),
             clock,
+            threads: Mutex::new(Vec::new()),
             ready_notify: Notify::new(),
             finished_notify: Notify::new(),
         };
-        store.recover()?;
-        store.core.persist()?;
+        let segment = store.recover()?;
+        store.core.checkpoint(segment)?;
+        let wal = wal::Wal::create(&store.core.wal_dir, segment)?;
+        if store.options.fsync == FsyncPolicy::Interval {
+            store.lock().eager_wake = Some(store.core.log_wake.clone());
+        }
+        let pacing = Pacing {
+            policy: store.options.fsync,
+            interval: store.options.fsync_interval,
+            checkpoint_every: store.options.checkpoint_interval,
+            checkpoint_bytes: store.options.checkpoint_log_bytes,
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(f)
+                .map_err(|e| StoreError::Flush(format!("cannot start the {name} thread: {e}")))
+        };
+        let writer = {
+            let core = store.core.clone();
+            spawn("broker-log", Box::new(move || commit::run_log_writer(core, wal, pacing)))?
+        };
+        let checkpointer = {
+            let core = store.core.clone();
+            spawn("broker-checkpoint", Box::new(move || checkpoint::run_checkpointer(core, checkpoint_rx)))?
+        };
+        *store.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![writer, checkpointer];
         Ok(store)
     }
 
@@ -567,20 +492,54 @@ impl Store {
         self.options.fsync
     }
 
-    /// Resolves once every change made before the call is durable under the fsync policy (at once under
-    /// `interval`). Concurrent callers share one write-out and one flush.
-    pub fn durable(&self) -> flush::Durable {
-        self.flusher.request()
+    /// A ticket that resolves once every change made before the call is durable in the log (at once under
+    /// `interval`). Concurrent callers share one log round and one `fdatasync`.
+    pub fn durable(&self) -> Durable {
+        if self.options.fsync == FsyncPolicy::Interval {
+            return Durable::ready();
+        }
+        let mut st = self.lock();
+        let round = if !st.to_log.is_empty() {
+            // The next round takes these notes: ask for it.
+            let round = st.rounds_taken + 1;
+            if st.wanted < round {
+                st.wanted = round;
+                self.core.log_wake.notify_one();
+            }
+            round
+        } else if !st.logging.is_empty() {
+            st.rounds_taken
+        } else {
+            // Everything noted is in a round that is durable already.
+            0
+        };
+        drop(st);
+        Durable::after(self.core.progress.subscribe(), round)
     }
 
-    /// Shutdown: stops the flusher, writes out and flushes everything. The database closes when the last handle
-    /// drops.
+    /// How many checkpoints have completed since the store opened (the one at opening included).
+    pub fn checkpoints(&self) -> u64 {
+        self.core.checkpoints.load(Ordering::SeqCst)
+    }
+
+    /// How long the running checkpoint has taken, if it has taken longer than [`checkpoint::STUCK_AFTER`].
+    pub fn checkpoint_stuck_for(&self) -> Option<Duration> {
+        let started = *self.core.checkpoint_started.lock().unwrap_or_else(|p| p.into_inner());
+        started.map(|s| s.elapsed()).filter(|d| *d > checkpoint::STUCK_AFTER)
+    }
+
+    /// Shutdown: the log writer runs a last round and stops, the checkpoint thread finishes, and a last
+    /// checkpoint writes everything to sled and empties the log. The database closes when the last handle drops.
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.flusher.stop().await;
         let core = self.core.clone();
-        tokio::task::spawn_blocking(move || core.persist())
-            .await
-            .map_err(|e| StoreError::Flush(format!("flush task failed: {e}")))?
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        tokio::task::spawn_blocking(move || {
+            core.stop_threads(threads);
+            let last = wal::segments(&core.wal_dir)?.last().map_or(0, |n| n + 1);
+            core.checkpoint(last)
+        })
+        .await
+        .map_err(|e| StoreError::Flush(format!("close task failed: {e}")))?
     }
 
     /// Woken when a task becomes ready.
@@ -602,11 +561,20 @@ impl Store {
         self.core.lock()
     }
 
-    /// Reads the journal back: the last entry of each task wins. Rebuilds the queues, the finished tasks'
-    /// index and the journal's account.
-    fn recover(&self) -> Result<(), StoreError> {
+    /// Reads the journal back, then the log segments from the checkpoint mark on: the last entry of each task
+    /// wins. Rebuilds the queues, the finished tasks' index and the journal's account, and notes what the log
+    /// held for the checkpoint that follows. Returns the number the next log segment gets.
+    fn recover(&self) -> Result<u64, StoreError> {
         let now = self.now_ms();
         let chunks = self.core.disk.chunks()?;
+        let replay_from = self.core.disk.replay_from()?;
+        let all_segments = wal::segments(&self.core.wal_dir)?;
+        let next_segment = all_segments.last().map_or(replay_from, |n| (n + 1).max(replay_from));
+        let segments = all_segments
+            .into_iter()
+            .filter(|n| *n >= replay_from)
+            .map(|n| wal::read(&self.core.wal_dir, n))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut latest: Map<&str, (Loc, &[u8])> = Map::default();
         let mut st = self.lock();
         for (number, bytes) in &chunks {
@@ -624,21 +592,62 @@ impl Store {
             }
             st.journal.add_chunk(*number, bytes.len() as u64, tombstones);
         }
-        let mut records = Vec::with_capacity(latest.len());
+        // The journal's account is what sled holds; the log's entries then override the records.
+        let mut bodies: Map<&str, (bool, &[u8])> = Map::default();
         for (id, (loc, body)) in latest {
             st.journal.set(id, loc);
-            records.push(disk::decode(id, body)?);
+            bodies.insert(id, (false, body));
+        }
+        let mut logged = 0usize;
+        for segment in &segments {
+            if segment.dropped > 0 {
+                tracing::warn!(
+                    segment = segment.number,
+                    dropped_bytes = segment.dropped,
+                    "the log ends in a torn or corrupt record; cut off there"
+                );
+            }
+            for payload in segment.payloads() {
+                let entries = disk::entries(segment.number, payload)?;
+                let [entry] = &entries[..] else {
+                    return Err(StoreError::Corrupt {
+                        id: format!("log segment {:016x}", segment.number),
+                        message: format!("a record holds {} entries, not one", entries.len()),
+                    });
+                };
+                match entry {
+                    Entry::Put { id, body, .. } => {
+                        bodies.insert(id, (true, body));
+                        st.to_checkpoint.insert(id.to_string(), Dirty::Put);
+                    }
+                    Entry::Delete { id } => {
+                        bodies.remove(id);
+                        st.to_checkpoint.insert(id.to_string(), Dirty::Delete);
+                    }
+                }
+                logged += 1;
+            }
+        }
+        let mut records = Vec::with_capacity(bodies.len());
+        for (id, (from_log, body)) in bodies {
+            records.push((disk::decode(id, body)?, from_log));
         }
         // FIFO within a priority is `seq` order, which the records keep.
-        records.sort_by_key(|r| r.seq);
+        records.sort_by_key(|(r, _)| r.seq);
         let mut requeued = 0;
-        for mut record in records {
+        for (mut record, from_log) in records {
             st.next_seq = st.next_seq.max(record.seq);
             if record.state.is_terminal() {
                 let meta = DoneMeta::of(&record);
                 st.expiry.insert((meta.expires_at_ms, record.id.clone()));
                 st.add_dead(&record.id, &meta);
-                st.done.insert(record.id, meta);
+                st.done.insert(record.id.clone(), meta);
+                if from_log {
+                    // Not in sled yet: kept in memory until the checkpoint writes it.
+                    st.generation += 1;
+                    let generation = st.generation;
+                    st.finished.insert(record.id.clone(), (generation, Arc::new(record)));
+                }
                 continue;
             }
             if record.state == TaskState::Started {
@@ -671,8 +680,9 @@ impl Store {
             st.live.insert(record.id.clone(), Arc::new(record));
         }
         st.next_lease_id = now.saturating_mul(1000);
-        // What was read back is on disk.
-        st.durable_below = st.journal.next_chunk();
+        // What recovery changed goes to sled with what the log held, in the checkpoint that follows.
+        let notes = std::mem::take(&mut st.to_log);
+        st.to_checkpoint.extend(notes);
         let (bytes, current) = st.journal.size();
         tracing::info!(
             live = st.live.len(),
@@ -680,9 +690,11 @@ impl Store {
             results = st.done.len(),
             journal_bytes = bytes,
             current_bytes = current,
+            log_segments = segments.len(),
+            log_records = logged,
             "store recovered"
         );
-        Ok(())
+        Ok(next_segment)
     }
 
     fn new_id(&self) -> TaskId {
@@ -833,11 +845,7 @@ impl Store {
                 out.push(LeasedTask { lease_id, ..leased });
             }
         }
-        let unflushed = out.iter().any(|task| {
-            st.dirty.contains_key(&task.id)
-                || st.writing.contains_key(&task.id)
-                || st.journal.loc(&task.id).is_none_or(|loc| loc.chunk >= st.durable_below)
-        });
+        let unflushed = out.iter().any(|task| st.to_log.contains_key(&task.id) || st.logging.contains_key(&task.id));
         drop(st);
         if expired {
             self.finished_notify.notify_waiters();
@@ -1326,6 +1334,17 @@ impl Store {
         st.totals.dead += 1;
         let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
         self.finish(st, record, now, ttl)
+    }
+}
+
+impl Drop for Store {
+    /// A store dropped without [`Store::close`] (a failed start, a test) still stops its threads; what they had
+    /// not written is in the log already, or lost like an unacknowledged change.
+    fn drop(&mut self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        if !threads.is_empty() {
+            self.core.stop_threads(threads);
+        }
     }
 }
 

@@ -1,0 +1,215 @@
+//! The checkpoint: sled brought up to date from the log's records, in the background.
+//!
+//! The log writer ([`super::commit`]) hands every round's notes to `State::to_checkpoint` and, about once a
+//! `checkpoint_interval_ms` (or when a segment grows past `checkpoint_log_bytes`), starts a new log segment and
+//! asks for a checkpoint up to it. The checkpoint thread then appends the current record of every task noted
+//! since the last checkpoint to the journal in sled ([`super::disk`]; a few chunks of about 6 KiB in one atomic
+//! batch), marks that recovery may start at the new segment, flushes sled (and syncs its log and blob files),
+//! and deletes the older segments. A task enqueued, run and finished between two checkpoints costs sled one
+//! record. Records read from memory may be newer than the log's: harmless, since recovery replays the log on
+//! top and the last entry of a task wins.
+//!
+//! Nothing on the reply path waits for a checkpoint. sled 0.34 can deadlock when batches are applied without a
+//! flush after each (fixed upstream after 0.34.7), so a checkpoint applies one batch and flushes it; a checkpoint
+//! running longer than [`STUCK_AFTER`] is reported by the maintenance tick.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_client::proto::TaskId;
+
+use super::disk::{self, ChunkWriter, Entry};
+use super::{wal, Core, Dirty, Map, StoreError, Taken, Written, LOCK_BATCH};
+
+/// A checkpoint running longer than this is logged as stuck, every tick, until it ends.
+pub const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// The checkpoint thread's loop: one checkpoint per segment number received, until the channel closes.
+pub(super) fn run_checkpointer(core: Arc<Core>, requests: std::sync::mpsc::Receiver<u64>) {
+    for segment in requests {
+        if let Err(e) = core.checkpoint(segment) {
+            tracing::error!(error = %e, segment, "checkpoint failed; the log keeps its segments until the next one");
+        }
+        *core.checkpoint_started.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        core.checkpointing.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Core {
+    /// Asks the checkpoint thread for a checkpoint up to log segment `segment` (the log writer calls this once it
+    /// has started that segment, and only while no checkpoint runs).
+    pub(super) fn request_checkpoint(&self, segment: u64) {
+        self.checkpointing.store(true, Ordering::SeqCst);
+        *self.checkpoint_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        let sent =
+            self.checkpoint_requests.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|tx| tx.send(segment));
+        if !matches!(sent, Some(Ok(()))) {
+            self.checkpointing.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Brings sled up to date with every change handed over so far, which covers every log segment before
+    /// `segment`; then deletes those segments.
+    pub(super) fn checkpoint(&self, segment: u64) -> Result<(), StoreError> {
+        self.write_out()?;
+        {
+            // A data directory rewrite swaps databases under the write lock: the mark goes to the one in use.
+            let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.disk.set_replay_from(segment)?;
+        }
+        self.disk.flush()?;
+        let removed = wal::remove_before(&self.wal_dir, segment)?;
+        self.checkpoints.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(segment, removed, "checkpoint done");
+        Ok(())
+    }
+
+    /// Appends every change noted so far to the journal, and removes or compacts old chunks (not flushed).
+    /// Returns whether anything was written.
+    fn write_out(&self) -> Result<bool, StoreError> {
+        let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let compact = self.lock().journal.to_compact();
+        // Only write-outs change the journal, and this one holds the write lock: read without the state lock.
+        let mut old = Vec::with_capacity(compact.len());
+        for number in &compact {
+            if let Some(bytes) = self.disk.chunk(*number)? {
+                old.push((*number, bytes));
+            }
+        }
+        let (notes, remove, first) = {
+            let mut st = self.lock();
+            let remove = st.journal.to_remove(&compact);
+            if st.to_checkpoint.is_empty() && remove.is_empty() {
+                return Ok(false);
+            }
+            st.checkpoint_writing = Arc::new(std::mem::take(&mut st.to_checkpoint));
+            (st.checkpoint_writing.clone(), remove, st.journal.next_chunk())
+        };
+        let result = self.write_notes(&notes, &old, first, &remove);
+        let mut st = self.lock();
+        let writing = std::mem::take(&mut st.checkpoint_writing);
+        if result.is_err() {
+            // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
+            for (id, kind) in notes.iter() {
+                st.to_checkpoint.entry(id.clone()).or_insert(*kind);
+            }
+        }
+        drop(st);
+        // The notes are freed outside the lock.
+        drop((writing, notes));
+        result?;
+        let st = self.lock();
+        // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
+        // survives a crash without the writes that emptied them.
+        let emptied = st.journal.to_remove(&[]);
+        drop(st);
+        if !emptied.is_empty() {
+            self.disk.apply(&[], &emptied)?;
+            self.lock().journal.remove_chunks(&emptied);
+        }
+        Ok(true)
+    }
+
+    /// Writes the records `notes` name (and moves the current records out of the chunks in `old`, which go
+    /// with `remove`), then notes their new places. The state lock is taken a batch at a time, so requests
+    /// never wait long for it; a record that changes between two batches is noted again and written by the next
+    /// write-out too.
+    fn write_notes(
+        &self,
+        notes: &Map<TaskId, Dirty>,
+        old: &[(u64, sled::IVec)],
+        first: u64,
+        remove: &[u64],
+    ) -> Result<(), StoreError> {
+        let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
+        let mut taken: Vec<Taken> = Vec::with_capacity(notes.len());
+        for batch in notes.chunks(LOCK_BATCH) {
+            let st = self.lock();
+            taken.extend(batch.iter().filter_map(|(id, kind)| {
+                let record = match kind {
+                    Dirty::Put => match st.live.get(*id) {
+                        Some(r) => Some((None, r.clone())),
+                        None => Some(st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone()))?),
+                    },
+                    // No record of it on disk: nothing to hide.
+                    Dirty::Delete => {
+                        st.journal.loc(id)?;
+                        None
+                    }
+                };
+                Some(((*id).clone(), record))
+            }));
+        }
+        let mut copies: Vec<(&str, &[u8])> = Vec::new();
+        if !old.is_empty() {
+            let st = self.lock();
+            for (number, bytes) in old {
+                for entry in disk::entries(*number, bytes)? {
+                    if let Entry::Put { id, loc, body } = entry {
+                        if !st.checkpoint_writing.contains_key(id) && st.journal.is_current(id, loc) {
+                            copies.push((id, body));
+                        }
+                    }
+                }
+            }
+        }
+        // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
+        let written = Self::encode(first, &copies, &taken)?;
+        self.disk.apply(&written.chunks, remove)?;
+        // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then waits for
+        // this write-out (see `Store::with_record`).
+        {
+            let mut st = self.lock();
+            for chunk in &written.chunks {
+                st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
+            }
+        }
+        for batch in written.puts.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            for (id, loc) in batch {
+                st.journal.set(id, *loc);
+            }
+        }
+        for batch in written.tombstones.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            for id in batch {
+                st.journal.clear(id);
+            }
+        }
+        // Finished records now on disk leave memory, unless they changed again meanwhile.
+        for batch in taken.chunks(LOCK_BATCH) {
+            let mut st = self.lock();
+            for (id, record) in batch {
+                if let Some((Some(generation), _)) = record {
+                    if st.finished.get(id).is_some_and(|(g, _)| g == generation) {
+                        st.finished.remove(id);
+                    }
+                }
+            }
+        }
+        self.lock().journal.remove_chunks(remove);
+        Ok(())
+    }
+
+    /// Builds the chunks of a write-out: records moved out of compacted chunks first, then the changes (so a
+    /// change wins over a copy in recovery's last-entry-wins reading).
+    fn encode(first: u64, copies: &[(&str, &[u8])], taken: &[Taken]) -> Result<Written, StoreError> {
+        let mut writer = ChunkWriter::new(first);
+        let mut puts = Vec::with_capacity(copies.len() + taken.len());
+        let mut tombstones = Vec::new();
+        for (id, body) in copies {
+            puts.push((id.to_string(), writer.put_encoded(id, body)?));
+        }
+        for (id, record) in taken {
+            match record {
+                Some((_, record)) => puts.push((id.clone(), writer.put(record)?)),
+                None => {
+                    writer.delete(id)?;
+                    tombstones.push(id.clone());
+                }
+            }
+        }
+        Ok(Written { chunks: writer.finish().0, puts, tombstones })
+    }
+}

@@ -1,0 +1,339 @@
+//! The write-ahead log: append-only segment files in `data_dir/wal/`, the only thing a reply waits for.
+//!
+//! A segment is `wal/<number:016x>.log`: the 8 bytes [`MAGIC`], then records. A record is
+//!
+//! ```text
+//! len:u32 LE  crc:u32 LE  payload (len bytes)
+//! ```
+//!
+//! where `crc` is the CRC32C of the four `len` bytes followed by the payload, and the payload is one journal
+//! entry in the chunk layout of [`super::disk`] (its format byte, then a put with the task's whole record, or a
+//! tombstone). Each record carries the latest state of one task, so replaying segments in order and keeping the
+//! last entry of each id gives the state they hold.
+//!
+//! This module only writes and reads files: which records go in, when they are synced, and when a segment may
+//! be deleted are decided by the commit path ([`super::commit`]) and the checkpoint ([`super::checkpoint`]).
+//! Reading back stops at the first record that is short, has a length of zero or fails its checksum (a write
+//! torn by a crash, or garbage after it): what follows is dropped, and reported, never an error.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::record::TaskRecord;
+use super::StoreError;
+
+/// The first bytes of every segment: the format of what follows.
+pub const MAGIC: &[u8; 8] = b"BRKWAL01";
+/// Bytes before a record's payload.
+const HEADER: usize = 8;
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Flush(format!("{what} {}: {e}", path.display()))
+}
+
+/// The path of segment `number` in `dir`.
+pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:016x}.log"))
+}
+
+/// Records encoded for one append, in log format.
+#[derive(Default)]
+pub struct LogBatch {
+    buf: Vec<u8>,
+    records: usize,
+}
+
+impl LogBatch {
+    /// Starts a record; returns where its header is.
+    fn begin(&mut self) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; HEADER]);
+        start
+    }
+
+    /// Writes the header of the record that began at `start`.
+    fn seal(&mut self, start: usize) -> Result<(), StoreError> {
+        let len = u32::try_from(self.buf.len() - start - HEADER)
+            .map_err(|_| StoreError::Corrupt { id: String::new(), message: "record too large to log".into() })?;
+        let len_bytes = len.to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&len_bytes), &self.buf[start + HEADER..]);
+        self.buf[start..start + 4].copy_from_slice(&len_bytes);
+        self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Appends a task's record.
+    pub fn put(&mut self, record: &TaskRecord) -> Result<(), StoreError> {
+        let start = self.begin();
+        let entry = self.buf.len();
+        let result = super::disk::write_put(&mut self.buf, record);
+        if result.is_err() {
+            self.buf.truncate(start);
+            return result;
+        }
+        debug_assert!(self.buf.len() > entry);
+        self.seal(start)
+    }
+
+    /// Appends a tombstone.
+    pub fn delete(&mut self, id: &str) -> Result<(), StoreError> {
+        let start = self.begin();
+        if let Err(e) = super::disk::write_delete(&mut self.buf, id) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        self.seal(start)
+    }
+
+    /// How many records it holds.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// Its bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Empties it, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.records = 0;
+    }
+}
+
+/// The segment being appended to. Only the log writer holds it.
+pub struct Wal {
+    dir: PathBuf,
+    number: u64,
+    file: File,
+    /// Bytes in the segment.
+    size: u64,
+}
+
+impl Wal {
+    /// Creates segment `number` in `dir` (replacing a leftover of that name) and makes it durable: its header,
+    /// and its name in the directory.
+    pub fn create(dir: &Path, number: u64) -> Result<Wal, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
+        let path = segment_path(dir, number);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_error("cannot create", &path, e))?;
+        file.write_all(MAGIC).and_then(|()| file.sync_all()).map_err(|e| io_error("cannot write", &path, e))?;
+        sync_dir(dir)?;
+        Ok(Wal { dir: dir.to_path_buf(), number, file, size: MAGIC.len() as u64 })
+    }
+
+    /// The segment's number.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// Bytes in the segment.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends bytes (one `write` for a batch). Not durable until [`Wal::sync`].
+    pub fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| io_error("cannot append to", &segment_path(&self.dir, self.number), e))?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Makes everything appended durable (`fdatasync`).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(|e| io_error("cannot sync", &segment_path(&self.dir, self.number), e))
+    }
+
+    /// Syncs this segment and starts the next one; returns its number. Every record appended before is durable
+    /// afterwards, so a segment older than the one in use never has an unsynced tail.
+    pub fn rotate(&mut self) -> Result<u64, StoreError> {
+        self.sync()?;
+        *self = Wal::create(&self.dir, self.number + 1)?;
+        Ok(self.number)
+    }
+}
+
+/// Syncs a directory, so the names created or removed in it are durable.
+pub fn sync_dir(path: &Path) -> Result<(), StoreError> {
+    File::open(path).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync directory", path, e))
+}
+
+/// The segments in `dir`, oldest first (none if `dir` does not exist).
+pub fn segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("cannot list", dir, e)),
+    };
+    let mut out: Vec<u64> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let number = name.to_str()?.strip_suffix(".log")?;
+            u64::from_str_radix(number, 16).ok().filter(|_| number.len() == 16)
+        })
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Deletes the segments numbered below `number` (a checkpoint holds what they held).
+pub fn remove_before(dir: &Path, number: u64) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    for old in segments(dir)?.into_iter().filter(|n| *n < number) {
+        let path = segment_path(dir, old);
+        std::fs::remove_file(&path).map_err(|e| io_error("cannot remove", &path, e))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// A segment read back: its bytes and where each valid record's payload is.
+pub struct Segment {
+    /// The segment's number.
+    pub number: u64,
+    /// The whole file.
+    pub bytes: Vec<u8>,
+    /// (offset, length) of each valid record's payload, in order.
+    pub records: Vec<(usize, usize)>,
+    /// Bytes after the last valid record (a torn or garbage tail), dropped.
+    pub dropped: usize,
+}
+
+impl Segment {
+    /// The payloads of its valid records, in order.
+    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
+        self.records.iter().map(|(at, len)| &self.bytes[*at..*at + *len])
+    }
+}
+
+/// Reads a segment, keeping its records up to the first bad one.
+pub fn read(dir: &Path, number: u64) -> Result<Segment, StoreError> {
+    let path = segment_path(dir, number);
+    let bytes = std::fs::read(&path).map_err(|e| io_error("cannot read", &path, e))?;
+    let (records, dropped) = scan(&bytes);
+    Ok(Segment { number, bytes, records, dropped })
+}
+
+/// The valid records of a segment's bytes, and how many bytes follow the last of them.
+fn scan(bytes: &[u8]) -> (Vec<(usize, usize)>, usize) {
+    let mut records = Vec::new();
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        // Created but its header never reached the disk: it holds nothing.
+        return (records, bytes.len());
+    }
+    let mut at = MAGIC.len();
+    while bytes.len() - at >= HEADER {
+        let len_bytes: [u8; 4] = bytes[at..at + 4].try_into().expect("4 bytes");
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        let start = at + HEADER;
+        if len == 0 || len > bytes.len() - start {
+            break;
+        }
+        let payload = &bytes[start..start + len];
+        if crc32c::crc32c_append(crc32c::crc32c(&len_bytes), payload) != crc {
+            break;
+        }
+        records.push((start, len));
+        at = start + len;
+    }
+    (records, bytes.len() - at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> TaskRecord {
+        TaskRecord { id: id.into(), queue: "q".into(), task: "t".into(), ..TaskRecord::default() }
+    }
+
+    fn batch(ids: &[&str]) -> LogBatch {
+        let mut batch = LogBatch::default();
+        for id in ids {
+            batch.put(&record(id)).unwrap();
+        }
+        batch
+    }
+
+    fn ids(segment: &Segment) -> Vec<String> {
+        segment
+            .payloads()
+            .map(|p| match &super::super::disk::entries(0, p).unwrap()[..] {
+                [super::super::disk::Entry::Put { id, .. }] => id.to_string(),
+                [super::super::disk::Entry::Delete { id }] => format!("-{id}"),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_read_back_in_order_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), 3).unwrap();
+        wal.append(batch(&["a", "b"]).bytes()).unwrap();
+        let mut gone = LogBatch::default();
+        gone.delete("a").unwrap();
+        wal.append(gone.bytes()).unwrap();
+        assert_eq!(wal.rotate().unwrap(), 4);
+        wal.append(batch(&["c"]).bytes()).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(segments(dir.path()).unwrap(), vec![3, 4]);
+        let first = read(dir.path(), 3).unwrap();
+        assert_eq!((ids(&first), first.dropped), (vec!["a".into(), "b".into(), "-a".into()], 0));
+        assert_eq!(ids(&read(dir.path(), 4).unwrap()), vec!["c".to_string()]);
+        assert_eq!(remove_before(dir.path(), 4).unwrap(), 1);
+        assert_eq!(segments(dir.path()).unwrap(), vec![4]);
+    }
+
+    /// A torn last record, a flipped bit, zeros and garbage after the last good record: reading stops there and
+    /// says how much it dropped.
+    #[test]
+    fn a_bad_tail_is_cut_at_the_first_bad_record() {
+        let good = batch(&["a", "b"]);
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(good.bytes());
+        let whole = file.len();
+        let third = batch(&["c"]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("torn", third.bytes()[..third.bytes().len() - 3].to_vec()),
+            ("flipped bit", {
+                let mut b = third.bytes().to_vec();
+                let last = b.len() - 1;
+                b[last] ^= 1;
+                b
+            }),
+            ("zeros", vec![0; 4096]),
+            ("garbage", (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()),
+            ("short header", vec![7, 0, 0]),
+        ];
+        for (what, tail) in cases {
+            let mut bytes = file.clone();
+            bytes.extend_from_slice(&tail);
+            let (records, dropped) = scan(&bytes);
+            assert_eq!(records.len(), 2, "{what}");
+            assert_eq!(dropped, bytes.len() - whole, "{what}");
+        }
+        assert_eq!(scan(&[]), (vec![], 0), "an empty file holds nothing");
+        assert_eq!(scan(b"BRKW").1, 4, "a header cut short holds nothing");
+    }
+}
