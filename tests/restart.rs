@@ -2,13 +2,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use broker_client::proto::{ErrorCode, Lease, TaskSpec, TaskState, Value};
-use broker_client::{Client, ConnectOptions};
-use common::{eventually, TestServer};
+use common::{eventually, Daemon, TestServer};
 
 fn lease(max: u32) -> Lease {
     Lease { queues: vec!["default".into()], max, wait_ms: 0, lease_ms: None }
@@ -72,45 +70,6 @@ async fn a_clean_restart_keeps_queues_results_schedules_and_dead_tasks() {
     server.clock().advance(Duration::from_secs(60));
     server.tick();
     assert_eq!(client.lease(&lease(1)).await.unwrap()[0].id, scheduled, "the schedule survives");
-}
-
-/// The real daemon binary, killed with SIGKILL at the end.
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn spawn(data_dir: &std::path::Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("BROKER_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn broker serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the listening line");
-        let addr = line.trim().strip_prefix("broker listening on ").expect("listening line").to_string();
-        Daemon { child, addr }
-    }
-
-    async fn client(&self) -> Client {
-        ConnectOptions::new(self.addr.clone()).connect().await.expect("connect")
-    }
-
-    fn kill_9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]
@@ -257,13 +216,13 @@ async fn an_older_data_directory_is_moved_into_the_journal() {
     server.start_again().await;
     let client = server.client().await;
     let root = server.dir.path().to_path_buf();
-    common::eventually("the first rewrite", Duration::from_secs(10), || async {
-        std::fs::read_to_string(root.join("CURRENT")).ok().filter(|c| c.trim() == "sled-1")
+    // The rewrite points `CURRENT` at `sled-1`, then removes the old files: wait for both.
+    let gone = |root: &std::path::Path| ["conf", "db", "blobs"].iter().all(|file| !root.join(file).exists());
+    eventually("the first rewrite and the removal of the old files", Duration::from_secs(10), || async {
+        let current = std::fs::read_to_string(root.join("CURRENT")).ok()?;
+        (current.trim() == "sled-1" && gone(&root)).then_some(())
     })
     .await;
-    for file in ["conf", "db", "blobs"] {
-        assert!(!root.join(file).exists(), "{file} left at the top of the data directory");
-    }
     assert_eq!(client.get(&finished).await.unwrap().state, TaskState::Success);
     assert_eq!(client.get(&requeued).await.unwrap().state, TaskState::Pending, "its lease ended with the daemon");
     drop(client);

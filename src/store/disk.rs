@@ -738,6 +738,24 @@ mod tests {
         assert!(matches!(entries(12, &bytes).unwrap()[..], [Entry::Put { id: "task12", .. }]));
     }
 
+    /// sled writes a value over about 128 KiB to a file of its own under `blobs/` and never syncs it; a flush
+    /// of the store syncs every such file (and the directory), so a large task is as durable as a small one.
+    #[test]
+    fn a_flush_syncs_the_blob_files_sled_leaves_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let disk = Disk::open(&config).unwrap();
+        let mut writer = ChunkWriter::new(0);
+        writer.put(&record("large", 300 * 1024)).unwrap();
+        disk.apply(&writer.finish().0, &[]).unwrap();
+        disk.flush().unwrap();
+        let db = disk.db();
+        let blobs: std::collections::HashSet<_> =
+            std::fs::read_dir(db.path.join("blobs")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(!blobs.is_empty(), "sled wrote the large chunk as a blob file");
+        assert_eq!(*db.synced_blobs.lock().unwrap(), blobs, "every blob file was synced");
+    }
+
     /// A rewrite abandoned before it finishes leaves the database in use alone and removes its copy.
     #[test]
     fn an_abandoned_rewrite_removes_its_copy() {

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,5 +121,53 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The real daemon binary in a child process, killed with SIGKILL when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    /// `broker serve` on 127.0.0.1:0 with `data_dir` and default settings.
+    pub fn spawn(data_dir: &std::path::Path) -> Daemon {
+        Self::spawn_with(data_dir, &[])
+    }
+
+    /// `broker serve` on 127.0.0.1:0 with `data_dir` and `extra` arguments (`--config FILE`, `--fsync ...`).
+    pub fn spawn_with(data_dir: &std::path::Path, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("BROKER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn broker serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the listening line");
+        let addr = line.trim().strip_prefix("broker listening on ").expect("listening line").to_string();
+        Daemon { child, addr }
+    }
+
+    /// A new client connection.
+    pub async fn client(&self) -> Client {
+        ConnectOptions::new(self.addr.clone()).connect().await.expect("connect")
+    }
+
+    /// SIGKILL, and wait for the process to end.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
