@@ -53,10 +53,12 @@ async fn kill_9_in_a_loop_under_load_loses_nothing_acknowledged() {
         let daemon = Daemon::spawn_with(&data, &args(&extra));
         let client = daemon.client().await;
         // What earlier cycles acknowledged is all there.
-        for id in enqueued.lock().unwrap().clone() {
+        let earlier = enqueued.lock().unwrap().clone();
+        for id in earlier {
             client.get(&id).await.unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged task {id} lost: {e}"));
         }
-        for id in acked.lock().unwrap().clone() {
+        let earlier = acked.lock().unwrap().clone();
+        for id in earlier {
             let info = client.get(&id).await.unwrap();
             assert_eq!(info.state, TaskState::Success, "cycle {cycle}: acknowledged ack of {id} lost");
             assert_eq!(info.result, Some(Value::from(id.clone())));
