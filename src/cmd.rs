@@ -20,7 +20,6 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::commit::Durable;
 use crate::store::{validate_name, validate_queue, ConnId, Store, StoreError};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
@@ -68,8 +67,9 @@ pub type ReplyFrame = Vec<u8>;
 
 /// What to do with a request.
 pub enum Outcome {
-    /// Send this reply, after the flush ticket resolves (if any).
-    Reply(ReplyFrame, Option<(u64, Durable)>),
+    /// Send this reply; if it carries the request's id, only once the changes made so far are durable (the
+    /// connection asks for one ticket for every such reply of a socket read).
+    Reply(ReplyFrame, Option<u64>),
     /// Run this on its own task; it yields the reply.
     Wait(Pin<Box<dyn Future<Output = ReplyFrame> + Send>>),
 }
@@ -124,15 +124,14 @@ fn reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> ReplyFrame {
 }
 
 /// A reply that changed state: it waits for a flush covering the change.
-fn durable_reply<T: Serialize>(shared: &Shared, id: u64, result: Result<T, Refusal>) -> Outcome {
+fn durable_reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> Outcome {
     // A refusal with `revoked` changed state too (the task is finished), so it waits like a success; other
     // refusals changed nothing and go out at once.
     let changed = match &result {
         Ok(_) => true,
         Err(refusal) => refusal.code == ErrorCode::Revoked,
     };
-    let ticket = changed.then(|| (id, shared.store.durable()));
-    Outcome::Reply(reply(id, result), ticket)
+    Outcome::Reply(reply(id, result), changed.then_some(id))
 }
 
 /// Decodes a request's op fields straight from its frame (the envelope keys `id` and `op` are ignored).
@@ -189,19 +188,19 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
     }
     match op_name {
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
-        op::ENQUEUE => durable_reply(shared, id, enqueue(shared, request)),
-        op::ENQUEUE_BATCH => durable_reply(shared, id, enqueue_batch(shared, request)),
+        op::ENQUEUE => durable_reply(id, enqueue(shared, request)),
+        op::ENQUEUE_BATCH => durable_reply(id, enqueue_batch(shared, request)),
         op::LEASE => lease(shared, session, id, request),
-        op::ACK => durable_reply(shared, id, ack(shared, request)),
-        op::FAIL => durable_reply(shared, id, fail(shared, request)),
+        op::ACK => durable_reply(id, ack(shared, request)),
+        op::FAIL => durable_reply(id, fail(shared, request)),
         op::EXTEND => Outcome::Reply(reply(id, extend(shared, request)), None),
-        op::RELEASE => durable_reply(shared, id, release(shared, request)),
+        op::RELEASE => durable_reply(id, release(shared, request)),
         op::GET => get(shared, session, id, request),
-        op::REVOKE => durable_reply(shared, id, revoke(shared, request)),
+        op::REVOKE => durable_reply(id, revoke(shared, request)),
         op::STATS => Outcome::Reply(reply(id, Ok::<_, Refusal>(stats(shared))), None),
-        op::PURGE => durable_reply(shared, id, purge(shared, request)),
+        op::PURGE => durable_reply(id, purge(shared, request)),
         op::DEAD_LIST => Outcome::Reply(reply(id, dead_list(shared, request)), None),
-        op::DEAD_REQUEUE => durable_reply(shared, id, dead_requeue(shared, request)),
+        op::DEAD_REQUEUE => durable_reply(id, dead_requeue(shared, request)),
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -266,8 +265,7 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
     if request.wait_ms == 0 || !first.is_empty() {
         // Tasks go out only once what made them leasable (their enqueue) is durable: a worker never runs a task
         // that a crash could then un-enqueue. Most tasks have waited in their queue past a flush already.
-        let ticket = unflushed.then(|| (id, shared.store.durable()));
-        return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), ticket);
+        return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), unflushed.then_some(id));
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();

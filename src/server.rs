@@ -1,10 +1,10 @@
 //! The accept loop, one task per connection, the maintenance ticker, and shutdown.
 //!
 //! Each connection is one task: it reads frames, hands them to [`cmd::handle`], and writes replies in the order
-//! they become ready, batching what is ready at once into one socket write. A reply that changed state waits
-//! for its flush ticket without holding up the replies behind it, so pipelined writes on one connection share
-//! flushes; ops that wait (long-poll `lease`, `get` with `wait_ms`) are polled by the same task and answer
-//! when done.
+//! they become ready, batching what is ready at once into one socket write. The replies that changed state,
+//! among the requests one read delivered, wait together for one durability ticket, without holding up the
+//! replies behind them, so pipelined writes on one connection share one log round; ops that wait (long-poll
+//! `lease`, `get` with `wait_ms`) are polled by the same task and answer when done.
 //!
 //! Shutdown is one [`CancellationToken`]: the accept loop stops, every connection stops reading, waiting ops
 //! answer with what they have, the replies still due are written, leases still held are released, and the store
@@ -196,15 +196,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     connections.wait().await;
 }
 
-/// A reply not ready yet: one waiting for its flush ticket, or a waiting op (long-poll `lease`, `get`).
-type Pending = Pin<Box<dyn Future<Output = ReplyFrame> + Send>>;
+/// Replies not ready yet: the ones waiting for their durability ticket, or a waiting op (long-poll `lease`,
+/// `get`).
+type Pending = Pin<Box<dyn Future<Output = Vec<ReplyFrame>> + Send>>;
 
 /// What a connection has to do next.
 enum Ready {
     /// What the reader gave.
     Frame(Option<Result<Frame, std::io::Error>>),
-    /// A pending reply that became ready.
-    Reply(ReplyFrame),
+    /// Pending replies that became ready.
+    Replies(Vec<ReplyFrame>),
 }
 
 async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn: u64) {
@@ -233,32 +234,43 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     'serve: loop {
         let first = tokio::select! {
             biased;
-            Some(frame) = pending.next(), if !pending.is_empty() => Ready::Reply(frame),
+            Some(frames) = pending.next(), if !pending.is_empty() => Ready::Replies(frames),
             _ = shared.shutdown.cancelled() => break 'serve,
             // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
             frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
         };
         let work = async {
             let mut next = Some(first);
+            let mut durable = Vec::new();
+            let mut open = true;
             while let Some(ready) = next.take() {
                 match ready {
                     Ready::Frame(frame) => {
-                        if !serve_frame(&shared, &mut session, frame, &mut out, &mut pending).await {
-                            return false;
+                        if !serve_frame(&shared, &mut session, frame, &mut out, &mut pending, &mut durable).await {
+                            open = false;
+                            break;
                         }
                     }
-                    Ready::Reply(frame) => out.feed(frame).await,
+                    Ready::Replies(frames) => out.feed_all(frames).await,
+                }
+                if durable.len() >= REPLY_QUEUE {
+                    let group = std::mem::take(&mut durable);
+                    pending.push(Box::pin(after_flush(group, shared.store.durable())));
                 }
                 // Whatever else is ready now joins the same socket write.
                 if pending.len() < REPLY_QUEUE {
                     next = frames.next().now_or_never().map(Ready::Frame);
                 }
                 if next.is_none() {
-                    next = pending.next().now_or_never().flatten().map(Ready::Reply);
+                    next = pending.next().now_or_never().flatten().map(Ready::Replies);
                 }
             }
+            // One ticket covers every change made by the requests handled above.
+            if !durable.is_empty() {
+                pending.push(Box::pin(after_flush(durable, shared.store.durable())));
+            }
             out.flush().await;
-            true
+            open
         };
         // Writing blocks while the peer does not read; shutdown must still get through, without dropping the
         // replies in hand: they get the drain time.
@@ -279,8 +291,8 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     // read them gets DRAIN_TIMEOUT, then its socket is dropped.
     session.closing.cancel();
     let drain = async {
-        while let Some(frame) = pending.next().await {
-            out.feed(frame).await;
+        while let Some(frames) = pending.next().await {
+            out.feed_all(frames).await;
         }
         out.flush().await;
     };
@@ -304,12 +316,13 @@ async fn serve_frame(
     frame: Option<Result<Frame, std::io::Error>>,
     out: &mut ReplySink,
     pending: &mut FuturesUnordered<Pending>,
+    durable: &mut Vec<(u64, ReplyFrame)>,
 ) -> bool {
     match frame {
         Some(Ok(Frame::Message(bytes))) => match cmd::handle(shared, session, &bytes) {
             Outcome::Reply(frame, None) => out.feed(frame).await,
-            Outcome::Reply(frame, Some((id, durable))) => pending.push(Box::pin(after_flush(id, frame, durable))),
-            Outcome::Wait(waiting) => pending.push(waiting),
+            Outcome::Reply(frame, Some(id)) => durable.push((id, frame)),
+            Outcome::Wait(waiting) => pending.push(Box::pin(waiting.map(|frame| vec![frame]))),
         },
         Some(Ok(Frame::TooLarge(len))) => {
             let max = shared.config.max_frame_bytes;
@@ -325,10 +338,14 @@ async fn serve_frame(
     true
 }
 
-async fn after_flush(id: u64, frame: ReplyFrame, durable: Durable) -> ReplyFrame {
+/// The replies, once the changes they report are durable; if that fails, an error for each request instead.
+async fn after_flush(replies: Vec<(u64, ReplyFrame)>, durable: Durable) -> Vec<ReplyFrame> {
     match durable.wait().await {
-        Ok(()) => frame,
-        Err(e) => cmd::error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
+        Ok(()) => replies.into_iter().map(|(_, frame)| frame).collect(),
+        Err(e) => {
+            let message = format!("not durable: {e}");
+            replies.into_iter().map(|(id, _)| cmd::error_frame(Some(id), ErrorCode::Internal, &message)).collect()
+        }
     }
 }
 
@@ -343,6 +360,12 @@ impl ReplySink {
     async fn feed(&mut self, frame: ReplyFrame) {
         if !self.broken && self.sink.feed(Bytes::from(frame)).await.is_err() {
             self.broken = true;
+        }
+    }
+
+    async fn feed_all(&mut self, frames: Vec<ReplyFrame>) {
+        for frame in frames {
+            self.feed(frame).await;
         }
     }
 

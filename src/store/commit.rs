@@ -82,6 +82,9 @@ impl std::future::IntoFuture for Durable {
     }
 }
 
+/// Under `interval`, how often a busy log writer looks for changes (so a `kill -9` loses about this much).
+const BUSY_POLL: Duration = Duration::from_millis(1);
+
 /// How the log writer paces itself, from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
@@ -105,14 +108,22 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
     let mut failed = false;
     // The next round nobody asked for (under `always`: changes no reply waits for).
     let mut periodic = Instant::now() + pacing.interval;
+    // Under `interval`, while changes keep coming: when to look for more. Polling then costs one wake-up per
+    // `BUSY_POLL` instead of one per change; once a look finds nothing, the writer sleeps until the next change
+    // rings it (`State::writer_asleep`).
+    let mut next_poll: Option<Instant> = None;
     loop {
         let mut st = core.lock();
         loop {
             let now = Instant::now();
             let noted = !st.to_log.is_empty();
+            if !always && !noted && next_poll.is_some_and(|p| now >= p) {
+                next_poll = None;
+            }
+            let due = if always { now >= periodic } else { next_poll.is_none_or(|p| now >= p) };
             let go = core.stopping.load(Ordering::SeqCst)
                 || st.wanted > st.rounds_taken
-                || (noted && (!always || now >= periodic))
+                || (noted && due)
                 || (unsynced && now >= last_sync + pacing.interval)
                 || (!failed && checkpoint_due(&core, &wal, last_rotation, &pacing));
             if go {
@@ -125,8 +136,16 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
             if wal.size() > super::wal::MAGIC.len() as u64 && !core.checkpointing.load(Ordering::SeqCst) {
                 until = until.min(last_rotation + pacing.checkpoint_every);
             }
+            if let Some(poll) = next_poll {
+                until = until.min(poll);
+            }
+            st.writer_asleep = !always && next_poll.is_none();
             let timeout = until.saturating_duration_since(now).max(Duration::from_micros(100));
             st = core.log_wake.wait_timeout(st, timeout).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        st.writer_asleep = false;
+        if !always && !st.to_log.is_empty() {
+            next_poll = Some(Instant::now() + BUSY_POLL);
         }
         periodic = Instant::now() + pacing.interval;
         let stopping = core.stopping.load(Ordering::SeqCst);

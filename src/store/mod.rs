@@ -208,8 +208,10 @@ struct State {
     rounds_taken: u64,
     /// The highest round a ticket waits for.
     wanted: u64,
-    /// Under `interval`: the log writer's wake-up, rung when `to_log` stops being empty.
+    /// Under `interval`: the log writer's wake-up, rung when `to_log` stops being empty while it sleeps.
     eager_wake: Option<Arc<Condvar>>,
+    /// Whether the log writer sleeps until rung (under `interval`, when no change came in its last look).
+    writer_asleep: bool,
     /// Tasks logged since the last checkpoint took its notes ([`checkpoint`]).
     to_checkpoint: Map<TaskId, Dirty>,
     /// The notes the checkpoint in progress took (shared with it, read-only): those tasks' places in the journal
@@ -257,7 +259,7 @@ impl State {
 
     /// Notes what to log for a task.
     fn note(&mut self, id: &str, kind: Dirty) {
-        if self.to_log.is_empty() {
+        if self.writer_asleep && self.to_log.is_empty() {
             if let Some(wake) = &self.eager_wake {
                 wake.notify_one();
             }
