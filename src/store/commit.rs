@@ -213,7 +213,7 @@ fn fail(core: &Core, failed: &mut bool, e: StoreError) {
 /// Encodes the current record of every noted task (reading them a batch at a time under the state lock) and
 /// appends them to the log.
 fn write_round(core: &Core, notes: &Map<TaskId, Dirty>, batch: &mut LogBatch, wal: &mut Wal) -> Result<(), StoreError> {
-    batch.clear();
+    batch.clear(wal.number());
     let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
     let mut taken = Vec::with_capacity(LOCK_BATCH);
     for chunk in notes.chunks(LOCK_BATCH) {

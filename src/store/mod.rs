@@ -501,13 +501,12 @@ impl Store {
             return Durable::ready();
         }
         let mut st = self.lock();
+        let mut ring = false;
         let round = if !st.to_log.is_empty() {
             // The next round takes these notes: ask for it.
             let round = st.rounds_taken + 1;
-            if st.wanted < round {
-                st.wanted = round;
-                self.core.log_wake.notify_one();
-            }
+            ring = st.wanted < round;
+            st.wanted = st.wanted.max(round);
             round
         } else if !st.logging.is_empty() {
             st.rounds_taken
@@ -516,6 +515,10 @@ impl Store {
             0
         };
         drop(st);
+        // Rung after the lock is released, so the writer does not wake only to wait for it.
+        if ring {
+            self.core.log_wake.notify_one();
+        }
         Durable::after(self.core.progress.subscribe(), round)
     }
 
@@ -603,10 +606,12 @@ impl Store {
         let mut logged = 0usize;
         for segment in &segments {
             if segment.dropped > 0 {
-                tracing::warn!(
+                // A write torn by a crash, garbage, or the records of a recycled segment's earlier use.
+                tracing::info!(
                     segment = segment.number,
-                    dropped_bytes = segment.dropped,
-                    "the log ends in a torn or corrupt record; cut off there"
+                    records = segment.records.len(),
+                    ignored_bytes = segment.dropped,
+                    "log segment replayed up to the first record that fails its checks"
                 );
             }
             for payload in segment.payloads() {

@@ -6,10 +6,16 @@
 //! len:u32 LE  crc:u32 LE  payload (len bytes)
 //! ```
 //!
-//! where `crc` is the CRC32C of the four `len` bytes followed by the payload, and the payload is one journal
-//! entry in the chunk layout of [`super::disk`] (its format byte, then a put with the task's whole record, or a
-//! tombstone). Each record carries the latest state of one task, so replaying segments in order and keeping the
-//! last entry of each id gives the state they hold.
+//! where `crc` is the CRC32C of the segment's number (8 bytes, little-endian), the four `len` bytes and the
+//! payload, and the payload is one journal entry in the chunk layout of [`super::disk`] (its format byte, then a
+//! put with the task's whole record, or a tombstone). Each record carries the latest state of one task, so
+//! replaying segments in order and keeping the last entry of each id gives the state they hold.
+//!
+//! Segments are recycled, as PostgreSQL recycles its WAL files: a segment a checkpoint no longer needs becomes
+//! the spare (`wal/spare`), and the next segment is the spare renamed, its header rewritten. Appending then
+//! overwrites blocks the file already has, so `fdatasync` writes the data and no file-size metadata (about half
+//! the time of an append to a growing file, measured here). The old records left behind the new tail fail their
+//! checksum, since it covers the segment's number, so a reader stops at the end of what this use wrote.
 //!
 //! This module only writes and reads files: which records go in, when they are synced, and when a segment may
 //! be deleted are decided by the commit path ([`super::commit`]) and the checkpoint ([`super::checkpoint`]).
@@ -27,6 +33,13 @@ use super::StoreError;
 pub const MAGIC: &[u8; 8] = b"BRKWAL01";
 /// Bytes before a record's payload.
 const HEADER: usize = 8;
+/// The name of the recycled segment waiting to be used next.
+const SPARE: &str = "spare";
+
+/// The CRC32C of a record of segment `segment`: its number, the length bytes, the payload.
+fn checksum(segment: u64, len_bytes: [u8; 4], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&segment.to_le_bytes()), &len_bytes), payload)
+}
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Flush(format!("{what} {}: {e}", path.display()))
@@ -37,11 +50,12 @@ pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:016x}.log"))
 }
 
-/// Records encoded for one append, in log format.
+/// Records encoded for one append to one segment, in log format.
 #[derive(Default)]
 pub struct LogBatch {
     buf: Vec<u8>,
     records: usize,
+    segment: u64,
 }
 
 impl LogBatch {
@@ -57,7 +71,7 @@ impl LogBatch {
         let len = u32::try_from(self.buf.len() - start - HEADER)
             .map_err(|_| StoreError::Corrupt { id: String::new(), message: "record too large to log".into() })?;
         let len_bytes = len.to_le_bytes();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&len_bytes), &self.buf[start + HEADER..]);
+        let crc = checksum(self.segment, len_bytes, &self.buf[start + HEADER..]);
         self.buf[start..start + 4].copy_from_slice(&len_bytes);
         self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         self.records += 1;
@@ -102,10 +116,11 @@ impl LogBatch {
         &self.buf
     }
 
-    /// Empties it, keeping its buffer.
-    pub fn clear(&mut self) {
+    /// Empties it (keeping its buffer) for records that go to segment `segment`.
+    pub fn clear(&mut self, segment: u64) {
         self.buf.clear();
         self.records = 0;
+        self.segment = segment;
     }
 }
 
@@ -119,15 +134,21 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Creates segment `number` in `dir` (replacing a leftover of that name) and makes it durable: its header,
-    /// and its name in the directory.
+    /// Starts segment `number` in `dir`: the spare renamed if there is one, else a new file (replacing a leftover
+    /// of that name), and makes it durable: its header, and its name in the directory.
     pub fn create(dir: &Path, number: u64) -> Result<Wal, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
         let path = segment_path(dir, number);
+        let spare = dir.join(SPARE);
+        let recycled = match std::fs::rename(&spare, &path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_error("cannot recycle", &spare, e)),
+        };
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!recycled)
             .open(&path)
             .map_err(|e| io_error("cannot create", &path, e))?;
         file.write_all(MAGIC).and_then(|()| file.sync_all()).map_err(|e| io_error("cannot write", &path, e))?;
@@ -192,12 +213,20 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
     Ok(out)
 }
 
-/// Deletes the segments numbered below `number` (a checkpoint holds what they held).
+/// Deletes the segments numbered below `number` (a checkpoint holds what they held), keeping the newest of
+/// them as the spare if there is none.
 pub fn remove_before(dir: &Path, number: u64) -> Result<usize, StoreError> {
     let mut removed = 0;
-    for old in segments(dir)?.into_iter().filter(|n| *n < number) {
+    let spare = dir.join(SPARE);
+    let mut need_spare = !spare.exists();
+    for old in segments(dir)?.into_iter().filter(|n| *n < number).rev() {
         let path = segment_path(dir, old);
-        std::fs::remove_file(&path).map_err(|e| io_error("cannot remove", &path, e))?;
+        if need_spare {
+            std::fs::rename(&path, &spare).map_err(|e| io_error("cannot recycle", &path, e))?;
+            need_spare = false;
+        } else {
+            std::fs::remove_file(&path).map_err(|e| io_error("cannot remove", &path, e))?;
+        }
         removed += 1;
     }
     if removed > 0 {
@@ -229,12 +258,12 @@ impl Segment {
 pub fn read(dir: &Path, number: u64) -> Result<Segment, StoreError> {
     let path = segment_path(dir, number);
     let bytes = std::fs::read(&path).map_err(|e| io_error("cannot read", &path, e))?;
-    let (records, dropped) = scan(&bytes);
+    let (records, dropped) = scan(number, &bytes);
     Ok(Segment { number, bytes, records, dropped })
 }
 
 /// The valid records of a segment's bytes, and how many bytes follow the last of them.
-fn scan(bytes: &[u8]) -> (Vec<(usize, usize)>, usize) {
+fn scan(number: u64, bytes: &[u8]) -> (Vec<(usize, usize)>, usize) {
     let mut records = Vec::new();
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         // Created but its header never reached the disk: it holds nothing.
@@ -250,7 +279,7 @@ fn scan(bytes: &[u8]) -> (Vec<(usize, usize)>, usize) {
             break;
         }
         let payload = &bytes[start..start + len];
-        if crc32c::crc32c_append(crc32c::crc32c(&len_bytes), payload) != crc {
+        if checksum(number, len_bytes, payload) != crc {
             break;
         }
         records.push((start, len));
@@ -267,8 +296,9 @@ mod tests {
         TaskRecord { id: id.into(), queue: "q".into(), task: "t".into(), ..TaskRecord::default() }
     }
 
-    fn batch(ids: &[&str]) -> LogBatch {
+    fn batch(segment: u64, ids: &[&str]) -> LogBatch {
         let mut batch = LogBatch::default();
+        batch.clear(segment);
         for id in ids {
             batch.put(&record(id)).unwrap();
         }
@@ -290,12 +320,13 @@ mod tests {
     fn records_read_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::create(dir.path(), 3).unwrap();
-        wal.append(batch(&["a", "b"]).bytes()).unwrap();
+        wal.append(batch(3, &["a", "b"]).bytes()).unwrap();
         let mut gone = LogBatch::default();
+        gone.clear(3);
         gone.delete("a").unwrap();
         wal.append(gone.bytes()).unwrap();
         assert_eq!(wal.rotate().unwrap(), 4);
-        wal.append(batch(&["c"]).bytes()).unwrap();
+        wal.append(batch(4, &["c"]).bytes()).unwrap();
         wal.sync().unwrap();
         assert_eq!(segments(dir.path()).unwrap(), vec![3, 4]);
         let first = read(dir.path(), 3).unwrap();
@@ -305,15 +336,37 @@ mod tests {
         assert_eq!(segments(dir.path()).unwrap(), vec![4]);
     }
 
+    /// A segment no checkpoint needs becomes the spare, and the next segment reuses its file: the records of its
+    /// earlier use, behind the new ones, are not read back (their checksums name the old segment).
+    #[test]
+    fn a_recycled_segment_reads_back_only_what_its_new_use_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), 1).unwrap();
+        wal.append(batch(1, &["old1", "old2", "old3", "old4"]).bytes()).unwrap();
+        wal.rotate().unwrap();
+        remove_before(dir.path(), 2).unwrap();
+        assert!(dir.path().join(SPARE).exists(), "segment 1 is the spare");
+        assert_eq!(segments(dir.path()).unwrap(), vec![2]);
+        let old_len = std::fs::metadata(dir.path().join(SPARE)).unwrap().len();
+        assert_eq!(wal.rotate().unwrap(), 3);
+        assert!(!dir.path().join(SPARE).exists(), "segment 3 is the spare renamed");
+        assert_eq!(std::fs::metadata(segment_path(dir.path(), 3)).unwrap().len(), old_len, "its blocks are reused");
+        wal.append(batch(3, &["new"]).bytes()).unwrap();
+        wal.sync().unwrap();
+        let segment = read(dir.path(), 3).unwrap();
+        assert_eq!(ids(&segment), vec!["new".to_string()]);
+        assert!(segment.dropped > 0, "the old records are behind the new tail");
+    }
+
     /// A torn last record, a flipped bit, zeros and garbage after the last good record: reading stops there and
     /// says how much it dropped.
     #[test]
     fn a_bad_tail_is_cut_at_the_first_bad_record() {
-        let good = batch(&["a", "b"]);
+        let good = batch(9, &["a", "b"]);
         let mut file = MAGIC.to_vec();
         file.extend_from_slice(good.bytes());
         let whole = file.len();
-        let third = batch(&["c"]);
+        let third = batch(9, &["c"]);
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("torn", third.bytes()[..third.bytes().len() - 3].to_vec()),
             ("flipped bit", {
@@ -329,11 +382,12 @@ mod tests {
         for (what, tail) in cases {
             let mut bytes = file.clone();
             bytes.extend_from_slice(&tail);
-            let (records, dropped) = scan(&bytes);
+            let (records, dropped) = scan(9, &bytes);
             assert_eq!(records.len(), 2, "{what}");
             assert_eq!(dropped, bytes.len() - whole, "{what}");
         }
-        assert_eq!(scan(&[]), (vec![], 0), "an empty file holds nothing");
-        assert_eq!(scan(b"BRKW").1, 4, "a header cut short holds nothing");
+        assert_eq!(scan(9, &[]), (vec![], 0), "an empty file holds nothing");
+        assert_eq!(scan(9, b"BRKW").1, 4, "a header cut short holds nothing");
+        assert_eq!(scan(8, &file).0.len(), 0, "records of another segment are not this one's");
     }
 }
