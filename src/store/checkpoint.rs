@@ -22,6 +22,9 @@ use broker_client::proto::TaskId;
 use super::disk::{self, ChunkWriter, Entry};
 use super::{wal, Core, Dirty, Map, StoreError, Taken, Written, LOCK_BATCH};
 
+/// How many noted tasks one sled batch of a checkpoint carries at most (a few MiB of chunks).
+const SLICE: usize = 16_384;
+
 /// A checkpoint running longer than this is logged as stuck, every tick, until it ends.
 pub const STUCK_AFTER: Duration = Duration::from_secs(30);
 
@@ -112,9 +115,11 @@ impl Core {
     }
 
     /// Writes the records `notes` name (and moves the current records out of the chunks in `old`, which go
-    /// with `remove`), then notes their new places. The state lock is taken a batch at a time, so requests
-    /// never wait long for it; a record that changes between two batches is noted again and written by the next
-    /// write-out too.
+    /// with `remove`), then notes their new places. It goes a slice of [`SLICE`] notes at a time, each its own
+    /// sled batch followed by a flush (sled 0.34 can deadlock when batches are applied without flushes between
+    /// them), so a checkpoint after a large backlog never holds all of it encoded at once. The state lock is
+    /// taken a batch at a time, so requests never wait long for it; a record that changes between two batches
+    /// is noted again and written by the next write-out too.
     fn write_notes(
         &self,
         notes: &Map<TaskId, Dirty>,
@@ -123,6 +128,28 @@ impl Core {
         remove: &[u64],
     ) -> Result<(), StoreError> {
         let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
+        let slices: Vec<&[(&TaskId, &Dirty)]> =
+            if notes.is_empty() { vec![&notes[..]] } else { notes.chunks(SLICE).collect() };
+        let mut next_chunk = first;
+        for (i, slice) in slices.iter().enumerate() {
+            let (copies_from, removing) = if i == 0 { (old, remove) } else { (&[][..], &[][..]) };
+            if i > 0 {
+                self.disk.flush()?;
+            }
+            next_chunk = self.write_slice(slice, copies_from, next_chunk, removing)?;
+        }
+        self.lock().journal.remove_chunks(remove);
+        Ok(())
+    }
+
+    /// One slice of [`Core::write_notes`]; returns the number the next chunk gets.
+    fn write_slice(
+        &self,
+        notes: &[(&TaskId, &Dirty)],
+        old: &[(u64, sled::IVec)],
+        first: u64,
+        remove: &[u64],
+    ) -> Result<u64, StoreError> {
         let mut taken: Vec<Taken> = Vec::with_capacity(notes.len());
         for batch in notes.chunks(LOCK_BATCH) {
             let st = self.lock();
@@ -155,7 +182,8 @@ impl Core {
             }
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
-        let written = Self::encode(first, &copies, &taken)?;
+        let (written, next_chunk) = Self::encode(first, &copies, &taken)?;
+        drop(copies);
         self.disk.apply(&written.chunks, remove)?;
         // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then waits for
         // this write-out (see `Store::with_record`).
@@ -165,6 +193,7 @@ impl Core {
                 st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
             }
         }
+        drop(written.chunks);
         for batch in written.puts.chunks(LOCK_BATCH) {
             let mut st = self.lock();
             for (id, loc) in batch {
@@ -188,13 +217,12 @@ impl Core {
                 }
             }
         }
-        self.lock().journal.remove_chunks(remove);
-        Ok(())
+        Ok(next_chunk)
     }
 
     /// Builds the chunks of a write-out: records moved out of compacted chunks first, then the changes (so a
     /// change wins over a copy in recovery's last-entry-wins reading).
-    fn encode(first: u64, copies: &[(&str, &[u8])], taken: &[Taken]) -> Result<Written, StoreError> {
+    fn encode(first: u64, copies: &[(&str, &[u8])], taken: &[Taken]) -> Result<(Written, u64), StoreError> {
         let mut writer = ChunkWriter::new(first);
         let mut puts = Vec::with_capacity(copies.len() + taken.len());
         let mut tombstones = Vec::new();
@@ -210,6 +238,7 @@ impl Core {
                 }
             }
         }
-        Ok(Written { chunks: writer.finish().0, puts, tombstones })
+        let (chunks, next) = writer.finish();
+        Ok((Written { chunks, puts, tombstones }, next))
     }
 }
