@@ -900,7 +900,7 @@ impl Store {
         let mut st = self.lock();
         let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
         record.state = TaskState::Success;
-        record.result = Some(result);
+        record.result = Some(Box::new(result));
         record.error = None;
         let ttl = record.result_ttl_ms;
         self.finish(&mut st, record, now, ttl);
@@ -926,7 +926,7 @@ impl Store {
         let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
         st.queue(&entry.queue).failed += 1;
         st.totals.failed += 1;
-        record.error = Some(error);
+        record.error = Some(Box::new(error));
         if retry && record.attempts <= record.max_retries {
             let retry_at = now.saturating_add(countdown_ms.unwrap_or_else(|| record.backoff_ms()));
             record.state = TaskState::Retry;
@@ -994,11 +994,11 @@ impl Store {
             return self.finish_revoked(st, record, now, None);
         }
         if record.lease_losses >= self.options.max_lease_losses {
-            record.error = Some(TaskError {
+            record.error = Some(Box::new(TaskError {
                 kind: "LeaseLost".into(),
                 message: format!("lease lost {} times ({why}); giving up", record.lease_losses),
                 traceback: None,
-            });
+            }));
             return self.bury(st, record, now);
         }
         self.return_to_queue(st, record, now)
@@ -1328,7 +1328,7 @@ impl Store {
         record.state = TaskState::Revoked;
         record.revoked = true;
         if error.is_some() {
-            record.error = error;
+            record.error = error.map(Box::new);
         }
         st.totals.revoked += 1;
         let ttl = record.result_ttl_ms;

@@ -38,8 +38,10 @@ pub struct TaskRecord {
     pub eta_ms: Option<u64>,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
-    pub result: Option<Value>,
-    pub error: Option<TaskError>,
+    /// Boxed (as `error` is): most records in memory are waiting tasks, which have neither, and a box keeps
+    /// them 100 bytes smaller. On disk a box is the value itself.
+    pub result: Option<Box<Value>>,
+    pub error: Option<Box<TaskError>>,
     pub result_expires_at_ms: Option<u64>,
     pub revoked: bool,
 }
@@ -61,9 +63,9 @@ impl TaskRecord {
             // A nil result reads back from disk as absent; a succeeded task always shows one.
             result: match (&self.result, self.state) {
                 (None, TaskState::Success) => Some(Value::Nil),
-                (result, _) => result.clone(),
+                (result, _) => result.as_deref().cloned(),
             },
-            error: self.error.clone(),
+            error: self.error.as_deref().cloned(),
             created_at_ms: self.created_at_ms,
             eta_ms: self.eta_ms,
             started_at_ms: self.started_at_ms,
