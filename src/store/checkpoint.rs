@@ -1,6 +1,6 @@
 //! The checkpoint: sled brought up to date from the log's records, in the background.
 //!
-//! The log writer ([`super::commit`]) hands every round's notes to `State::to_checkpoint` and, about once a
+//! The log writer ([`super::commit`]) hands every round's notes to `Core::to_checkpoint` and, about once a
 //! `checkpoint_interval_ms` (or when a segment grows past `checkpoint_log_bytes`), starts a new log segment and
 //! asks for a checkpoint up to it. The checkpoint thread then appends the current record of every task noted
 //! since the last checkpoint to the journal in sled ([`super::disk`]; a few chunks of about 6 KiB in one atomic
@@ -30,12 +30,24 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// The checkpoint thread's loop: one checkpoint per segment number received, until the channel closes.
 pub(super) fn run_checkpointer(core: Arc<Core>, requests: std::sync::mpsc::Receiver<u64>) {
+    lower_priority();
     for segment in requests {
         if let Err(e) = core.checkpoint(segment) {
             tracing::error!(error = %e, segment, "checkpoint failed; the log keeps its segments until the next one");
         }
         *core.checkpoint_started.lock().unwrap_or_else(|p| p.into_inner()) = None;
         core.checkpointing.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Makes this thread yield the CPU to the request path: a checkpoint after a large backlog runs for seconds,
+/// and on a small machine it would otherwise take the cores the replies need (the p999 latency).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain integer arguments; `gettid` names this thread, which `setpriority` accepts on Linux.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 
@@ -72,7 +84,7 @@ impl Core {
     /// Returns whether anything was written.
     fn write_out(&self) -> Result<bool, StoreError> {
         let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let compact = self.lock().journal.to_compact();
+        let compact = self.journal().to_compact();
         // Only write-outs change the journal, and this one holds the write lock: read without the state lock.
         let mut old = Vec::with_capacity(compact.len());
         for number in &compact {
@@ -80,36 +92,34 @@ impl Core {
                 old.push((*number, bytes));
             }
         }
-        let (notes, remove, first) = {
-            let mut st = self.lock();
-            let remove = st.journal.to_remove(&compact);
-            if st.to_checkpoint.is_empty() && remove.is_empty() {
-                return Ok(false);
-            }
-            st.checkpoint_writing = Arc::new(std::mem::take(&mut st.to_checkpoint));
-            (st.checkpoint_writing.clone(), remove, st.journal.next_chunk())
+        let (remove, first) = {
+            let journal = self.journal();
+            (journal.to_remove(&compact), journal.next_chunk())
         };
+        let notes = std::mem::take(&mut *self.to_checkpoint());
+        if notes.is_empty() && remove.is_empty() {
+            return Ok(false);
+        }
+        let notes = Arc::new(notes);
+        self.lock().checkpoint_writing = notes.clone();
         let result = self.write_notes(&notes, &old, first, &remove);
-        let mut st = self.lock();
-        let writing = std::mem::take(&mut st.checkpoint_writing);
+        let writing = std::mem::take(&mut self.lock().checkpoint_writing);
         if result.is_err() {
             // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
+            let mut to_checkpoint = self.to_checkpoint();
             for (id, kind) in notes.iter() {
-                st.to_checkpoint.entry(id.clone()).or_insert(*kind);
+                to_checkpoint.entry(id.clone()).or_insert(*kind);
             }
         }
-        drop(st);
         // The notes are freed outside the lock.
         drop((writing, notes));
         result?;
-        let st = self.lock();
         // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
         // survives a crash without the writes that emptied them.
-        let emptied = st.journal.to_remove(&[]);
-        drop(st);
+        let emptied = self.journal().to_remove(&[]);
         if !emptied.is_empty() {
             self.disk.apply(&[], &emptied)?;
-            self.lock().journal.remove_chunks(&emptied);
+            self.journal().remove_chunks(&emptied);
         }
         Ok(true)
     }
@@ -138,7 +148,7 @@ impl Core {
             }
             next_chunk = self.write_slice(slice, copies_from, next_chunk, removing)?;
         }
-        self.lock().journal.remove_chunks(remove);
+        self.journal().remove_chunks(remove);
         Ok(())
     }
 
@@ -152,34 +162,42 @@ impl Core {
     ) -> Result<u64, StoreError> {
         let mut taken: Vec<Taken> = Vec::with_capacity(notes.len());
         for batch in notes.chunks(LOCK_BATCH) {
+            // Only checkpoints change the journal's account, so it can be read apart from the state.
+            let on_disk: Vec<bool> = {
+                let journal = self.journal();
+                batch.iter().map(|(id, _)| journal.loc(id).is_some()).collect()
+            };
             let st = self.lock();
-            taken.extend(batch.iter().filter_map(|(id, kind)| {
+            taken.extend(batch.iter().zip(on_disk).filter_map(|((id, kind), on_disk)| {
                 let record = match kind {
                     Dirty::Put => match st.live.get(*id) {
                         Some(r) => Some((None, r.clone())),
                         None => Some(st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone()))?),
                     },
                     // No record of it on disk: nothing to hide.
-                    Dirty::Delete => {
-                        st.journal.loc(id)?;
-                        None
-                    }
+                    Dirty::Delete if !on_disk => return None,
+                    Dirty::Delete => None,
                 };
                 Some(((*id).clone(), record))
             }));
         }
         let mut copies: Vec<(&str, &[u8])> = Vec::new();
         if !old.is_empty() {
-            let st = self.lock();
-            for (number, bytes) in old {
-                for entry in disk::entries(*number, bytes)? {
-                    if let Entry::Put { id, loc, body } = entry {
-                        if !st.checkpoint_writing.contains_key(id) && st.journal.is_current(id, loc) {
-                            copies.push((id, body));
+            {
+                let journal = self.journal();
+                for (number, bytes) in old {
+                    for entry in disk::entries(*number, bytes)? {
+                        if let Entry::Put { id, loc, body } = entry {
+                            if journal.is_current(id, loc) {
+                                copies.push((id, body));
+                            }
                         }
                     }
                 }
             }
+            // The notes this checkpoint writes are newer than any copy.
+            let st = self.lock();
+            copies.retain(|(id, _)| !st.checkpoint_writing.contains_key(*id));
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
         let (written, next_chunk) = Self::encode(first, &copies, &taken)?;
@@ -188,22 +206,22 @@ impl Core {
         // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then waits for
         // this write-out (see `Store::with_record`).
         {
-            let mut st = self.lock();
+            let mut journal = self.journal();
             for chunk in &written.chunks {
-                st.journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
+                journal.add_chunk(chunk.number, chunk.bytes.len() as u64, chunk.tombstones);
             }
         }
         drop(written.chunks);
         for batch in written.puts.chunks(LOCK_BATCH) {
-            let mut st = self.lock();
+            let mut journal = self.journal();
             for (id, loc) in batch {
-                st.journal.set(id, *loc);
+                journal.set(id, *loc);
             }
         }
         for batch in written.tombstones.chunks(LOCK_BATCH) {
-            let mut st = self.lock();
+            let mut journal = self.journal();
             for id in batch {
-                st.journal.clear(id);
+                journal.clear(id);
             }
         }
         // Finished records now on disk leave memory, unless they changed again meanwhile.

@@ -13,7 +13,7 @@
 //! of the daemon loses at most what the kernel had not been handed yet) and `fdatasync` runs every
 //! `fsync_interval_ms`, as Redis's `appendfsync everysec` does; replies never wait.
 //!
-//! After each round the writer hands its notes on to the checkpoint (`State::to_checkpoint`), and from time to
+//! After each round the writer hands its notes on to the checkpoint (`Core::to_checkpoint`), and from time to
 //! time it starts a new segment and asks the checkpoint thread ([`super::checkpoint`]) to bring sled up to date
 //! with everything before it. Nothing here waits for a checkpoint.
 //!
@@ -234,22 +234,14 @@ fn write_round(core: &Core, notes: &Map<TaskId, Dirty>, batch: &mut LogBatch, wa
     wal.append(batch.bytes())
 }
 
-/// Passes a round's notes to the checkpoint, a batch at a time so requests never wait long for the lock.
+/// Passes a round's notes to the checkpoint (under its own lock: requests never wait for it, even while its
+/// map grows).
 fn hand_to_checkpoint(core: &Core, notes: Arc<Map<TaskId, Dirty>>) {
     let notes = Arc::try_unwrap(notes).unwrap_or_else(|shared| (*shared).clone());
-    let mut notes = notes.into_iter();
-    loop {
-        let mut st = core.lock();
-        let mut moved = 0;
-        for (id, kind) in notes.by_ref() {
-            st.to_checkpoint.insert(id, kind);
-            moved += 1;
-            if moved == LOCK_BATCH {
-                break;
-            }
-        }
-        if moved < LOCK_BATCH {
-            return;
-        }
+    let mut to_checkpoint = core.to_checkpoint();
+    if to_checkpoint.is_empty() {
+        *to_checkpoint = notes;
+    } else {
+        to_checkpoint.extend(notes);
     }
 }

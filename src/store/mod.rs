@@ -212,13 +212,10 @@ struct State {
     eager_wake: Option<Arc<Condvar>>,
     /// Whether the log writer sleeps until rung (under `interval`, when no change came in its last look).
     writer_asleep: bool,
-    /// Tasks logged since the last checkpoint took its notes ([`checkpoint`]).
-    to_checkpoint: Map<TaskId, Dirty>,
     /// The notes the checkpoint in progress took (shared with it, read-only): those tasks' places in the journal
     /// are about to change, so until it is done their old place says nothing about what is current.
     checkpoint_writing: Arc<Map<TaskId, Dirty>>,
     generation: u64,
-    journal: Journal,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
     scheduled: BTreeMap<(u64, TaskId), String>,
@@ -370,6 +367,12 @@ struct Core {
     /// The log's segments.
     wal_dir: PathBuf,
     state: Mutex<State>,
+    /// Where each task's record is in sled's journal. Only checkpoints (and recovery) change it, so it has a lock
+    /// of its own: requests never wait while it grows. Never held together with `state` (but in recovery,
+    /// before any other thread runs).
+    journal: Mutex<Journal>,
+    /// Tasks logged since the last checkpoint took its notes ([`checkpoint`]); the log writer adds to it.
+    to_checkpoint: Mutex<Map<TaskId, Dirty>>,
     /// Held for a whole checkpoint write-out, so write-outs reach sled in the order they were taken and the
     /// journal account changes under one writer.
     write_lock: Mutex<()>,
@@ -392,6 +395,14 @@ struct Core {
 impl Core {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn to_checkpoint(&self) -> MutexGuard<'_, Map<TaskId, Dirty>> {
+        self.to_checkpoint.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops the log writer (after its last round) and the checkpoint thread (after its checkpoint), and waits
@@ -436,6 +447,8 @@ impl Store {
             disk: Disk::open(config)?,
             wal_dir: config.data_dir.join("wal"),
             state: Mutex::new(State::default()),
+            journal: Mutex::new(Journal::default()),
+            to_checkpoint: Mutex::new(Map::default()),
             write_lock: Mutex::new(()),
             log_wake: Arc::new(Condvar::new()),
             stopping: AtomicBool::new(false),
@@ -559,7 +572,7 @@ impl Store {
 
     /// Bytes in the journal, and bytes of current records in it.
     pub fn journal_size(&self) -> (u64, u64) {
-        self.lock().journal.size()
+        self.core.journal().size()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -582,6 +595,8 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         let mut latest: Map<&str, (Loc, &[u8])> = Map::default();
         let mut st = self.lock();
+        let mut journal = self.core.journal();
+        let mut to_checkpoint = self.core.to_checkpoint();
         for (number, bytes) in &chunks {
             let mut tombstones = 0;
             for entry in disk::entries(*number, bytes)? {
@@ -595,12 +610,12 @@ impl Store {
                     }
                 }
             }
-            st.journal.add_chunk(*number, bytes.len() as u64, tombstones);
+            journal.add_chunk(*number, bytes.len() as u64, tombstones);
         }
         // The journal's account is what sled holds; the log's entries then override the records.
         let mut bodies: Map<&str, (bool, &[u8])> = Map::default();
         for (id, (loc, body)) in latest {
-            st.journal.set(id, loc);
+            journal.set(id, loc);
             bodies.insert(id, (false, body));
         }
         let mut logged = 0usize;
@@ -625,11 +640,11 @@ impl Store {
                 match entry {
                     Entry::Put { id, body, .. } => {
                         bodies.insert(id, (true, body));
-                        st.to_checkpoint.insert(id.to_string(), Dirty::Put);
+                        to_checkpoint.insert(id.to_string(), Dirty::Put);
                     }
                     Entry::Delete { id } => {
                         bodies.remove(id);
-                        st.to_checkpoint.insert(id.to_string(), Dirty::Delete);
+                        to_checkpoint.insert(id.to_string(), Dirty::Delete);
                     }
                 }
                 logged += 1;
@@ -689,8 +704,8 @@ impl Store {
         st.next_lease_id = now.saturating_mul(1000);
         // What recovery changed goes to sled with what the log held, in the checkpoint that follows.
         let notes = std::mem::take(&mut st.to_log);
-        st.to_checkpoint.extend(notes);
-        let (bytes, current) = st.journal.size();
+        to_checkpoint.extend(notes);
+        let (bytes, current) = journal.size();
         tracing::info!(
             live = st.live.len(),
             requeued,
@@ -1123,7 +1138,7 @@ impl Store {
     fn with_record<T>(&self, id: &str, f: impl Fn(&TaskRecord) -> T) -> Result<Option<T>, StoreError> {
         // A compaction can move the record between reading its place and reading the chunk: look again.
         for _ in 0..8 {
-            let loc = {
+            {
                 let st = self.lock();
                 if let Some(record) = st.record(id) {
                     return Ok(Some(f(record)));
@@ -1131,11 +1146,10 @@ impl Store {
                 if !st.done.contains_key(id) {
                     return Ok(None);
                 }
-                st.journal.loc(id).ok_or_else(|| StoreError::Corrupt {
-                    id: id.to_string(),
-                    message: "finished task with no record in memory or on disk".into(),
-                })?
-            };
+            }
+            // A finished record leaves memory only once the journal has its place, so no place means it was
+            // removed (expired, requeued) since: look again.
+            let Some(loc) = self.core.journal().loc(id) else { continue };
             if let Some(record) = self.core.disk.read(id, loc)? {
                 return Ok(Some(f(&record)));
             }
