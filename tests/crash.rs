@@ -228,7 +228,7 @@ async fn a_data_directory_from_before_the_log_opens() {
 
     let daemon = Daemon::spawn(&data);
     assert_all_there(&daemon, &ids, &acked).await;
-    assert_eq!(segments(&data).len(), 1, "a new log is started");
+    assert_eq!(segments(&data).len(), 2, "a new log is started, and its next segment prepared");
 }
 
 /// Under `fsync = "interval"` replies do not wait for the disk; what the documentation promises is that a

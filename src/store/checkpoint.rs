@@ -35,6 +35,10 @@ pub(super) fn run_checkpointer(core: Arc<Core>, requests: std::sync::mpsc::Recei
         if let Err(e) = core.checkpoint(segment) {
             tracing::error!(error = %e, segment, "checkpoint failed; the log keeps its segments until the next one");
         }
+        // The segment the log writer moves to next, made ready now (it reuses the spare this checkpoint left).
+        if let Err(e) = wal::prepare(&core.wal_dir, segment + 1) {
+            tracing::warn!(error = %e, "could not prepare the next log segment; the log writer will create it");
+        }
         *core.checkpoint_started.lock().unwrap_or_else(|p| p.into_inner()) = None;
         core.checkpointing.store(false, Ordering::SeqCst);
     }

@@ -470,6 +470,7 @@ impl Store {
         let segment = store.recover()?;
         store.core.checkpoint(segment)?;
         let wal = wal::Wal::create(&store.core.wal_dir, segment)?;
+        wal::prepare(&store.core.wal_dir, segment + 1)?;
         if store.options.fsync == FsyncPolicy::Interval {
             store.lock().eager_wake = Some(store.core.log_wake.clone());
         }
