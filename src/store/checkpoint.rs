@@ -173,14 +173,20 @@ impl Core {
             };
             let st = self.lock();
             taken.extend(batch.iter().zip(on_disk).filter_map(|((id, kind), on_disk)| {
-                let record = match kind {
-                    Dirty::Put => match st.live.get(*id) {
-                        Some(r) => Some((None, r.clone())),
-                        None => Some(st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone()))?),
-                    },
+                let in_memory = match st.live.get(*id) {
+                    Some(r) => Some((None, r.clone())),
+                    None => st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone())),
+                };
+                let record = match (kind, in_memory) {
+                    (Dirty::Put, Some(record)) => Some(record),
+                    // Gone since it was noted (its tombstone is on its way through the log): sled must not keep
+                    // an older record of it.
+                    (Dirty::Put, None) if !st.done.contains_key(*id) && on_disk => None,
+                    // Finished and written already, or never on disk: nothing to do.
+                    (Dirty::Put, None) => return None,
                     // No record of it on disk: nothing to hide.
-                    Dirty::Delete if !on_disk => return None,
-                    Dirty::Delete => None,
+                    (Dirty::Delete, _) if !on_disk => return None,
+                    (Dirty::Delete, _) => None,
                 };
                 Some(((*id).clone(), record))
             }));
@@ -228,12 +234,14 @@ impl Core {
                 journal.clear(id);
             }
         }
-        // Finished records now on disk leave memory, unless they changed again meanwhile.
+        // Finished records now on disk leave memory, unless they changed again meanwhile, or the log has not
+        // written them yet (the log writer reads them from memory).
         for batch in taken.chunks(LOCK_BATCH) {
             let mut st = self.lock();
             for (id, record) in batch {
                 if let Some((Some(generation), _)) = record {
-                    if st.finished.get(id).is_some_and(|(g, _)| g == generation) {
+                    let logged = !st.to_log.contains_key(id) && !st.logging.contains_key(id);
+                    if logged && st.finished.get(id).is_some_and(|(g, _)| g == generation) {
                         st.finished.remove(id);
                     }
                 }

@@ -124,7 +124,7 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
             let go = core.stopping.load(Ordering::SeqCst)
                 || st.wanted > st.rounds_taken
                 || (noted && due)
-                || (unsynced && now >= last_sync + pacing.interval)
+                || (!failed && unsynced && now >= last_sync + pacing.interval)
                 || (!failed && checkpoint_due(&core, &wal, last_rotation, &pacing));
             if go {
                 break;
@@ -168,7 +168,10 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
                     unsynced = false;
                     last_sync = Instant::now();
                 }
-                Err(e) => fail(&core, &mut failed, e),
+                Err(e) => {
+                    unsynced = false;
+                    fail(&core, &mut failed, e);
+                }
             }
         }
         // The round is durable (or never will be): a lease of its tasks need not wait, and its tickets resolve.
@@ -219,9 +222,20 @@ fn write_round(core: &Core, notes: &Map<TaskId, Dirty>, batch: &mut LogBatch, wa
     for chunk in notes.chunks(LOCK_BATCH) {
         {
             let st = core.lock();
-            taken.extend(chunk.iter().map(|(id, kind)| match kind {
-                Dirty::Put => (*id, st.live.get(*id).or_else(|| st.finished.get(*id).map(|(_, r)| r)).cloned()),
-                Dirty::Delete => (*id, None),
+            taken.extend(chunk.iter().filter_map(|(id, kind)| {
+                let record = st.live.get(*id).or_else(|| st.finished.get(*id).map(|(_, r)| r));
+                match (kind, record) {
+                    (Dirty::Put, Some(record)) => Some((*id, Some(record.clone()))),
+                    // Deleted since it was noted: the tombstone is its current state.
+                    (Dirty::Put, None) if !st.done.contains_key(*id) => Some((*id, None)),
+                    // A finished task stays in memory until it is logged (see the checkpoint), so this is never
+                    // reached; if it were, a tombstone would hide a record sled has.
+                    (Dirty::Put, None) => {
+                        tracing::warn!(task = %id, "a noted task is not in memory; not logged");
+                        None
+                    }
+                    (Dirty::Delete, _) => Some((*id, None)),
+                }
             }));
         }
         for (id, record) in taken.drain(..) {

@@ -486,15 +486,14 @@ impl Store {
                 .spawn(f)
                 .map_err(|e| StoreError::Flush(format!("cannot start the {name} thread: {e}")))
         };
-        let writer = {
-            let core = store.core.clone();
-            spawn("broker-log", Box::new(move || commit::run_log_writer(core, wal, pacing)))?
-        };
-        let checkpointer = {
-            let core = store.core.clone();
-            spawn("broker-checkpoint", Box::new(move || checkpoint::run_checkpointer(core, checkpoint_rx)))?
-        };
-        *store.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![writer, checkpointer];
+        // Each handle is kept as soon as its thread runs, so a failed start still stops it (see `Drop`).
+        let core = store.core.clone();
+        let writer = spawn("broker-log", Box::new(move || commit::run_log_writer(core, wal, pacing)))?;
+        store.threads.lock().unwrap_or_else(|p| p.into_inner()).push(writer);
+        let core = store.core.clone();
+        let checkpointer =
+            spawn("broker-checkpoint", Box::new(move || checkpoint::run_checkpointer(core, checkpoint_rx)))?;
+        store.threads.lock().unwrap_or_else(|p| p.into_inner()).push(checkpointer);
         Ok(store)
     }
 
@@ -522,11 +521,10 @@ impl Store {
             ring = st.wanted < round;
             st.wanted = st.wanted.max(round);
             round
-        } else if !st.logging.is_empty() {
-            st.rounds_taken
         } else {
-            // Everything noted is in a round that is durable already.
-            0
+            // Everything noted is in a round already started: the last one, or an earlier one. If that round
+            // failed, so does this ticket.
+            st.rounds_taken
         };
         drop(st);
         // Rung after the lock is released, so the writer does not wake only to wait for it.
@@ -868,7 +866,9 @@ impl Store {
                 out.push(LeasedTask { lease_id, ..leased });
             }
         }
-        let unflushed = out.iter().any(|task| st.to_log.contains_key(&task.id) || st.logging.contains_key(&task.id));
+        let log_failed = self.core.progress.borrow().failed.is_some();
+        let unflushed =
+            log_failed || out.iter().any(|task| st.to_log.contains_key(&task.id) || st.logging.contains_key(&task.id));
         drop(st);
         if expired {
             self.finished_notify.notify_waiters();

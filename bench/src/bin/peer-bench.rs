@@ -148,6 +148,10 @@ struct LoadArgs {
     /// latencies, held_).
     #[arg(long)]
     only: Option<String>,
+    /// A directory on the disk the daemon writes to: the pipelined enqueue then also reports tasks per device
+    /// flush (from /proc/diskstats; other writers to that disk count too).
+    #[arg(long)]
+    flush_dir: Option<PathBuf>,
     #[command(flatten)]
     tag: Tag,
 }
@@ -779,7 +783,8 @@ fn rand_suffix() -> String {
 }
 
 /// Tasks enqueued per second by `connections` producers over `run`.
-async fn enqueue_rate(args: &LoadArgs, queue: &str, depth: usize, batch: usize, run: Duration) -> Result<f64> {
+/// Tasks enqueued, and the seconds it took.
+async fn enqueue_rate(args: &LoadArgs, queue: &str, depth: usize, batch: usize, run: Duration) -> Result<(u64, f64)> {
     let mut conns = Vec::new();
     for _ in 0..args.connections {
         conns.push(Conn::producer(args.system, &args.addr, queue).await?);
@@ -791,7 +796,21 @@ async fn enqueue_rate(args: &LoadArgs, queue: &str, depth: usize, batch: usize, 
     for h in handles {
         total += h.await?.context("producer did not drain in time")??;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
+/// Flush requests the block device holding `dir` has completed (field 16 of /proc/diskstats), if it can be told.
+fn device_flushes(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    stats.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let matches = fields.first()?.parse::<u32>().ok()? == major && fields.get(1)?.parse::<u32>().ok()? == minor;
+        // Kernels before 5.5 have no flush fields.
+        matches.then(|| fields.get(17)?.parse().ok()).flatten()
+    })
 }
 
 /// Tasks acknowledged per second while producers enqueue and consumers take and acknowledge, over `run`.
@@ -964,7 +983,13 @@ async fn load(args: &LoadArgs) -> Result<()> {
     ];
     for (figure, queue, depth, batch) in enqueues {
         if wanted(figure) && (batch == 1 || args.system != System::Beanstalkd) {
-            rec.record(figure, enqueue_rate(args, &q(queue), depth, batch, run).await?)?;
+            let flushes = || args.flush_dir.as_deref().and_then(device_flushes);
+            let before = flushes();
+            let (tasks, secs) = enqueue_rate(args, &q(queue), depth, batch, run).await?;
+            rec.record(figure, tasks as f64 / secs)?;
+            if let (Some(before), Some(after), "enqueue_pipelined") = (before, flushes(), figure) {
+                rec.record("enqueue_pipelined_per_flush", tasks as f64 / after.saturating_sub(before).max(1) as f64)?;
+            }
         }
     }
     for (figure, queue, depth) in [("cycle_unpipelined", "cyc1", 1), ("cycle_pipelined", "cyc64", args.depth)] {
@@ -1160,6 +1185,7 @@ const FIGURES: &[(&str, &str)] = &[
     ("enqueue_unpipelined", "enqueue, unpipelined (tasks/s)"),
     ("enqueue_pipelined", "enqueue, pipelined (tasks/s)"),
     ("enqueue_batch", "enqueue, batch (tasks/s)"),
+    ("enqueue_pipelined_per_flush", "tasks per device flush, pipelined enqueue"),
     ("cycle_unpipelined", "full cycle, unpipelined (tasks/s)"),
     ("cycle_pipelined", "full cycle, pipelined (tasks/s)"),
     ("enqueue_p50_us", "enqueue round trip p50 (µs)"),
