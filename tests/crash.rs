@@ -26,6 +26,21 @@ fn args(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// A temporary directory, the data directory in it, and the `--config` arguments of a config file `toml`.
+fn setup(toml: &str) -> (tempfile::TempDir, std::path::PathBuf, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let extra = config(dir.path(), toml);
+    (dir, data, extra)
+}
+
+/// SIGTERM, and the clean exit it leads to.
+fn stop_cleanly(mut daemon: Daemon) {
+    let status = std::process::Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0), "a clean stop exits 0");
+}
+
 /// The log segments in a data directory, oldest first.
 fn segments(data: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out: Vec<_> = std::fs::read_dir(data.join("wal"))
@@ -44,9 +59,7 @@ fn task(id: String) -> TaskSpec {
 /// that was acknowledged is there after each restart, and every acknowledged ack is `SUCCESS` with its result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_a_loop_under_load_loses_nothing_acknowledged() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let extra = config(dir.path(), "checkpoint_interval_ms = 20\n");
+    let (_dir, data, extra) = setup("checkpoint_interval_ms = 20\n");
     let enqueued = Arc::new(Mutex::new(Vec::<String>::new()));
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     for cycle in 0..8 {
@@ -132,9 +145,7 @@ async fn assert_all_there(daemon: &Daemon, ids: &[String], acked: &str) {
 /// when the daemon is killed: the restart replays it, checkpoints it into sled and starts a new log.
 #[tokio::test]
 async fn a_crash_before_any_checkpoint_is_recovered_from_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let extra = config(dir.path(), "checkpoint_interval_ms = 3600000\n");
+    let (_dir, data, extra) = setup("checkpoint_interval_ms = 3600000\n");
     let daemon = Daemon::spawn_with(&data, &args(&extra));
     let (ids, acked) = write_some(&daemon, 300).await;
     daemon.kill_9();
@@ -164,9 +175,7 @@ async fn a_torn_or_garbage_log_tail_is_cut_off_at_startup() {
     // A record header promising 200 bytes, followed by 37 of them; then zeros (a preallocated tail); then noise.
     let torn: Vec<u8> = [&200u32.to_le_bytes()[..], &[0xab; 4], &[0x42; 37]].concat();
     for (what, tail) in [("torn", torn), ("zeros", vec![0u8; 4096]), ("garbage", garbage)] {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let extra = config(dir.path(), "checkpoint_interval_ms = 3600000\n");
+        let (_dir, data, extra) = setup("checkpoint_interval_ms = 3600000\n");
         let daemon = Daemon::spawn_with(&data, &args(&extra));
         let (ids, acked) = write_some(&daemon, 50).await;
         daemon.kill_9();
@@ -189,9 +198,7 @@ async fn a_torn_or_garbage_log_tail_is_cut_off_at_startup() {
 /// pending stays finished.
 #[tokio::test]
 async fn segments_a_checkpoint_covered_are_not_replayed_over_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let extra = config(dir.path(), "checkpoint_interval_ms = 3600000\n");
+    let (_dir, data, extra) = setup("checkpoint_interval_ms = 3600000\n");
     let daemon = Daemon::spawn_with(&data, &args(&extra));
     let client = daemon.client().await;
     let id = client.enqueue(TaskSpec::new("job")).await.unwrap().id;
@@ -201,10 +208,7 @@ async fn segments_a_checkpoint_covered_are_not_replayed_over_it() {
     client.ack(&id, t.lease_id, Value::from("done")).await.unwrap();
     drop(client);
     // A clean stop checkpoints everything and removes the segments; put the old one back as a crash would leave it.
-    let status = std::process::Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let mut daemon = daemon;
-    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+    stop_cleanly(daemon);
     assert!(!segment.exists(), "the clean stop removed the segment");
     std::fs::write(&segment, pending_only).unwrap();
 
@@ -220,10 +224,7 @@ async fn a_data_directory_from_before_the_log_opens() {
     let data = dir.path().join("data");
     let daemon = Daemon::spawn(&data);
     let (ids, acked) = write_some(&daemon, 20).await;
-    let status = std::process::Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let mut daemon = daemon;
-    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+    stop_cleanly(daemon);
     std::fs::remove_dir_all(data.join("wal")).unwrap();
 
     let daemon = Daemon::spawn(&data);
@@ -235,9 +236,7 @@ async fn a_data_directory_from_before_the_log_opens() {
 /// `kill -9` loses at most the changes of the last `fsync_interval_ms`. Changes older than that are all there.
 #[tokio::test]
 async fn interval_loses_at_most_the_last_interval_to_a_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let extra = config(dir.path(), "fsync = \"interval\"\nfsync_interval_ms = 50\ncheckpoint_interval_ms = 3600000\n");
+    let (_dir, data, extra) = setup("fsync = \"interval\"\nfsync_interval_ms = 50\ncheckpoint_interval_ms = 3600000\n");
     let daemon = Daemon::spawn_with(&data, &args(&extra));
     let (ids, acked) = write_some(&daemon, 200).await;
     tokio::time::sleep(Duration::from_millis(3 * 50)).await;
