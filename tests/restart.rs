@@ -353,3 +353,45 @@ async fn the_data_directory_shrinks_back_after_results_expire() {
         .collect();
     assert_eq!(dirs, vec!["sled-2".to_string()], "the old database is gone");
 }
+
+/// A checkpoint can write a finished task to sled before the log round that carries its finish has run. The
+/// record must stay in memory until the log has it too: otherwise the round finds nothing and logs a tombstone,
+/// and a crash before the next checkpoint replays that tombstone over the acknowledged result.
+#[tokio::test]
+async fn a_checkpoint_ahead_of_the_log_never_makes_it_log_a_finished_task_as_deleted() {
+    use broker::store::disk::{decode, entries, Entry};
+    use broker::store::wal;
+
+    let server = TestServer::start_with(
+        |c| {
+            c.fsync_interval_ms = 3_600_000;
+            c.checkpoint_interval_ms = 3_600_000;
+        },
+        true,
+    )
+    .await;
+    let client = server.client().await;
+    let id = client.enqueue(TaskSpec::new("job")).await.unwrap().id;
+    let t = client.lease(&lease(1)).await.unwrap().pop().unwrap();
+    let store = server.handle.as_ref().unwrap().store().clone();
+    // The ack is noted for the log, but no round runs until a ticket asks for one.
+    store.ack(&id, t.lease_id, Value::from("done")).unwrap();
+    store.write_to_sled().unwrap();
+    store.durable().await.unwrap();
+
+    let dir = server.dir.path().join("wal");
+    let mut last = None;
+    for number in wal::segments(&dir).unwrap() {
+        let segment = wal::read(&dir, number).unwrap();
+        for payload in segment.payloads() {
+            for entry in entries(number, payload).unwrap() {
+                match entry {
+                    Entry::Put { id: i, body, .. } if i == id => last = Some(Some(decode(i, body).unwrap().state)),
+                    Entry::Delete { id: i } if i == id => last = Some(None),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(last, Some(Some(TaskState::Success)), "the log's last word on the task");
+}

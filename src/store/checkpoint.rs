@@ -86,7 +86,7 @@ impl Core {
 
     /// Appends every change noted so far to the journal, and removes or compacts old chunks (not flushed).
     /// Returns whether anything was written.
-    fn write_out(&self) -> Result<bool, StoreError> {
+    pub(super) fn write_out(&self) -> Result<bool, StoreError> {
         let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let compact = self.journal().to_compact();
         // Only write-outs change the journal, and this one holds the write lock: read without the state lock.

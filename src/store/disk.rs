@@ -266,7 +266,19 @@ const REPLAY_FROM: &[u8] = b"wal_replay_from";
 
 impl Db {
     fn open(path: &Path, cache_capacity: u64) -> Result<Db, StoreError> {
-        let db = sled::Config::new().path(path).cache_capacity(cache_capacity).flush_every_ms(None).open()?;
+        let config = sled::Config::new().path(path).cache_capacity(cache_capacity).flush_every_ms(None);
+        // A database closed a moment ago in this process (a restart in place) may still be held by one of sled's
+        // background threads, which let go of its file lock shortly after: wait for that, a bounded time.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let log_path = path.join("db");
         let log_file = std::fs::File::open(&log_path).map_err(|e| {
             StoreError::Flush(format!("cannot open sled's log file {} to sync it: {e}", log_path.display()))

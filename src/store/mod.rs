@@ -534,6 +534,14 @@ impl Store {
         Durable::after(self.core.progress.subscribe(), round)
     }
 
+    /// Writes what the log has handed to the checkpoint into sled now, and flushes it, without moving the replay
+    /// mark or touching the log (so it is safe at any time). The checkpoint thread does this on its own schedule;
+    /// tests use it to put a checkpoint at a chosen point.
+    pub fn write_to_sled(&self) -> Result<(), StoreError> {
+        self.core.write_out()?;
+        self.core.disk.flush()
+    }
+
     /// How many checkpoints have completed since the store opened (the one at opening included).
     pub fn checkpoints(&self) -> u64 {
         self.core.checkpoints.load(Ordering::SeqCst)
