@@ -1,6 +1,6 @@
 //! What the store knows of the journal on disk ([`super::disk`]): where each task's current record is, and how
 //! much of each chunk is still current. From that it picks the chunks a write-out removes and the ones it
-//! compacts. Only write-outs change it (they run one at a time), under the state lock.
+//! compacts. Only checkpoint write-outs change it (they run one at a time), under its own lock (`Core::journal`).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,18 +1,21 @@
-//! The store: the owner of every task's state, and (through [`disk`]) the only code that touches sled.
+//! The store: the owner of every task's state, and (through [`wal`] and [`disk`]) the only code that touches the
+//! data directory.
 //!
 //! Every non-terminal task lives in memory (`live`), with the queues built over it: what is ready and in which
 //! order, what is scheduled for when, who holds which lease until when. Finished tasks are known in memory by
-//! their state and expiry (`done`); their records are on disk, in a journal ([`disk`]). Operations change only
-//! memory and note what changed (`dirty`); they never wait for the disk. The flusher ([`flush`]) then appends
-//! the latest record of every task noted so far to the journal, as a few chunks in one sled batch, and flushes
-//! (group commit). A reply that must be durable waits for the flush that follows its change
-//! ([`Store::durable`]). Because a write-out carries only the latest state of each task, a task enqueued, leased
-//! and acked between two flushes costs one record in one chunk.
+//! their state and expiry (`done`); their records are on disk. Operations change only memory and note which tasks
+//! they changed (`to_log`); they never wait for the disk. The log writer ([`commit`]) then appends the latest
+//! record of every task noted so far to the write-ahead log ([`wal`]) and syncs it (group commit); a reply that
+//! must be durable waits for the round that covers its change ([`Store::durable`]). In the background the
+//! checkpoint ([`checkpoint`]) writes the same tasks' latest records into a journal in sled ([`disk`]), after
+//! which the log segments it covered are deleted. Because each carries only the latest state of each task, a task
+//! enqueued, leased and acked within one round costs one log record, and within one checkpoint one sled record.
 //!
-//! A finished task's record stays in memory (`finished`) only until it is on disk; after that `get` reads it
-//! from its chunk. At startup the journal is read back and the queues rebuilt; tasks that were leased go back to
-//! their queues. A lease itself is never written (it lives in memory), so a task's record on disk says `PENDING`
-//! while it runs. Old chunks are removed or compacted as their records stop being current ([`journal`]).
+//! A finished task's record stays in memory (`finished`) until both the log and sled have it; after that `get`
+//! reads it from its chunk. At startup the journal is read back, the log replayed over it, and the queues rebuilt;
+//! tasks that were leased go back to their queues. A lease itself is never written (it lives in memory), so a
+//! task's record on disk says `PENDING` while it runs. Old chunks are removed or compacted as their records stop
+//! being current ([`journal`]).
 //!
 //! Time comes from the injected [`Clock`]; the store never reads the wall clock itself.
 
