@@ -333,7 +333,7 @@ impl Db {
     }
 }
 
-/// The data directory: the sled database in use, which [`Disk::rewrite`] can replace by a compact copy.
+/// The data directory: the sled database in use, which [`Disk::begin_rewrite`] can replace by a compact copy.
 ///
 /// Layout: `CURRENT` names the database directory in use (`sled-N`). sled reuses the space of removed data but
 /// never gives it back to the filesystem, so shrinking the directory means copying the journal into a new

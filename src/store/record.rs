@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub type ReadyKey = (Reverse<i32>, u64);
 
 /// One task. The `live` and `done` trees hold these as MessagePack arrays in field order (see
-/// [`super::disk::encode`]): new fields go at the end, with `#[serde(default)]`.
+/// [`super::disk::ChunkWriter`]): new fields go at the end, with `#[serde(default)]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: TaskId,
