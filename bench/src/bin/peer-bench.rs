@@ -148,10 +148,10 @@ struct LoadArgs {
     /// latencies, held_).
     #[arg(long)]
     only: Option<String>,
-    /// A directory on the disk the daemon writes to: the pipelined enqueue then also reports tasks per device
-    /// flush (from /proc/diskstats; other writers to that disk count too).
+    /// The daemon's process id: the pipelined enqueue then also reports tasks per disk sync (its `fdatasync` and
+    /// `fsync` calls, counted with `perf stat` when perf is installed).
     #[arg(long)]
-    flush_dir: Option<PathBuf>,
+    pid: Option<u32>,
     #[command(flatten)]
     tag: Tag,
 }
@@ -799,18 +799,37 @@ async fn enqueue_rate(args: &LoadArgs, queue: &str, depth: usize, batch: usize, 
     Ok((total, start.elapsed().as_secs_f64()))
 }
 
-/// Flush requests the block device holding `dir` has completed (field 16 of /proc/diskstats), if it can be told.
-fn device_flushes(dir: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(dir).ok()?.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
-    stats.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let matches = fields.first()?.parse::<u32>().ok()? == major && fields.get(1)?.parse::<u32>().ok()? == minor;
-        // Kernels before 5.5 have no flush fields.
-        matches.then(|| fields.get(17)?.parse().ok()).flatten()
-    })
+/// Counts the daemon's `fdatasync` and `fsync` calls while it runs, with `perf stat` on its syscall tracepoints
+/// (`perf` from Debian's linux-perf; needs root or a permissive `perf_event_paranoid`). `None` if it cannot.
+struct SyncCounter(std::process::Child);
+
+impl SyncCounter {
+    fn start(pid: u32) -> Option<SyncCounter> {
+        let child = std::process::Command::new("perf")
+            .args(["stat", "-x,", "-e", "syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync", "-p"])
+            .arg(pid.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        // perf attaches in a few milliseconds; a sync made before that is not counted.
+        std::thread::sleep(Duration::from_millis(200));
+        Some(SyncCounter(child))
+    }
+
+    /// Stops counting; the number of syncs, if perf reported them.
+    fn stop(self) -> Option<u64> {
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
+        let output = self.0.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&output.stderr);
+        let counts: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("sys_enter_f"))
+            .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+            .collect();
+        (counts.len() == 2).then(|| counts.iter().sum())
+    }
 }
 
 /// Tasks acknowledged per second while producers enqueue and consumers take and acknowledge, over `run`.
@@ -983,12 +1002,11 @@ async fn load(args: &LoadArgs) -> Result<()> {
     ];
     for (figure, queue, depth, batch) in enqueues {
         if wanted(figure) && (batch == 1 || args.system != System::Beanstalkd) {
-            let flushes = || args.flush_dir.as_deref().and_then(device_flushes);
-            let before = flushes();
+            let counter = args.pid.filter(|_| figure == "enqueue_pipelined").and_then(SyncCounter::start);
             let (tasks, secs) = enqueue_rate(args, &q(queue), depth, batch, run).await?;
             rec.record(figure, tasks as f64 / secs)?;
-            if let (Some(before), Some(after), "enqueue_pipelined") = (before, flushes(), figure) {
-                rec.record("enqueue_pipelined_per_flush", tasks as f64 / after.saturating_sub(before).max(1) as f64)?;
+            if let Some(syncs) = counter.and_then(SyncCounter::stop) {
+                rec.record("enqueue_pipelined_per_sync", tasks as f64 / syncs.max(1) as f64)?;
             }
         }
     }
@@ -1185,7 +1203,7 @@ const FIGURES: &[(&str, &str)] = &[
     ("enqueue_unpipelined", "enqueue, unpipelined (tasks/s)"),
     ("enqueue_pipelined", "enqueue, pipelined (tasks/s)"),
     ("enqueue_batch", "enqueue, batch (tasks/s)"),
-    ("enqueue_pipelined_per_flush", "tasks per device flush, pipelined enqueue"),
+    ("enqueue_pipelined_per_sync", "tasks per disk sync, pipelined enqueue"),
     ("cycle_unpipelined", "full cycle, unpipelined (tasks/s)"),
     ("cycle_pipelined", "full cycle, pipelined (tasks/s)"),
     ("enqueue_p50_us", "enqueue round trip p50 (µs)"),
