@@ -104,10 +104,7 @@ impl Core {
         if notes.is_empty() && remove.is_empty() {
             return Ok(false);
         }
-        let notes = Arc::new(notes);
-        self.lock().checkpoint_writing = notes.clone();
         let result = self.write_notes(&notes, &old, first, &remove);
-        let writing = std::mem::take(&mut self.lock().checkpoint_writing);
         if result.is_err() {
             // Nothing is lost from memory: note everything again (unless changed since) for the next write-out.
             let mut to_checkpoint = self.to_checkpoint();
@@ -115,8 +112,7 @@ impl Core {
                 to_checkpoint.entry(id.clone()).or_insert(*kind);
             }
         }
-        // The notes are freed outside the lock.
-        drop((writing, notes));
+        drop(notes);
         result?;
         // Chunks this write-out emptied go at once. sled recovers a prefix of its log, so this removal never
         // survives a crash without the writes that emptied them.
@@ -205,9 +201,12 @@ impl Core {
                     }
                 }
             }
-            // The notes this checkpoint writes are newer than any copy.
-            let st = self.lock();
-            copies.retain(|(id, _)| !st.checkpoint_writing.contains_key(*id));
+            // An entry this slice writes for a task supersedes its copy in the same batch, so that copy need not
+            // be written. Every other copy must be: a task whose note is in a later slice (or writes nothing, being
+            // in sled already) would otherwise have no record in sled between this slice's removal of its old
+            // chunk and its own slice, or ever. Recovery keeps the last entry, and later slices come later.
+            let written: std::collections::HashSet<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+            copies.retain(|(id, _)| !written.contains(id));
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
         let (written, next_chunk) = Self::encode(first, &copies, &taken)?;

@@ -215,9 +215,6 @@ struct State {
     eager_wake: Option<Arc<Condvar>>,
     /// Whether the log writer sleeps until rung (under `interval`, when no change came in its last look).
     writer_asleep: bool,
-    /// The notes the checkpoint in progress took (shared with it, read-only): those tasks' places in the journal
-    /// are about to change, so until it is done their old place says nothing about what is current.
-    checkpoint_writing: Arc<Map<TaskId, Dirty>>,
     generation: u64,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
