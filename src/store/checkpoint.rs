@@ -212,8 +212,8 @@ impl Core {
         let (written, next_chunk) = Self::encode(first, &copies, &taken)?;
         drop(copies);
         self.disk.apply(&written.chunks, remove)?;
-        // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then waits for
-        // this write-out (see `Store::with_record`).
+        // Until the new places are noted, a reader may find a record's chunk gone (compacted); it then looks again
+        // a moment later (see `Store::with_record`).
         {
             let mut journal = self.journal();
             for chunk in &written.chunks {
