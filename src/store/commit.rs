@@ -18,8 +18,9 @@
 //! with everything before it. Nothing here waits for a checkpoint.
 //!
 //! A failed write or sync leaves the log in an unknown state, so the log stops: every ticket from then on fails
-//! (replies report `internal`), and the daemon must be restarted. Notes are still handed to the checkpoint, so
-//! memory does not grow without bound.
+//! (replies report `internal`), and the daemon must be restarted. Notes are still handed to the checkpoint, which
+//! then writes everything in memory to sled every `checkpoint_interval_ms` and drops the log up to the failed
+//! segment, so memory does not grow without bound and a restart finds sled complete.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -125,7 +126,8 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
                 || st.wanted > st.rounds_taken
                 || (noted && due)
                 || (!failed && unsynced && now >= last_sync + pacing.interval)
-                || (!failed && checkpoint_due(&core, &wal, last_rotation, &pacing));
+                || (!failed && checkpoint_due(&core, &wal, last_rotation, &pacing))
+                || (failed && failed_checkpoint_due(&core, last_rotation, &pacing));
             if go {
                 break;
             }
@@ -181,6 +183,11 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
         }
         hand_to_checkpoint(&core, notes);
 
+        if failed && failed_checkpoint_due(&core, last_rotation, &pacing) {
+            // The log is of no use any more: sled gets everything in memory, and the log up to now goes.
+            last_rotation = Instant::now();
+            core.request_checkpoint(wal.number() + 1);
+        }
         if !failed && checkpoint_due(&core, &wal, last_rotation, &pacing) {
             match wal.rotate() {
                 Ok(segment) => {
@@ -204,6 +211,11 @@ fn checkpoint_due(core: &Core, wal: &Wal, last_rotation: Instant, pacing: &Pacin
     wal.size() > super::wal::MAGIC.len() as u64
         && !core.checkpointing.load(Ordering::SeqCst)
         && (last_rotation.elapsed() >= pacing.checkpoint_every || wal.size() >= pacing.checkpoint_bytes)
+}
+
+/// Once the log has failed: whether to checkpoint everything into sled again.
+fn failed_checkpoint_due(core: &Core, last_checkpoint: Instant, pacing: &Pacing) -> bool {
+    !core.checkpointing.load(Ordering::SeqCst) && last_checkpoint.elapsed() >= pacing.checkpoint_every
 }
 
 fn fail(core: &Core, failed: &mut bool, e: StoreError) {
