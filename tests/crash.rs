@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_client::proto::{Lease, TaskSpec, TaskState, Value};
+use broker_client::proto::{ErrorCode, Lease, TaskSpec, TaskState, Value};
 use common::Daemon;
 
 fn lease(max: u32) -> Lease {
@@ -243,4 +243,52 @@ async fn interval_loses_at_most_the_last_interval_to_a_kill_9() {
     daemon.kill_9();
     let daemon = Daemon::spawn_with(&data, &args(&extra));
     assert_all_there(&daemon, &ids, &acked).await;
+}
+
+/// A log write that fails (here: the next segment is `/dev/full`, so the write after the rotation gets ENOSPC)
+/// stops the log. Replies that must be durable then report `internal` ("not durable") instead of success, but
+/// what they changed is in memory, and checkpoints go on writing everything to sled: after a kill -9, the task
+/// acknowledged before the failure and the one refused after it are both there.
+#[tokio::test]
+async fn a_failed_log_write_refuses_durable_replies_and_checkpoints_go_on() {
+    let (_dir, data, extra) = setup("checkpoint_interval_ms = 50\n");
+    let daemon = Daemon::spawn_with(&data, &args(&extra));
+    let client = daemon.client().await;
+    let next = segments(&data).pop().expect("the prepared next segment");
+    std::fs::remove_file(&next).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &next).unwrap();
+    let before = client.enqueue(task("before".into())).await.unwrap().id;
+    // The writer moves to the next segment once the checkpoint interval passed (the checkpoint that follows
+    // prepares the one after it): wait for that file.
+    let after_next = next.with_file_name(format!(
+        "{:016x}.log",
+        u64::from_str_radix(next.file_stem().unwrap().to_str().unwrap(), 16).unwrap() + 1
+    ));
+    common::eventually("the rotation to the broken segment", Duration::from_secs(10), || async {
+        after_next.exists().then_some(())
+    })
+    .await;
+    let err = client.enqueue(task("after".into())).await.unwrap_err();
+    assert!(err.is(ErrorCode::Internal) && err.to_string().contains("not durable"), "{err}");
+    let err = client.enqueue(task("later".into())).await.unwrap_err();
+    assert!(err.is(ErrorCode::Internal), "the log stays stopped: {err}");
+    // The failed segment is dropped once a checkpoint has put everything into sled.
+    common::eventually("a checkpoint past the failed segment", Duration::from_secs(10), || async {
+        (!next.exists()).then_some(())
+    })
+    .await;
+    daemon.kill_9();
+    // The disk is mended: the broken file (which the log may have recycled under another name) goes.
+    for entry in std::fs::read_dir(data.join("wal")).unwrap().flatten() {
+        if entry.file_type().unwrap().is_symlink() {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+
+    let daemon = Daemon::spawn_with(&data, &args(&extra));
+    let client = daemon.client().await;
+    assert_eq!(client.get(&before).await.unwrap().state, TaskState::Pending);
+    assert_eq!(client.get("after").await.unwrap().state, TaskState::Pending, "applied in memory, checkpointed");
+    // The restarted daemon logs again.
+    client.enqueue(task("restarted".into())).await.unwrap();
 }

@@ -278,6 +278,11 @@ impl Segment {
 /// Reads a segment, keeping its records up to the first bad one.
 pub fn read(dir: &Path, number: u64) -> Result<Segment, StoreError> {
     let path = segment_path(dir, number);
+    // A device under a segment's name (a mistake) would be read forever: refuse it.
+    let meta = std::fs::metadata(&path).map_err(|e| io_error("cannot read", &path, e))?;
+    if !meta.is_file() {
+        return Err(StoreError::Flush(format!("log segment {} is not a regular file", path.display())));
+    }
     let bytes = std::fs::read(&path).map_err(|e| io_error("cannot read", &path, e))?;
     let (records, dropped) = scan(number, &bytes);
     Ok(Segment { number, bytes, records, dropped })
