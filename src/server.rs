@@ -200,6 +200,37 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// `get`).
 type Pending = Pin<Box<dyn Future<Output = Vec<ReplyFrame>> + Send>>;
 
+/// A connection's replies not ready yet, and how many they are: backpressure counts replies, not futures (one
+/// future holds the replies of a whole socket read).
+#[derive(Default)]
+struct PendingReplies {
+    futures: FuturesUnordered<Pending>,
+    replies: usize,
+}
+
+impl PendingReplies {
+    fn push(&mut self, replies: usize, future: Pending) {
+        self.replies += replies;
+        self.futures.push(future);
+    }
+
+    /// Replies waiting.
+    fn len(&self) -> usize {
+        self.replies
+    }
+
+    fn is_empty(&self) -> bool {
+        self.futures.is_empty()
+    }
+
+    /// The next replies that become ready.
+    async fn next(&mut self) -> Option<Vec<ReplyFrame>> {
+        let frames = self.futures.next().await?;
+        self.replies = self.replies.saturating_sub(frames.len());
+        Some(frames)
+    }
+}
+
 /// What a connection has to do next.
 enum Ready {
     /// What the reader gave.
@@ -223,7 +254,7 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     let (read, write) = stream.into_split();
     let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_bytes));
     let mut out = ReplySink { sink: FramedWrite::new(write, FrameCodec::new(usize::MAX)), broken: false };
-    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut pending = PendingReplies::default();
     let mut session = Session { conn, greeted: false, closing: CancellationToken::new() };
 
     // Read a request, answer what is ready, and repeat while more is ready at once; then write it all with one
@@ -255,7 +286,7 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
                 }
                 if durable.len() >= REPLY_QUEUE {
                     let group = std::mem::take(&mut durable);
-                    pending.push(Box::pin(after_flush(group, shared.store.durable())));
+                    pending.push(group.len(), Box::pin(after_flush(group, shared.store.durable())));
                 }
                 // Whatever else is ready now joins the same socket write.
                 if pending.len() < REPLY_QUEUE {
@@ -267,7 +298,7 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
             }
             // One ticket covers every change made by the requests handled above.
             if !durable.is_empty() {
-                pending.push(Box::pin(after_flush(durable, shared.store.durable())));
+                pending.push(durable.len(), Box::pin(after_flush(durable, shared.store.durable())));
             }
             out.flush().await;
             open
@@ -315,14 +346,14 @@ async fn serve_frame(
     session: &mut Session,
     frame: Option<Result<Frame, std::io::Error>>,
     out: &mut ReplySink,
-    pending: &mut FuturesUnordered<Pending>,
+    pending: &mut PendingReplies,
     durable: &mut Vec<(u64, ReplyFrame)>,
 ) -> bool {
     match frame {
         Some(Ok(Frame::Message(bytes))) => match cmd::handle(shared, session, &bytes) {
             Outcome::Reply(frame, None) => out.feed(frame).await,
             Outcome::Reply(frame, Some(id)) => durable.push((id, frame)),
-            Outcome::Wait(waiting) => pending.push(Box::pin(waiting.map(|frame| vec![frame]))),
+            Outcome::Wait(waiting) => pending.push(1, Box::pin(waiting.map(|frame| vec![frame]))),
         },
         Some(Ok(Frame::TooLarge(len))) => {
             let max = shared.config.max_frame_bytes;
