@@ -135,7 +135,7 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
                 periodic = now + pacing.interval;
             }
             let mut until = if unsynced { periodic.min(last_sync + pacing.interval) } else { periodic };
-            if wal.size() > super::wal::MAGIC.len() as u64 && !core.checkpointing.load(Ordering::SeqCst) {
+            if wal.has_records() && !core.checkpointing.load(Ordering::SeqCst) {
                 until = until.min(last_rotation + pacing.checkpoint_every);
             }
             if let Some(poll) = next_poll {
@@ -208,7 +208,7 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
 /// Whether to start a new segment and a checkpoint: the segment holds records, no checkpoint runs, and it is
 /// time or the segment is large.
 fn checkpoint_due(core: &Core, wal: &Wal, last_rotation: Instant, pacing: &Pacing) -> bool {
-    wal.size() > super::wal::MAGIC.len() as u64
+    wal.has_records()
         && !core.checkpointing.load(Ordering::SeqCst)
         && (last_rotation.elapsed() >= pacing.checkpoint_every || wal.size() >= pacing.checkpoint_bytes)
 }

@@ -354,11 +354,13 @@ const OLD_TREES: [&str; 4] = ["live", "done", "expiry", "dead"];
 /// sled's files at the top of a data directory from before the `CURRENT` layout (and its `snap.*` files).
 const TOP_LEVEL_SLED: [&str; 3] = ["conf", "db", "blobs"];
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+/// An I/O error on `path`, as a store error.
+pub(super) fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Flush(format!("{what} {}: {e}", path.display()))
 }
 
-fn sync_dir(path: &Path) -> Result<(), StoreError> {
+/// Syncs a directory, so the names created or removed in it are durable.
+pub(super) fn sync_dir(path: &Path) -> Result<(), StoreError> {
     std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync directory", path, e))
 }
 

@@ -26,6 +26,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::disk::{io_error, sync_dir};
 use super::record::TaskRecord;
 use super::StoreError;
 
@@ -41,10 +42,6 @@ fn checksum(segment: u64, len_bytes: [u8; 4], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&segment.to_le_bytes()), &len_bytes), payload)
 }
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Flush(format!("{what} {}: {e}", path.display()))
-}
-
 /// The path of segment `number` in `dir`.
 pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:016x}.log"))
@@ -54,7 +51,6 @@ pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
 #[derive(Default)]
 pub struct LogBatch {
     buf: Vec<u8>,
-    records: usize,
     segment: u64,
 }
 
@@ -74,7 +70,6 @@ impl LogBatch {
         let crc = checksum(self.segment, len_bytes, &self.buf[start + HEADER..]);
         self.buf[start..start + 4].copy_from_slice(&len_bytes);
         self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        self.records += 1;
         Ok(())
     }
 
@@ -101,16 +96,6 @@ impl LogBatch {
         self.seal(start)
     }
 
-    /// How many records it holds.
-    pub fn len(&self) -> usize {
-        self.records
-    }
-
-    /// Whether it holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.records == 0
-    }
-
     /// Its bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.buf
@@ -119,7 +104,6 @@ impl LogBatch {
     /// Empties it (keeping its buffer) for records that go to segment `segment`.
     pub fn clear(&mut self, segment: u64) {
         self.buf.clear();
-        self.records = 0;
         self.segment = segment;
     }
 }
@@ -166,6 +150,11 @@ impl Wal {
         self.size
     }
 
+    /// Whether anything was appended since the header.
+    pub fn has_records(&self) -> bool {
+        self.size > MAGIC.len() as u64
+    }
+
     /// Appends bytes (one `write` for a batch). Not durable until [`Wal::sync`].
     pub fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         self.file
@@ -208,11 +197,6 @@ pub fn prepare(dir: &Path, number: u64) -> Result<(), StoreError> {
         return Ok(());
     }
     Wal::create(dir, number).map(drop)
-}
-
-/// Syncs a directory, so the names created or removed in it are durable.
-pub fn sync_dir(path: &Path) -> Result<(), StoreError> {
-    File::open(path).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync directory", path, e))
 }
 
 /// The segments in `dir`, oldest first (none if `dir` does not exist).
