@@ -13,14 +13,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker_client::codec::{check_msgpack, MAX_DEPTH};
+use broker_client::codec::{check_msgpack, value_len, MAX_DEPTH};
 use broker_client::proto::{self, op, *};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{validate_name, validate_queue, ConnId, Store, StoreError};
+use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
 pub const MAX_DEAD_LIST: u32 = 1000;
@@ -227,14 +227,64 @@ fn hello(shared: &Shared, session: &mut Session, request: &[u8]) -> Result<Hello
     })
 }
 
+/// `enqueue` as the daemon reads it ([`Enqueue`] on the wire): the task's arguments stay bytes.
+#[derive(serde::Deserialize)]
+struct EnqueueRequest {
+    task: NewTask,
+}
+
+/// `enqueue_batch` as the daemon reads it ([`EnqueueBatch`] on the wire).
+#[derive(serde::Deserialize)]
+struct EnqueueBatchRequest {
+    tasks: Vec<NewTask>,
+}
+
+/// The bytes of the value under `key` in `map`, the bytes of one well-formed MessagePack map (a checked frame).
+fn field<'a>(map: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let mut rest = map;
+    let entries = rmp::decode::read_map_len(&mut rest).ok()?;
+    for _ in 0..entries {
+        let key_len = value_len(rest, MAX_DEPTH).ok()?;
+        let (this_key, after_key) = rest.split_at(key_len);
+        let len = value_len(after_key, MAX_DEPTH).ok()?;
+        if rmp::decode::read_str_from_slice(this_key).is_ok_and(|(k, _)| k == key) {
+            return Some(&after_key[..len]);
+        }
+        rest = &after_key[len..];
+    }
+    None
+}
+
+/// Takes each task's arguments from its bytes in the frame (serde skipped them): `specs` is the bytes of the
+/// task spec map, or of the array of them, that `tasks` were decoded from.
+fn take_payloads(tasks: &mut [NewTask], specs: &[u8], batch: bool) -> Result<(), Refusal> {
+    let invalid = |i: usize, message: String| {
+        let message = if batch { format!("task {i}: {message}") } else { message };
+        Refusal::new(ErrorCode::BadRequest, format!("invalid request: {message}"))
+    };
+    let mut rest = specs;
+    if batch {
+        rmp::decode::read_array_len(&mut rest).map_err(|e| invalid(0, e.to_string()))?;
+    }
+    for (i, task) in tasks.iter_mut().enumerate() {
+        let len = value_len(rest, MAX_DEPTH).map_err(|e| invalid(i, e))?;
+        let (spec, after) = rest.split_at(len);
+        task.payload = Payload::of_spec(spec).map_err(|e| invalid(i, e))?;
+        rest = after;
+    }
+    Ok(())
+}
+
 fn enqueue(shared: &Shared, request: &[u8]) -> Result<Enqueued, Refusal> {
-    let request: Enqueue = body(request)?;
-    let mut done = shared.store.enqueue(vec![request.task])?;
+    let mut decoded: EnqueueRequest = body(request)?;
+    let spec = field(request, "task").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing field `task`"))?;
+    take_payloads(std::slice::from_mut(&mut decoded.task), spec, false)?;
+    let mut done = shared.store.enqueue(vec![decoded.task])?;
     done.pop().ok_or_else(|| Refusal::new(ErrorCode::Internal, "enqueue stored nothing"))
 }
 
-fn enqueue_batch(shared: &Shared, request: &[u8]) -> Result<EnqueuedBatch, Refusal> {
-    let request: EnqueueBatch = body(request)?;
+fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal> {
+    let mut request: EnqueueBatchRequest = body(frame)?;
     if request.tasks.len() > shared.config.max_enqueue_batch {
         return Err(Refusal::new(
             ErrorCode::BadRequest,
@@ -245,7 +295,53 @@ fn enqueue_batch(shared: &Shared, request: &[u8]) -> Result<EnqueuedBatch, Refus
             ),
         ));
     }
+    let specs = field(frame, "tasks").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing field `tasks`"))?;
+    take_payloads(&mut request.tasks, specs, true)?;
     Ok(EnqueuedBatch { tasks: shared.store.enqueue(request.tasks)? })
+}
+
+/// Encodes a `lease` reply ([`Leased`] in an [`OkEnvelope`], as `ok_frame` would) writing each task's arguments
+/// as the bytes they were enqueued as.
+fn leased_frame(id: u64, tasks: &[Grant]) -> ReplyFrame {
+    use rmp::encode::{write_array_len, write_bool, write_map_len, write_str, write_uint};
+    let mut out = Vec::with_capacity(32 + tasks.iter().map(|t| 160 + t.payload.bytes().len()).sum::<usize>());
+    // Writing to a Vec cannot fail.
+    let o = &mut out;
+    let _ = write_map_len(o, 3);
+    let _ = write_str(o, "id");
+    let _ = write_uint(o, id);
+    let _ = write_str(o, "ok");
+    let _ = write_bool(o, true);
+    let _ = write_str(o, "body");
+    let _ = write_map_len(o, 1);
+    let _ = write_str(o, "tasks");
+    let _ = write_array_len(o, tasks.len() as u32);
+    for task in tasks {
+        let (args, kwargs, context) = task.payload.parts();
+        let _ = write_map_len(o, 11);
+        let _ = write_str(o, "id");
+        let _ = write_str(o, &task.id);
+        let _ = write_str(o, "lease_id");
+        let _ = write_uint(o, task.lease_id);
+        let _ = write_str(o, "queue");
+        let _ = write_str(o, &task.queue);
+        let _ = write_str(o, "task");
+        let _ = write_str(o, &task.task);
+        for (name, bytes) in [("args", args), ("kwargs", kwargs), ("context", context)] {
+            let _ = write_str(o, name);
+            o.extend_from_slice(bytes);
+        }
+        for (name, value) in [
+            ("attempt", u64::from(task.attempt)),
+            ("max_retries", u64::from(task.max_retries)),
+            ("deadline_ms", task.deadline_ms),
+            ("lease_ms", task.lease_ms),
+        ] {
+            let _ = write_str(o, name);
+            let _ = write_uint(o, value);
+        }
+    }
+    out
 }
 
 fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
@@ -265,7 +361,7 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
     if request.wait_ms == 0 || !first.is_empty() {
         // Tasks go out only once what made them leasable (their enqueue) is durable: a worker never runs a task
         // that a crash could then un-enqueue. Most tasks have waited in their queue past a flush already.
-        return Outcome::Reply(ok_frame(id, &Leased { tasks: first }), unflushed.then_some(id));
+        return Outcome::Reply(leased_frame(id, &first), unflushed.then_some(id));
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
@@ -280,8 +376,8 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
             Some(store.lease(conn, &request.queues, max, request.lease_ms)).filter(|(tasks, _)| !tasks.is_empty())
         })
         .await;
-        let Some((tasks, unflushed)) = leased else { return ok_frame(id, &Leased { tasks: vec![] }) };
-        let frame = ok_frame(id, &Leased { tasks });
+        let Some((tasks, unflushed)) = leased else { return leased_frame(id, &[]) };
+        let frame = leased_frame(id, &tasks);
         if !unflushed {
             return frame;
         }
@@ -445,4 +541,47 @@ fn dead_requeue(shared: &Shared, request: &[u8]) -> Result<Requeued, Refusal> {
         validate_name("queue", queue)?;
     }
     Ok(Requeued { requeued: shared.store.dead_requeue(&request)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn a_lease_reply_reads_as_the_protocol_type_says() {
+        let args = vec![Value::from(1), Value::from("two")];
+        let kwargs = BTreeMap::from([("k".to_string(), Value::Boolean(true))]);
+        let context = BTreeMap::from([("user".to_string(), Value::from(7))]);
+        let grant = Grant {
+            id: "t1".into(),
+            lease_id: 300,
+            queue: "q".into(),
+            task: "add".into(),
+            payload: Payload::from_values(&args, &kwargs, &context),
+            attempt: 2,
+            max_retries: 70_000,
+            deadline_ms: 1_700_000_000_000,
+            lease_ms: 30_000,
+        };
+        let expected = LeasedTask {
+            id: grant.id.clone(),
+            lease_id: grant.lease_id,
+            queue: grant.queue.clone(),
+            task: grant.task.clone(),
+            args,
+            kwargs,
+            context,
+            attempt: grant.attempt,
+            max_retries: grant.max_retries,
+            deadline_ms: grant.deadline_ms,
+            lease_ms: grant.lease_ms,
+        };
+        for tasks in [vec![], vec![grant.clone(), grant]] {
+            let n = tasks.len();
+            let typed = ok_frame(9, &Leased { tasks: vec![expected.clone(); n] });
+            assert_eq!(leased_frame(9, &tasks), typed);
+        }
+    }
 }

@@ -596,11 +596,11 @@ async fn a_lease_waits_for_a_flush_only_for_tasks_not_yet_on_disk() {
     let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
     assert_eq!((tasks.len(), unflushed), (1, false), "acknowledged enqueue: on disk");
 
-    store.enqueue(vec![TaskSpec::new("in memory")]).unwrap();
+    store.enqueue(vec![TaskSpec::new("in memory").into()]).unwrap();
     let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
     assert_eq!((tasks.len(), unflushed), (1, true), "not flushed yet: the reply must wait");
 
-    store.enqueue(vec![TaskSpec::new("then flushed")]).unwrap();
+    store.enqueue(vec![TaskSpec::new("then flushed").into()]).unwrap();
     store.durable().await.unwrap();
     let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
     assert_eq!((tasks.len(), unflushed), (1, false));

@@ -34,12 +34,16 @@ impl Raw {
         self.send_bytes(&bytes);
     }
 
-    fn recv(&mut self) -> Value {
+    fn recv_bytes(&mut self) -> Vec<u8> {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).unwrap();
         let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
         self.stream.read_exact(&mut payload).unwrap();
-        rmpv::decode::read_value(&mut &payload[..]).unwrap()
+        payload
+    }
+
+    fn recv(&mut self) -> Value {
+        rmpv::decode::read_value(&mut &self.recv_bytes()[..]).unwrap()
     }
 
     /// Sends a request and returns (ok, the error code if any, the whole reply).
@@ -174,6 +178,24 @@ async fn every_malformed_input_gets_its_code_and_the_connection_survives() {
         // `*` means "every queue" to the admin ops, so it is no queue's name.
         let star = Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("queue"), Value::from("*"))]);
         assert_code(raw.call(request(14, "enqueue", vec![("task", star)])), ErrorCode::BadRequest);
+        // Arguments of the wrong shape, which the daemon checks without decoding them: kwargs with a key that is
+        // not a string, a context that is not a map, and a batch whose second task has bad args (none is stored).
+        let int_key = Value::Map(vec![
+            (Value::from("task"), Value::from("t")),
+            (Value::from("kwargs"), Value::Map(vec![(Value::from(1), Value::from(2))])),
+        ]);
+        let reply = assert_code(raw.call(request(17, "enqueue", vec![("task", int_key)])), ErrorCode::BadRequest);
+        assert!(format!("{reply:?}").contains("keys of `kwargs` must be strings"), "{reply:?}");
+        let list_context =
+            Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("context"), Value::Array(vec![]))]);
+        assert_code(raw.call(request(18, "enqueue", vec![("task", list_context)])), ErrorCode::BadRequest);
+        let good = Value::Map(vec![(Value::from("task"), Value::from("t"))]);
+        let bad = Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("args"), Value::Nil)]);
+        let reply = assert_code(
+            raw.call(request(19, "enqueue_batch", vec![("tasks", Value::Array(vec![good, bad]))])),
+            ErrorCode::BadRequest,
+        );
+        assert!(format!("{reply:?}").contains("task 1: `args` must be an array"), "{reply:?}");
         // Ack of a lease never held.
         assert_code(
             raw.call(request(15, "ack", vec![("task_id", Value::from("ghost")), ("lease_id", Value::from(1))])),
@@ -238,4 +260,41 @@ async fn a_broken_connection_does_not_affect_others() {
     .unwrap();
     let client = server.client().await;
     assert_eq!(client.stats().await.unwrap().server, format!("broker {}", env!("CARGO_PKG_VERSION")));
+}
+
+/// The daemon keeps a task's arguments as the bytes the producer sent and hands the worker those bytes: an
+/// integer in a wider encoding than needed and map keys out of order arrive as they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_reach_the_worker_as_the_bytes_the_producer_sent() {
+    let server = TestServer::start().await;
+    let addr = server.addr().to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        raw.hello();
+        // args [5 as a uint16, bin [0xff, 0x00]]; kwargs {"b": 1, "a": 2}; context {"user": "ann"}.
+        let args: &[u8] = &[0x92, 0xcd, 0x00, 0x05, 0xc4, 0x02, 0xff, 0x00];
+        let kwargs: &[u8] = &[0x82, 0xa1, b'b', 0x01, 0xa1, b'a', 0x02];
+        let context: &[u8] = &[0x81, 0xa4, b'u', b's', b'e', b'r', 0xa3, b'a', b'n', b'n'];
+        let mut frame = vec![0x83, 0xa2, b'i', b'd', 0x02, 0xa2, b'o', b'p', 0xa7];
+        frame.extend_from_slice(b"enqueue");
+        frame.extend_from_slice(&[0xa4, b't', b'a', b's', b'k', 0x84, 0xa4, b't', b'a', b's', b'k', 0xa1, b't']);
+        for (name, value) in [("args", args), ("kwargs", kwargs), ("context", context)] {
+            rmp::encode::write_str(&mut frame, name).unwrap();
+            frame.extend_from_slice(value);
+        }
+        raw.send_bytes(&frame);
+        let reply = raw.recv();
+        assert_eq!(map_get(reply.as_map().unwrap(), "ok").and_then(Value::as_bool), Some(true), "{reply:?}");
+        raw.send(&request(3, "lease", vec![("queues", Value::Array(vec![Value::from("default")]))]));
+        let leased = raw.recv_bytes();
+        let find = |needle: &[u8]| leased.windows(needle.len()).any(|w| w == needle);
+        for (name, value) in [("args", args), ("kwargs", kwargs), ("context", context)] {
+            let mut field = Vec::new();
+            rmp::encode::write_str(&mut field, name).unwrap();
+            field.extend_from_slice(value);
+            assert!(find(&field), "{name} not sent as enqueued: {:?}", rmpv::decode::read_value(&mut &leased[..]));
+        }
+    })
+    .await
+    .unwrap();
 }

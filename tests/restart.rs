@@ -170,7 +170,42 @@ async fn an_older_data_directory_is_moved_into_the_journal() {
         let db = sled::open(server.dir.path()).unwrap();
         let live = db.open_tree("live").unwrap();
         let done = db.open_tree("done").unwrap();
-        let named = |r: &TaskRecord| rmp_serde::to_vec_named(r).unwrap();
+        // Records were maps with field names then; today's array form lists the same fields in this order.
+        const FIELDS: [&str; 26] = [
+            "id",
+            "queue",
+            "task",
+            "args",
+            "kwargs",
+            "context",
+            "priority",
+            "max_retries",
+            "retry_delay_ms",
+            "retry_backoff",
+            "retry_delay_max_ms",
+            "lease_ms",
+            "expires_at_ms",
+            "result_ttl_ms",
+            "state",
+            "attempts",
+            "lease_losses",
+            "seq",
+            "created_at_ms",
+            "eta_ms",
+            "started_at_ms",
+            "finished_at_ms",
+            "result",
+            "error",
+            "result_expires_at_ms",
+            "revoked",
+        ];
+        let named = |r: &TaskRecord| {
+            let mut array = Vec::new();
+            r.encode(&mut array).unwrap();
+            let Value::Array(values) = rmp_serde::from_slice::<Value>(&array).unwrap() else { panic!("not an array") };
+            assert_eq!(values.len(), FIELDS.len());
+            rmp_serde::to_vec(&Value::Map(FIELDS.iter().map(|f| Value::from(*f)).zip(values).collect())).unwrap()
+        };
         // An interrupted finish: the finished record is also still in `live` (same seq).
         let record = &records[&finished];
         assert_eq!(record.state, TaskState::Success);

@@ -94,6 +94,17 @@ pub const MAX_DEPTH: usize = 100;
 /// MessagePack value nested at most `max_depth` deep, and that no length prefix claims more than the buffer holds.
 /// Run before decoding untrusted frames: it turns stack exhaustion and huge preallocations into a clear error.
 pub fn check_msgpack(buf: &[u8], max_depth: usize) -> Result<(), String> {
+    let pos = value_len(buf, max_depth)?;
+    if pos != buf.len() {
+        return Err(format!("{} trailing bytes after the value", buf.len() - pos));
+    }
+    Ok(())
+}
+
+/// The length in bytes of the one MessagePack value that `buf` starts with (bytes after it are not looked at),
+/// checked as [`check_msgpack`] checks a whole frame: well-formed, nested at most `max_depth` deep, no length
+/// prefix claiming more than the buffer holds. Lets the daemon keep a value's bytes as they came, undecoded.
+pub fn value_len(buf: &[u8], max_depth: usize) -> Result<usize, String> {
     fn read_len(buf: &[u8], pos: &mut usize, width: usize) -> Result<u64, String> {
         let bytes = buf.get(*pos..*pos + width).ok_or("truncated length")?;
         *pos += width;
@@ -152,10 +163,7 @@ pub fn check_msgpack(buf: &[u8], max_depth: usize) -> Result<(), String> {
             remaining.push(children);
         }
     }
-    if pos != buf.len() {
-        return Err(format!("{} trailing bytes after the value", buf.len() - pos));
-    }
-    Ok(())
+    Ok(pos)
 }
 
 #[cfg(test)]
@@ -181,6 +189,8 @@ mod tests {
         assert!(check_msgpack(&[0xdb, 0xff, 0xff, 0xff, 0xff], MAX_DEPTH).is_err());
         assert!(check_msgpack(&[0xc0, 0xc0], MAX_DEPTH).unwrap_err().contains("trailing"));
         assert!(check_msgpack(&[], MAX_DEPTH).is_err());
+        assert_eq!(value_len(&[0x92, 0x01, 0xa1, b'x', 0xc0], MAX_DEPTH), Ok(4));
+        assert!(value_len(&[0x92, 0x01], MAX_DEPTH).is_err());
     }
 
     #[test]

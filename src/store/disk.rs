@@ -106,7 +106,7 @@ pub fn entries(chunk: u64, bytes: &[u8]) -> Result<Vec<Entry<'_>>, StoreError> {
 
 /// Decodes a stored record.
 pub fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
+    TaskRecord::decode(bytes).map_err(|message| StoreError::Corrupt { id: id.to_string(), message })
 }
 
 /// Appends an entry's head (kind, id length, id).
@@ -123,8 +123,7 @@ fn write_head(out: &mut Vec<u8>, kind: u8, id: &str) -> Result<(), StoreError> {
 fn write_body(out: &mut Vec<u8>, record: &TaskRecord) -> Result<(), StoreError> {
     let body_start = out.len();
     out.extend_from_slice(&[0; 4]);
-    rmp_serde::encode::write(out, record)
-        .map_err(|e| StoreError::Corrupt { id: record.id.clone(), message: e.to_string() })?;
+    record.encode(out).map_err(|message| StoreError::Corrupt { id: record.id.clone(), message })?;
     let len = u32::try_from(out.len() - body_start - 4)
         .map_err(|_| StoreError::Corrupt { id: record.id.clone(), message: "record too large to store".into() })?;
     out[body_start..body_start + 4].copy_from_slice(&len.to_le_bytes());
@@ -157,9 +156,9 @@ pub struct NewChunk {
 
 /// Builds the chunks of one write-out.
 ///
-/// A record is encoded as a MessagePack array in field order (`rmp_serde`'s default): half the bytes of a map
-/// with field names. A field added to [`TaskRecord`] later goes at the end with `#[serde(default)]`, so older,
-/// shorter records still decode (decoding accepts the map form too).
+/// A record is encoded as a MessagePack array in field order ([`TaskRecord::encode`]): half the bytes of a map
+/// with field names. A field added to [`TaskRecord`] later goes at the end, so older, shorter records still
+/// decode (decoding accepts the map form of the oldest data directories too).
 pub struct ChunkWriter {
     number: u64,
     current: Vec<u8>,
@@ -668,12 +667,16 @@ impl Drop for Rewrite<'_> {
 mod tests {
     use super::*;
 
+    fn args(payload: usize) -> Vec<u8> {
+        rmp_serde::to_vec(&["x".repeat(payload)]).unwrap()
+    }
+
     fn record(id: &str, payload: usize) -> TaskRecord {
         TaskRecord {
             id: id.to_string(),
             queue: "q".into(),
             task: "t".into(),
-            args: vec![broker_client::proto::Value::from("x".repeat(payload))],
+            payload: super::super::Payload::from_parts(Some(&args(payload)), None, None).unwrap(),
             ..TaskRecord::default()
         }
     }
@@ -687,7 +690,13 @@ mod tests {
         }
         let big = writer.put(&record("big", 3 * CHUNK_TARGET)).unwrap();
         let tomb = writer.delete("id3").unwrap();
-        let moved = writer.put_encoded("copy", &rmp_serde::to_vec(&record("copy", 5)).unwrap()).unwrap();
+        let moved = writer
+            .put_encoded("copy", &{
+                let mut body = Vec::new();
+                record("copy", 5).encode(&mut body).unwrap();
+                body
+            })
+            .unwrap();
         let (chunks, next) = writer.finish();
         assert!(chunks.len() > 2, "{} chunks", chunks.len());
         assert_eq!(chunks[0].number, 7);

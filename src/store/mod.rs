@@ -33,8 +33,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use broker_client::proto::{
-    DeadRequeue, Enqueued, LeasedTask, QueueStats, TaskError, TaskId, TaskInfo, TaskSpec, TaskState, Totals, Value,
-    DEFAULT_QUEUE, MAX_ID_LEN,
+    DeadRequeue, Enqueued, QueueStats, TaskError, TaskId, TaskInfo, TaskSpec, TaskState, Totals, Value, DEFAULT_QUEUE,
+    MAX_ID_LEN,
 };
 use tokio::sync::{watch, Notify};
 
@@ -43,6 +43,7 @@ use crate::config::{Config, FsyncPolicy};
 use commit::{Durable, Pacing, Progress};
 use disk::{Disk, Entry, Loc};
 use journal::Journal;
+pub use record::Payload;
 use record::{ReadyKey, TaskRecord};
 
 /// The hash maps and sets of the store. Keys are task ids, often chosen by clients: foldhash is seeded at random
@@ -157,6 +158,80 @@ struct LeaseEntry {
     lease_ms: u64,
     conn: ConnId,
     queue: String,
+}
+
+/// A task to enqueue as the daemon reads it from a request: the fields of [`TaskSpec`] but the arguments, which
+/// it keeps as their bytes ([`Payload`]).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct NewTask {
+    #[serde(default)]
+    pub id: Option<TaskId>,
+    #[serde(default)]
+    pub queue: Option<String>,
+    pub task: String,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub countdown_ms: Option<u64>,
+    #[serde(default)]
+    pub eta_ms: Option<u64>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    #[serde(default)]
+    pub retry_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub retry_backoff: Option<bool>,
+    #[serde(default)]
+    pub retry_delay_max_ms: Option<u64>,
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    #[serde(default)]
+    pub expires_in_ms: Option<u64>,
+    #[serde(default)]
+    pub result_ttl_ms: Option<u64>,
+    /// `args`, `kwargs` and `context`: not read by serde (which skips them), but from the request's bytes
+    /// ([`Payload::of_spec`]).
+    #[serde(skip)]
+    pub payload: Payload,
+}
+
+impl From<TaskSpec> for NewTask {
+    fn from(spec: TaskSpec) -> Self {
+        NewTask {
+            payload: Payload::from_values(&spec.args, &spec.kwargs, &spec.context),
+            id: spec.id,
+            queue: spec.queue,
+            task: spec.task,
+            priority: spec.priority,
+            countdown_ms: spec.countdown_ms,
+            eta_ms: spec.eta_ms,
+            max_retries: spec.max_retries,
+            retry_delay_ms: spec.retry_delay_ms,
+            retry_backoff: spec.retry_backoff,
+            retry_delay_max_ms: spec.retry_delay_max_ms,
+            lease_ms: spec.lease_ms,
+            expires_at_ms: spec.expires_at_ms,
+            expires_in_ms: spec.expires_in_ms,
+            result_ttl_ms: spec.result_ttl_ms,
+        }
+    }
+}
+
+/// One leased task: what a `lease` reply says of it ([`LeasedTask`] on the wire, with the arguments written
+/// as the bytes they came as).
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub id: TaskId,
+    pub lease_id: u64,
+    pub queue: String,
+    pub task: String,
+    pub payload: Payload,
+    pub attempt: u32,
+    pub max_retries: u32,
+    pub deadline_ms: u64,
+    pub lease_ms: u64,
 }
 
 /// What to write for a task at the next log round or checkpoint.
@@ -731,7 +806,7 @@ impl Store {
         format!("{:012x}{:012x}", self.now_ms() & 0xffff_ffff_ffff, n)
     }
 
-    fn validate(&self, spec: &TaskSpec) -> Result<(), StoreError> {
+    fn validate(&self, spec: &NewTask) -> Result<(), StoreError> {
         if let Some(id) = &spec.id {
             validate_name("id", id)?;
         }
@@ -752,7 +827,7 @@ impl Store {
     }
 
     /// Stores new tasks (or finds existing ones by id). All are validated before any is stored.
-    pub fn enqueue(&self, specs: Vec<TaskSpec>) -> Result<Vec<Enqueued>, StoreError> {
+    pub fn enqueue(&self, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
         for (i, spec) in specs.iter().enumerate() {
             self.validate(spec).map_err(|e| match e {
                 StoreError::Invalid(m) if specs.len() > 1 => StoreError::Invalid(format!("task {i}: {m}")),
@@ -777,9 +852,7 @@ impl Store {
                 id: id.clone(),
                 queue: spec.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
                 task: spec.task,
-                args: spec.args,
-                kwargs: spec.kwargs,
-                context: spec.context,
+                payload: spec.payload,
                 priority: spec.priority,
                 max_retries: spec.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
                 retry_delay_ms: spec.retry_delay_ms.unwrap_or(DEFAULT_RETRY_DELAY_MS),
@@ -826,7 +899,7 @@ impl Store {
     /// Leases up to `max` ready tasks from `queues`, in queue order, for connection `conn`. Also says whether
     /// any of them is not on disk yet (enqueued or changed since the last flush): the reply must then wait for
     /// a flush, so a worker never runs a task that a crash could un-enqueue. A lease itself is never written.
-    pub fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> (Vec<LeasedTask>, bool) {
+    pub fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> (Vec<Grant>, bool) {
         let now = self.now_ms();
         let mut out = Vec::new();
         let mut expired = false;
@@ -848,14 +921,12 @@ impl Store {
                 record.attempts += 1;
                 record.started_at_ms = Some(now);
                 let deadline_ms = now.saturating_add(lease_ms);
-                let leased = LeasedTask {
+                let leased = Grant {
                     id: id.clone(),
                     lease_id: 0,
                     queue: record.queue.clone(),
                     task: record.task.clone(),
-                    args: record.args.clone(),
-                    kwargs: record.kwargs.clone(),
-                    context: record.context.clone(),
+                    payload: record.payload.clone(),
                     attempt: record.attempts,
                     max_retries: record.max_retries,
                     deadline_ms,
@@ -871,7 +942,7 @@ impl Store {
                 st.deadlines.insert((deadline_ms, id.clone()));
                 st.by_conn.entry(conn).or_default().insert(id.clone());
                 st.queue(queue).leased += 1;
-                out.push(LeasedTask { lease_id, ..leased });
+                out.push(Grant { lease_id, ..leased });
             }
         }
         let log_failed = self.core.progress.borrow().failed.is_some();

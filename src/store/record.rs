@@ -1,24 +1,29 @@
-//! A task as stored: the spec with its defaults filled in, plus its life so far.
+//! A task as stored: the spec with its defaults filled in, plus its life so far; and its encoding.
+//!
+//! A task's arguments (`args`, `kwargs`, `context`) are kept as the MessagePack bytes the request carried
+//! ([`Payload`]): the daemon checks their shape once, then copies them into the log, sled and lease replies
+//! without decoding and re-encoding them. Only `get` and `dead_list` decode them, for their replies.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
+use broker_client::codec::{value_len, MAX_DEPTH};
 use broker_client::proto::{TaskError, TaskId, TaskInfo, TaskState, Value};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Order within a queue: higher priority first, then FIFO.
 pub type ReadyKey = (Reverse<i32>, u64);
 
-/// One task. The `live` and `done` trees hold these as MessagePack arrays in field order (see
-/// [`super::disk::ChunkWriter`]): new fields go at the end, with `#[serde(default)]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// One task. Stored (in the log and in sled) as a MessagePack array of its fields in this order, `payload` as
+/// its three values `args`, `kwargs` and `context` ([`TaskRecord::encode`]). New fields go at the end: a shorter
+/// array from an older version decodes with their defaults.
+#[derive(Debug, Clone, Default)]
 pub struct TaskRecord {
     pub id: TaskId,
     pub queue: String,
     pub task: String,
-    pub args: Vec<Value>,
-    pub kwargs: BTreeMap<String, Value>,
-    pub context: BTreeMap<String, Value>,
+    pub payload: Payload,
     pub priority: i32,
     pub max_retries: u32,
     pub retry_delay_ms: u64,
@@ -49,6 +54,7 @@ pub struct TaskRecord {
 impl TaskRecord {
     /// The task as `get` shows it.
     pub fn info(&self) -> TaskInfo {
+        let (args, kwargs, context) = self.payload.decode();
         TaskInfo {
             id: self.id.clone(),
             queue: self.queue.clone(),
@@ -57,9 +63,9 @@ impl TaskRecord {
             attempts: self.attempts,
             max_retries: self.max_retries,
             priority: self.priority,
-            args: self.args.clone(),
-            kwargs: self.kwargs.clone(),
-            context: self.context.clone(),
+            args,
+            kwargs,
+            context,
             // A nil result reads back from disk as absent; a succeeded task always shows one.
             result: match (&self.result, self.state) {
                 (None, TaskState::Success) => Some(Value::Nil),
@@ -87,5 +93,403 @@ impl TaskRecord {
         }
         let exponent = self.attempts.saturating_sub(1).min(32);
         self.retry_delay_ms.saturating_mul(1u64 << exponent).min(self.retry_delay_max_ms)
+    }
+}
+
+/// The record as serde's derive saw it before payloads were kept as bytes. Its array form is the same bytes as
+/// [`TaskRecord::encode`] writes (a test checks it); data directories from before records were arrays hold it
+/// as a map with field names, which [`TaskRecord::decode`] reads through this type.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct Legacy {
+    id: TaskId,
+    queue: String,
+    task: String,
+    args: Vec<Value>,
+    kwargs: BTreeMap<String, Value>,
+    context: BTreeMap<String, Value>,
+    priority: i32,
+    max_retries: u32,
+    retry_delay_ms: u64,
+    retry_backoff: bool,
+    retry_delay_max_ms: u64,
+    lease_ms: u64,
+    expires_at_ms: Option<u64>,
+    result_ttl_ms: u64,
+    state: TaskState,
+    attempts: u32,
+    lease_losses: u32,
+    seq: u64,
+    created_at_ms: u64,
+    eta_ms: Option<u64>,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    result: Option<Value>,
+    error: Option<TaskError>,
+    result_expires_at_ms: Option<u64>,
+    revoked: bool,
+}
+
+impl From<Legacy> for TaskRecord {
+    fn from(old: Legacy) -> Self {
+        TaskRecord {
+            payload: Payload::from_values(&old.args, &old.kwargs, &old.context),
+            id: old.id,
+            queue: old.queue,
+            task: old.task,
+            priority: old.priority,
+            max_retries: old.max_retries,
+            retry_delay_ms: old.retry_delay_ms,
+            retry_backoff: old.retry_backoff,
+            retry_delay_max_ms: old.retry_delay_max_ms,
+            lease_ms: old.lease_ms,
+            expires_at_ms: old.expires_at_ms,
+            result_ttl_ms: old.result_ttl_ms,
+            state: old.state,
+            attempts: old.attempts,
+            lease_losses: old.lease_losses,
+            seq: old.seq,
+            created_at_ms: old.created_at_ms,
+            eta_ms: old.eta_ms,
+            started_at_ms: old.started_at_ms,
+            finished_at_ms: old.finished_at_ms,
+            result: old.result.map(Box::new),
+            error: old.error.map(Box::new),
+            result_expires_at_ms: old.result_expires_at_ms,
+            revoked: old.revoked,
+        }
+    }
+}
+
+/// The number of fields in a stored record.
+const FIELDS: u32 = 26;
+
+/// Why a stored record could not be read.
+pub type DecodeError = String;
+
+fn put<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), DecodeError> {
+    rmp_serde::encode::write(out, value).map_err(|e| e.to_string())
+}
+
+/// Reads the next value of `rest` as a `T`.
+fn take<T: DeserializeOwned>(rest: &mut &[u8], field: &str) -> Result<T, DecodeError> {
+    let len = value_len(rest, MAX_DEPTH).map_err(|e| format!("field `{field}`: {e}"))?;
+    let value = rmp_serde::from_slice(&rest[..len]).map_err(|e| format!("field `{field}`: {e}"))?;
+    *rest = &rest[len..];
+    Ok(value)
+}
+
+impl TaskRecord {
+    /// Appends the record's encoding (see the type's documentation).
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        rmp::encode::write_array_len(out, FIELDS).map_err(|e| e.to_string())?;
+        put(out, &self.id)?;
+        put(out, &self.queue)?;
+        put(out, &self.task)?;
+        out.extend_from_slice(self.payload.bytes());
+        put(out, &self.priority)?;
+        put(out, &self.max_retries)?;
+        put(out, &self.retry_delay_ms)?;
+        put(out, &self.retry_backoff)?;
+        put(out, &self.retry_delay_max_ms)?;
+        put(out, &self.lease_ms)?;
+        put(out, &self.expires_at_ms)?;
+        put(out, &self.result_ttl_ms)?;
+        put(out, &self.state)?;
+        put(out, &self.attempts)?;
+        put(out, &self.lease_losses)?;
+        put(out, &self.seq)?;
+        put(out, &self.created_at_ms)?;
+        put(out, &self.eta_ms)?;
+        put(out, &self.started_at_ms)?;
+        put(out, &self.finished_at_ms)?;
+        put(out, &self.result)?;
+        put(out, &self.error)?;
+        put(out, &self.result_expires_at_ms)?;
+        put(out, &self.revoked)
+    }
+
+    /// Reads a record [`TaskRecord::encode`] wrote (or an older version did: missing trailing fields take their
+    /// defaults, extra ones from a newer version are ignored).
+    pub fn decode(bytes: &[u8]) -> Result<TaskRecord, DecodeError> {
+        if matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+            return rmp_serde::from_slice::<Legacy>(bytes).map(TaskRecord::from).map_err(|e| e.to_string());
+        }
+        let mut rest = bytes;
+        let fields = rmp::decode::read_array_len(&mut rest).map_err(|e| format!("not a record: {e}"))?;
+        if fields < 6 {
+            return Err(format!("a record of {fields} fields"));
+        }
+        let mut left = fields;
+        let mut record = TaskRecord {
+            id: take(&mut rest, "id")?,
+            queue: take(&mut rest, "queue")?,
+            task: take(&mut rest, "task")?,
+            payload: {
+                let payload = Payload::take(&mut rest)?;
+                left -= 6;
+                payload
+            },
+            ..TaskRecord::default()
+        };
+        macro_rules! fields {
+            ($($name:ident),*) => {$(
+                if left > 0 {
+                    record.$name = take(&mut rest, stringify!($name))?;
+                    left -= 1;
+                }
+            )*};
+        }
+        fields!(
+            priority,
+            max_retries,
+            retry_delay_ms,
+            retry_backoff,
+            retry_delay_max_ms,
+            lease_ms,
+            expires_at_ms,
+            result_ttl_ms,
+            state,
+            attempts,
+            lease_losses,
+            seq,
+            created_at_ms,
+            eta_ms,
+            started_at_ms,
+            finished_at_ms,
+            result,
+            error,
+            result_expires_at_ms,
+            revoked
+        );
+        Ok(record)
+    }
+}
+
+/// A task's `args` (an array), `kwargs` and `context` (maps with string keys), as the MessagePack bytes of the
+/// three values back to back, exactly as the request carried them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(Box<[u8]>);
+
+/// No arguments: an empty array and two empty maps.
+const EMPTY: [u8; 3] = [0x90, 0x80, 0x80];
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload(Box::new(EMPTY))
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (args, kwargs, context) = self.decode();
+        f.debug_struct("Payload").field("args", &args).field("kwargs", &kwargs).field("context", &context).finish()
+    }
+}
+
+/// Whether `value` (one whole MessagePack value) is an array.
+fn is_array(value: &[u8]) -> bool {
+    matches!(value.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+}
+
+/// Checks that `value` (one whole, well-formed MessagePack value) is a map whose keys are all strings.
+fn check_string_map(value: &[u8], field: &str) -> Result<(), String> {
+    let mut rest = value;
+    let entries = rmp::decode::read_map_len(&mut rest).map_err(|_| format!("`{field}` must be a map"))?;
+    for _ in 0..entries {
+        let (_, after_key) =
+            rmp::decode::read_str_from_slice(rest).map_err(|_| format!("the keys of `{field}` must be strings"))?;
+        let len = value_len(after_key, MAX_DEPTH)?;
+        rest = &after_key[len..];
+    }
+    Ok(())
+}
+
+impl Payload {
+    /// The three values' bytes, back to back.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The bytes of `args`, `kwargs` and `context`.
+    pub fn parts(&self) -> (&[u8], &[u8], &[u8]) {
+        // Checked when the payload was made, so the walk cannot fail; an empty value stands in if it ever did.
+        let split = |rest: &[u8]| value_len(rest, MAX_DEPTH).unwrap_or(rest.len());
+        let bytes = self.bytes();
+        let a = split(bytes);
+        let k = a + split(&bytes[a..]);
+        (&bytes[..a], &bytes[a..k], &bytes[k..])
+    }
+
+    /// A payload from the three values' bytes, checking their shape: `args` an array, `kwargs` and `context`
+    /// maps with string keys. `None` stands for an absent field (empty).
+    pub fn from_parts(args: Option<&[u8]>, kwargs: Option<&[u8]>, context: Option<&[u8]>) -> Result<Payload, String> {
+        let mut out = Vec::with_capacity(
+            args.map_or(1, <[u8]>::len) + kwargs.map_or(1, <[u8]>::len) + context.map_or(1, <[u8]>::len),
+        );
+        match args {
+            Some(args) if is_array(args) => out.extend_from_slice(args),
+            Some(_) => return Err("`args` must be an array".into()),
+            None => out.push(EMPTY[0]),
+        }
+        for (value, field) in [(kwargs, "kwargs"), (context, "context")] {
+            match value {
+                Some(value) => {
+                    check_string_map(value, field)?;
+                    out.extend_from_slice(value);
+                }
+                None => out.push(EMPTY[1]),
+            }
+        }
+        Ok(Payload(out.into_boxed_slice()))
+    }
+
+    /// The payload of a task spec: `spec` holds the bytes of its map (one well-formed MessagePack value).
+    pub fn of_spec(spec: &[u8]) -> Result<Payload, String> {
+        let mut rest = spec;
+        let entries = rmp::decode::read_map_len(&mut rest).map_err(|_| "a task must be a map".to_string())?;
+        let mut found: [Option<&[u8]>; 3] = [None; 3];
+        for _ in 0..entries {
+            let key_len = value_len(rest, MAX_DEPTH)?;
+            let (key, after_key) = rest.split_at(key_len);
+            let value_len = value_len(after_key, MAX_DEPTH)?;
+            let (value, after_value) = after_key.split_at(value_len);
+            rest = after_value;
+            let slot = match rmp::decode::read_str_from_slice(key) {
+                Ok(("args", _)) => 0,
+                Ok(("kwargs", _)) => 1,
+                Ok(("context", _)) => 2,
+                _ => continue,
+            };
+            if found[slot].replace(value).is_some() {
+                return Err(format!("duplicate field `{}`", ["args", "kwargs", "context"][slot]));
+            }
+        }
+        let [args, kwargs, context] = found;
+        Payload::from_parts(args, kwargs, context)
+    }
+
+    /// A payload from decoded values (tests, and callers holding values).
+    pub fn from_values(args: &[Value], kwargs: &BTreeMap<String, Value>, context: &BTreeMap<String, Value>) -> Payload {
+        let mut out = Vec::new();
+        rmp_serde::encode::write(&mut out, args).expect("values encode into a Vec");
+        rmp_serde::encode::write(&mut out, kwargs).expect("values encode into a Vec");
+        rmp_serde::encode::write(&mut out, context).expect("values encode into a Vec");
+        Payload(out.into_boxed_slice())
+    }
+
+    /// Reads a payload (three values) from the front of `rest`, checking its shape.
+    fn take(rest: &mut &[u8]) -> Result<Payload, DecodeError> {
+        let a = value_len(rest, MAX_DEPTH).map_err(|e| format!("field `args`: {e}"))?;
+        let k = a + value_len(&rest[a..], MAX_DEPTH).map_err(|e| format!("field `kwargs`: {e}"))?;
+        let c = k + value_len(&rest[k..], MAX_DEPTH).map_err(|e| format!("field `context`: {e}"))?;
+        let payload = Payload::from_parts(Some(&rest[..a]), Some(&rest[a..k]), Some(&rest[k..c]))?;
+        *rest = &rest[c..];
+        Ok(payload)
+    }
+
+    /// The three values, decoded. A value that does not decode (never seen: the shape is checked when the
+    /// payload is made) reads as empty.
+    pub fn decode(&self) -> (Vec<Value>, BTreeMap<String, Value>, BTreeMap<String, Value>) {
+        let (args, kwargs, context) = self.parts();
+        (
+            rmp_serde::from_slice(args).unwrap_or_default(),
+            rmp_serde::from_slice(kwargs).unwrap_or_default(),
+            rmp_serde::from_slice(context).unwrap_or_default(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn old() -> Legacy {
+        Legacy {
+            id: "t1".into(),
+            queue: "q".into(),
+            task: "add".into(),
+            args: vec![Value::from(1), Value::from("two")],
+            kwargs: BTreeMap::from([("k".to_string(), Value::from(3.5))]),
+            context: BTreeMap::from([("path".to_string(), Value::from("/x"))]),
+            priority: -2,
+            max_retries: 5,
+            retry_delay_ms: 10,
+            retry_backoff: false,
+            retry_delay_max_ms: 99,
+            lease_ms: 30_000,
+            expires_at_ms: Some(7),
+            result_ttl_ms: 1000,
+            state: TaskState::Failure,
+            attempts: 2,
+            lease_losses: 1,
+            seq: 12,
+            created_at_ms: 100,
+            eta_ms: None,
+            started_at_ms: Some(101),
+            finished_at_ms: Some(102),
+            result: None,
+            error: Some(TaskError { kind: "ValueError".into(), message: "bad".into(), ..TaskError::default() }),
+            result_expires_at_ms: Some(1102),
+            revoked: true,
+        }
+    }
+
+    #[test]
+    fn records_from_before_payloads_decode_and_encode_to_the_same_bytes() {
+        let old = old();
+        let bytes = rmp_serde::to_vec(&old).unwrap();
+        let record = TaskRecord::decode(&bytes).unwrap();
+        assert_eq!(record.id, "t1");
+        assert_eq!(record.payload.decode(), (old.args.clone(), old.kwargs.clone(), old.context.clone()));
+        assert_eq!((record.priority, record.state, record.attempts), (-2, TaskState::Failure, 2));
+        assert_eq!(record.error.as_deref().map(|e| e.kind.as_str()), Some("ValueError"));
+        assert_eq!((record.started_at_ms, record.eta_ms, record.revoked), (Some(101), None, true));
+        let mut again = Vec::new();
+        record.encode(&mut again).unwrap();
+        assert_eq!(again, bytes, "the encoding did not change");
+        let named = TaskRecord::decode(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+        assert_eq!((named.id.as_str(), named.payload, named.lease_losses), ("t1", record.payload, 1));
+    }
+
+    #[test]
+    fn a_shorter_record_takes_defaults_and_a_bad_one_is_an_error() {
+        let mut short = Vec::new();
+        rmp::encode::write_array_len(&mut short, 7).unwrap();
+        for value in ["id", "q", "t"] {
+            rmp_serde::encode::write(&mut short, value).unwrap();
+        }
+        short.extend_from_slice(&EMPTY);
+        rmp_serde::encode::write(&mut short, &4i32).unwrap();
+        let record = TaskRecord::decode(&short).unwrap();
+        assert_eq!((record.id.as_str(), record.priority, record.max_retries), ("id", 4, 0));
+        assert!(TaskRecord::decode(&short[..short.len() - 1]).is_err());
+        assert!(TaskRecord::decode(&[0xc0]).is_err());
+    }
+
+    #[test]
+    fn a_spec_payload_keeps_its_bytes_and_checks_its_shape() {
+        let spec = |fields: Vec<(&str, Value)>| {
+            let map = Value::Map(fields.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
+            let mut out = Vec::new();
+            rmpv::encode::write_value(&mut out, &map).unwrap();
+            out
+        };
+        let args = Value::Array(vec![Value::from(1), Value::from("x")]);
+        let kwargs = Value::Map(vec![(Value::from("b"), Value::from(2)), (Value::from("a"), Value::Nil)]);
+        let payload =
+            Payload::of_spec(&spec(vec![("task", "t".into()), ("args", args.clone()), ("kwargs", kwargs)])).unwrap();
+        let (a, k, c) = payload.parts();
+        assert_eq!(rmpv::decode::read_value(&mut &a[..]).unwrap(), args);
+        // Key order is kept as sent.
+        assert_eq!(k, [0x82, 0xa1, b'b', 0x02, 0xa1, b'a', 0xc0]);
+        assert_eq!(c, [0x80]);
+        assert_eq!(Payload::of_spec(&spec(vec![("task", "t".into())])).unwrap(), Payload::default());
+        let refused = |fields| Payload::of_spec(&spec(fields)).unwrap_err();
+        assert!(refused(vec![("args", Value::from(1))]).contains("`args` must be an array"));
+        assert!(refused(vec![("kwargs", Value::Array(vec![]))]).contains("`kwargs` must be a map"));
+        let int_key = Value::Map(vec![(Value::from(1), Value::from(2))]);
+        assert!(refused(vec![("context", int_key)]).contains("keys of `context` must be strings"));
+        assert!(refused(vec![("args", Value::Array(vec![])), ("args", Value::Array(vec![]))]).contains("duplicate"));
     }
 }

@@ -10,6 +10,9 @@
 //! - `soak --addr ADDR --pid PID --data-dir DIR --tasks N`: push N tasks through a broker (enqueue, lease, ack)
 //!   while sampling its resident memory, measure its data directory, wait until every result has expired (the
 //!   daemon should run with a short `result_ttl_secs`) and measure the directory again;
+//! - `memory --addr ADDR --pid PID --phase fill|reopened`: resident memory per waiting task and per kept result
+//!   (100-byte payloads and results), on a fresh daemon; `reopened` measures the kept results again after a
+//!   restart of the daemon on the same data directory;
 //! - `table FILES...`: medians over the runs, and broker ÷ peer ratios taken run by run, as a plain-text table;
 //! - `free-port`, `wait-port ADDR`: helpers for the script.
 //!
@@ -78,6 +81,8 @@ enum Command {
         /// Records files.
         files: Vec<PathBuf>,
     },
+    /// Resident memory per waiting task and per kept result, measured on a fresh daemon.
+    Memory(MemoryArgs),
     /// Print a TCP port that is free on 127.0.0.1 now.
     FreePort,
     /// Wait until ADDR accepts TCP connections.
@@ -189,6 +194,34 @@ struct SoakArgs {
     tag: Tag,
 }
 
+#[derive(clap::Args, Clone)]
+struct MemoryArgs {
+    /// HOST:PORT of the broker daemon.
+    #[arg(long)]
+    addr: String,
+    /// Its process id (memory is read from /proc/PID/status).
+    #[arg(long)]
+    pid: u32,
+    /// `fill`: on a fresh daemon, enqueue --tasks tasks and measure, then run them all and measure the kept
+    /// results. `reopened`: on the same data directory after a restart, measure the kept results again.
+    #[arg(long, value_enum)]
+    phase: MemoryPhase,
+    /// How many tasks.
+    #[arg(long, default_value_t = 200_000)]
+    tasks: u64,
+    /// `reopened` only: the resident memory (KiB) of the fresh daemon before `fill`, as `fill` recorded it.
+    #[arg(long)]
+    baseline_kib: Option<u64>,
+    #[command(flatten)]
+    tag: Tag,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MemoryPhase {
+    Fill,
+    Reopened,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -204,6 +237,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Soak(args) => soak(&args).await,
+        Command::Memory(args) => memory(&args).await,
         Command::Table { files } => {
             print!("{}", table(&read_records(&files)?));
             Ok(())
@@ -1195,6 +1229,75 @@ async fn soak(args: &SoakArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long the daemon is left alone before its memory is read: longer than a checkpoint interval, so the
+/// log's buffers and the checkpoint's notes are gone and only what a task costs for as long as it waits remains.
+const SETTLE: Duration = Duration::from_secs(3);
+
+async fn memory(args: &MemoryArgs) -> Result<()> {
+    let rec = Recorder::new(&args.tag, "broker");
+    let client = ConnectOptions::new(&args.addr).name("peer-bench").connect().await?;
+    let per_task = |from_kib: u64, to_kib: u64| (to_kib.saturating_sub(from_kib) * 1024) as f64 / args.tasks as f64;
+    if args.phase == MemoryPhase::Reopened {
+        let baseline = args.baseline_kib.context("--phase reopened needs --baseline-kib")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.stats().await?.results_stored < args.tasks {
+            if Instant::now() >= deadline {
+                bail!("the reopened daemon does not report the {} results as stored", args.tasks);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(SETTLE).await;
+        rec.record("memory_result_bytes_reopened", per_task(baseline, proc_kib(args.pid, "VmRSS")?))?;
+        return Ok(());
+    }
+    let queue = "memory";
+    let rss_fresh = proc_kib(args.pid, "VmRSS")?;
+    rec.record("memory_rss_fresh_kib", rss_fresh as f64)?;
+    // Enqueue: batches of 100, a few in flight.
+    let batches: Vec<Vec<TaskSpec>> = (0..args.tasks)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|seqs| {
+            seqs.iter().map(|&seq| TaskSpec { result_ttl_ms: Some(3_600_000), ..broker_task(queue, 0, seq) }).collect()
+        })
+        .collect();
+    let mut in_flight = FuturesUnordered::new();
+    for batch in batches {
+        if in_flight.len() >= 8 {
+            in_flight.next().await.expect("not empty")?;
+        }
+        in_flight.push(client.enqueue_batch(batch));
+    }
+    while let Some(done) = in_flight.next().await {
+        done?;
+    }
+    tokio::time::sleep(SETTLE).await;
+    rec.record("memory_waiting_bytes", per_task(rss_fresh, proc_kib(args.pid, "VmRSS")?))?;
+    // Run them all: lease 100 at a time, ack each with a 100-byte result.
+    let mut acked = 0u64;
+    while acked < args.tasks {
+        let leased =
+            client.lease(&Lease { queues: vec![queue.to_string()], max: 100, wait_ms: 1000, lease_ms: None }).await?;
+        if leased.is_empty() {
+            bail!("only {acked} of {} tasks could be leased", args.tasks);
+        }
+        let acks: FuturesUnordered<_> = leased
+            .iter()
+            .map(|t| {
+                let result = Value::from(String::from_utf8(payload(1, acked)).expect("ascii payload"));
+                client.ack(&t.id, t.lease_id, result)
+            })
+            .collect();
+        for done in acks.collect::<Vec<_>>().await {
+            done?;
+        }
+        acked += leased.len() as u64;
+    }
+    tokio::time::sleep(SETTLE).await;
+    rec.record("memory_result_bytes", per_task(rss_fresh, proc_kib(args.pid, "VmRSS")?))?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The table.
 
@@ -1345,6 +1448,18 @@ fn table(records: &[Record]) -> String {
         );
         let _ = writeln!(out, "  data dir 10 s later                   {}", mib("soak_dir_mib_expired_10s"));
         let _ = writeln!(out, "  resident memory then                  {}", mib("soak_rss_mib_expired_10s"));
+    }
+    if let Some(memory) = by.get("memory").and_then(|s| s.get("broker")) {
+        let get = |figure: &str| memory.get(figure).and_then(|v| median(v.values().copied().collect()));
+        let bytes = |figure: &str| get(figure).map_or_else(|| "n/a".to_string(), |v| format!("{v:.0} B"));
+        let _ = writeln!(out, "broker memory (resident, per task; 100-byte args, 100-byte results; a fresh daemon)");
+        let _ = writeln!(out, "  a waiting task                        {}", bytes("memory_waiting_bytes"));
+        let _ = writeln!(
+            out,
+            "  a kept result (args and result)       {}   after a restart: {}",
+            bytes("memory_result_bytes"),
+            bytes("memory_result_bytes_reopened")
+        );
     }
     out
 }
