@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_client::proto::TaskId;
+use super::Id;
 
 use super::disk::{self, ChunkWriter, Entry};
 use super::{wal, Core, Dirty, Map, StoreError, Taken, Written, LOCK_BATCH};
@@ -132,13 +132,13 @@ impl Core {
     /// is noted again and written by the next write-out too.
     fn write_notes(
         &self,
-        notes: &Map<TaskId, Dirty>,
+        notes: &Map<Id, Dirty>,
         old: &[(u64, sled::IVec)],
         first: u64,
         remove: &[u64],
     ) -> Result<(), StoreError> {
-        let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
-        let slices: Vec<&[(&TaskId, &Dirty)]> =
+        let notes: Vec<(&Id, &Dirty)> = notes.iter().collect();
+        let slices: Vec<&[(&Id, &Dirty)]> =
             if notes.is_empty() { vec![&notes[..]] } else { notes.chunks(SLICE).collect() };
         let mut next_chunk = first;
         for (i, slice) in slices.iter().enumerate() {
@@ -155,7 +155,7 @@ impl Core {
     /// One slice of [`Core::write_notes`]; returns the number the next chunk gets.
     fn write_slice(
         &self,
-        notes: &[(&TaskId, &Dirty)],
+        notes: &[(&Id, &Dirty)],
         old: &[(u64, sled::IVec)],
         first: u64,
         remove: &[u64],
@@ -169,15 +169,15 @@ impl Core {
             };
             let st = self.lock();
             taken.extend(batch.iter().zip(on_disk).filter_map(|((id, kind), on_disk)| {
-                let in_memory = match st.live.get(*id) {
+                let in_memory = match st.live.get(&**id) {
                     Some(r) => Some((None, r.clone())),
-                    None => st.finished.get(*id).map(|(g, r)| (Some(*g), r.clone())),
+                    None => st.finished.get(&**id).map(|(g, r)| (Some(*g), r.clone())),
                 };
                 let record = match (kind, in_memory) {
                     (Dirty::Put, Some(record)) => Some(record),
                     // Gone since it was noted (its tombstone is on its way through the log): sled must not keep
                     // an older record of it.
-                    (Dirty::Put, None) if !st.done.contains_key(*id) && on_disk => None,
+                    (Dirty::Put, None) if !st.done.contains_key(&**id) && on_disk => None,
                     // Finished and written already, or never on disk: nothing to do.
                     (Dirty::Put, None) => return None,
                     // No record of it on disk: nothing to hide.
@@ -187,15 +187,15 @@ impl Core {
                 Some(((*id).clone(), record))
             }));
         }
-        let mut copies: Vec<(&str, &[u8])> = Vec::new();
+        let mut copies: Vec<(Id, &[u8])> = Vec::new();
         if !old.is_empty() {
             {
                 let journal = self.journal();
                 for (number, bytes) in old {
                     for entry in disk::entries(*number, bytes)? {
                         if let Entry::Put { id, loc, body } = entry {
-                            if journal.is_current(id, loc) {
-                                copies.push((id, body));
+                            if let Some(id) = journal.current(id, loc) {
+                                copies.push((id.clone(), body));
                             }
                         }
                     }
@@ -205,8 +205,8 @@ impl Core {
             // be written. Every other copy must be: a task whose note is in a later slice (or writes nothing, being
             // in sled already) would otherwise have no record in sled between this slice's removal of its old
             // chunk and its own slice, or ever. Recovery keeps the last entry, and later slices come later.
-            let written: std::collections::HashSet<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
-            copies.retain(|(id, _)| !written.contains(id));
+            let written: std::collections::HashSet<&str> = taken.iter().map(|(id, _)| &**id).collect();
+            copies.retain(|(id, _)| !written.contains(&**id));
         }
         // Encoding is the costly part; it runs without the state lock, so requests go on meanwhile.
         let (written, next_chunk) = Self::encode(first, &copies, &taken)?;
@@ -251,12 +251,12 @@ impl Core {
 
     /// Builds the chunks of a write-out: records moved out of compacted chunks first, then the changes (so a
     /// change wins over a copy in recovery's last-entry-wins reading).
-    fn encode(first: u64, copies: &[(&str, &[u8])], taken: &[Taken]) -> Result<(Written, u64), StoreError> {
+    fn encode(first: u64, copies: &[(Id, &[u8])], taken: &[Taken]) -> Result<(Written, u64), StoreError> {
         let mut writer = ChunkWriter::new(first);
         let mut puts = Vec::with_capacity(copies.len() + taken.len());
         let mut tombstones = Vec::new();
         for (id, body) in copies {
-            puts.push((id.to_string(), writer.put_encoded(id, body)?));
+            puts.push((id.clone(), writer.put_encoded(id, body)?));
         }
         for (id, record) in taken {
             match record {

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::wal::{LogBatch, Wal};
+use super::Id;
 use super::{Core, Dirty, Map, StoreError, LOCK_BATCH};
 use crate::config::FsyncPolicy;
-use broker_client::proto::TaskId;
 
 /// What the log writer has made durable.
 #[derive(Debug, Clone, Default)]
@@ -227,19 +227,19 @@ fn fail(core: &Core, failed: &mut bool, e: StoreError) {
 
 /// Encodes the current record of every noted task (reading them a batch at a time under the state lock) and
 /// appends them to the log.
-fn write_round(core: &Core, notes: &Map<TaskId, Dirty>, batch: &mut LogBatch, wal: &mut Wal) -> Result<(), StoreError> {
+fn write_round(core: &Core, notes: &Map<Id, Dirty>, batch: &mut LogBatch, wal: &mut Wal) -> Result<(), StoreError> {
     batch.clear(wal.number());
-    let notes: Vec<(&TaskId, &Dirty)> = notes.iter().collect();
+    let notes: Vec<(&Id, &Dirty)> = notes.iter().collect();
     let mut taken = Vec::with_capacity(LOCK_BATCH);
     for chunk in notes.chunks(LOCK_BATCH) {
         {
             let st = core.lock();
             taken.extend(chunk.iter().filter_map(|(id, kind)| {
-                let record = st.live.get(*id).or_else(|| st.finished.get(*id).map(|(_, r)| r));
+                let record = st.live.get(&**id).or_else(|| st.finished.get(&**id).map(|(_, r)| r));
                 match (kind, record) {
                     (Dirty::Put, Some(record)) => Some((*id, Some(record.clone()))),
                     // Deleted since it was noted: the tombstone is its current state.
-                    (Dirty::Put, None) if !st.done.contains_key(*id) => Some((*id, None)),
+                    (Dirty::Put, None) if !st.done.contains_key(&**id) => Some((*id, None)),
                     // A finished task stays in memory until it is logged (see the checkpoint), so this is never
                     // reached; if it were, a tombstone would hide a record sled has.
                     (Dirty::Put, None) => {
@@ -262,7 +262,7 @@ fn write_round(core: &Core, notes: &Map<TaskId, Dirty>, batch: &mut LogBatch, wa
 
 /// Passes a round's notes to the checkpoint (under its own lock: requests never wait for it, even while its
 /// map grows).
-fn hand_to_checkpoint(core: &Core, notes: Arc<Map<TaskId, Dirty>>) {
+fn hand_to_checkpoint(core: &Core, notes: Arc<Map<Id, Dirty>>) {
     let notes = Arc::try_unwrap(notes).unwrap_or_else(|shared| (*shared).clone());
     let mut to_checkpoint = core.to_checkpoint();
     if to_checkpoint.is_empty() {

@@ -24,8 +24,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use broker_client::proto::TaskId;
-
 use super::record::TaskRecord;
 use super::StoreError;
 use crate::config::Config;
@@ -123,9 +121,9 @@ fn write_head(out: &mut Vec<u8>, kind: u8, id: &str) -> Result<(), StoreError> {
 fn write_body(out: &mut Vec<u8>, record: &TaskRecord) -> Result<(), StoreError> {
     let body_start = out.len();
     out.extend_from_slice(&[0; 4]);
-    record.encode(out).map_err(|message| StoreError::Corrupt { id: record.id.clone(), message })?;
+    record.encode(out).map_err(|message| StoreError::Corrupt { id: record.id.to_string(), message })?;
     let len = u32::try_from(out.len() - body_start - 4)
-        .map_err(|_| StoreError::Corrupt { id: record.id.clone(), message: "record too large to store".into() })?;
+        .map_err(|_| StoreError::Corrupt { id: record.id.to_string(), message: "record too large to store".into() })?;
     out[body_start..body_start + 4].copy_from_slice(&len.to_le_bytes());
     Ok(())
 }
@@ -430,7 +428,7 @@ impl Disk {
         if !OLD_TREES.iter().any(|t| names.iter().any(|n| n.as_ref() == t.as_bytes())) {
             return Ok(());
         }
-        let mut records: std::collections::HashMap<TaskId, TaskRecord> = Default::default();
+        let mut records: std::collections::HashMap<super::Id, TaskRecord> = Default::default();
         for (tree, finished) in [("done", true), ("live", false)] {
             for entry in db.db.open_tree(tree)?.iter() {
                 let (key, bytes) = entry?;
@@ -491,7 +489,7 @@ impl Disk {
             .get(loc.offset as usize..loc.offset as usize + loc.len as usize)
             .ok_or_else(|| corrupt(loc.chunk, format!("record of {id} out of bounds")))?;
         let record = decode(id, body)?;
-        if record.id != id {
+        if &*record.id != id {
             return Err(corrupt(loc.chunk, format!("record at {loc:?} is {}, not {id}", record.id)));
         }
         Ok(Some(record))
@@ -673,7 +671,7 @@ mod tests {
 
     fn record(id: &str, payload: usize) -> TaskRecord {
         TaskRecord {
-            id: id.to_string(),
+            id: id.into(),
             queue: "q".into(),
             task: "t".into(),
             payload: super::super::Payload::from_parts(Some(&args(payload)), None, None).unwrap(),
@@ -707,7 +705,7 @@ mod tests {
         for (id, loc) in locs.iter().chain([("big".to_string(), big), ("copy".to_string(), moved)].iter()) {
             let bytes = find(loc.chunk);
             let body = &bytes[loc.offset as usize..(loc.offset + loc.len) as usize];
-            assert_eq!(&decode(id, body).unwrap().id, id);
+            assert_eq!(&*decode(id, body).unwrap().id, id.as_str());
             let listed = entries(loc.chunk, bytes).unwrap();
             assert!(listed.iter().any(|e| matches!(e, Entry::Put { id: i, loc: l, .. } if i == id && l == loc)));
         }

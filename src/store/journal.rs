@@ -4,10 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use broker_client::proto::TaskId;
-
 use super::disk::Loc;
-use super::Map;
+use super::{Id, Map};
 
 /// Compaction starts once the journal is larger than this...
 const COMPACT_MIN_BYTES: u64 = 4 << 20;
@@ -27,7 +25,7 @@ struct ChunkStat {
 /// The in-memory account of the journal.
 #[derive(Debug, Default)]
 pub struct Journal {
-    locs: Map<TaskId, Loc>,
+    locs: Map<Id, Loc>,
     chunks: BTreeMap<u64, ChunkStat>,
     /// Chunks with no current record.
     empty: BTreeSet<u64>,
@@ -98,8 +96,8 @@ impl Journal {
     }
 
     /// A record of `id` was written at `loc`.
-    pub fn set(&mut self, id: &str, loc: Loc) {
-        if let Some(old) = self.locs.insert(id.to_string(), loc) {
+    pub fn set(&mut self, id: &Id, loc: Loc) {
+        if let Some(old) = self.locs.insert(id.clone(), loc) {
             self.forget(old);
         }
         if let Some(stat) = self.chunks.get_mut(&loc.chunk) {
@@ -119,6 +117,11 @@ impl Journal {
     /// Whether `loc` holds the current record of `id`.
     pub fn is_current(&self, id: &str, loc: Loc) -> bool {
         self.locs.get(id) == Some(&loc)
+    }
+
+    /// The task's id as the account holds it, if `loc` holds its current record.
+    pub fn current(&self, id: &str, loc: Loc) -> Option<&Id> {
+        self.locs.get_key_value(id).filter(|(_, l)| **l == loc).map(|(id, _)| id)
     }
 
     fn forget(&mut self, old: Loc) {
@@ -159,11 +162,11 @@ mod tests {
         for (n, t) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
             j.add_chunk(n, 100, t);
         }
-        j.set("a", loc(0));
-        j.set("b", loc(2));
+        j.set(&"a".into(), loc(0));
+        j.set(&"b".into(), loc(2));
         // 1 and 3 hold only tombstones; 1 waits for 0, 3 for 0 and 2.
         assert_eq!(j.to_remove(&[]), Vec::<u64>::new());
-        j.set("a", loc(2));
+        j.set(&"a".into(), loc(2));
         assert_eq!(j.to_remove(&[]), vec![0, 1]);
         j.remove_chunks(&[0, 1]);
         j.clear("a");
@@ -171,7 +174,7 @@ mod tests {
         assert_eq!(j.to_remove(&[]), vec![2, 3]);
         // Compacted chunks go even when they hold records (the write-out copies those).
         j.add_chunk(4, 100, 0);
-        j.set("c", loc(4));
+        j.set(&"c".into(), loc(4));
         assert_eq!(j.to_remove(&[4]), vec![2, 3, 4]);
         assert_eq!(j.next_chunk(), 5);
     }
@@ -181,11 +184,11 @@ mod tests {
         let mut j = Journal::default();
         for n in 0..100 {
             j.add_chunk(n, 100 << 10, 0);
-            j.set(&format!("t{n}"), Loc { chunk: n, offset: 1, len: 90 << 10 });
+            j.set(&format!("t{n}").into(), Loc { chunk: n, offset: 1, len: 90 << 10 });
         }
         assert!(j.to_compact().is_empty(), "mostly current");
         for n in 0..90 {
-            j.set(&format!("t{n}"), Loc { chunk: 99, offset: 1, len: 1 });
+            j.set(&format!("t{n}").into(), Loc { chunk: 99, offset: 1, len: 1 });
         }
         let picked = j.to_compact();
         assert_eq!(picked, (0..93).collect::<Vec<u64>>(), "oldest first; the empty ones cost no budget");

@@ -52,6 +52,10 @@ pub(crate) type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::Rand
 /// See [`Map`].
 pub(crate) type Set<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// A task's id as the store holds it: one allocation per task, shared by every map and index that names the
+/// task (a clone is a reference count, not a copy).
+pub type Id = Arc<str>;
+
 /// Identifies a client connection, so its leases can be released when it closes.
 pub type ConnId = u64;
 
@@ -143,7 +147,7 @@ const EXPIRY_BATCH: usize = 10_000;
 
 #[derive(Debug, Default)]
 struct QueueIndex {
-    ready: BTreeMap<ReadyKey, TaskId>,
+    ready: BTreeMap<ReadyKey, Id>,
     scheduled: u64,
     leased: u64,
     succeeded: u64,
@@ -269,19 +273,19 @@ impl DoneMeta {
 struct State {
     /// Every non-terminal task. Shared with a write-out in progress (which encodes outside the lock); a change
     /// to a record the write-out still holds copies it (`Arc::make_mut`).
-    live: Map<TaskId, Arc<TaskRecord>>,
+    live: Map<Id, Arc<TaskRecord>>,
     /// Terminal tasks whose record is not on disk yet, with the generation of their last change.
-    finished: Map<TaskId, (u64, Arc<TaskRecord>)>,
+    finished: Map<Id, (u64, Arc<TaskRecord>)>,
     /// Every finished task whose result is kept, on disk or not yet.
-    done: Map<TaskId, DoneMeta>,
+    done: Map<Id, DoneMeta>,
     /// (expire-at, id) of finished tasks; an entry whose task changed since is skipped when due.
-    expiry: BTreeSet<(u64, TaskId)>,
+    expiry: BTreeSet<(u64, Id)>,
     /// The dead set: per queue, (failed-at, id), oldest first.
-    dead: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
+    dead: BTreeMap<String, BTreeSet<(u64, Id)>>,
     /// Tasks changed since the log writer's last round took its notes ([`commit`]).
-    to_log: Map<TaskId, Dirty>,
+    to_log: Map<Id, Dirty>,
     /// The notes of the log round being written (shared with it, read-only): not durable yet.
-    logging: Arc<Map<TaskId, Dirty>>,
+    logging: Arc<Map<Id, Dirty>>,
     /// How many rounds the log writer has started; the next one takes `to_log`.
     rounds_taken: u64,
     /// The highest round a ticket waits for.
@@ -293,10 +297,10 @@ struct State {
     generation: u64,
     queues: BTreeMap<String, QueueIndex>,
     /// (due time, id) → queue.
-    scheduled: BTreeMap<(u64, TaskId), String>,
-    leases: Map<TaskId, LeaseEntry>,
-    deadlines: BTreeSet<(u64, TaskId)>,
-    by_conn: Map<ConnId, Set<TaskId>>,
+    scheduled: BTreeMap<(u64, Id), String>,
+    leases: Map<Id, LeaseEntry>,
+    deadlines: BTreeSet<(u64, Id)>,
+    by_conn: Map<ConnId, Set<Id>>,
     next_seq: u64,
     next_lease_id: u64,
     totals: Totals,
@@ -317,10 +321,10 @@ impl State {
     }
 
     fn remove_lease(&mut self, id: &str) -> Option<LeaseEntry> {
-        let entry = self.leases.remove(id)?;
-        self.deadlines.remove(&(entry.deadline_ms, id.to_string()));
+        let (id, entry) = self.leases.remove_entry(id)?;
+        self.deadlines.remove(&(entry.deadline_ms, id.clone()));
         if let Some(set) = self.by_conn.get_mut(&entry.conn) {
-            set.remove(id);
+            set.remove(&id);
             if set.is_empty() {
                 self.by_conn.remove(&entry.conn);
             }
@@ -330,17 +334,17 @@ impl State {
     }
 
     /// Notes what to log for a task.
-    fn note(&mut self, id: &str, kind: Dirty) {
+    fn note(&mut self, id: &Id, kind: Dirty) {
         if self.writer_asleep && self.to_log.is_empty() {
             if let Some(wake) = &self.eager_wake {
                 wake.notify_one();
             }
         }
-        self.to_log.insert(id.to_string(), kind);
+        self.to_log.insert(id.clone(), kind);
     }
 
     /// Notes that a task's record changed.
-    fn touch(&mut self, id: &str) {
+    fn touch(&mut self, id: &Id) {
         self.note(id, Dirty::Put);
     }
 
@@ -356,9 +360,9 @@ impl State {
         self.finished.insert(record.id.clone(), (self.generation, Arc::new(record)));
     }
 
-    fn add_dead(&mut self, id: &str, meta: &DoneMeta) {
+    fn add_dead(&mut self, id: &Id, meta: &DoneMeta) {
         if let Some(queue) = &meta.dead_queue {
-            self.dead.entry(queue.clone()).or_default().insert((meta.finished_at_ms, id.to_string()));
+            self.dead.entry(queue.clone()).or_default().insert((meta.finished_at_ms, id.clone()));
             self.queue(queue).dead += 1;
         }
     }
@@ -367,10 +371,10 @@ impl State {
     /// set. Returns what was known of it.
     fn forget_done(&mut self, id: &str) -> Option<DoneMeta> {
         self.finished.remove(id);
-        let meta = self.done.remove(id)?;
+        let (id, meta) = self.done.remove_entry(id)?;
         if let Some(queue) = &meta.dead_queue {
             if let Some(set) = self.dead.get_mut(queue) {
-                set.remove(&(meta.finished_at_ms, id.to_string()));
+                set.remove(&(meta.finished_at_ms, id));
                 if set.is_empty() {
                     self.dead.remove(queue);
                 }
@@ -386,7 +390,7 @@ impl State {
     }
 
     /// Forgets a task entirely and notes it.
-    fn delete(&mut self, id: &str) {
+    fn delete(&mut self, id: &Id) {
         self.live.remove(id);
         self.forget_done(id);
         self.note(id, Dirty::Delete);
@@ -427,13 +431,13 @@ pub struct StoreStats {
 
 /// A noted change taken for a write-out: the task, and its record (with the generation of a finished one) as
 /// it was when taken, or `None` for a tombstone.
-type Taken = (TaskId, Option<(Option<u64>, Arc<TaskRecord>)>);
+type Taken = (Id, Option<(Option<u64>, Arc<TaskRecord>)>);
 
 /// What a write-out wrote, to be noted in [`Journal`] once it is in sled.
 struct Written {
     chunks: Vec<disk::NewChunk>,
-    puts: Vec<(TaskId, Loc)>,
-    tombstones: Vec<TaskId>,
+    puts: Vec<(Id, Loc)>,
+    tombstones: Vec<Id>,
 }
 
 /// The memory and the disk, shared with the log writer and checkpoint threads.
@@ -447,7 +451,7 @@ struct Core {
     /// before any other thread runs).
     journal: Mutex<Journal>,
     /// Tasks logged since the last checkpoint took its notes ([`checkpoint`]); the log writer adds to it.
-    to_checkpoint: Mutex<Map<TaskId, Dirty>>,
+    to_checkpoint: Mutex<Map<Id, Dirty>>,
     /// Held for a whole checkpoint write-out, so write-outs reach sled in the order they were taken and the
     /// journal account changes under one writer.
     write_lock: Mutex<()>,
@@ -476,7 +480,7 @@ impl Core {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn to_checkpoint(&self) -> MutexGuard<'_, Map<TaskId, Dirty>> {
+    fn to_checkpoint(&self) -> MutexGuard<'_, Map<Id, Dirty>> {
         self.to_checkpoint.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -697,7 +701,7 @@ impl Store {
         // The journal's account is what sled holds; the log's entries then override the records.
         let mut bodies: Map<&str, (bool, &[u8])> = Map::default();
         for (id, (loc, body)) in latest {
-            journal.set(id, loc);
+            journal.set(&Id::from(id), loc);
             bodies.insert(id, (false, body));
         }
         let mut logged = 0usize;
@@ -722,11 +726,11 @@ impl Store {
                 match entry {
                     Entry::Put { id, body, .. } => {
                         bodies.insert(id, (true, body));
-                        to_checkpoint.insert(id.to_string(), Dirty::Put);
+                        to_checkpoint.insert(Id::from(*id), Dirty::Put);
                     }
                     Entry::Delete { id } => {
                         bodies.remove(id);
-                        to_checkpoint.insert(id.to_string(), Dirty::Delete);
+                        to_checkpoint.insert(Id::from(*id), Dirty::Delete);
                     }
                 }
                 logged += 1;
@@ -845,7 +849,7 @@ impl Store {
                     continue;
                 }
             }
-            let id = spec.id.unwrap_or_else(|| self.new_id());
+            let id: Id = spec.id.unwrap_or_else(|| self.new_id()).into();
             let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
             let seq = st.take_seq(now);
             let record = TaskRecord {
@@ -872,7 +876,7 @@ impl Store {
             if record.expires_at_ms.is_some_and(|e| e <= now) {
                 // Expired on arrival: keep it findable, never run it.
                 self.finish_revoked(&mut st, record, now, Some(expired_error()));
-                out.push(Enqueued { id, created: true, state: TaskState::Revoked });
+                out.push(Enqueued { id: id.to_string(), created: true, state: TaskState::Revoked });
                 continue;
             }
             match eta_ms {
@@ -885,7 +889,7 @@ impl Store {
                     woke = true;
                 }
             }
-            out.push(Enqueued { id: id.clone(), created: true, state: record.state });
+            out.push(Enqueued { id: id.to_string(), created: true, state: record.state });
             st.touch(&id);
             st.live.insert(id, Arc::new(record));
         }
@@ -922,7 +926,7 @@ impl Store {
                 record.started_at_ms = Some(now);
                 let deadline_ms = now.saturating_add(lease_ms);
                 let leased = Grant {
-                    id: id.clone(),
+                    id: id.to_string(),
                     lease_id: 0,
                     queue: record.queue.clone(),
                     task: record.task.clone(),
@@ -946,8 +950,10 @@ impl Store {
             }
         }
         let log_failed = self.core.progress.borrow().failed.is_some();
-        let unflushed =
-            log_failed || out.iter().any(|task| st.to_log.contains_key(&task.id) || st.logging.contains_key(&task.id));
+        let unflushed = log_failed
+            || out
+                .iter()
+                .any(|task| st.to_log.contains_key(task.id.as_str()) || st.logging.contains_key(task.id.as_str()));
         drop(st);
         if expired {
             self.finished_notify.notify_waiters();
@@ -1049,8 +1055,9 @@ impl Store {
         entry.deadline_ms = now.saturating_add(lease_ms);
         entry.lease_ms = lease_ms;
         let new = entry.deadline_ms;
-        st.deadlines.remove(&(old, id.to_string()));
-        st.deadlines.insert((new, id.to_string()));
+        let id = st.leases.get_key_value(id).expect("checked lease").0.clone();
+        st.deadlines.remove(&(old, id.clone()));
+        st.deadlines.insert((new, id));
         Ok((new, revoked))
     }
 
@@ -1104,7 +1111,7 @@ impl Store {
     pub fn release_connection(&self, conn: ConnId, shutting_down: bool) -> usize {
         let now = self.now_ms();
         let mut st = self.lock();
-        let ids: Vec<TaskId> = st.by_conn.get(&conn).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let ids: Vec<Id> = st.by_conn.get(&conn).map(|s| s.iter().cloned().collect()).unwrap_or_default();
         let why = if shutting_down { "daemon shutting down" } else { "worker disconnected" };
         for id in &ids {
             self.lose_lease(&mut st, id, now, why, !shutting_down);
@@ -1255,8 +1262,10 @@ impl Store {
             return self.get(id).map(|info| info.state);
         };
         if record.state == TaskState::Started {
-            Arc::make_mut(record).revoked = true;
-            st.touch(id);
+            let record = Arc::make_mut(record);
+            record.revoked = true;
+            let id = record.id.clone();
+            st.touch(&id);
             return Ok(TaskState::Started);
         }
         let record = st.take_live(id).expect("live");
@@ -1270,11 +1279,11 @@ impl Store {
     /// Deletes every ready or scheduled task of `queue`.
     pub fn purge(&self, queue: &str) -> u64 {
         let mut st = self.lock();
-        let mut ids: Vec<TaskId> = match st.queues.get_mut(queue) {
+        let mut ids: Vec<Id> = match st.queues.get_mut(queue) {
             Some(q) => std::mem::take(&mut q.ready).into_values().collect(),
             None => return 0,
         };
-        let due: Vec<(u64, TaskId)> =
+        let due: Vec<(u64, Id)> =
             st.scheduled.iter().filter(|(_, q)| q.as_str() == queue).map(|(k, _)| k.clone()).collect();
         for key in due {
             st.scheduled.remove(&key);
@@ -1291,9 +1300,9 @@ impl Store {
 
     /// Ids in the dead set: of one queue or all (`"*"` or `None`); per queue oldest failure first, queues in
     /// name order.
-    fn dead_ids(&self, queue: Option<&str>, limit: usize) -> Vec<TaskId> {
+    fn dead_ids(&self, queue: Option<&str>, limit: usize) -> Vec<Id> {
         let st = self.lock();
-        let sets: Vec<&BTreeSet<(u64, TaskId)>> = match queue {
+        let sets: Vec<&BTreeSet<(u64, Id)>> = match queue {
             Some(q) if q != "*" => st.dead.get(q).into_iter().collect(),
             _ => st.dead.values().collect(),
         };
@@ -1315,7 +1324,7 @@ impl Store {
 
     /// Puts dead tasks back in their queues as new tasks.
     pub fn dead_requeue(&self, request: &DeadRequeue) -> Result<u64, StoreError> {
-        let mut ids = request.ids.clone();
+        let mut ids: Vec<Id> = request.ids.iter().map(|id| Id::from(id.as_str())).collect();
         if let Some(queue) = &request.queue {
             ids.extend(self.dead_ids(Some(queue), usize::MAX));
         }
@@ -1325,7 +1334,7 @@ impl Store {
             let Some(mut record) = self.with_record(&id, TaskRecord::clone)? else { continue };
             let mut st = self.lock();
             // Still the same failure (nothing requeued or removed it meanwhile)?
-            match st.done.get(&id) {
+            match st.done.get(&*id) {
                 Some(meta)
                     if meta.state == TaskState::Failure && Some(meta.finished_at_ms) == record.finished_at_ms => {}
                 _ => continue,

@@ -20,7 +20,7 @@ pub type ReadyKey = (Reverse<i32>, u64);
 /// array from an older version decodes with their defaults.
 #[derive(Debug, Clone, Default)]
 pub struct TaskRecord {
-    pub id: TaskId,
+    pub id: super::Id,
     pub queue: String,
     pub task: String,
     pub payload: Payload,
@@ -56,7 +56,7 @@ impl TaskRecord {
     pub fn info(&self) -> TaskInfo {
         let (args, kwargs, context) = self.payload.decode();
         TaskInfo {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             queue: self.queue.clone(),
             task: self.task.clone(),
             state: self.state,
@@ -134,7 +134,7 @@ impl From<Legacy> for TaskRecord {
     fn from(old: Legacy) -> Self {
         TaskRecord {
             payload: Payload::from_values(&old.args, &old.kwargs, &old.context),
-            id: old.id,
+            id: old.id.into(),
             queue: old.queue,
             task: old.task,
             priority: old.priority,
@@ -440,7 +440,7 @@ mod tests {
         let old = old();
         let bytes = rmp_serde::to_vec(&old).unwrap();
         let record = TaskRecord::decode(&bytes).unwrap();
-        assert_eq!(record.id, "t1");
+        assert_eq!(&*record.id, "t1");
         assert_eq!(record.payload.decode(), (old.args.clone(), old.kwargs.clone(), old.context.clone()));
         assert_eq!((record.priority, record.state, record.attempts), (-2, TaskState::Failure, 2));
         assert_eq!(record.error.as_deref().map(|e| e.kind.as_str()), Some("ValueError"));
@@ -449,7 +449,7 @@ mod tests {
         record.encode(&mut again).unwrap();
         assert_eq!(again, bytes, "the encoding did not change");
         let named = TaskRecord::decode(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
-        assert_eq!((named.id.as_str(), named.payload, named.lease_losses), ("t1", record.payload, 1));
+        assert_eq!((&*named.id, named.payload, named.lease_losses), ("t1", record.payload, 1));
     }
 
     #[test]
@@ -462,7 +462,7 @@ mod tests {
         short.extend_from_slice(&EMPTY);
         rmp_serde::encode::write(&mut short, &4i32).unwrap();
         let record = TaskRecord::decode(&short).unwrap();
-        assert_eq!((record.id.as_str(), record.priority, record.max_retries), ("id", 4, 0));
+        assert_eq!((&*record.id, record.priority, record.max_retries), ("id", 4, 0));
         assert!(TaskRecord::decode(&short[..short.len() - 1]).is_err());
         assert!(TaskRecord::decode(&[0xc0]).is_err());
     }
