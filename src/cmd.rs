@@ -239,6 +239,9 @@ struct EnqueueBatchRequest {
     tasks: Vec<NewTask>,
 }
 
+/// Why a request serde read has no field `field` finds: serde also takes a field named by a `bin` or an integer.
+const NAMED_BY_STR: &str = "invalid request: name every field with a str";
+
 /// The bytes of the value under `key` in `map`, the bytes of one well-formed MessagePack map (a checked frame).
 fn field<'a>(map: &'a [u8], key: &str) -> Option<&'a [u8]> {
     let mut rest = map;
@@ -258,9 +261,10 @@ fn field<'a>(map: &'a [u8], key: &str) -> Option<&'a [u8]> {
 /// Takes each task's arguments from its bytes in the frame (serde skipped them): `specs` is the bytes of the
 /// task spec map, or of the array of them, that `tasks` were decoded from.
 fn take_payloads(tasks: &mut [NewTask], specs: &[u8], batch: bool) -> Result<(), Refusal> {
+    // Worded as the store's own checks of a spec are (proto.md, `enqueue_batch`).
+    let numbered = batch && tasks.len() > 1;
     let invalid = |i: usize, message: String| {
-        let message = if batch { format!("task {i}: {message}") } else { message };
-        Refusal::new(ErrorCode::BadRequest, format!("invalid request: {message}"))
+        Refusal::new(ErrorCode::BadRequest, if numbered { format!("task {i}: {message}") } else { message })
     };
     let mut rest = specs;
     if batch {
@@ -277,7 +281,7 @@ fn take_payloads(tasks: &mut [NewTask], specs: &[u8], batch: bool) -> Result<(),
 
 fn enqueue(shared: &Shared, request: &[u8]) -> Result<Enqueued, Refusal> {
     let mut decoded: EnqueueRequest = body(request)?;
-    let spec = field(request, "task").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing field `task`"))?;
+    let spec = field(request, "task").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, NAMED_BY_STR))?;
     take_payloads(std::slice::from_mut(&mut decoded.task), spec, false)?;
     let mut done = shared.store.enqueue(vec![decoded.task])?;
     done.pop().ok_or_else(|| Refusal::new(ErrorCode::Internal, "enqueue stored nothing"))
@@ -295,7 +299,7 @@ fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal
             ),
         ));
     }
-    let specs = field(frame, "tasks").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing field `tasks`"))?;
+    let specs = field(frame, "tasks").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, NAMED_BY_STR))?;
     take_payloads(&mut request.tasks, specs, true)?;
     Ok(EnqueuedBatch { tasks: shared.store.enqueue(request.tasks)? })
 }

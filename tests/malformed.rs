@@ -195,7 +195,24 @@ async fn every_malformed_input_gets_its_code_and_the_connection_survives() {
             raw.call(request(19, "enqueue_batch", vec![("tasks", Value::Array(vec![good, bad]))])),
             ErrorCode::BadRequest,
         );
-        assert!(format!("{reply:?}").contains("task 1: `args` must be an array"), "{reply:?}");
+        assert!(format!("{reply:?}").contains("\"task 1: `args` must be an array\""), "{reply:?}");
+        // A str in the args that is not UTF-8 (workers' decoders would refuse the whole lease reply), and args
+        // named by a bin key (serde would read the name; the arguments would be lost).
+        let mut frame = vec![0x83, 0xa2, b'i', b'd', 20, 0xa2, b'o', b'p', 0xa7];
+        frame.extend_from_slice(b"enqueue");
+        frame.extend_from_slice(&[0xa4, b't', b'a', b's', b'k', 0x82, 0xa4, b't', b'a', b's', b'k', 0xa1, b't']);
+        let with_args = |mut frame: Vec<u8>, key: &[u8], args: &[u8]| {
+            frame.extend_from_slice(key);
+            frame.extend_from_slice(args);
+            frame
+        };
+        raw.send_bytes(&with_args(frame.clone(), &[0xa4, b'a', b'r', b'g', b's'], &[0x91, 0xa1, 0xff]));
+        let reply = raw.recv();
+        assert!(format!("{reply:?}").contains("not UTF-8"), "{reply:?}");
+        assert_eq!(reply_id(&reply), Some(20));
+        raw.send_bytes(&with_args(frame, &[0xc4, 0x04, b'a', b'r', b'g', b's'], &[0x91, 0x01]));
+        let reply = raw.recv();
+        assert!(format!("{reply:?}").contains("bad_request"), "{reply:?}");
         // Ack of a lease never held.
         assert_code(
             raw.call(request(15, "ack", vec![("task_id", Value::from("ghost")), ("lease_id", Value::from(1))])),

@@ -105,6 +105,16 @@ pub fn check_msgpack(buf: &[u8], max_depth: usize) -> Result<(), String> {
 /// checked as [`check_msgpack`] checks a whole frame: well-formed, nested at most `max_depth` deep, no length
 /// prefix claiming more than the buffer holds. Lets the daemon keep a value's bytes as they came, undecoded.
 pub fn value_len(buf: &[u8], max_depth: usize) -> Result<usize, String> {
+    walk(buf, max_depth, false)
+}
+
+/// [`value_len`], also checking that every `str` in the value holds UTF-8, as the format requires: a value kept
+/// as bytes and handed to other clients unread must not carry a `str` their decoders refuse.
+pub fn value_len_utf8(buf: &[u8], max_depth: usize) -> Result<usize, String> {
+    walk(buf, max_depth, true)
+}
+
+fn walk(buf: &[u8], max_depth: usize, utf8: bool) -> Result<usize, String> {
     fn read_len(buf: &[u8], pos: &mut usize, width: usize) -> Result<u64, String> {
         let bytes = buf.get(*pos..*pos + width).ok_or("truncated length")?;
         *pos += width;
@@ -151,6 +161,10 @@ pub fn value_len(buf: &[u8], max_depth: usize) -> Result<usize, String> {
         if skip > left {
             return Err(format!("a length of {skip} bytes runs past the end of the frame"));
         }
+        if utf8 && matches!(marker, 0xa0..=0xbf | 0xd9..=0xdb) {
+            std::str::from_utf8(&buf[pos..pos + skip as usize])
+                .map_err(|e| format!("a str that is not UTF-8 ({e}); send bytes as bin"))?;
+        }
         pos += skip as usize;
         if children > 0 {
             // Every element takes at least one byte, so a count larger than what is left is a lie.
@@ -191,6 +205,9 @@ mod tests {
         assert!(check_msgpack(&[], MAX_DEPTH).is_err());
         assert_eq!(value_len(&[0x92, 0x01, 0xa1, b'x', 0xc0], MAX_DEPTH), Ok(4));
         assert!(value_len(&[0x92, 0x01], MAX_DEPTH).is_err());
+        assert_eq!(value_len(&[0x91, 0xa1, 0xff], MAX_DEPTH), Ok(3));
+        assert!(value_len_utf8(&[0x91, 0xa1, 0xff], MAX_DEPTH).unwrap_err().contains("not UTF-8"));
+        assert_eq!(value_len_utf8(&[0x91, 0xc4, 0x01, 0xff], MAX_DEPTH), Ok(4));
     }
 
     #[test]

@@ -107,6 +107,13 @@ impl Journal {
         self.live += u64::from(loc.len);
     }
 
+    /// Keys `id`'s place by this allocation of its id (recovery reads the two apart).
+    pub fn share_id(&mut self, id: &Id) {
+        if let Some(loc) = self.locs.remove(&**id) {
+            self.locs.insert(id.clone(), loc);
+        }
+    }
+
     /// A tombstone of `id` was written.
     pub fn clear(&mut self, id: &str) {
         if let Some(old) = self.locs.remove(id) {

@@ -744,6 +744,8 @@ impl Store {
         records.sort_by_key(|(r, _)| r.seq);
         let mut requeued = 0;
         for (mut record, from_log) in records {
+            // One allocation of the id for both the journal's account and the record.
+            journal.share_id(&record.id);
             st.next_seq = st.next_seq.max(record.seq);
             if record.state.is_terminal() {
                 let meta = DoneMeta::of(&record);

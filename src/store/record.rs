@@ -7,7 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
-use broker_client::codec::{value_len, MAX_DEPTH};
+use broker_client::codec::{value_len, value_len_utf8, MAX_DEPTH};
 use broker_client::proto::{TaskError, TaskId, TaskInfo, TaskState, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -327,6 +327,11 @@ impl Payload {
         let mut out = Vec::with_capacity(
             args.map_or(1, <[u8]>::len) + kwargs.map_or(1, <[u8]>::len) + context.map_or(1, <[u8]>::len),
         );
+        for (value, field) in [(args, "args"), (kwargs, "kwargs"), (context, "context")] {
+            if let Some(value) = value {
+                value_len_utf8(value, MAX_DEPTH).map_err(|e| format!("`{field}`: {e}"))?;
+            }
+        }
         match args {
             Some(args) if is_array(args) => out.extend_from_slice(args),
             Some(_) => return Err("`args` must be an array".into()),
@@ -359,7 +364,8 @@ impl Payload {
                 Ok(("args", _)) => 0,
                 Ok(("kwargs", _)) => 1,
                 Ok(("context", _)) => 2,
-                _ => continue,
+                Ok(_) => continue,
+                Err(_) => return Err("the keys of a task must be strings".into()),
             };
             if found[slot].replace(value).is_some() {
                 return Err(format!("duplicate field `{}`", ["args", "kwargs", "context"][slot]));
@@ -491,5 +497,12 @@ mod tests {
         let int_key = Value::Map(vec![(Value::from(1), Value::from(2))]);
         assert!(refused(vec![("context", int_key)]).contains("keys of `context` must be strings"));
         assert!(refused(vec![("args", Value::Array(vec![])), ("args", Value::Array(vec![]))]).contains("duplicate"));
+        // {"args": ["\xff"]}: a str that is not UTF-8.
+        let bad_utf8 = [0x81, 0xa4, b'a', b'r', b'g', b's', 0x91, 0xa1, 0xff];
+        assert!(Payload::of_spec(&bad_utf8).unwrap_err().contains("not UTF-8"));
+        let bin_key = Value::Map(vec![(Value::Binary(b"args".to_vec()), Value::Array(vec![]))]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &bin_key).unwrap();
+        assert!(Payload::of_spec(&bytes).unwrap_err().contains("keys of a task must be strings"));
     }
 }

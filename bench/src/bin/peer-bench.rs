@@ -1454,11 +1454,11 @@ fn table(records: &[Record]) -> String {
         let bytes = |figure: &str| get(figure).map_or_else(|| "n/a".to_string(), |v| format!("{v:.0} B"));
         let _ = writeln!(out, "broker memory (resident, per task; 100-byte args, 100-byte results; a fresh daemon)");
         let _ = writeln!(out, "  a waiting task                        {}", bytes("memory_waiting_bytes"));
+        let _ = writeln!(out, "  a kept result, after a restart        {}", bytes("memory_result_bytes_reopened"));
         let _ = writeln!(
             out,
-            "  a kept result (args and result)       {}   after a restart: {}",
-            bytes("memory_result_bytes"),
-            bytes("memory_result_bytes_reopened")
+            "  a kept result, right after the run    {}   (also what the allocator kept from the waiting tasks)",
+            bytes("memory_result_bytes")
         );
     }
     out
