@@ -118,7 +118,7 @@ async fn runs_handlers_and_acks_their_results() {
 }
 
 #[tokio::test]
-async fn leases_no_more_tasks_than_free_slots() {
+async fn without_prefetch_leases_no_more_tasks_than_free_slots() {
     let server = TestServer::start().await;
     let client = server.client().await;
     let gate = Gate::new();
@@ -135,7 +135,7 @@ async fn leases_no_more_tasks_than_free_slots() {
             Ok(())
         }
     };
-    let (stop, run) = spawn(worker(&server).concurrency(2).register("block", handler).build());
+    let (stop, run) = spawn(worker(&server).concurrency(2).prefetch(0).register("block", handler).build());
     let mut ids = Vec::new();
     for _ in 0..6 {
         ids.push(enqueue(&client, spec("block", vec![])).await);
@@ -152,6 +152,123 @@ async fn leases_no_more_tasks_than_free_slots() {
     assert_eq!(most.load(Ordering::SeqCst), 2);
     stop.graceful();
     run.await.unwrap().unwrap();
+}
+
+/// What a gated handler returns.
+type Gated = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TaskFailure>> + Send>>;
+
+/// A gated handler that counts the tasks running now and the most at once.
+fn gated(
+    gate: &Gate,
+    running: &Arc<AtomicUsize>,
+    most: &Arc<AtomicUsize>,
+) -> impl Fn(Task<()>) -> Gated + Send + Sync + 'static {
+    let (g, r, m) = (gate.clone(), running.clone(), most.clone());
+    move |_task: Task<()>| -> Gated {
+        let (gate, running, most) = (g.clone(), r.clone(), m.clone());
+        Box::pin(async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            gate.wait().await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+/// (leased, ready) of the default queue.
+async fn leased_and_ready(client: &Client) -> (u64, u64) {
+    let stats = client.stats().await.unwrap();
+    stats.queues.iter().find(|q| q.name == "default").map_or((0, 0), |q| (q.leased, q.ready))
+}
+
+#[tokio::test]
+async fn prefetch_holds_at_most_its_bound_beyond_the_running_tasks() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let (gate, running, most) = (Gate::new(), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = gated(&gate, &running, &most);
+    let (stop, run) = spawn(worker(&server).concurrency(2).prefetch(3).register("block", handler).build());
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(enqueue(&client, spec("block", vec![])).await);
+    }
+    count_is(&running, 2).await;
+    // Two running and three prefetched; the other five stay in the queue for other workers, however many
+    // long polls the worker makes meanwhile.
+    eventually("2 running + 3 prefetched", WAIT, || async {
+        (leased_and_ready(&client).await == (5, 5)).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(leased_and_ready(&client).await, (5, 5));
+        assert_eq!(running.load(Ordering::SeqCst), 2);
+    }
+    gate.open();
+    for id in &ids {
+        assert_eq!(finished(&client, id).await.state, TaskState::Success);
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 2, "prefetched tasks never run beyond the concurrency");
+    stop.graceful();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_releases_prefetched_tasks_without_counting_an_attempt() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let (gate, running, most) = (Gate::new(), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = gated(&gate, &running, &most);
+    let (stop, run) = spawn(worker(&server).concurrency(1).prefetch(2).register("block", handler).build());
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&client, spec("block", vec![])).await);
+    }
+    count_is(&running, 1).await;
+    eventually("1 running + 2 prefetched", WAIT, || async { (leased_and_ready(&client).await.0 == 3).then_some(()) })
+        .await;
+    stop.graceful();
+    // The prefetched two go back at once, while the running one is still running.
+    eventually("prefetched released", WAIT, || async { (leased_and_ready(&client).await == (1, 4)).then_some(()) })
+        .await;
+    gate.open();
+    run.await.unwrap().unwrap();
+    let mut states = Vec::new();
+    for id in &ids {
+        let info = client.get(id).await.unwrap();
+        states.push((info.state, info.attempts));
+    }
+    let done = states.iter().filter(|s| **s == (TaskState::Success, 1)).count();
+    let waiting = states.iter().filter(|s| **s == (TaskState::Pending, 0)).count();
+    assert_eq!((done, waiting), (1, 4), "{states:?}");
+    assert_eq!(client.stats().await.unwrap().totals.lease_lost, 0);
+}
+
+#[tokio::test]
+async fn a_dead_workers_prefetched_tasks_go_back_to_the_queue() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let handler = stuck(&running);
+    let (stop, run) = spawn(worker(&server).concurrency(1).prefetch(2).register("stuck", handler).build());
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(enqueue(&client, spec("stuck", vec![])).await);
+    }
+    count_is(&running, 1).await;
+    eventually("1 running + 2 prefetched", WAIT, || async {
+        (leased_and_ready(&client).await == (3, 0)).then_some(())
+    })
+    .await;
+    stop.now(); // the connection closes with leases held, as when the process dies
+    run.await.unwrap().unwrap();
+    for id in &ids {
+        // Back in the queue, none lost. A lease lost with its connection counts as an attempt; a prefetched task
+        // may also have been released in the moment before the stop (`now` starts a graceful stop too).
+        let attempts = state_is(&client, id, TaskState::Pending).await.attempts;
+        assert!(attempts <= 1, "{id}: {attempts} attempts");
+    }
 }
 
 #[tokio::test]

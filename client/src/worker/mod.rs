@@ -26,9 +26,13 @@
 //!
 //! # How it runs
 //!
-//! One loop owns the connection. It waits for a free slot, then leases as many tasks as there are free slots
-//! (never more), long-polling the daemon for up to `poll_wait`. Each leased task runs on its own tokio task:
+//! One loop owns the connection. It holds at most `concurrency` running tasks plus `prefetch` leased ones
+//! waiting for a slot; whenever it holds fewer, it leases the difference, long-polling the daemon for up to
+//! `poll_wait`. Each leased task runs on its own tokio task:
 //!
+//! - a prefetched task waits for a free slot (first leased, first started), its lease kept alive by heartbeats;
+//!   on a graceful shutdown it is released unrun (the attempt does not count), and if the worker dies the daemon
+//!   puts it back in its queue like any lease of a closed connection;
 //! - its args and kwargs are decoded into the handler's types; a task that does not decode fails at once,
 //!   **not retried**, with an `InvalidArguments` error naming the task and the field;
 //! - a task whose name has no handler fails with `UnknownTask: unknown task NAME`, **retried by the task's own
@@ -43,7 +47,16 @@
 //!   already put the task back for another attempt;
 //! - `Ok(value)` acks with the value as the result; `Err(failure)` fails with the failure's type and message,
 //!   its `retry` flag and its countdown ([`TaskFailure::retry_in`] is Celery's `self.retry(countdown=...)`;
-//!   the context is part of the stored task, so every retry sees it unchanged).
+//!   the context is part of the stored task, so every retry sees it unchanged);
+//! - the slot is free as soon as the handler returns: the ack (or fail) goes out on the connection, pipelined with
+//!   the others, while the next task already runs. An ack that does not arrive is handled as a lost lease: the
+//!   daemon runs the task again.
+//!
+//! # Prefetch
+//!
+//! Prefetched tasks start without a round trip to the daemon when a slot frees, which matters for short tasks.
+//! The trade-off is Celery's `worker_prefetch_multiplier`: a prefetched task waits behind this worker's running
+//! tasks while another worker may be idle. For long tasks, set `.prefetch(0)`.
 //!
 //! # Connection loss
 //!
@@ -56,7 +69,7 @@
 //! # Shutdown
 //!
 //! On the first SIGINT/SIGTERM (or when `run_until`'s future resolves, or [`ShutdownHandle::graceful`]) the
-//! worker stops leasing, lets running tasks finish for up to the grace period, then aborts the rest and
+//! worker stops leasing, releases its prefetched tasks unrun, lets running tasks finish for up to the grace period, then aborts the rest and
 //! `release`s their leases (a release does not count as an attempt), and returns. A lease request still waiting
 //! at the daemon is not abandoned: whatever it brings back is released unrun. A second signal (or
 //! [`ShutdownHandle::now`]) stops at once: handlers are dropped where they are, the connection closes, and the
@@ -124,9 +137,16 @@ impl WorkerBuilder {
         self
     }
 
-    /// How many tasks run at once (default 4, at least 1). The worker never holds more leases than this.
+    /// How many tasks run at once (default 4, at least 1).
     pub fn concurrency(mut self, tasks: usize) -> Self {
         self.inner.concurrency = tasks.max(1);
+        self
+    }
+
+    /// How many leased tasks the worker may hold beyond the running ones (default: as many as `concurrency`;
+    /// 0 leases only for free slots). See [Prefetch](self#prefetch) for the trade-off.
+    pub fn prefetch(mut self, tasks: usize) -> Self {
+        self.inner.prefetch = Some(tasks);
         self
     }
 
@@ -195,6 +215,8 @@ struct Inner {
     connect: ConnectOptions,
     queues: Vec<String>,
     concurrency: usize,
+    /// `None`: as many as `concurrency`.
+    prefetch: Option<usize>,
     lease_timeout: Option<Duration>,
     grace_period: Duration,
     poll_wait: Duration,
@@ -247,6 +269,7 @@ impl Worker {
                 connect,
                 queues: vec![DEFAULT_QUEUE.to_string()],
                 concurrency: 4,
+                prefetch: None,
                 lease_timeout: None,
                 grace_period: Duration::from_secs(30),
                 poll_wait: Duration::from_secs(1),
@@ -319,6 +342,9 @@ impl Worker {
         let inner = self.inner;
         let graceful = self.shutdown.graceful;
         let slots = Arc::new(Semaphore::new(inner.concurrency));
+        let prefetch = inner.prefetch.unwrap_or(inner.concurrency);
+        // Leases held and not yet done (running or waiting for a slot): leasing waits for room here.
+        let held = Arc::new(Semaphore::new(inner.concurrency + prefetch));
         // Every running task lives here, so dropping the set (an immediate stop) aborts them all.
         let mut running: JoinSet<()> = JoinSet::new();
         let grace_over = CancellationToken::new();
@@ -330,6 +356,7 @@ impl Worker {
             addr = inner.connect.addr(),
             queues = ?inner.queues,
             concurrency = inner.concurrency,
+            prefetch,
             handlers = inner.handlers.len(),
             "worker starting"
         );
@@ -352,7 +379,7 @@ impl Worker {
             loop {
                 while running.try_join_next().is_some() {}
                 let first = tokio::select! {
-                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    permit = held.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                     _ = graceful.cancelled() => break 'connection,
                     _ = closed(&client) => {
                         tracing::warn!("connection to the daemon lost; reconnecting");
@@ -361,9 +388,9 @@ impl Worker {
                     }
                 };
                 let mut permits = first;
-                let extra = slots.available_permits().min(MAX_LEASE_BATCH.saturating_sub(1));
+                let extra = held.available_permits().min(MAX_LEASE_BATCH.saturating_sub(1));
                 if extra > 0 {
-                    if let Ok(more) = slots.clone().try_acquire_many_owned(extra as u32) {
+                    if let Ok(more) = held.clone().try_acquire_many_owned(extra as u32) {
                         permits.merge(more);
                     }
                 }
@@ -403,9 +430,12 @@ impl Worker {
                                 inner.clone(),
                                 client.clone(),
                                 task,
-                                permit,
-                                connection_lost.clone(),
-                                grace_over.clone(),
+                                Permits { _held: permit, slots: slots.clone() },
+                                Stops {
+                                    connection_lost: connection_lost.clone(),
+                                    stopping: graceful.clone(),
+                                    grace_over: grace_over.clone(),
+                                },
                             ));
                         }
                     }
@@ -511,24 +541,71 @@ enum Outcome {
     Revoked,
 }
 
-/// Runs one leased task from decoding to ack or fail, holding its slot until it is done.
-async fn run_task(
-    inner: Arc<Inner>,
-    client: Client,
-    leased: LeasedTask,
-    _slot: OwnedSemaphorePermit,
+/// A leased task's room in the worker: its place among the leases held, and the slots it runs in.
+struct Permits {
+    /// Held from the lease until the handler returns (dropped with the struct).
+    _held: OwnedSemaphorePermit,
+    slots: Arc<Semaphore>,
+}
+
+/// What stops a task early.
+struct Stops {
+    /// The connection its lease belongs to is gone.
     connection_lost: CancellationToken,
+    /// A graceful shutdown started: a task still waiting for a slot is released unrun.
+    stopping: CancellationToken,
+    /// The grace period is over: a running task is aborted and released.
     grace_over: CancellationToken,
-) {
+}
+
+/// Runs one leased task from decoding to ack or fail: it waits for a slot (if prefetched), runs, frees the slot,
+/// then reports the outcome.
+async fn run_task(inner: Arc<Inner>, client: Client, leased: LeasedTask, permits: Permits, stops: Stops) {
     let Some(handler) = inner.handlers.get(&leased.task).cloned() else {
+        drop(permits);
         let failure = TaskFailure::new(UNKNOWN_TASK, format!("unknown task {}", leased.task));
         tracing::warn!(task = %leased.id, name = %leased.task, "no handler registered for this task name");
         report_failure(&client, &leased, &failure).await;
         return;
     };
+    let every = Duration::from_millis(leased.lease_ms / 3).max(MIN_HEARTBEAT);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Stops { connection_lost, stopping, grace_over } = stops;
+    // Prefetched: wait for a slot, keeping the lease alive.
+    let slot = loop {
+        tokio::select! {
+            biased;
+            _ = stopping.cancelled() => {
+                drop(permits);
+                release(&client, &leased).await;
+                return;
+            }
+            _ = connection_lost.cancelled() => return,
+            permit = permits.slots.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
+            _ = heartbeat.tick() => match client.extend(&leased.id, leased.lease_id, None).await {
+                Ok(extended) if extended.revoked => {
+                    drop(permits);
+                    tracing::info!(task = %leased.id, "revoked while waiting for a slot");
+                    let failure = TaskFailure::new("Revoked", "revoked before it ran").no_retry();
+                    report_failure(&client, &leased, &failure).await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.is(ErrorCode::LeaseLost) || e.kind() == ErrorKind::Closed => {
+                    tracing::warn!(task = %leased.id, error = %e, "lease lost while waiting for a slot");
+                    return;
+                }
+                Err(e) => tracing::warn!(task = %leased.id, error = %e, "heartbeat failed; will retry"),
+            },
+        }
+    };
+    // The handler is called (its synchronous part runs) only once the task has a slot.
     let run = match handler.prepare(&leased) {
         Ok(run) => run,
         Err(failure) => {
+            drop(slot);
+            drop(permits);
             tracing::warn!(task = %leased.id, name = %leased.task, error = %failure, "bad arguments");
             report_failure(&client, &leased, &failure).await;
             return;
@@ -536,9 +613,6 @@ async fn run_task(
     };
     tracing::debug!(task = %leased.id, name = %leased.task, attempt = leased.attempt, "running");
     let mut handle = AbortOnDrop(tokio::spawn(with_context(leased.context.clone(), run)));
-    let every = Duration::from_millis(leased.lease_ms / 3).max(MIN_HEARTBEAT);
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome = loop {
         tokio::select! {
             joined = &mut handle.0 => break match joined {
@@ -570,6 +644,9 @@ async fn run_task(
             }
         }
     };
+    // The slot is free for the next task while the outcome goes out.
+    drop(slot);
+    drop(permits);
     match outcome {
         Outcome::Finished(Ok(result)) => match client.ack(&leased.id, leased.lease_id, result).await {
             Ok(()) => tracing::debug!(task = %leased.id, "acked"),
