@@ -82,13 +82,14 @@ class Daemon:
 class WorkerProcess:
     """`python -m broker_client worker tasks_app:broker` as a child process, logging to a file."""
 
-    def __init__(self, url, queues, log_path, concurrency=2, grace=30.0):
+    def __init__(self, url, queues, log_path, concurrency=2, grace=30.0, prefetch=None):
         self.log_path = log_path
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker_client", "worker", "tasks_app:broker", "--url", url,
-             "--queues", ",".join(queues), "--concurrency", str(concurrency), "--grace", str(grace)],
+             "--queues", ",".join(queues), "--concurrency", str(concurrency), "--grace", str(grace)]
+            + ([] if prefetch is None else ["--prefetch", str(prefetch)]),
             cwd=TESTS_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         poll(lambda: "worker ready" in self.output() or self.process.poll() is not None, timeout=60,

@@ -43,6 +43,30 @@ def test_sigterm_lets_running_tasks_finish_and_leases_nothing_new(tasks, start_w
     waiting.revoke()
 
 
+def _leased(tasks, queue_name):
+    queues = tasks.broker.stats()["queues"]
+    return next((q["leased"] for q in queues if q["name"] == queue_name), 0)
+
+
+def test_prefetched_tasks_wait_for_a_child_and_sigterm_releases_them_unrun(tasks, start_worker, queue_name, gate):
+    worker = start_worker([queue_name], concurrency=1, prefetch=2)
+    running = tasks.block.apply_async((gate["started"], gate["release"], "finished"), queue=queue_name)
+    poll(lambda: _started_pids(gate), what="the task to start")
+    waiting = [tasks.add.apply_async((i, i), queue=queue_name) for i in range(4)]
+    # One running and two prefetched: the worker holds three leases, never more; two tasks stay in the queue.
+    poll(lambda: _leased(tasks, queue_name) == 3, what="two tasks to be prefetched")
+    assert [w.state for w in waiting].count("STARTED") == 2
+    worker.process.send_signal(signal.SIGTERM)
+    poll(lambda: _leased(tasks, queue_name) == 1, what="the prefetched tasks to be released")
+    pathlib.Path(gate["release"]).touch()
+    assert worker.process.wait(timeout=30) == 0
+    assert running.get(timeout=5) == "finished"
+    for w in waiting:
+        info = w.info_raw
+        assert info["state"] == "PENDING" and info["attempts"] == 0, info  # released unrun, no attempt counted
+        w.revoke()
+
+
 def test_sigterm_past_the_grace_period_releases_the_task(tasks, start_worker, queue_name, gate):
     worker = start_worker([queue_name], concurrency=1, grace=0.3)
     result = tasks.block.apply_async((gate["started"], gate["release"], "late"), queue=queue_name)

@@ -15,6 +15,9 @@ def main(argv=None):
                         "(default: the broker's default queue, 'default')")
     worker.add_argument("--concurrency", "-c", type=int, default=None,
                         help="child processes running tasks (default: the number of CPUs)")
+    worker.add_argument("--prefetch", type=int, default=None,
+                        help="leased tasks held beyond the running ones, started as children free up (default: "
+                        "--concurrency; 0 for long tasks, so none waits behind a busy child)")
     worker.add_argument("--url", default=None, help="daemon URL, overriding the app's (e.g. tcp://127.0.0.1:7420)")
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running tasks get to finish after SIGTERM before they are released")
@@ -28,7 +31,8 @@ def main(argv=None):
     from .worker import Worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
-    worker = Worker(args.app, queues=queues, concurrency=args.concurrency, url=args.url, grace=args.grace)
+    worker = Worker(args.app, queues=queues, concurrency=args.concurrency, url=args.url, grace=args.grace,
+                    prefetch=args.prefetch)
     return worker.run()
 
 

@@ -2,8 +2,12 @@
 
 Shape (one parent, ``concurrency`` children, one connection):
 
-* the **lease loop** takes one permit per idle child and long-polls ``lease`` for that many tasks, so nothing is
-  leased that no child can start now (no prefetch: a task waiting behind a slow one stays available to others);
+* the **lease loop** holds at most ``concurrency + prefetch`` leased tasks: it takes one permit per task it may
+  still hold and long-polls ``lease`` for that many. Tasks beyond the idle children wait in the parent, first
+  leased first started, their leases kept alive by the heartbeat thread, so a child that finishes starts the next
+  task without a round trip to the daemon. The trade-off is Celery's ``worker_prefetch_multiplier``: a prefetched
+  task waits behind this worker's running ones while another worker may be idle (``--prefetch 0`` for long
+  tasks);
 * one **slot thread** per child sends it a task over a pipe, waits for the outcome (or the child's death), hands
   the outcome to a **reporter thread** and gives its permit back, so the child starts its next task while the
   ``ack`` or ``fail`` waits for the daemon's flush. Reporters send concurrently, so acks share flushes. Leasing
@@ -15,7 +19,8 @@ The parent never runs task code; a child that dies mid-task fails its task with 
 within its budget), and the child is replaced. If the parent itself dies, its connection closes and the daemon
 returns every lease it held to its queue: nothing is lost, the tasks run again elsewhere.
 
-Shutdown: the first SIGTERM or SIGINT stops leasing and lets running tasks finish for up to ``grace`` seconds;
+Shutdown: the first SIGTERM or SIGINT stops leasing, releases prefetched tasks unrun (the attempt not counted) and
+lets running tasks finish for up to ``grace`` seconds;
 tasks still running then are stopped and *released* (back to their queue, the attempt not counted). A second
 signal skips the wait. The process exits 0 once every lease is settled.
 """
@@ -116,6 +121,11 @@ class _Slot:
             job = self.worker.inbox.get()
             if job is None:
                 return
+            if self.worker.stopping.is_set():
+                # A prefetched task: a stopping worker starts nothing new.
+                self.worker.report(self.worker.release, job, "prefetched, not started before the shutdown")
+                self.worker.permits.release()
+                continue
             try:
                 self._run(job)
             except Exception:  # keep the slot alive whatever happens; the lease will expire and return the task
@@ -177,7 +187,8 @@ class _Slot:
 class Worker:
     """``Worker(app_spec, queues=["default"], concurrency=os.cpu_count()).run()``; see the module docstring."""
 
-    def __init__(self, app_spec, queues=None, concurrency=None, url=None, grace=60.0, start_method="spawn"):
+    def __init__(self, app_spec, queues=None, concurrency=None, url=None, grace=60.0, start_method="spawn",
+                 prefetch=None):
         self.app_spec = app_spec
         self.broker = load_broker(app_spec)
         self.url_override = url
@@ -186,13 +197,16 @@ class Worker:
         self.broker.client_name = f"worker@{socket.gethostname()}:{os.getpid()}"
         self.queues = list(queues or [self.broker.default_queue or "default"])
         self.concurrency = max(1, int(concurrency or os.cpu_count() or 1))
+        #: Leased tasks held beyond the running ones (default: as many as there are children).
+        self.prefetch = self.concurrency if prefetch is None else max(0, int(prefetch))
         self.grace = grace
         self.mp_context = multiprocessing.get_context(start_method)
         self.inbox = queue_module.Queue()
         self.outcomes = queue_module.Queue()
         self.reporters = [threading.Thread(target=self._report_loop, name=f"report-{i}", daemon=True)
                           for i in range(max(2, self.concurrency))]
-        self.permits = threading.Semaphore(self.concurrency)
+        self.held = self.concurrency + self.prefetch
+        self.permits = threading.Semaphore(self.held)
         self.running = {}  # task id → _Running
         self.running_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -221,8 +235,9 @@ class Worker:
         heartbeat.start()
         leaser = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
         leaser.start()
-        log.info("worker ready: %s, queues %s, concurrency %d, daemon %s; tasks: %s", self.app_spec,
-                 ",".join(self.queues), self.concurrency, self.broker.url, ", ".join(sorted(self.broker.tasks)))
+        log.info("worker ready: %s, queues %s, concurrency %d, prefetch %d, daemon %s; tasks: %s", self.app_spec,
+                 ",".join(self.queues), self.concurrency, self.prefetch, self.broker.url,
+                 ", ".join(sorted(self.broker.tasks)))
         try:
             while not self.stopping.is_set():
                 self.stopping.wait(0.5)
@@ -263,7 +278,15 @@ class Worker:
             self.stop()
 
     def _drain(self):
-        """Waits for running tasks (up to the grace period), then stops and releases what is left."""
+        """Releases prefetched tasks, waits for running tasks (up to the grace period), then stops and releases what
+        is left."""
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue_module.Empty:
+                break
+            self.report(self.release, job, "prefetched, not started before the shutdown")
+            self.permits.release()
         deadline = time.monotonic() + self.grace
         while not self.cold and time.monotonic() < deadline:
             with self.running_lock:
@@ -294,7 +317,7 @@ class Worker:
             if not self.permits.acquire(timeout=0.5):
                 continue
             wanted = 1
-            while wanted < self.concurrency and self.permits.acquire(blocking=False):
+            while wanted < self.held and self.permits.acquire(blocking=False):
                 wanted += 1
             try:
                 reply = self.lease_connection.call("lease", queues=self.queues, max=wanted, wait_ms=LEASE_POLL_MS)
