@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import queue as queue_module
+import select
 import signal
 import socket
 import threading
@@ -85,6 +86,11 @@ class _Slot:
         process.start()
         child_end.close()
         self.process, self.pipe = process, parent_end
+        # One poll set per child, kept: building a selector per task (multiprocessing's wait) cost the parent more
+        # CPU than the rest of a task's hand-off.
+        self.poller = select.poll()
+        self.poller.register(parent_end.fileno(), select.POLLIN)
+        self.poller.register(process.sentinel, select.POLLIN)
 
     def await_ready(self, timeout=CHILD_START_TIMEOUT):
         ready = wait_for([self.pipe, self.process.sentinel], timeout)
@@ -134,8 +140,16 @@ class _Slot:
             finally:
                 self.worker.permits.release()
 
+    def _child_gone(self, timeout):
+        """Waits up to `timeout` seconds (None: for ever) until the child answered or died; True if it died and
+        has nothing more to say."""
+        events = dict(self.poller.poll(None if timeout is None else int(timeout * 1000)))
+        if not events:
+            return False
+        return self.pipe.fileno() not in events and self.process.sentinel in events
+
     def _run(self, job):
-        if not self.process.is_alive():
+        if self._child_gone(0):
             self._respawn()
         with self.lock:
             self.current, self.revoked, self.abandoned = job, False, False
@@ -143,8 +157,7 @@ class _Slot:
         outcome = None
         try:
             self.pipe.send_bytes(serialization.packb(job))
-            ready = wait_for([self.pipe, self.process.sentinel])
-            if self.pipe in ready:
+            if not self._child_gone(None):
                 outcome = serialization.unpackb(self.pipe.recv_bytes())
         except (EOFError, OSError):
             outcome = None
