@@ -8,6 +8,10 @@ The connection is shared by the threads of one process: requests are written und
 is waiting reads the next frame and files it under its id for its owner (no background thread, so a lone caller
 pays no thread switch). A worker can therefore long-poll ``lease`` on one thread while another sends ``extend``.
 
+``send(op, on_reply, **fields)`` writes a request without waiting: ``on_reply`` is called with the reply (or the
+error) by whichever thread reads it, which is a ``pump()`` thread where nothing else waits (the worker acks this
+way, so a child's next task never waits for the previous ack).
+
 A connection belongs to the process that opened it: after a fork the child opens its own (the pid is checked).
 It reconnects on the next call after a failure; requests in flight when it broke raise :class:`ConnectionLost`.
 """
@@ -54,6 +58,7 @@ class Connection:
         self._generation = 0  # bumped on every (re)connect; a reply belongs to the generation it was asked on
         self._replies = {}
         self._reading = False
+        self._callbacks = {}  # request id → (op, on_reply) of `send`s still unanswered
 
     # -- opening and closing ---------------------------------------------------------------------------------
 
@@ -85,12 +90,18 @@ class Connection:
         self._generation += 1
         self._replies = {}
         self._reading = False
+        self._callbacks = {}
         return self._generation
 
     def _broken(self, generation, cause):
         """Marks the connection of `generation` dead and wakes every waiter. Called with `_state` held."""
         if generation != self._generation or self._sock is None:
             return
+        try:
+            # shutdown() first: it wakes a thread blocked reading this socket, which close() alone does not.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:
@@ -99,14 +110,18 @@ class Connection:
         self._reading = False
         self._replies = {}
         self._broken_cause = cause
+        orphans, self._callbacks = self._callbacks, {}
         self._state.notify_all()
+        return orphans
 
     def close(self):
         """Closes the socket; the next call reconnects. Leases this connection held go back to their queues."""
+        orphans = None
         with self._state:
             if self._sock is not None and self._pid == os.getpid():
-                self._broken(self._generation, ConnectionLost("closed"))
+                orphans = self._broken(self._generation, ConnectionLost("closed"))
             self._sock = None
+        _orphaned(orphans, ConnectionLost("closed"))
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -123,25 +138,59 @@ class Connection:
             with self._send_lock:
                 _write_frame(sock, frame)
         except OSError as e:
-            with self._state:
-                self._broken(generation, e)
+            self._break(generation, e)
             raise ConnectionLost(f"{op}: lost the connection to the broker: {e}") from e
-        reply = self._await(request_id, generation, op)
-        if reply.get("ok"):
-            return reply.get("body") or {}
-        error = reply.get("error") or {}
-        code = error.get("code", "internal")
-        cls = NotFound if code == "not_found" else BrokerError
-        raise cls(code, error.get("message", ""), op)
+        return _body(self._await(request_id, generation, op), op)
+
+    def send(self, op, on_reply, **fields):
+        """Sends one request without waiting for its reply: ``on_reply(body, error)`` is called later, with the reply
+        body or with the error (a BrokerError, or ConnectionLost if the connection broke first), by the thread that
+        reads the reply. Keep it short: that thread is reading for everyone."""
+        request_id = next(self._ids)
+        fields["id"] = request_id
+        fields["op"] = op
+        frame = serialization.packb(fields)
+        with self._state:
+            generation = self._ensure_open()
+            sock = self._sock
+            self._callbacks[request_id] = (op, on_reply)
+            self._state.notify_all()  # a pump waiting for work
+        try:
+            with self._send_lock:
+                _write_frame(sock, frame)
+        except OSError as e:
+            self._break(generation, e)
+
+    def pump(self, stop):
+        """Reads replies for everyone until `stop` (a threading.Event) is set, while `send`s are outstanding: the
+        thread a process that `send`s gives its connection. Returns once stopped (set `stop`, then `close()` or
+        let the outstanding replies arrive)."""
+        while not stop.is_set():
+            with self._state:
+                while not stop.is_set() and (self._reading or not self._callbacks):
+                    self._state.wait(0.2)
+                if stop.is_set():
+                    return
+                generation = self._generation
+            try:
+                self._await(None, generation, "pump")
+            except ConnectionLost:
+                pass
+
+    def _break(self, generation, cause):
+        with self._state:
+            orphans = self._broken(generation, cause)
+        _orphaned(orphans, ConnectionLost(f"lost the connection to the broker: {cause}"))
 
     def _await(self, request_id, generation, op):
-        """Waits for the reply to `request_id`, reading frames for everyone while no other thread does."""
+        """Waits for the reply to `request_id`, reading frames for everyone while no other thread does (with
+        `request_id` None: reads one frame for the others and returns)."""
         while True:
             with self._state:
                 while True:
                     if generation != self._generation or self._sock is None:
                         raise ConnectionLost(f"{op}: lost the connection to the broker")
-                    if request_id in self._replies:
+                    if request_id is not None and request_id in self._replies:
                         return self._replies.pop(request_id)
                     if not self._reading:
                         break
@@ -151,16 +200,57 @@ class Connection:
             try:
                 reply = serialization.unpackb(_read_frame(sock))
             except (OSError, ValueError) as e:
-                with self._state:
-                    self._broken(generation, e)
+                self._break(generation, e)
                 raise ConnectionLost(f"{op}: lost the connection to the broker: {e}") from e
+            callback = None
             with self._state:
                 self._reading = False
-                if reply.get("id") == request_id:
-                    self._state.notify_all()
-                    return reply
-                self._replies[reply.get("id")] = reply
+                reply_id = reply.get("id")
+                callback = self._callbacks.pop(reply_id, None)
+                if callback is None and reply_id != request_id:
+                    self._replies[reply_id] = reply
                 self._state.notify_all()
+            if callback is not None:
+                _deliver(callback, reply)
+            elif reply_id == request_id:
+                return reply
+            if request_id is None:
+                return None
+
+
+def _body(reply, op):
+    """A reply's body, or the BrokerError it carries."""
+    if reply.get("ok"):
+        return reply.get("body") or {}
+    error = reply.get("error") or {}
+    code = error.get("code", "internal")
+    cls = NotFound if code == "not_found" else BrokerError
+    raise cls(code, error.get("message", ""), op)
+
+
+def _deliver(callback, reply):
+    op, on_reply = callback
+    try:
+        body = _body(reply, op)
+    except BrokerError as e:
+        _call(on_reply, None, e)
+        return
+    _call(on_reply, body, None)
+
+
+def _orphaned(orphans, error):
+    """Tells the `send`s a broken connection left unanswered."""
+    for _op, on_reply in (orphans or {}).values():
+        _call(on_reply, None, error)
+
+
+def _call(on_reply, body, error):
+    try:
+        on_reply(body, error)
+    except Exception:  # a callback's bug must not kill the thread reading for everyone
+        import logging
+
+        logging.getLogger("broker_client.connection").exception("a reply callback failed")
 
 
 def _write_frame(sock, payload):

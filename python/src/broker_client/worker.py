@@ -8,10 +8,11 @@ Shape (one parent, ``concurrency`` children, one connection):
   task without a round trip to the daemon. The trade-off is Celery's ``worker_prefetch_multiplier``: a prefetched
   task waits behind this worker's running ones while another worker may be idle (``--prefetch 0`` for long
   tasks);
-* one **slot thread** per child sends it a task over a pipe, waits for the outcome (or the child's death), hands
-  the outcome to a **reporter thread** and gives its permit back, so the child starts its next task while the
-  ``ack`` or ``fail`` waits for the daemon's flush. Reporters send concurrently, so acks share flushes. Leasing
-  has a connection of its own, so its replies never queue behind those flushes;
+* one **slot thread** per child sends it a task over a pipe and waits for the outcome (or the child's death). An
+  ``ack`` it sends itself without waiting for the reply (a **reply thread** reads the replies and ends each task's
+  bookkeeping), so acks are pipelined and the child starts its next task at once; a ``fail`` or ``release`` goes
+  to a **reporter thread**. Leasing has a connection of its own, so its replies never queue behind the acks'
+  flushes;
 * the **heartbeat thread** sends ``extend`` for every running task at about a third of its lease, and stops
   (kills) a child whose task the daemon reports revoked.
 
@@ -178,7 +179,11 @@ class _Slot:
                               "message": f"the worker process running the task died (exit code {code})"},
                 }, time.monotonic() - started)
             return
-        self.worker.report(self.worker.settle, job, outcome, outcome.get("runtime", time.monotonic() - started))
+        runtime = outcome.get("runtime", time.monotonic() - started)
+        if outcome.get("ok"):
+            self.worker.ack(job, outcome, runtime)  # sent from here: no hand-off to a reporter
+        else:
+            self.worker.report(self.worker.settle, job, outcome, runtime)
 
     def _respawn(self):
         old = self.process
@@ -244,6 +249,10 @@ class Worker:
             slot.thread.start()
         for reporter in self.reporters:
             reporter.start()
+        # Reads the replies to the acks this thread's `send`s leave outstanding (see Connection.pump).
+        self.pump_stop = threading.Event()
+        pump = threading.Thread(target=conn.pump, args=(self.pump_stop,), name="replies", daemon=True)
+        pump.start()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         leaser = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
@@ -268,8 +277,10 @@ class Worker:
             self.outcomes.put(None)
         for reporter in self.reporters:
             reporter.join(timeout=10)
+        self.pump_stop.set()
         self.lease_connection.close()
         self.broker.close()
+        pump.join(timeout=5)
         log.info("worker stopped")
         return 0
 
@@ -415,32 +426,42 @@ class Worker:
 
     # -- outcomes --------------------------------------------------------------------------------------------
 
+    def ack(self, job, outcome, runtime):
+        """Sends the ack of a child's success without waiting for it: the reply is logged, and the task's
+        bookkeeping ended, by the thread that reads it."""
+        label = f"{job['task']}[{job['id']}]"
+
+        def on_reply(_body, error):
+            try:
+                if error is None:
+                    log.info("task %s succeeded in %.3fs", label, runtime)
+                else:
+                    _log_refused(label, error)
+            finally:
+                self.reported(job)
+
+        try:
+            self.broker.connection().send("ack", on_reply, task_id=job["id"], lease_id=job["lease_id"],
+                                          result=outcome.get("result"))
+        except (BrokerError, ConnectionLost) as e:
+            on_reply(None, e)
+
     def settle(self, job, outcome, runtime):
         """Reports a child's outcome to the daemon: ack on success, fail (retrying or not) on error."""
+        if outcome.get("ok"):
+            self.ack(job, outcome, runtime)
+            return
         label = f"{job['task']}[{job['id']}]"
         conn = self.broker.connection()
         try:
-            if outcome.get("ok"):
-                conn.call("ack", task_id=job["id"], lease_id=job["lease_id"], result=outcome.get("result"))
-                log.info("task %s succeeded in %.3fs", label, runtime)
-                return
             error = outcome["error"]
             fields = {"task_id": job["id"], "lease_id": job["lease_id"], "error": error,
                       "retry": bool(outcome.get("retry"))}
             if outcome.get("countdown_ms") is not None:
                 fields["countdown_ms"] = outcome["countdown_ms"]
             reply = conn.call("fail", **fields)
-        except BrokerError as e:
-            if e.code == "revoked":
-                log.warning("task %s was revoked while running; its outcome was discarded", label)
-            elif e.code == "lease_lost":
-                log.error("task %s finished but its lease was lost; the outcome was discarded and the task will "
-                          "run again", label)
-            else:
-                log.error("task %s: the daemon refused its outcome: %s", label, e)
-            return
-        except ConnectionLost as e:
-            log.error("task %s: could not report its outcome (%s); the task will run again", label, e)
+        except (BrokerError, ConnectionLost) as e:
+            _log_refused(label, e)
             return
         attempt = job.get("attempt", 1)
         total = job.get("max_retries", 0) + 1
@@ -470,3 +491,16 @@ class Worker:
         except (BrokerError, ConnectionLost) as e:
             log.warning("task %s[%s]: release failed (%s); its lease will expire and return it", job["task"],
                         job["id"], e)
+
+
+def _log_refused(label, error):
+    """Logs why an ack or fail was not recorded."""
+    if isinstance(error, ConnectionLost):
+        log.error("task %s: could not report its outcome (%s); the task will run again", label, error)
+    elif error.code == "revoked":
+        log.warning("task %s was revoked while running; its outcome was discarded", label)
+    elif error.code == "lease_lost":
+        log.error("task %s finished but its lease was lost; the outcome was discarded and the task will run again",
+                  label)
+    else:
+        log.error("task %s: the daemon refused its outcome: %s", label, error)
