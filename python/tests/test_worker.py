@@ -67,6 +67,22 @@ def test_prefetched_tasks_wait_for_a_child_and_sigterm_releases_them_unrun(tasks
         w.revoke()
 
 
+def test_a_task_revoked_while_prefetched_never_starts(tasks, start_worker, queue_name, gate, tmp_path):
+    worker = start_worker([queue_name], concurrency=1, prefetch=1)
+    running = tasks.block.apply_async((gate["started"], gate["release"], "finished"), queue=queue_name)
+    poll(lambda: _started_pids(gate), what="the task to start")
+    never = str(tmp_path / "never-started")
+    # A short lease, so its heartbeats (a third of it) come while it waits behind the running task.
+    waiting = tasks.block.apply_async((never, gate["release"], "ran"), queue=queue_name, lease_timeout=0.3)
+    poll(lambda: _leased(tasks, queue_name) == 2, what="the second task to be prefetched")
+    waiting.revoke()
+    poll(lambda: "revoked: stopping it, or not starting it" in worker.output(), what="a heartbeat to see the revoke")
+    pathlib.Path(gate["release"]).touch()
+    assert running.get(timeout=20) == "finished"
+    poll(lambda: waiting.info_raw["state"] == "REVOKED", what="the revoked task to end REVOKED")
+    assert not pathlib.Path(never).exists(), "the revoked task started"
+
+
 def test_sigterm_past_the_grace_period_releases_the_task(tasks, start_worker, queue_name, gate):
     worker = start_worker([queue_name], concurrency=1, grace=0.3)
     result = tasks.block.apply_async((gate["started"], gate["release"], "late"), queue=queue_name)

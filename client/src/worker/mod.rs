@@ -27,10 +27,11 @@
 //! # How it runs
 //!
 //! One loop owns the connection. It holds at most `concurrency` running tasks plus `prefetch` leased ones
-//! waiting for a slot; whenever it holds fewer, it leases the difference, long-polling the daemon for up to
+//! waiting for a slot (plus those whose ack is on its way); whenever it holds fewer, it leases the difference, long-polling the daemon for up to
 //! `poll_wait`. Each leased task runs on its own tokio task:
 //!
-//! - a prefetched task waits for a free slot (first leased, first started), its lease kept alive by heartbeats;
+//! - a prefetched task waits for a free slot (in about the order they were leased), its lease kept alive by
+//!   heartbeats;
 //!   on a graceful shutdown it is released unrun (the attempt does not count), and if the worker dies the daemon
 //!   puts it back in its queue like any lease of a closed connection;
 //! - its args and kwargs are decoded into the handler's types; a task that does not decode fails at once,
@@ -341,10 +342,11 @@ impl Worker {
     async fn serve_gracefully(self) -> Result<(), Error> {
         let inner = self.inner;
         let graceful = self.shutdown.graceful;
-        let slots = Arc::new(Semaphore::new(inner.concurrency));
-        let prefetch = inner.prefetch.unwrap_or(inner.concurrency);
+        let slots = Arc::new(Semaphore::new(inner.concurrency.min(Semaphore::MAX_PERMITS / 2)));
+        // Clamped so that the two together stay within what a semaphore can count.
+        let prefetch = inner.prefetch.unwrap_or(inner.concurrency).min(Semaphore::MAX_PERMITS / 2);
         // Leases held and not yet done (running or waiting for a slot): leasing waits for room here.
-        let held = Arc::new(Semaphore::new(inner.concurrency + prefetch));
+        let held = Arc::new(Semaphore::new(inner.concurrency.min(Semaphore::MAX_PERMITS / 2) + prefetch));
         // Every running task lives here, so dropping the set (an immediate stop) aborts them all.
         let mut running: JoinSet<()> = JoinSet::new();
         let grace_over = CancellationToken::new();
@@ -572,7 +574,10 @@ async fn run_task(inner: Arc<Inner>, client: Client, leased: LeasedTask, permits
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let Stops { connection_lost, stopping, grace_over } = stops;
-    // Prefetched: wait for a slot, keeping the lease alive.
+    // Prefetched: wait for a slot, keeping the lease alive. One acquire for the whole wait, so the task keeps its
+    // place in the semaphore's queue across heartbeats.
+    let acquire = permits.slots.clone().acquire_owned();
+    tokio::pin!(acquire);
     let slot = loop {
         tokio::select! {
             biased;
@@ -582,7 +587,7 @@ async fn run_task(inner: Arc<Inner>, client: Client, leased: LeasedTask, permits
                 return;
             }
             _ = connection_lost.cancelled() => return,
-            permit = permits.slots.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
+            permit = &mut acquire => break permit.expect("the semaphore is never closed"),
             _ = heartbeat.tick() => match client.extend(&leased.id, leased.lease_id, None).await {
                 Ok(extended) if extended.revoked => {
                     drop(permits);

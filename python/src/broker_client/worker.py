@@ -133,6 +133,10 @@ class _Slot:
                 self.worker.report(self.worker.release, job, "prefetched, not started before the shutdown")
                 self.worker.permits.release()
                 continue
+            if self.worker.revoked_waiting(job):
+                self.worker.report(self.worker.settle_revoked, job)
+                self.worker.permits.release()
+                continue
             try:
                 self._run(job)
             except Exception:  # keep the slot alive whatever happens; the lease will expire and return the task
@@ -141,16 +145,12 @@ class _Slot:
             finally:
                 self.worker.permits.release()
 
-    def _child_gone(self, timeout):
-        """Waits up to `timeout` seconds (None: for ever) until the child answered or died; True if it died and
-        has nothing more to say."""
-        events = dict(self.poller.poll(None if timeout is None else int(timeout * 1000)))
-        if not events:
-            return False
-        return self.pipe.fileno() not in events and self.process.sentinel in events
+    def _poll(self, timeout=None):
+        """The child's pipe and process events, waiting up to `timeout` seconds (None: until there is one)."""
+        return dict(self.poller.poll(None if timeout is None else int(timeout * 1000)))
 
     def _run(self, job):
-        if self._child_gone(0):
+        if self.process.sentinel in self._poll(0):  # it died while idle: replace it before handing it a task
             self._respawn()
         with self.lock:
             self.current, self.revoked, self.abandoned = job, False, False
@@ -158,7 +158,8 @@ class _Slot:
         outcome = None
         try:
             self.pipe.send_bytes(serialization.packb(job))
-            if not self._child_gone(None):
+            # The pipe first: a child that answered and then died still answered (a dead child's pipe reads EOF).
+            if self.pipe.fileno() in self._poll():
                 outcome = serialization.unpackb(self.pipe.recv_bytes())
         except (EOFError, OSError):
             outcome = None
@@ -226,6 +227,7 @@ class Worker:
         self.held = self.concurrency + self.prefetch
         self.permits = threading.Semaphore(self.held)
         self.running = {}  # task id → _Running
+        self.revoked_ids = set()  # prefetched tasks the daemon said were revoked before they started
         self.running_lock = threading.Lock()
         self.stopping = threading.Event()
         self.cold = False
@@ -365,6 +367,14 @@ class Worker:
                     self.running[job["id"]] = _Running(job)
                 self.inbox.put(job)
 
+    def revoked_waiting(self, job):
+        """Whether `job`, about to start, was revoked while it waited (prefetched)."""
+        with self.running_lock:
+            if job["id"] in self.revoked_ids:
+                self.revoked_ids.discard(job["id"])
+                return True
+        return False
+
     def report(self, settle, job, *args):
         """Queues the daemon call that settles `job` (ack, fail or release) for a reporter thread, so the child
         can take its next task while the acknowledgement waits for the daemon's flush."""
@@ -373,6 +383,7 @@ class Worker:
     def reported(self, job):
         with self.running_lock:
             self.running.pop(job["id"], None)
+            self.revoked_ids.discard(job["id"])
 
     def _report_loop(self):
         while True:
@@ -417,7 +428,9 @@ class Worker:
             log.error("task %s[%s]: heartbeat failed: %s", job["task"], job["id"], e)
             return
         if reply.get("revoked"):
-            log.warning("task %s[%s] revoked while running: stopping it", job["task"], job["id"])
+            with self.running_lock:
+                self.revoked_ids.add(job["id"])
+            log.warning("task %s[%s] revoked: stopping it, or not starting it", job["task"], job["id"])
             for slot in self.slots:
                 with slot.lock:
                     if slot.current is not None and slot.current["id"] == job["id"]:
