@@ -121,20 +121,8 @@ async fn runs_handlers_and_acks_their_results() {
 async fn without_prefetch_leases_no_more_tasks_than_free_slots() {
     let server = TestServer::start().await;
     let client = server.client().await;
-    let gate = Gate::new();
-    let running = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let (g, r, m) = (gate.clone(), running.clone(), most.clone());
-    let handler = move |_task: Task<()>| {
-        let (gate, running, most) = (g.clone(), r.clone(), m.clone());
-        async move {
-            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-            most.fetch_max(now, Ordering::SeqCst);
-            gate.wait().await;
-            running.fetch_sub(1, Ordering::SeqCst);
-            Ok(())
-        }
-    };
+    let (gate, running, most) = (Gate::new(), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = gated(&gate, &running, &most);
     let (stop, run) = spawn(worker(&server).concurrency(2).prefetch(0).register("block", handler).build());
     let mut ids = Vec::new();
     for _ in 0..6 {

@@ -125,8 +125,10 @@ class Connection:
 
     # -- requests --------------------------------------------------------------------------------------------
 
-    def call(self, op, **fields):
-        """Sends one request and returns its reply body; raises BrokerError (NotFound for `not_found`)."""
+    def _request(self, op, fields, on_reply=None):
+        """Writes one request (registering `on_reply` for its reply first, if given); returns its id and the
+        connection generation it went out on. Raises ConnectionLost if it cannot connect, or if the write fails
+        and there is no `on_reply` (which is told instead)."""
         request_id = next(self._ids)
         fields["id"] = request_id
         fields["op"] = op
@@ -134,32 +136,29 @@ class Connection:
         with self._state:
             generation = self._ensure_open()
             sock = self._sock
+            if on_reply is not None:
+                self._callbacks[request_id] = (op, on_reply)
+                self._state.notify_all()  # a pump waiting for work
         try:
             with self._send_lock:
                 _write_frame(sock, frame)
         except OSError as e:
-            self._break(generation, e)
-            raise ConnectionLost(f"{op}: lost the connection to the broker: {e}") from e
+            self._break(generation, e)  # tells `on_reply`, if any
+            if on_reply is None:
+                raise ConnectionLost(f"{op}: lost the connection to the broker: {e}") from e
+        return request_id, generation
+
+    def call(self, op, **fields):
+        """Sends one request and returns its reply body; raises BrokerError (NotFound for `not_found`)."""
+        request_id, generation = self._request(op, fields)
         return _body(self._await(request_id, generation, op), op)
 
     def send(self, op, on_reply, **fields):
         """Sends one request without waiting for its reply: ``on_reply(body, error)`` is called later, with the reply
         body or with the error (a BrokerError, or ConnectionLost if the connection broke first), by the thread that
-        reads the reply. Keep it short: that thread is reading for everyone."""
-        request_id = next(self._ids)
-        fields["id"] = request_id
-        fields["op"] = op
-        frame = serialization.packb(fields)
-        with self._state:
-            generation = self._ensure_open()
-            sock = self._sock
-            self._callbacks[request_id] = (op, on_reply)
-            self._state.notify_all()  # a pump waiting for work
-        try:
-            with self._send_lock:
-                _write_frame(sock, frame)
-        except OSError as e:
-            self._break(generation, e)
+        reads the reply. Keep it short: that thread is reading for everyone. Raises ConnectionLost (and does not
+        call `on_reply`) only if it cannot connect at all."""
+        self._request(op, fields, on_reply)
 
     def pump(self, stop):
         """Reads replies for everyone until `stop` (a threading.Event) is set, while `send`s are outstanding: the
