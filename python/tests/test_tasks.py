@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from broker_client import NotFound, TaskFailed, TaskRevokedError, TimeoutError
+from broker_client import NotFound, SerializationError, TaskFailed, TaskRevokedError, TimeoutError
 from conftest import poll
 
 
@@ -132,3 +132,20 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_delay_many_enqueues_in_batches_and_keeps_the_order(tasks, worker):
+    items = [(i, i) for i in range(2500)] + [{"x": 1, "y": 2}]
+    results = tasks.add.delay_many(items)
+    assert len(results) == len(items)
+    assert [r.get(timeout=30) for r in results[-3:]] == [2 * 2498, 2 * 2499, 3]
+    assert results[0].get(timeout=30) == 0
+
+
+def test_delay_many_checks_every_item_before_sending_any(tasks, daemon):
+    before = tasks.broker.stats()["totals"]["enqueued"]
+    with pytest.raises(SerializationError):
+        tasks.add.delay_many([(1, 2), (object(), 3)])
+    with pytest.raises(TypeError):
+        tasks.add.delay_many([(1, 2), (1, 2, 3)])
+    assert tasks.broker.stats()["totals"]["enqueued"] == before
