@@ -62,13 +62,13 @@ def start_daemon(binary, data_dir, fsync):
     return process, "tcp://" + line.rsplit(" ", 1)[1]
 
 
-def start_worker(url, queue, concurrency, prefetch=None):
+def start_worker(url, queue, concurrency, prefetch=None, pool="prefork"):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [sys.executable, "-m", "broker_client", "worker", "bench:broker", "--url", url, "--queues", queue,
          "--concurrency", str(concurrency), "--loglevel", "info"]
-        + ([] if prefetch is None else ["--prefetch", str(prefetch)]),
+        + ([] if prefetch is None else ["--prefetch", str(prefetch)]) + ["--pool", pool],
         cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60
@@ -94,6 +94,7 @@ def main():
     parser.add_argument("--latency-samples", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=None, help="the worker's --prefetch (default: its own)")
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
     args = parser.parse_args()
 
     binary = daemon_binary()
@@ -117,7 +118,7 @@ def main():
             for i in range(0, len(specs), 1000):
                 broker.connection().call("enqueue_batch", tasks=specs[i:i + 1000])
             base = broker.stats()["totals"]["succeeded"]
-            worker, worker_log = start_worker(url, "bench", args.concurrency, args.prefetch)
+            worker, worker_log = start_worker(url, "bench", args.concurrency, args.prefetch, args.pool)
             # The worker was started after the backlog was written, but its start-up is excluded: time from the
             # first completion to the last, plus one task's share.
             first_deadline = time.monotonic() + 60

@@ -31,7 +31,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 FIGURES = [
     ("delay", r"\.delay\(\) rate.*?([0-9.]+) tasks/s", ".delay() rate, one process (tasks/s)", True),
-    ("e2e", r"end to end.*?([0-9.]+) tasks/s", "end to end, 2-process worker (tasks/s)", True),
+    ("e2e", r"end to end.*?([0-9.]+) tasks/s", "end to end, worker (tasks/s)", True),
     ("p50", r"p50 ([0-9.]+) ms", ".delay().get() p50 (ms)", False),
     ("p99", r"p99 ([0-9.]+) ms", ".delay().get() p99 (ms)", False),
 ]
@@ -87,7 +87,7 @@ def measure_celery(args):
         results = [noop.apply_async(queue="bench") for _ in range(args.n)]
         env = dict(os.environ, PYTHONPATH=str(HERE))
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "bench_celery_worker", "worker", "--pool", "prefork",
+            [sys.executable, "-m", "celery", "-A", "bench_celery_worker", "worker", "--pool", args.pool,
              "--concurrency", str(args.concurrency), "-Q", "bench", "--without-gossip", "--without-mingle",
              "--without-heartbeat", "--loglevel", "warning"],
             cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -135,7 +135,7 @@ def run_one(system, args):
     else:
         command = [sys.executable, str(HERE / "bench.py"), "--fsync", system.split("-")[1]]
     command += ["-n", str(args.n), "--latency-samples", str(args.latency_samples),
-                "--concurrency", str(args.concurrency)]
+                "--concurrency", str(args.concurrency), "--pool", args.pool]
     out = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"{system} failed:\n{out.stdout}\n{out.stderr}")
@@ -153,7 +153,7 @@ def table(records, runs, args):
     import celery
 
     lines = [
-        f"Celery {celery.__version__} + Redis (no persistence) vs broker, prefork pool, concurrency {args.concurrency}, "
+        f"Celery {celery.__version__} + Redis (no persistence) vs broker, {args.pool} pool, concurrency {args.concurrency}, "
         f"no-op task, -n {args.n}, {runs} run(s), medians; broker/celery = median of per-run ratios",
         f"{'figure':<40} {'celery':>10} {'broker always':>14} {'broker interval':>16} {'always/celery':>14} "
         f"{'interval/celery':>16}",
@@ -174,6 +174,8 @@ def main():
     parser.add_argument("-n", type=int, default=3000, help="tasks for the rate measurements")
     parser.add_argument("--latency-samples", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "threads"],
+                        help="the pool of both workers (Celery's --pool, broker's worker --pool)")
     args = parser.parse_args()
     if args.mode == "measure-celery":
         measure_celery(args)

@@ -82,14 +82,15 @@ class Daemon:
 class WorkerProcess:
     """`python -m broker_client worker tasks_app:broker` as a child process, logging to a file."""
 
-    def __init__(self, url, queues, log_path, concurrency=2, grace=30.0, prefetch=None):
+    def __init__(self, url, queues, log_path, concurrency=2, grace=30.0, prefetch=None, pool="prefork"):
+        self.pool = pool
         self.log_path = log_path
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker_client", "worker", "tasks_app:broker", "--url", url,
              "--queues", ",".join(queues), "--concurrency", str(concurrency), "--grace", str(grace)]
-            + ([] if prefetch is None else ["--prefetch", str(prefetch)]),
+            + ([] if prefetch is None else ["--prefetch", str(prefetch)]) + ["--pool", pool],
             cwd=TESTS_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         poll(lambda: "worker ready" in self.output() or self.process.poll() is not None, timeout=60,
@@ -129,10 +130,12 @@ def tasks(daemon):
     return tasks_app
 
 
-@pytest.fixture(scope="session")
-def worker(daemon, tasks, tmp_path_factory):
-    """A 2-process worker on the test app's default queue, shared by the tests that do not stop workers."""
-    proc = WorkerProcess(daemon.url, [tasks.QUEUE], tmp_path_factory.mktemp("worker") / "worker.log")
+@pytest.fixture(scope="session", params=["prefork", "threads", "solo"])
+def worker(request, daemon, tasks, tmp_path_factory):
+    """A worker on the test app's default queue, shared by the tests that do not stop workers; each of them runs
+    once per pool (2 processes, 2 threads, solo)."""
+    proc = WorkerProcess(daemon.url, [tasks.QUEUE], tmp_path_factory.mktemp("worker") / "worker.log",
+                         pool=request.param)
     yield proc
     proc.stop()
 

@@ -4,6 +4,8 @@ import os
 import pathlib
 import signal
 
+import pytest
+
 from conftest import poll
 
 
@@ -98,6 +100,8 @@ def test_sigterm_past_the_grace_period_releases_the_task(tasks, start_worker, qu
 
 
 def test_a_crashing_child_is_replaced_and_its_task_retried(tasks, worker, gate):
+    if worker.pool != "prefork":
+        pytest.skip("only the prefork pool has children")
     result = tasks.block.delay(gate["started"], gate["release"], "survived")
     pid = poll(lambda: _started_pids(gate), what="the task to start")[0]
     os.kill(pid, signal.SIGKILL)

@@ -15,6 +15,9 @@ def main(argv=None):
                         "(default: the broker's default queue, 'default')")
     worker.add_argument("--concurrency", "-c", type=int, default=None,
                         help="child processes running tasks (default: the number of CPUs)")
+    worker.add_argument("--pool", "-P", default="prefork", choices=["prefork", "threads", "solo"],
+                        help="where tasks run, as Celery's --pool: prefork (child processes, the default), threads "
+                        "(threads of this process: for I/O-bound tasks), solo (one thread)")
     worker.add_argument("--prefetch", type=int, default=None,
                         help="leased tasks held beyond the running ones, started as children free up (default: "
                         "--concurrency; 0 for long tasks, so none waits behind a busy child)")
@@ -32,7 +35,7 @@ def main(argv=None):
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     worker = Worker(args.app, queues=queues, concurrency=args.concurrency, url=args.url, grace=args.grace,
-                    prefetch=args.prefetch)
+                    prefetch=args.prefetch, pool=args.pool)
     return worker.run()
 
 

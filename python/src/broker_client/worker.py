@@ -40,7 +40,7 @@ from multiprocessing.connection import wait as wait_for
 from . import serialization
 from .connection import Connection
 from .errors import BrokerError, ConnectionLost
-from .execution import child_main, load_broker
+from .execution import child_main, load_broker, run_job
 
 log = logging.getLogger("broker_client.worker")
 
@@ -180,7 +180,9 @@ class _Slot:
                               "message": f"the worker process running the task died (exit code {code})"},
                 }, time.monotonic() - started)
             return
-        runtime = outcome.get("runtime", time.monotonic() - started)
+        self._finish(job, outcome, outcome.get("runtime", time.monotonic() - started))
+
+    def _finish(self, job, outcome, runtime):
         if outcome.get("ok"):
             self.worker.ack(job, outcome, runtime)  # sent from here: no hand-off to a reporter
         else:
@@ -203,11 +205,51 @@ class _Slot:
             log.error("%s", e)
 
 
+class _ThreadSlot(_Slot):
+    """A slot of the ``threads`` and ``solo`` pools: its thread runs the task itself, in the worker process. No
+    pipe, no child, so a short task costs far less; but a thread cannot be stopped: a task revoked while it runs
+    ends ``REVOKED`` only once it returns, and one still running when the grace period is over is left to finish
+    as the process exits (the daemon then requeues it, the attempt counted)."""
+
+    def spawn(self):
+        pass
+
+    def await_ready(self, timeout=None):
+        pass
+
+    def kill(self):
+        pass  # see the class documentation: the task is not stopped
+
+    def stop(self):
+        pass
+
+    def _run(self, job):
+        with self.lock:
+            self.current, self.revoked, self.abandoned = job, False, False
+        started = time.monotonic()
+        outcome = run_job(self.worker.broker, job)
+        with self.lock:
+            self.current = None
+            revoked = self.revoked
+        if revoked:
+            self.worker.report(self.worker.settle_revoked, job)
+        else:
+            self._finish(job, outcome, time.monotonic() - started)
+
+
+#: The pools, as Celery names them: prefork runs tasks in child processes; threads in threads of the worker
+#: process; solo in one thread.
+POOLS = ("prefork", "threads", "solo")
+
+
 class Worker:
     """``Worker(app_spec, queues=["default"], concurrency=os.cpu_count()).run()``; see the module docstring."""
 
     def __init__(self, app_spec, queues=None, concurrency=None, url=None, grace=60.0, start_method="spawn",
-                 prefetch=None):
+                 prefetch=None, pool="prefork"):
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}: one of {', '.join(POOLS)}")
+        self.pool = pool
         self.app_spec = app_spec
         self.broker = load_broker(app_spec)
         self.url_override = url
@@ -215,7 +257,7 @@ class Worker:
             self.broker.url = url
         self.broker.client_name = f"worker@{socket.gethostname()}:{os.getpid()}"
         self.queues = list(queues or [self.broker.default_queue or "default"])
-        self.concurrency = max(1, int(concurrency or os.cpu_count() or 1))
+        self.concurrency = 1 if pool == "solo" else max(1, int(concurrency or os.cpu_count() or 1))
         #: Leased tasks held beyond the running ones (default: as many as there are children).
         self.prefetch = self.concurrency if prefetch is None else max(0, int(prefetch))
         self.grace = grace
@@ -231,7 +273,8 @@ class Worker:
         self.running_lock = threading.Lock()
         self.stopping = threading.Event()
         self.cold = False
-        self.slots = [_Slot(self, i) for i in range(self.concurrency)]
+        slot = _Slot if pool == "prefork" else _ThreadSlot
+        self.slots = [slot(self, i) for i in range(self.concurrency)]
 
     # -- life cycle ------------------------------------------------------------------------------------------
 
@@ -259,8 +302,8 @@ class Worker:
         heartbeat.start()
         leaser = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
         leaser.start()
-        log.info("worker ready: %s, queues %s, concurrency %d, prefetch %d, daemon %s; tasks: %s", self.app_spec,
-                 ",".join(self.queues), self.concurrency, self.prefetch, self.broker.url,
+        log.info("worker ready: %s, queues %s, pool %s, concurrency %d, prefetch %d, daemon %s; tasks: %s",
+                 self.app_spec, ",".join(self.queues), self.pool, self.concurrency, self.prefetch, self.broker.url,
                  ", ".join(sorted(self.broker.tasks)))
         try:
             while not self.stopping.is_set():
