@@ -1,6 +1,7 @@
 """The app the tests enqueue into and the test workers run: a Flask app bound to a Broker, with tasks that
 exercise results, failures, retries, blocking, bad results and the Flask request context."""
 
+import asyncio
 import os
 import time
 
@@ -42,6 +43,12 @@ class PaymentDeclined(Exception):
 
 @broker.task
 def add(x, y):
+    return x + y
+
+
+@broker.task
+async def async_add(x, y):
+    await asyncio.sleep(0.001)
     return x + y
 
 

@@ -1,5 +1,6 @@
 """The producer API against a real daemon and a real worker: results, failures, retries, revocation."""
 
+import asyncio
 import os
 import pathlib
 
@@ -157,3 +158,32 @@ def test_delay_many_checks_every_item_before_sending_any(tasks, daemon):
     with pytest.raises(TypeError):
         tasks.add.delay_many([(1, 2), (1, 2, 3)])
     assert tasks.broker.stats()["totals"]["enqueued"] == before
+
+
+def test_an_async_def_task_runs_on_the_workers_event_loop(tasks, worker):
+    assert [tasks.async_add.delay(i, 1).get(timeout=20) for i in range(3)] == [1, 2, 3]
+
+
+def test_the_async_client_api_enqueues_and_waits_without_blocking_the_loop(tasks, worker):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        beat = asyncio.create_task(ticker())
+        results = [await tasks.add.delay_async(i, i) for i in range(5)]
+        values = await asyncio.gather(*(r.aget(timeout=20) for r in results))
+        idle = tasks.add.apply_async((1, 1), queue="nobody-consumes-this")
+        with pytest.raises(TimeoutError):
+            await idle.aget(timeout=0.3)
+        beat.cancel()
+        idle.revoke()
+        return values, ticks
+
+    values, ticks = asyncio.run(main())
+    assert values == [0, 2, 4, 6, 8]
+    assert ticks > 10, "the event loop kept running while the calls waited"

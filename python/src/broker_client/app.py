@@ -8,6 +8,7 @@ never runs anything itself except when called directly, like a plain function. R
 (:mod:`broker_client.worker`).
 """
 
+import asyncio
 import datetime
 import functools
 import inspect
@@ -37,6 +38,8 @@ _MAX_WAIT_MS = 300_000
 _FOREVER = 2**32 - 1
 #: Tasks per enqueue_batch request in delay_many (the daemon accepts up to max_enqueue_batch, 10,000 by default).
 _BATCH = 1000
+#: How long one wait of ``aget`` holds an executor thread (it waits again until the task finishes or times out).
+_AGET_SLICE = 0.25
 
 
 def _is_flask_app(obj):
@@ -231,6 +234,11 @@ class Task:
         reply = self.broker.connection().call("enqueue", task=self._spec(args, kwargs, **options))
         return AsyncResult(reply["id"], self.broker, task_name=self.name)
 
+    async def delay_async(self, *args, **kwargs):
+        """``delay`` for asyncio code (FastAPI, Quart...): the request runs on a worker thread
+        (``asyncio.to_thread``, which carries the current context along), so the event loop never blocks."""
+        return await asyncio.to_thread(self.apply_async, args, kwargs)
+
     def delay_many(self, arguments, **options):
         """Enqueues one task per item of `arguments` (a tuple or list: the positional arguments; a dict: the keyword
         arguments), with one durable write per 1,000 tasks (``enqueue_batch``) instead of one per task. Takes
@@ -396,6 +404,18 @@ class AsyncResult:
 
     def failed(self):
         return self.state == "FAILURE"
+
+    async def aget(self, timeout=None, propagate=True):
+        """``get`` for asyncio code. It waits in short slices on a worker thread (``asyncio.to_thread``), so many
+        awaits at once do not hold the default executor's threads for long."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _AGET_SLICE if deadline is None else max(0.0, min(_AGET_SLICE, deadline - time.monotonic()))
+            try:
+                return await asyncio.to_thread(self.get, left, propagate)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"task {self.id} did not finish within {timeout}s") from None
 
     def get(self, timeout=None, propagate=True, interval=None):
         """Waits for the task to finish and returns its result. With `propagate`, a failed task raises its error

@@ -9,12 +9,15 @@ Children ignore SIGINT and SIGTERM (the parent decides when they stop) and die w
 ``PR_SET_PDEATHSIG``, and an end-of-file on the pipe elsewhere).
 """
 
+import asyncio
 import ctypes
 import importlib
+import inspect
 import os
 import signal
 import sys
 import time
+import threading
 import traceback
 
 from . import flask_context, serialization
@@ -65,6 +68,18 @@ def describe_exception(exc):
     return {"type": name, "message": message, "traceback": text}
 
 
+_local = threading.local()
+
+
+def _event_loop():
+    """This thread's event loop for `async def` tasks, created once and kept (a loop per task costs more than a
+    no-op task)."""
+    loop = getattr(_local, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _local.loop = asyncio.new_event_loop()
+    return loop
+
+
 def run_job(broker, job):
     """Runs one leased task; returns its outcome map (never raises)."""
     from .app import TaskRequest
@@ -85,6 +100,8 @@ def run_job(broker, job):
     try:
         with flask_context.task_context(broker.flask_app, job.get("context"), broker.g_loaders):
             result = task(*job.get("args", []), **job.get("kwargs", {}))
+            if inspect.isawaitable(result):  # an `async def` task: run it on this thread's event loop
+                result = _event_loop().run_until_complete(result)
         try:
             serialization.check_value(f"the result of {name}", result, "be stored as a task result")
         except SerializationError as exc:
