@@ -5,7 +5,7 @@
 //! cargo build --release --examples --bin broker
 //! target/release/broker serve --listen 127.0.0.1:7499 --data-dir /tmp/broker-bench &
 //! target/release/examples/worker_bench --addr 127.0.0.1:7499 [--tasks 20000] [--window 256]
-//!                                      [--latency-tasks 2000] [--users 8] [--concurrency 8]
+//!                                      [--latency-tasks 2000] [--users 8] [--concurrency 8] [--prefetch N]
 //! ```
 //!
 //! Two phases, each on its own queue so they do not mix:
@@ -58,6 +58,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let latency_tasks = arg_or("--latency-tasks", 2_000);
     let users = arg_or("--users", 8).max(1);
     let concurrency = arg_or("--concurrency", 8);
+    // The worker's own default (as many as `concurrency`) unless given.
+    let prefetch = arg("--prefetch").and_then(|v| v.parse().ok()).unwrap_or(concurrency);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
     let run = format!("{}-{}", std::process::id(), now.as_millis());
     let throughput_queue = format!("bench-throughput-{run}");
@@ -66,6 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let worker = Worker::builder(options.clone().name("worker_bench-worker"))
         .queues([throughput_queue.clone(), latency_queue.clone()])
         .concurrency(concurrency)
+        .prefetch(prefetch)
         .poll_wait(Duration::from_millis(200))
         .register("noop", noop)
         .build();
@@ -117,7 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     daemon_ms.sort_by(f64::total_cmp);
     println!(
-        "throughput: {tasks} tasks in {:.2} s = {:.0} tasks/s end to end (enqueue alone: {:.0} tasks/s, window {window}, worker concurrency {concurrency})",
+        "throughput: {tasks} tasks in {:.2} s = {:.0} tasks/s end to end (enqueue alone: {:.0} tasks/s, window {window}, worker concurrency {concurrency}, prefetch {prefetch})",
         elapsed.as_secs_f64(),
         tasks as f64 / elapsed.as_secs_f64(),
         tasks as f64 / enqueued_in.as_secs_f64(),
