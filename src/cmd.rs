@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::store::record::{key_str, map_entries};
 use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
@@ -244,18 +245,7 @@ const NAMED_BY_STR: &str = "invalid request: name every field with a str";
 
 /// The bytes of the value under `key` in `map`, the bytes of one well-formed MessagePack map (a checked frame).
 fn field<'a>(map: &'a [u8], key: &str) -> Option<&'a [u8]> {
-    let mut rest = map;
-    let entries = rmp::decode::read_map_len(&mut rest).ok()?;
-    for _ in 0..entries {
-        let key_len = value_len(rest, MAX_DEPTH).ok()?;
-        let (this_key, after_key) = rest.split_at(key_len);
-        let len = value_len(after_key, MAX_DEPTH).ok()?;
-        if rmp::decode::read_str_from_slice(this_key).is_ok_and(|(k, _)| k == key) {
-            return Some(&after_key[..len]);
-        }
-        rest = &after_key[len..];
-    }
-    None
+    map_entries(map)?.ok()?.into_iter().find(|(k, _)| key_str(k) == Some(key)).map(|(_, value)| value)
 }
 
 /// Takes each task's arguments from its bytes in the frame (serde skipped them): `specs` is the bytes of the

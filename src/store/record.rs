@@ -294,15 +294,43 @@ fn is_array(value: &[u8]) -> bool {
 
 /// Checks that `value` (one whole, well-formed MessagePack value) is a map whose keys are all strings.
 fn check_string_map(value: &[u8], field: &str) -> Result<(), String> {
-    let mut rest = value;
-    let entries = rmp::decode::read_map_len(&mut rest).map_err(|_| format!("`{field}` must be a map"))?;
-    for _ in 0..entries {
-        let (_, after_key) =
-            rmp::decode::read_str_from_slice(rest).map_err(|_| format!("the keys of `{field}` must be strings"))?;
-        let len = value_len(after_key, MAX_DEPTH)?;
-        rest = &after_key[len..];
+    let entries = map_entries(value).ok_or_else(|| format!("`{field}` must be a map"))??;
+    if entries.iter().any(|(key, _)| key_str(key).is_none()) {
+        return Err(format!("the keys of `{field}` must be strings"));
     }
     Ok(())
+}
+
+/// One map entry: its key's bytes and its value's.
+pub type Entry<'a> = (&'a [u8], &'a [u8]);
+
+/// The entries of the MessagePack map `map` starts with; `None` if it is no map, an error if an entry is
+/// malformed.
+pub fn map_entries(map: &[u8]) -> Option<Result<Vec<Entry<'_>>, String>> {
+    let mut rest = map;
+    let count = rmp::decode::read_map_len(&mut rest).ok()?;
+    let mut entries = Vec::with_capacity(count.min(64) as usize);
+    fn split(rest: &[u8]) -> Result<(&[u8], &[u8]), String> {
+        value_len(rest, MAX_DEPTH).map(|len| rest.split_at(len))
+    }
+    for _ in 0..count {
+        let (key, after_key) = match split(rest) {
+            Ok(parts) => parts,
+            Err(e) => return Some(Err(e)),
+        };
+        let (value, after_value) = match split(after_key) {
+            Ok(parts) => parts,
+            Err(e) => return Some(Err(e)),
+        };
+        entries.push((key, value));
+        rest = after_value;
+    }
+    Some(Ok(entries))
+}
+
+/// A map key's text, if it is a `str`.
+pub fn key_str(key: &[u8]) -> Option<&str> {
+    rmp::decode::read_str_from_slice(key).ok().map(|(text, _)| text)
 }
 
 impl Payload {
@@ -351,21 +379,15 @@ impl Payload {
 
     /// The payload of a task spec: `spec` holds the bytes of its map (one well-formed MessagePack value).
     pub fn of_spec(spec: &[u8]) -> Result<Payload, String> {
-        let mut rest = spec;
-        let entries = rmp::decode::read_map_len(&mut rest).map_err(|_| "a task must be a map".to_string())?;
+        let entries = map_entries(spec).ok_or_else(|| "a task must be a map".to_string())??;
         let mut found: [Option<&[u8]>; 3] = [None; 3];
-        for _ in 0..entries {
-            let key_len = value_len(rest, MAX_DEPTH)?;
-            let (key, after_key) = rest.split_at(key_len);
-            let value_len = value_len(after_key, MAX_DEPTH)?;
-            let (value, after_value) = after_key.split_at(value_len);
-            rest = after_value;
-            let slot = match rmp::decode::read_str_from_slice(key) {
-                Ok(("args", _)) => 0,
-                Ok(("kwargs", _)) => 1,
-                Ok(("context", _)) => 2,
-                Ok(_) => continue,
-                Err(_) => return Err("the keys of a task must be strings".into()),
+        for (key, value) in entries {
+            let slot = match key_str(key) {
+                Some("args") => 0,
+                Some("kwargs") => 1,
+                Some("context") => 2,
+                Some(_) => continue,
+                None => return Err("the keys of a task must be strings".into()),
             };
             if found[slot].replace(value).is_some() {
                 return Err(format!("duplicate field `{}`", ["args", "kwargs", "context"][slot]));
