@@ -112,6 +112,25 @@ def test_a_crashing_child_is_replaced_and_its_task_retried(tasks, worker, gate):
     assert "WorkerLostError" in worker.output()
 
 
+def test_a_dead_child_gives_back_the_tasks_it_held_unrun(tasks, start_worker, queue_name, gate):
+    # Enqueued before the worker starts, so one lease takes all three and the child gets them as one batch.
+    running = tasks.block.apply_async((gate["started"], gate["release"], "survived"), queue=queue_name)
+    waiting = [tasks.add.apply_async((i, i), queue=queue_name) for i in range(2)]
+    worker = start_worker([queue_name], concurrency=1, prefetch=2)
+    pid = poll(lambda: _started_pids(gate), what="the task to start")[0]
+    assert _leased(tasks, queue_name) == 3
+    os.kill(pid, signal.SIGKILL)
+    poll(lambda: len(_started_pids(gate)) == 2, what="the running task to be retried")
+    assert "not started: the worker process it was handed to died" in worker.output()
+    pathlib.Path(gate["release"]).touch()
+    assert running.get(timeout=20) == "survived"
+    assert running.info_raw["attempts"] == 2
+    assert "WorkerLostError" in worker.output()
+    for i, w in enumerate(waiting):
+        assert w.get(timeout=20) == 2 * i
+        assert w.info_raw["attempts"] == 1, w.info_raw  # given back unrun: only the run that succeeded counts
+
+
 def _alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -18,9 +18,11 @@ It reconnects on the next call after a failure; requests in flight when it broke
 
 import itertools
 import os
+import select
 import socket
 import struct
 import threading
+import time
 from urllib.parse import urlparse
 
 from . import serialization
@@ -175,6 +177,40 @@ class Connection:
                 self._await(None, generation, "pump")
             except ConnectionLost:
                 pass
+
+    def drain(self, timeout=0.0):
+        """Reads replies to `send`s without a pump thread, for a process with one thread: those that have arrived
+        (`timeout` 0), or until none is outstanding or `timeout` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._state:
+                if self._sock is None or self._pid != os.getpid() or not self._callbacks or self._reading:
+                    return
+                sock, generation = self._sock, self._generation
+            ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return
+            try:
+                self._await(None, generation, "drain")
+            except ConnectionLost:
+                return
+
+    def wait_replies(self, timeout):
+        """Waits up to `timeout` seconds for a pump thread to read the replies of every outstanding `send`;
+        returns whether none is left."""
+        deadline = time.monotonic() + timeout
+        with self._state:
+            while self._callbacks and self._sock is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._state.wait(left)
+            return True
+
+    def fileno(self):
+        """The socket's file descriptor (to wait for replies with select or poll); None while it is not open."""
+        with self._state:
+            return self._sock.fileno() if self._sock is not None and self._pid == os.getpid() else None
 
     def _break(self, generation, cause):
         with self._state:

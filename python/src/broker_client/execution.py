@@ -1,26 +1,35 @@
-"""The child side of the worker: a process that imports the app and runs one task at a time.
+"""The child side of the prefork pool: a process that imports the app and runs the tasks its parent hands it.
 
-The parent (:mod:`broker_client.worker`) sends a leased task as one MessagePack message over a pipe; the child
-runs it inside the right Flask context and answers with one outcome message: ``{"ok": true, "result": ...}``, or
-``{"ok": false, "retry": bool, "countdown_ms": int|None, "error": {type, message, traceback}}``. The child never
-talks to the daemon: the parent holds the leases, the heartbeats and the acks, so a crashing task cannot lose one.
+The parent (:mod:`broker_client.worker`) holds the leases and the heartbeats. It sends tasks in batches over a
+pipe, as MessagePack messages: ``{"batch": [task, ...]}``, and ``{"revoke": id}`` (a handed task the daemon says
+was revoked: settle it without running it) or ``{"stop": true}`` (warm shutdown: release the tasks not started).
+The child runs them in order, one at a time, and settles each itself on a connection of its own (``ack`` or
+``fail``, pipelined: it does not wait for the reply to start the next task). When it has settled the last task of
+a batch it tells the parent ``{"done": n}``, n counting every task settled since the child started.
+
+Two counters in memory shared with the parent say how far the child got: tasks *started* and tasks *settled*, in
+hand-off order. If the child dies, the parent reads them: the task started but not settled was running (it fails
+it with ``WorkerLostError``), the tasks not started go back to their queue unrun.
 
 Children ignore SIGINT and SIGTERM (the parent decides when they stop) and die with the parent (Linux
 ``PR_SET_PDEATHSIG``, and an end-of-file on the pipe elsewhere).
 """
 
 import asyncio
+import collections
 import ctypes
 import importlib
 import inspect
+import logging
 import os
+import select
 import signal
 import sys
 import time
 import threading
 import traceback
 
-from . import flask_context, serialization
+from . import flask_context, outcomes, serialization
 from .errors import NotRegistered, Retry, SerializationError
 
 
@@ -136,11 +145,17 @@ def _die_with_parent(parent_pid):
         os._exit(1)
 
 
-def child_main(pipe, app_spec, url, parent_pid):
-    """The child process's entry point: load the app, then answer jobs until the pipe closes."""
+#: The shared counters' slots (a ``multiprocessing.RawArray("q", 2)`` per child).
+STARTED, SETTLED = 0, 1
+
+
+def child_main(pipe, app_spec, url, parent_pid, counters, log_setup):
+    """The child process's entry point: load the app, then run what the parent hands it until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    level, fmt = log_setup
+    logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
     try:
         broker = load_broker(app_spec)
         if url:
@@ -149,15 +164,76 @@ def child_main(pipe, app_spec, url, parent_pid):
         pipe.send_bytes(serialization.packb({"fatal": traceback.format_exc()}))
         return
     pipe.send_bytes(serialization.packb({"ready": True}))
-    while True:
-        try:
-            job = serialization.unpackb(pipe.recv_bytes())
-        except (EOFError, OSError):
-            return
-        started = time.monotonic()
-        outcome = run_job(broker, job)
-        outcome["runtime"] = time.monotonic() - started
-        try:
-            pipe.send_bytes(serialization.packb(outcome))
-        except (BrokenPipeError, OSError):
-            return
+    _Child(broker, pipe, counters).run()
+
+
+class _Child:
+    """The child's loop: one thread reads the parent's messages, runs tasks and reads the daemon's replies."""
+
+    def __init__(self, broker, pipe, counters):
+        self.broker = broker
+        self.conn = broker.connection()
+        self.pipe = pipe
+        self.counters = counters
+        self.waiting = collections.deque()  # (task, last of its batch), in hand-off order
+        self.revoked = set()
+        self.stopping = False
+        self.closed = False
+
+    def run(self):
+        while not (self.closed and not self.waiting):
+            self._read_messages(block=not self.waiting)
+            if self.waiting:
+                self._next()
+        self.conn.drain(timeout=5)  # the replies still on their way, for their log lines
+
+    def _read_messages(self, block):
+        """Takes the parent's messages that have arrived and the daemon's replies; with `block`, waits for one of
+        them first."""
+        while True:
+            fds = [self.pipe.fileno()]
+            sock = self.conn.fileno()
+            if sock is not None:
+                fds.append(sock)
+            ready, _, _ = select.select(fds, [], [], None if block and not self.closed else 0)
+            if sock is not None and sock in ready:
+                self.conn.drain()
+            if fds[0] not in ready:
+                if ready and block:
+                    continue  # only replies: keep waiting for the parent
+                return
+            try:
+                message = serialization.unpackb(self.pipe.recv_bytes())
+            except (EOFError, OSError):
+                self.closed = True
+                self.stopping = True
+                return
+            if "batch" in message:
+                batch = message["batch"]
+                self.waiting.extend((job, i == len(batch) - 1) for i, job in enumerate(batch))
+            elif "revoke" in message:
+                self.revoked.add(message["revoke"])
+            elif message.get("stop"):
+                self.stopping = True
+            block = False
+
+    def _next(self):
+        job, last = self.waiting.popleft()
+        if self.stopping:
+            outcomes.release(self.conn, job, "prefetched, not started before the shutdown")
+        elif job["id"] in self.revoked:
+            self.revoked.discard(job["id"])
+            outcomes.settle_revoked(self.conn, job)
+        else:
+            self.counters[STARTED] += 1
+            started = time.monotonic()
+            outcome = run_job(self.broker, job)
+            outcomes.settle(self.conn, job, outcome, time.monotonic() - started)
+        self.counters[SETTLED] += 1
+        if self.counters[STARTED] < self.counters[SETTLED]:
+            self.counters[STARTED] = self.counters[SETTLED]
+        if last and not self.closed:
+            try:
+                self.pipe.send_bytes(serialization.packb({"done": self.counters[SETTLED]}))
+            except OSError:
+                self.closed = True

@@ -1,32 +1,38 @@
-"""The worker's parent process: leases tasks, hands them to child processes, heartbeats, acks, shuts down cleanly.
+"""The worker process: leases tasks, hands them to its pool, heartbeats, shuts down cleanly.
 
-Shape (one parent, ``concurrency`` children, one connection):
+Shape (prefork: one parent, ``concurrency`` children, one connection for leases and one for the rest):
 
 * the **lease loop** holds at most ``concurrency + prefetch`` leased tasks: it takes one permit per task it may
-  still hold and long-polls ``lease`` for that many. Tasks beyond the idle children wait in the parent, first
-  leased first started, their leases kept alive by the heartbeat thread, so a child that finishes starts the next
-  task without a round trip to the daemon. The trade-off is Celery's ``worker_prefetch_multiplier``: a prefetched
-  task waits behind this worker's running ones while another worker may be idle (``--prefetch 0`` for long
-  tasks);
-* one **slot thread** per child sends it a task over a pipe and waits for the outcome (or the child's death). An
-  ``ack`` it sends itself without waiting for the reply (a **reply thread** reads the replies and ends each task's
-  bookkeeping), so acks are pipelined and the child starts its next task at once; a ``fail`` or ``release`` goes
-  to a **reporter thread**. Leasing has a connection of its own, so its replies never queue behind the acks'
-  flushes;
-* the **heartbeat thread** sends ``extend`` for every running task at about a third of its lease, and stops
-  (kills) a child whose task the daemon reports revoked.
+  still hold and long-polls ``lease`` for that many. Tasks beyond the running ones wait, first leased first
+  started, their leases kept alive by the heartbeat thread, so a child that finishes starts the next task without a
+  round trip to the daemon. The trade-off is Celery's ``worker_prefetch_multiplier``: a prefetched task waits
+  behind this worker's running ones while another worker may be idle (``--prefetch 0`` for long tasks);
+* one **slot thread** per child hands it tasks in batches (up to its share of the held tasks, a second batch
+  while it runs the first) over a pipe. The child runs them and settles each itself (``ack`` or ``fail``) on a
+  connection of its own, pipelined, and says when it has settled a batch: the parent does no work per task beyond
+  leasing it. Two counters the child keeps in shared memory (started, settled) tell the parent what a child that
+  died was running;
+* the **heartbeat thread** sends ``extend`` for every held task at about a third of its lease, and stops (kills) a
+  child whose running task the daemon reports revoked (a held task not yet started is skipped by the child).
 
-The parent never runs task code; a child that dies mid-task fails its task with ``WorkerLostError`` (retried
-within its budget), and the child is replaced. If the parent itself dies, its connection closes and the daemon
-returns every lease it held to its queue: nothing is lost, the tasks run again elsewhere.
+With the threads and solo pools, slot threads run the tasks in this process and ack them pipelined; a **reply
+thread** reads the replies.
+
+The parent never runs task code. A child that dies mid-task fails its task with ``WorkerLostError`` (retried within
+its budget), the tasks it held but had not started go back to their queue unrun, and the child is replaced. If the
+parent itself dies, its connection closes and the daemon returns every lease it held to its queue: nothing is
+lost, the tasks run again elsewhere.
 
 Shutdown: the first SIGTERM or SIGINT stops leasing, releases prefetched tasks unrun (the attempt not counted) and
-lets running tasks finish for up to ``grace`` seconds;
-tasks still running then are stopped and *released* (back to their queue, the attempt not counted). A second
-signal skips the wait. The process exits 0 once every lease is settled.
+lets running tasks finish for up to ``grace`` seconds; tasks still running then are stopped and *released* (back to
+their queue, the attempt not counted). A second signal skips the wait. The process exits 0 once every lease is
+settled.
 """
 
+import collections
+import functools
 import logging
+import math
 import multiprocessing
 import os
 import queue as queue_module
@@ -37,10 +43,10 @@ import threading
 import time
 from multiprocessing.connection import wait as wait_for
 
-from . import serialization
+from . import outcomes, serialization
 from .connection import Connection
 from .errors import BrokerError, ConnectionLost
-from .execution import child_main, load_broker, run_job
+from .execution import SETTLED, STARTED, child_main, load_broker, run_job
 
 log = logging.getLogger("broker_client.worker")
 
@@ -60,17 +66,21 @@ class _Running:
 
 
 class _Slot:
-    """One child process and the parent thread that feeds it."""
+    """One child process of the prefork pool and the parent thread that feeds it batches (see
+    :mod:`broker_client.execution` for the child's side)."""
 
     def __init__(self, worker, index):
         self.worker = worker
         self.index = index
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `outstanding`, `revoked_id`, `abandoned`
+        self.send_lock = threading.Lock()  # one writer on the pipe at a time (the slot thread, the heartbeat)
         self.process = None
         self.pipe = None
-        self.current = None  # the job the child is running
-        self.revoked = False  # the daemon said the current task was revoked; the child was killed
-        self.abandoned = False  # shutdown ran out of time; the child was killed, the lease is released
+        self.counters = None  # tasks started and settled by the child (execution.STARTED, SETTLED)
+        self.outstanding = collections.deque()  # (hand-off number, task) handed to the child and not yet done
+        self.next_seq = 0
+        self.revoked_id = None  # the daemon said the running task was revoked; the child was killed
+        self.abandoned = False  # shutdown ran out of time; the child was killed, its task is released
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
 
     # -- the child -------------------------------------------------------------------------------------------
@@ -78,17 +88,19 @@ class _Slot:
     def spawn(self):
         context = self.worker.mp_context
         parent_end, child_end = context.Pipe(duplex=True)
+        counters = context.RawArray("q", 2)
         process = context.Process(
             target=child_main,
-            args=(child_end, self.worker.app_spec, self.worker.url_override, os.getpid()),
+            args=(child_end, self.worker.app_spec, self.worker.url_override, os.getpid(), counters,
+                  _log_setup()),
             name=f"broker-worker-child-{self.index}",
             daemon=True,
         )
         process.start()
         child_end.close()
-        self.process, self.pipe = process, parent_end
-        # One poll set per child, kept: building a selector per task (multiprocessing's wait) cost the parent more
-        # CPU than the rest of a task's hand-off.
+        self.process, self.pipe, self.counters, self.next_seq = process, parent_end, counters, 0
+        # One poll set per child, kept: building a selector per wait (multiprocessing's wait) costs the parent
+        # more CPU than the rest of a hand-off.
         self.poller = select.poll()
         self.poller.register(parent_end.fileno(), select.POLLIN)
         self.poller.register(process.sentinel, select.POLLIN)
@@ -113,80 +125,162 @@ class _Slot:
             self.process.kill()
 
     def stop(self):
+        """Closes the pipe (the child releases what it has not started, and exits) and waits for the child."""
         if self.pipe is not None:
             self.pipe.close()
         if self.process is not None:
-            self.process.join(timeout=5)
+            self.process.join(timeout=10)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
 
+    def tell(self, message):
+        try:
+            with self.send_lock:
+                self.pipe.send_bytes(serialization.packb(message))
+        except (OSError, ValueError, AttributeError):
+            pass  # the child is gone: the slot thread settles what it held
+
+    def tell_stop(self):
+        """Warm shutdown: the child finishes its running task and releases the others it holds."""
+        self.tell({"stop": True})
+
+    def _running(self):
+        """The task the child runs now, or None. Called with `lock` held."""
+        started, settled = self.counters[STARTED], self.counters[SETTLED]
+        if started > settled:
+            for seq, job in self.outstanding:
+                if seq == settled:
+                    return job
+        return None
+
+    def settled(self, task_id):
+        """Whether the child has settled `task_id` without the parent knowing yet."""
+        with self.lock:
+            return any(job["id"] == task_id and seq < self.counters[SETTLED] for seq, job in self.outstanding)
+
+    def on_revoked(self, job):
+        """The daemon says `job` was revoked: stop the child if it runs it, tell it if it holds it. Returns whether
+        this slot had it."""
+        with self.lock:
+            running = self._running()
+            if running is not None and running["id"] == job["id"]:
+                self.revoked_id = job["id"]
+                self.kill()
+                return True
+            held = any(j["id"] == job["id"] for _, j in self.outstanding)
+        if held:
+            self.tell({"revoke": job["id"]})
+        return held
+
+    def stop_running(self):
+        """Shutdown ran out of time: stop the child if it runs a task (which is released)."""
+        with self.lock:
+            if self._running() is not None:
+                self.abandoned = True
+                self.kill()
+
     # -- the feeding thread ----------------------------------------------------------------------------------
 
     def _loop(self):
+        exiting = False
         while True:
-            job = self.worker.inbox.get()
-            if job is None:
+            batch = []
+            if not exiting:
+                batch, exiting = self._take(block=not self.outstanding)
+            if batch:
+                self._hand(batch)
+            if self.outstanding:
+                try:
+                    self._await_child()
+                except Exception:  # keep the slot alive; leases it cannot settle expire and return their tasks
+                    log.exception("slot %d: unexpected error", self.index)
+            elif exiting:
                 return
-            if self.worker.stopping.is_set():
-                # A prefetched task: a stopping worker starts nothing new.
-                self.worker.report(self.worker.release, job, "prefetched, not started before the shutdown")
-                self.worker.permits.release()
-                continue
-            if self.worker.revoked_waiting(job):
-                self.worker.report(self.worker.settle_revoked, job)
-                self.worker.permits.release()
-                continue
+
+    def _take(self, block):
+        """Up to a batch of tasks from the worker's inbox, waiting for the first only if `block`. Returns (tasks,
+        whether the worker told this thread to exit)."""
+        jobs = []
+        while len(jobs) < self.worker.batch:
             try:
-                self._run(job)
-            except Exception:  # keep the slot alive whatever happens; the lease will expire and return the task
-                log.exception("slot %d: unexpected error handling task %s", self.index, job.get("id"))
-                self.worker.reported(job)
-            finally:
-                self.worker.permits.release()
+                job = self.worker.inbox.get() if block and not jobs else self.worker.inbox.get_nowait()
+            except queue_module.Empty:
+                break
+            if job is None:
+                return jobs, True
+            if self.worker.admit(job):
+                jobs.append(job)
+        return jobs, False
 
     def _poll(self, timeout=None):
         """The child's pipe and process events, waiting up to `timeout` seconds (None: until there is one)."""
         return dict(self.poller.poll(None if timeout is None else int(timeout * 1000)))
 
-    def _run(self, job):
-        if self.process.sentinel in self._poll(0):  # it died while idle: replace it before handing it a task
-            self._respawn()
+    def _hand(self, batch):
+        if not self.outstanding and self.process.sentinel in self._poll(0):
+            self._child_died()  # it died while idle: replace it before handing it tasks
         with self.lock:
-            self.current, self.revoked, self.abandoned = job, False, False
-        started = time.monotonic()
-        outcome = None
-        try:
-            self.pipe.send_bytes(serialization.packb(job))
-            # The pipe first: a child that answered and then died still answered (a dead child's pipe reads EOF).
-            if self.pipe.fileno() in self._poll():
-                outcome = serialization.unpackb(self.pipe.recv_bytes())
-        except (EOFError, OSError):
-            outcome = None
+            for job in batch:
+                self.outstanding.append((self.next_seq, job))
+                self.next_seq += 1
+        self.tell({"batch": batch})
+
+    def _await_child(self):
+        events = self._poll()
+        if self.pipe.fileno() in events:  # the pipe first: a child that answered and then died still answered
+            try:
+                message = serialization.unpackb(self.pipe.recv_bytes())
+            except (EOFError, OSError):
+                self._child_died()
+                return
+            if "done" in message:
+                self._done(message["done"])
+        elif self.process.sentinel in events:
+            self._child_died()
+
+    def _done(self, settled):
+        """The child settled every task it was handed up to number `settled`."""
+        finished = []
         with self.lock:
-            self.current = None
-            revoked, abandoned = self.revoked, self.abandoned
-        if outcome is None:
-            self._respawn()
-            if abandoned:
-                self.worker.report(self.worker.release, job, "stopped by shutdown")
-            elif revoked:
-                self.worker.report(self.worker.settle_revoked, job)
+            while self.outstanding and self.outstanding[0][0] < settled:
+                finished.append(self.outstanding.popleft()[1])
+        for job in finished:
+            self.worker.reported(job)
+            self.worker.permits.release()
+
+    def _child_died(self):
+        """Settles what the dead child held: what it settled stays so, the running task fails with WorkerLostError
+        (or is released, at a shutdown, or ends REVOKED), the others go back to their queue unrun. Then replaces
+        the child."""
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        started, settled = self.counters[STARTED], self.counters[SETTLED]
+        with self.lock:
+            jobs = list(self.outstanding)
+            self.outstanding.clear()
+            revoked_id, abandoned = self.revoked_id, self.abandoned
+            self.revoked_id, self.abandoned = None, False
+        worker = self.worker
+        conn = worker.broker.connection()
+        for seq, job in jobs:
+            done = functools.partial(worker.reported, job)
+            if seq < settled:
+                done()
+            elif seq >= started:
+                outcomes.release(conn, job, "not started: the worker process it was handed to died", done)
+            elif abandoned:
+                outcomes.release(conn, job, "stopped by shutdown", done)
+            elif job["id"] == revoked_id:
+                outcomes.settle_revoked(conn, job, done)
             else:
-                code = self.process.exitcode if self.process else None
-                self.worker.report(self.worker.settle, job, {
+                outcomes.settle(conn, job, {
                     "ok": False, "retry": True, "countdown_ms": 0,
                     "error": {"type": "WorkerLostError",
                               "message": f"the worker process running the task died (exit code {code})"},
-                }, time.monotonic() - started)
-            return
-        self._finish(job, outcome, outcome.get("runtime", time.monotonic() - started))
-
-    def _finish(self, job, outcome, runtime):
-        if outcome.get("ok"):
-            self.worker.ack(job, outcome, runtime)  # sent from here: no hand-off to a reporter
-        else:
-            self.worker.report(self.worker.settle, job, outcome, runtime)
+                }, 0.0, done)
+            worker.permits.release()
+        self._respawn()
 
     def _respawn(self):
         old = self.process
@@ -205,11 +299,19 @@ class _Slot:
             log.error("%s", e)
 
 
-class _ThreadSlot(_Slot):
-    """A slot of the ``threads`` and ``solo`` pools: its thread runs the task itself, in the worker process. No
+class _ThreadSlot:
+    """A slot of the ``threads`` and ``solo`` pools: its thread runs each task itself, in the worker process. No
     pipe, no child, so a short task costs far less; but a thread cannot be stopped: a task revoked while it runs
     ends ``REVOKED`` only once it returns, and one still running when the grace period is over is left to finish
     as the process exits (the daemon then requeues it, the attempt counted)."""
+
+    def __init__(self, worker, index):
+        self.worker = worker
+        self.index = index
+        self.lock = threading.Lock()
+        self.current = None  # the task this thread runs
+        self.revoked = False  # the daemon said the current task was revoked
+        self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
 
     def spawn(self):
         pass
@@ -217,24 +319,61 @@ class _ThreadSlot(_Slot):
     def await_ready(self, timeout=None):
         pass
 
-    def kill(self):
-        pass  # see the class documentation: the task is not stopped
-
     def stop(self):
         pass
 
+    def tell_stop(self):
+        pass
+
+    def stop_running(self):
+        pass  # see the class documentation: the task is not stopped
+
+    def settled(self, task_id):
+        return False
+
+    def on_revoked(self, job):
+        with self.lock:
+            if self.current is not None and self.current["id"] == job["id"]:
+                self.revoked = True
+                return True
+        return False
+
+    def _loop(self):
+        while True:
+            job = self.worker.inbox.get()
+            if job is None:
+                return
+            if not self.worker.admit(job):
+                continue
+            try:
+                self._run(job)
+            except Exception:  # keep the slot alive whatever happens; the lease will expire and return the task
+                log.exception("slot %d: unexpected error handling task %s", self.index, job.get("id"))
+                self.worker.reported(job)
+            finally:
+                self.worker.permits.release()
+
     def _run(self, job):
         with self.lock:
-            self.current, self.revoked, self.abandoned = job, False, False
+            self.current, self.revoked = job, False
         started = time.monotonic()
         outcome = run_job(self.worker.broker, job)
         with self.lock:
             self.current = None
             revoked = self.revoked
+        done = functools.partial(self.worker.reported, job)
+        conn = self.worker.broker.connection()
         if revoked:
-            self.worker.report(self.worker.settle_revoked, job)
+            outcomes.settle_revoked(conn, job, done)
         else:
-            self._finish(job, outcome, time.monotonic() - started)
+            outcomes.settle(conn, job, outcome, time.monotonic() - started, done)
+
+
+def _log_setup():
+    """The root logger's level and format, for a child to log as the worker does."""
+    root = logging.getLogger()
+    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter is not None), None)
+    return root.getEffectiveLevel(), fmt or logging.BASIC_FORMAT
 
 
 #: The pools, as Celery names them: prefork runs tasks in child processes; threads in threads of the worker
@@ -258,15 +397,15 @@ class Worker:
         self.broker.client_name = f"worker@{socket.gethostname()}:{os.getpid()}"
         self.queues = list(queues or [self.broker.default_queue or "default"])
         self.concurrency = 1 if pool == "solo" else max(1, int(concurrency or os.cpu_count() or 1))
-        #: Leased tasks held beyond the running ones (default: as many as there are children).
-        self.prefetch = self.concurrency if prefetch is None else max(0, int(prefetch))
+        #: Leased tasks held beyond the running ones. The default, three per slot, holds four tasks per slot in all,
+        #: as Celery's default ``worker_prefetch_multiplier`` does; children get them in batches.
+        self.prefetch = 3 * self.concurrency if prefetch is None else max(0, int(prefetch))
         self.grace = grace
         self.mp_context = multiprocessing.get_context(start_method)
         self.inbox = queue_module.Queue()
-        self.outcomes = queue_module.Queue()
-        self.reporters = [threading.Thread(target=self._report_loop, name=f"report-{i}", daemon=True)
-                          for i in range(max(2, self.concurrency))]
         self.held = self.concurrency + self.prefetch
+        #: The most tasks handed to a child at once: its share of what the worker holds.
+        self.batch = max(1, math.ceil(self.held / self.concurrency))
         self.permits = threading.Semaphore(self.held)
         self.running = {}  # task id → _Running
         self.revoked_ids = set()  # prefetched tasks the daemon said were revoked before they started
@@ -292,8 +431,6 @@ class Worker:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for slot in self.slots:
             slot.thread.start()
-        for reporter in self.reporters:
-            reporter.start()
         # Reads the replies to the acks this thread's `send`s leave outstanding (see Connection.pump).
         self.pump_stop = threading.Event()
         pump = threading.Thread(target=conn.pump, args=(self.pump_stop,), name="replies", daemon=True)
@@ -318,10 +455,7 @@ class Worker:
         for slot in self.slots:
             slot.thread.join(timeout=10)
             slot.stop()
-        for _ in self.reporters:
-            self.outcomes.put(None)
-        for reporter in self.reporters:
-            reporter.join(timeout=10)
+        conn.wait_replies(10)  # the releases and fails of the shutdown, for their log lines
         self.pump_stop.set()
         self.lease_connection.close()
         self.broker.close()
@@ -349,13 +483,17 @@ class Worker:
     def _drain(self):
         """Releases prefetched tasks, waits for running tasks (up to the grace period), then stops and releases what
         is left."""
+        for slot in self.slots:
+            slot.tell_stop()
         while True:
             try:
                 job = self.inbox.get_nowait()
             except queue_module.Empty:
                 break
-            self.report(self.release, job, "prefetched, not started before the shutdown")
-            self.permits.release()
+            if job is None:  # not ours: put it back for the slot thread it was meant for
+                self.inbox.put(None)
+                break
+            self.admit(job)  # the worker is stopping: releases it
         deadline = time.monotonic() + self.grace
         while not self.cold and time.monotonic() < deadline:
             with self.running_lock:
@@ -367,10 +505,7 @@ class Worker:
         if left:
             log.warning("grace period over: stopping %d running task(s) and releasing them to their queue", len(left))
         for slot in self.slots:
-            with slot.lock:
-                if slot.current is not None:
-                    slot.abandoned = True
-                    slot.kill()
+            slot.stop_running()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with self.running_lock:
@@ -403,43 +538,35 @@ class Worker:
                 self.permits.release()
             for job in tasks:
                 if self.stopping.is_set():
-                    self.release(job, "leased during shutdown")
+                    outcomes.release(self.broker.connection(), job, "leased during shutdown")
                     self.permits.release()
                     continue
                 with self.running_lock:
                     self.running[job["id"]] = _Running(job)
                 self.inbox.put(job)
 
-    def revoked_waiting(self, job):
-        """Whether `job`, about to start, was revoked while it waited (prefetched)."""
-        with self.running_lock:
-            if job["id"] in self.revoked_ids:
-                self.revoked_ids.discard(job["id"])
-                return True
+    def admit(self, job):
+        """Whether a slot may start (or hand to its child) `job`, taken from the inbox. If not, settles it: a
+        stopping worker releases it unrun, and a task revoked while it waited ends REVOKED."""
+        settle = None
+        if self.stopping.is_set():
+            settle = functools.partial(outcomes.release, why="prefetched, not started before the shutdown")
+        else:
+            with self.running_lock:
+                if job["id"] in self.revoked_ids:
+                    self.revoked_ids.discard(job["id"])
+                    settle = outcomes.settle_revoked
+        if settle is None:
+            return True
+        settle(self.broker.connection(), job, done=functools.partial(self.reported, job))
+        self.permits.release()
         return False
 
-    def report(self, settle, job, *args):
-        """Queues the daemon call that settles `job` (ack, fail or release) for a reporter thread, so the child
-        can take its next task while the acknowledgement waits for the daemon's flush."""
-        self.outcomes.put((settle, job, args))
-
     def reported(self, job):
+        """`job` is settled (or given up on): the heartbeat forgets it."""
         with self.running_lock:
             self.running.pop(job["id"], None)
             self.revoked_ids.discard(job["id"])
-
-    def _report_loop(self):
-        while True:
-            item = self.outcomes.get()
-            if item is None:
-                return
-            settle, job, args = item
-            try:
-                settle(job, *args)
-            except Exception:
-                log.exception("task %s[%s]: could not report its outcome", job.get("task"), job.get("id"))
-            finally:
-                self.reported(job)
 
     # -- heartbeats ------------------------------------------------------------------------------------------
 
@@ -461,9 +588,11 @@ class Worker:
             reply = self.broker.connection().call("extend", task_id=job["id"], lease_id=job["lease_id"])
         except BrokerError as e:
             if e.code == "lease_lost":
+                running.next_extend = float("inf")
+                if any(slot.settled(job["id"]) for slot in self.slots):
+                    return  # a child settled it a moment ago and has not said so yet
                 log.warning("task %s[%s]: lease lost (it ran past its lease without a heartbeat getting through); "
                             "it may run again elsewhere", job["task"], job["id"])
-                running.next_extend = float("inf")
             else:
                 log.error("task %s[%s]: heartbeat failed: %s", job["task"], job["id"], e)
             return
@@ -475,88 +604,5 @@ class Worker:
                 self.revoked_ids.add(job["id"])
             log.warning("task %s[%s] revoked: stopping it, or not starting it", job["task"], job["id"])
             for slot in self.slots:
-                with slot.lock:
-                    if slot.current is not None and slot.current["id"] == job["id"]:
-                        slot.revoked = True
-                        slot.kill()
-
-    # -- outcomes --------------------------------------------------------------------------------------------
-
-    def ack(self, job, outcome, runtime):
-        """Sends the ack of a child's success without waiting for it: the reply is logged, and the task's
-        bookkeeping ended, by the thread that reads it."""
-        label = f"{job['task']}[{job['id']}]"
-
-        def on_reply(_body, error):
-            try:
-                if error is None:
-                    log.info("task %s succeeded in %.3fs", label, runtime)
-                else:
-                    _log_refused(label, error)
-            finally:
-                self.reported(job)
-
-        try:
-            self.broker.connection().send("ack", on_reply, task_id=job["id"], lease_id=job["lease_id"],
-                                          result=outcome.get("result"))
-        except (BrokerError, ConnectionLost) as e:
-            on_reply(None, e)
-
-    def settle(self, job, outcome, runtime):
-        """Reports a child's outcome to the daemon: ack on success, fail (retrying or not) on error."""
-        if outcome.get("ok"):
-            self.ack(job, outcome, runtime)
-            return
-        label = f"{job['task']}[{job['id']}]"
-        conn = self.broker.connection()
-        try:
-            error = outcome["error"]
-            fields = {"task_id": job["id"], "lease_id": job["lease_id"], "error": error,
-                      "retry": bool(outcome.get("retry"))}
-            if outcome.get("countdown_ms") is not None:
-                fields["countdown_ms"] = outcome["countdown_ms"]
-            reply = conn.call("fail", **fields)
-        except (BrokerError, ConnectionLost) as e:
-            _log_refused(label, e)
-            return
-        attempt = job.get("attempt", 1)
-        total = job.get("max_retries", 0) + 1
-        summary = f"{error.get('type')}: {error.get('message')}"
-        if reply.get("state") == "RETRY":
-            delay = max(0.0, (reply.get("retry_at_ms", 0) / 1000) - time.time())
-            log.warning("task %s failed (attempt %d of %d), retrying in %.1fs: %s", label, attempt, total, delay,
-                        summary)
-        else:
-            why = "no retries left" if outcome.get("retry") else "not retried"
-            trace = error.get("traceback")
-            log.error("task %s FAILED (attempt %d of %d, %s): %s%s", label, attempt, total, why, summary,
-                      f"\n{trace.rstrip()}" if trace else "")
-
-    def settle_revoked(self, job):
-        try:
-            self.broker.connection().call("fail", task_id=job["id"], lease_id=job["lease_id"], retry=False,
-                                          error={"type": "TaskRevokedError", "message": "revoked while running"})
-        except (BrokerError, ConnectionLost):
-            pass  # expected: the daemon answers `revoked` and records the task as REVOKED
-        log.warning("task %s[%s] stopped: revoked", job["task"], job["id"])
-
-    def release(self, job, why):
-        try:
-            self.broker.connection().call("release", task_id=job["id"], lease_id=job["lease_id"])
-            log.info("task %s[%s] released to its queue (%s)", job["task"], job["id"], why)
-        except (BrokerError, ConnectionLost) as e:
-            log.warning("task %s[%s]: release failed (%s); its lease will expire and return it", job["task"],
-                        job["id"], e)
-
-
-def _log_refused(label, error):
-    """Logs why an ack or fail was not recorded."""
-    if isinstance(error, ConnectionLost):
-        log.error("task %s: could not report its outcome (%s); the task will run again", label, error)
-    elif error.code == "revoked":
-        log.warning("task %s was revoked while running; its outcome was discarded", label)
-    elif error.code == "lease_lost":
-        log.error("task %s finished but its lease was lost; the outcome was discarded and the task will run again",
-                  label)
-    else:
-        log.error("task %s: the daemon refused its outcome: %s", label, error)
+                if slot.on_revoked(job):
+                    break
