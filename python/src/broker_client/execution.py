@@ -2,14 +2,17 @@
 
 The parent (:mod:`broker_client.worker`) holds the leases and the heartbeats. It sends tasks in batches over a
 pipe, as MessagePack messages: ``{"batch": [task, ...]}``, and ``{"revoke": id}`` (a handed task the daemon says
-was revoked: settle it without running it) or ``{"stop": true}`` (warm shutdown: release the tasks not started).
-The child runs them in order, one at a time, and settles each itself on a connection of its own (``ack`` or
-``fail``, pipelined: it does not wait for the reply to start the next task). When it has settled the last task of
-a batch it tells the parent ``{"done": n}``, n counting every task settled since the child started.
+was revoked: settle it without running it). The child runs them in order, one at a time, and settles each itself
+on a connection of its own (``ack`` or ``fail``, pipelined: it does not wait for the reply to start the next
+task). When it has settled the last task of a batch it tells the parent ``{"done": n}``, n counting every task
+handed to it that it is done with.
 
-Two counters in memory shared with the parent say how far the child got: tasks *started* and tasks *settled*, in
-hand-off order. If the child dies, the parent reads them: the task started but not settled was running (it fails
-it with ``WorkerLostError``), the tasks not started go back to their queue unrun.
+Three counters in memory shared with the parent, numbering tasks in hand-off order, say how far the child got:
+tasks *claimed* (started, or being settled without running) and *done* are the child's; the *limit* is the
+parent's: the child claims a task only below it, under a lock they share. At a warm shutdown the parent sets the
+limit to what is claimed and releases the rest itself, even while the child runs a long task. If the child dies,
+the parent reads them: the task claimed but not done was running (it fails it with ``WorkerLostError``), the tasks
+not claimed go back to their queue unrun.
 
 Children ignore SIGINT and SIGTERM (the parent decides when they stop) and die with the parent (Linux
 ``PR_SET_PDEATHSIG``, and an end-of-file on the pipe elsewhere).
@@ -145,11 +148,13 @@ def _die_with_parent(parent_pid):
         os._exit(1)
 
 
-#: The shared counters' slots (a ``multiprocessing.RawArray("q", 2)`` per child).
-STARTED, SETTLED = 0, 1
+#: The shared counters' slots (a ``multiprocessing.RawArray("q", 3)`` per child): tasks claimed, tasks done, and
+#: the number below which the child may claim.
+STARTED, SETTLED, LIMIT = 0, 1, 2
+NO_LIMIT = 1 << 62
 
 
-def child_main(pipe, app_spec, url, parent_pid, counters, log_setup):
+def child_main(pipe, app_spec, url, parent_pid, counters, claim, log_setup):
     """The child process's entry point: load the app, then run what the parent hands it until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -164,20 +169,20 @@ def child_main(pipe, app_spec, url, parent_pid, counters, log_setup):
         pipe.send_bytes(serialization.packb({"fatal": traceback.format_exc()}))
         return
     pipe.send_bytes(serialization.packb({"ready": True}))
-    _Child(broker, pipe, counters).run()
+    _Child(broker, pipe, counters, claim).run()
 
 
 class _Child:
     """The child's loop: one thread reads the parent's messages, runs tasks and reads the daemon's replies."""
 
-    def __init__(self, broker, pipe, counters):
+    def __init__(self, broker, pipe, counters, claim):
         self.broker = broker
         self.conn = broker.connection()
         self.pipe = pipe
         self.counters = counters
+        self.claim = claim
         self.waiting = collections.deque()  # (task, last of its batch), in hand-off order
         self.revoked = set()
-        self.stopping = False
         self.closed = False
 
     def run(self):
@@ -206,34 +211,36 @@ class _Child:
                 message = serialization.unpackb(self.pipe.recv_bytes())
             except (EOFError, OSError):
                 self.closed = True
-                self.stopping = True
                 return
             if "batch" in message:
                 batch = message["batch"]
                 self.waiting.extend((job, i == len(batch) - 1) for i, job in enumerate(batch))
             elif "revoke" in message:
                 self.revoked.add(message["revoke"])
-            elif message.get("stop"):
-                self.stopping = True
             block = False
 
     def _next(self):
         job, last = self.waiting.popleft()
-        if self.stopping:
-            outcomes.release(self.conn, job, "prefetched, not started before the shutdown")
+        counters = self.counters
+        seq = counters[SETTLED]  # tasks are done in order: this one's number
+        with self.claim:
+            mine = seq < counters[LIMIT]
+            if mine:
+                counters[STARTED] = seq + 1
+        if not mine:
+            pass  # the parent took it back (a shutdown) and releases it
+        elif self.closed:
+            outcomes.release(self.conn, job, "not started: the worker stopped")
         elif job["id"] in self.revoked:
             self.revoked.discard(job["id"])
             outcomes.settle_revoked(self.conn, job)
         else:
-            self.counters[STARTED] += 1
             started = time.monotonic()
             outcome = run_job(self.broker, job)
             outcomes.settle(self.conn, job, outcome, time.monotonic() - started)
-        self.counters[SETTLED] += 1
-        if self.counters[STARTED] < self.counters[SETTLED]:
-            self.counters[STARTED] = self.counters[SETTLED]
+        counters[SETTLED] = seq + 1
         if last and not self.closed:
             try:
-                self.pipe.send_bytes(serialization.packb({"done": self.counters[SETTLED]}))
+                self.pipe.send_bytes(serialization.packb({"done": seq + 1}))
             except OSError:
                 self.closed = True

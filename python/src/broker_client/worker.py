@@ -46,7 +46,7 @@ from multiprocessing.connection import wait as wait_for
 from . import outcomes, serialization
 from .connection import Connection
 from .errors import BrokerError, ConnectionLost
-from .execution import SETTLED, STARTED, child_main, load_broker, run_job
+from .execution import LIMIT, NO_LIMIT, SETTLED, STARTED, child_main, load_broker, run_job
 
 log = logging.getLogger("broker_client.worker")
 
@@ -72,13 +72,20 @@ class _Slot:
     def __init__(self, worker, index):
         self.worker = worker
         self.index = index
-        self.lock = threading.Lock()  # guards `outstanding`, `revoked_id`, `abandoned`
-        self.send_lock = threading.Lock()  # one writer on the pipe at a time (the slot thread, the heartbeat)
+        self.lock = threading.Lock()  # guards `outstanding`, `pending`, `ready`, `revoked_id`, `abandoned`
+        # One writer on the pipe at a time (the lease thread, this slot's thread, the heartbeat); numbering tasks
+        # and writing them happen under it together, so the child numbers them in the same order.
+        self.send_lock = threading.Lock()
         self.process = None
         self.pipe = None
         self.counters = None  # tasks started and settled by the child (execution.STARTED, SETTLED)
         self.outstanding = collections.deque()  # (hand-off number, task) handed to the child and not yet done
+        self.pending = []  # tasks for the child while it is being replaced
+        self.ready = False  # the child is up and may be handed tasks
         self.next_seq = 0
+        self.exiting = False
+        self.stopped = False  # warm shutdown: nothing more is handed to the child
+        self.doorbell_r, self.doorbell_w = os.pipe()  # wakes the slot thread to exit
         self.revoked_id = None  # the daemon said the running task was revoked; the child was killed
         self.abandoned = False  # shutdown ran out of time; the child was killed, its task is released
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
@@ -88,22 +95,25 @@ class _Slot:
     def spawn(self):
         context = self.worker.mp_context
         parent_end, child_end = context.Pipe(duplex=True)
-        counters = context.RawArray("q", 2)
+        counters = context.RawArray("q", 3)
+        counters[LIMIT] = NO_LIMIT
+        claim = context.Lock()
         process = context.Process(
             target=child_main,
-            args=(child_end, self.worker.app_spec, self.worker.url_override, os.getpid(), counters,
+            args=(child_end, self.worker.app_spec, self.worker.url_override, os.getpid(), counters, claim,
                   _log_setup()),
             name=f"broker-worker-child-{self.index}",
             daemon=True,
         )
         process.start()
         child_end.close()
-        self.process, self.pipe, self.counters, self.next_seq = process, parent_end, counters, 0
+        self.process, self.pipe, self.counters, self.claim, self.next_seq = process, parent_end, counters, claim, 0
         # One poll set per child, kept: building a selector per wait (multiprocessing's wait) costs the parent
         # more CPU than the rest of a hand-off.
         self.poller = select.poll()
         self.poller.register(parent_end.fileno(), select.POLLIN)
         self.poller.register(process.sentinel, select.POLLIN)
+        self.poller.register(self.doorbell_r, select.POLLIN)
 
     def await_ready(self, timeout=CHILD_START_TIMEOUT):
         ready = wait_for([self.pipe, self.process.sentinel], timeout)
@@ -141,9 +151,75 @@ class _Slot:
         except (OSError, ValueError, AttributeError):
             pass  # the child is gone: the slot thread settles what it held
 
+    def start(self):
+        """Starts the slot thread, the child being up."""
+        self.ready = True
+        self.thread.start()
+
+    def finish(self):
+        """Ends the slot thread (at the end of a shutdown)."""
+        self.exiting = True
+        os.write(self.doorbell_w, b"x")
+
+    def room(self):
+        """How many more tasks the child should be handed now (none while it is being replaced)."""
+        if not self.ready:
+            return 0
+        return self.worker.batch - len(self.outstanding) - len(self.pending)
+
+    def offer(self, jobs):
+        """Hands `jobs` to the child in one batch (from the lease thread), or keeps them until a child being
+        replaced is up."""
+        with self.send_lock:
+            with self.lock:
+                self.pending.extend(jobs)
+                if not self.ready:
+                    return
+            self._hand_pending()
+
+    def _hand_pending(self):
+        """Numbers the pending tasks and sends them as one batch. Called with `send_lock` held."""
+        with self.lock:
+            batch, self.pending = self.pending, []
+            if not self.stopped:
+                for job in batch:
+                    self.outstanding.append((self.next_seq, job))
+                    self.next_seq += 1
+        if self.stopped:
+            self._give_back(batch, "prefetched, not started before the shutdown")
+        elif batch:
+            try:
+                self.pipe.send_bytes(serialization.packb({"batch": batch}))
+            except (OSError, ValueError):
+                pass  # the child died: the slot thread finds them not started, and releases them
+
     def tell_stop(self):
-        """Warm shutdown: the child finishes its running task and releases the others it holds."""
-        self.tell({"stop": True})
+        """Warm shutdown: the child finishes its running task; the parent takes back the others it was handed
+        (the limit stops the child from claiming them) and releases them, with those waiting for a child being
+        replaced."""
+        with self.send_lock:
+            self.stopped = True
+            taken = []
+            # A child killed inside the claim's few lines leaves the lock held: it is dead, so its slot thread
+            # settles what it held.
+            if self.counters is not None and self.claim.acquire(timeout=1.0):
+                try:
+                    self.counters[LIMIT] = limit = self.counters[STARTED]
+                finally:
+                    self.claim.release()
+                with self.lock:
+                    taken = [job for seq, job in self.outstanding if seq >= limit]
+                    self.outstanding = collections.deque(e for e in self.outstanding if e[0] < limit)
+            with self.lock:
+                taken += self.pending
+                self.pending = []
+        self._give_back(taken, "prefetched, not started before the shutdown")
+
+    def _give_back(self, jobs, why):
+        """Releases tasks the child will not run."""
+        for job in jobs:
+            outcomes.release(self.worker.broker.connection(), job, why, functools.partial(self.worker.reported, job))
+            self.worker.permits.release()
 
     def _running(self):
         """The task the child runs now, or None. Called with `lock` held."""
@@ -183,51 +259,22 @@ class _Slot:
     # -- the feeding thread ----------------------------------------------------------------------------------
 
     def _loop(self):
-        exiting = False
-        while True:
-            batch = []
-            if not exiting:
-                batch, exiting = self._take(block=not self.outstanding)
-            if batch:
-                self._hand(batch)
-            if self.outstanding:
-                try:
-                    self._await_child()
-                except Exception:  # keep the slot alive; leases it cannot settle expire and return their tasks
-                    log.exception("slot %d: unexpected error", self.index)
-            elif exiting:
-                return
-
-    def _take(self, block):
-        """Up to a batch of tasks from the worker's inbox, waiting for the first only if `block`. Returns (tasks,
-        whether the worker told this thread to exit)."""
-        jobs = []
-        while len(jobs) < self.worker.batch:
+        """Watches the child: its reports of settled batches, and its death."""
+        while not self.exiting:
             try:
-                job = self.worker.inbox.get() if block and not jobs else self.worker.inbox.get_nowait()
-            except queue_module.Empty:
-                break
-            if job is None:
-                return jobs, True
-            if self.worker.admit(job):
-                jobs.append(job)
-        return jobs, False
+                self._watch()
+            except Exception:  # keep the slot alive; leases it cannot settle expire and return their tasks
+                log.exception("slot %d: unexpected error", self.index)
 
     def _poll(self, timeout=None):
         """The child's pipe and process events, waiting up to `timeout` seconds (None: until there is one)."""
         return dict(self.poller.poll(None if timeout is None else int(timeout * 1000)))
 
-    def _hand(self, batch):
-        if not self.outstanding and self.process.sentinel in self._poll(0):
-            self._child_died()  # it died while idle: replace it before handing it tasks
-        with self.lock:
-            for job in batch:
-                self.outstanding.append((self.next_seq, job))
-                self.next_seq += 1
-        self.tell({"batch": batch})
-
-    def _await_child(self):
+    def _watch(self):
         events = self._poll()
+        if self.doorbell_r in events:
+            os.read(self.doorbell_r, 64)
+            return
         if self.pipe.fileno() in events:  # the pipe first: a child that answered and then died still answered
             try:
                 message = serialization.unpackb(self.pipe.recv_bytes())
@@ -256,7 +303,8 @@ class _Slot:
         self.process.join(timeout=5)
         code = self.process.exitcode
         started, settled = self.counters[STARTED], self.counters[SETTLED]
-        with self.lock:
+        with self.send_lock, self.lock:  # nothing more is handed to the dead child
+            self.ready = False
             jobs = list(self.outstanding)
             self.outstanding.clear()
             revoked_id, abandoned = self.revoked_id, self.abandoned
@@ -281,6 +329,15 @@ class _Slot:
                 }, 0.0, done)
             worker.permits.release()
         self._respawn()
+        with self.send_lock:
+            with self.lock:
+                self.ready = self.process.is_alive()
+                if not self.ready:  # shutting down, or the new child failed to start: give its tasks back
+                    pending, self.pending = self.pending, []
+            if self.ready:
+                self._hand_pending()
+                return
+        self._give_back(pending, "not started: no worker process to run it")
 
     def _respawn(self):
         old = self.process
@@ -321,6 +378,12 @@ class _ThreadSlot:
 
     def stop(self):
         pass
+
+    def start(self):
+        self.thread.start()
+
+    def finish(self):
+        self.worker.inbox.put(None)
 
     def tell_stop(self):
         pass
@@ -430,7 +493,7 @@ class Worker:
             slot.await_ready()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for slot in self.slots:
-            slot.thread.start()
+            slot.start()
         # Reads the replies to the acks this thread's `send`s leave outstanding (see Connection.pump).
         self.pump_stop = threading.Event()
         pump = threading.Thread(target=conn.pump, args=(self.pump_stop,), name="replies", daemon=True)
@@ -445,13 +508,15 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 self.stopping.wait(0.5)
+            for slot in self.slots:  # at once: a child must not start what it holds once its running task ends
+                slot.tell_stop()
             leaser.join()
             self._drain()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        for _ in self.slots:
-            self.inbox.put(None)
+        for slot in self.slots:
+            slot.finish()
         for slot in self.slots:
             slot.thread.join(timeout=10)
             slot.stop()
@@ -483,8 +548,6 @@ class Worker:
     def _drain(self):
         """Releases prefetched tasks, waits for running tasks (up to the grace period), then stops and releases what
         is left."""
-        for slot in self.slots:
-            slot.tell_stop()
         while True:
             try:
                 job = self.inbox.get_nowait()
@@ -536,18 +599,27 @@ class Worker:
             tasks = reply.get("tasks", [])
             for _ in range(wanted - len(tasks)):
                 self.permits.release()
-            for job in tasks:
-                if self.stopping.is_set():
-                    outcomes.release(self.broker.connection(), job, "leased during shutdown")
-                    self.permits.release()
-                    continue
-                with self.running_lock:
+            with self.running_lock:
+                for job in tasks:
                     self.running[job["id"]] = _Running(job)
-                self.inbox.put(job)
+            if self.pool == "prefork":
+                self._dispatch([job for job in tasks if self.admit(job)])
+            else:
+                for job in tasks:
+                    self.inbox.put(job)
+
+    def _dispatch(self, jobs):
+        """Hands leased tasks straight to the children with the most room, in batches (the lease thread is the
+        only one that hands out new tasks, so no thread hop per task)."""
+        while jobs:
+            slot = max(self.slots, key=_Slot.room)
+            take = max(1, slot.room())  # the permits keep the total within the children's room
+            slot.offer(jobs[:take])
+            jobs = jobs[take:]
 
     def admit(self, job):
-        """Whether a slot may start (or hand to its child) `job`, taken from the inbox. If not, settles it: a
-        stopping worker releases it unrun, and a task revoked while it waited ends REVOKED."""
+        """Whether `job`, just leased or taken from the inbox, may be started (or handed to a child). If not,
+        settles it: a stopping worker releases it unrun, and a task revoked while it waited ends REVOKED."""
         settle = None
         if self.stopping.is_set():
             settle = functools.partial(outcomes.release, why="prefetched, not started before the shutdown")
