@@ -157,7 +157,22 @@ fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
     }
 }
 
-fn main() -> Result<()> {
+/// Errors print as a message and its causes, one per line; never as a backtrace, whatever `RUST_BACKTRACE` says
+/// (`anyhow`'s `Debug` form, which `fn main() -> Result` uses, appends one when it is set).
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     no_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
