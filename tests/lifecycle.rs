@@ -605,3 +605,34 @@ async fn a_lease_waits_for_a_flush_only_for_tasks_not_yet_on_disk() {
     let (tasks, unflushed) = store.lease(conn, &queues, 10, None);
     assert_eq!((tasks.len(), unflushed), (1, false));
 }
+
+#[tokio::test]
+async fn lease_ids_and_task_ids_cannot_be_guessed_from_one_another() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(client.enqueue(TaskSpec::new("t")).await.unwrap().id);
+    }
+    // 24 hex digits: the millisecond, then 48 random bits. Neighbours are not a count apart.
+    for pair in ids.windows(2) {
+        assert_eq!(pair[0].len(), 24);
+        assert!(pair[0][..12] <= pair[1][..12], "ids sort by time: {pair:?}");
+        let low = |id: &str| u64::from_str_radix(&id[12..], 16).unwrap();
+        assert!(low(&pair[0]).abs_diff(low(&pair[1])) > 1_000_000, "enumerable ids: {pair:?}");
+    }
+    let leased = client.lease(&lease(&["default"], 50)).await.unwrap();
+    assert_eq!(leased.len(), 50);
+    for pair in leased.windows(2) {
+        assert!(pair[0].lease_id.abs_diff(pair[1].lease_id) > 1_000_000, "consecutive lease ids");
+    }
+    // Quoting a neighbour's lease id, as a forger would, is refused, and the real holder still acks.
+    let (victim, other) = (&leased[0], &leased[1]);
+    for forged in [other.lease_id.wrapping_sub(1), other.lease_id.wrapping_add(1), other.lease_id] {
+        let err = client.ack(&victim.id, forged, Value::from("forged")).await.unwrap_err();
+        assert!(err.is(ErrorCode::LeaseLost), "{err}");
+    }
+    client.ack(&victim.id, victim.lease_id, Value::from("real")).await.unwrap();
+    assert_eq!(client.get(&victim.id).await.unwrap().result, Some(Value::from("real")));
+    server.stop().await;
+}

@@ -302,7 +302,6 @@ struct State {
     deadlines: BTreeSet<(u64, Id)>,
     by_conn: Map<ConnId, Set<Id>>,
     next_seq: u64,
-    next_lease_id: u64,
     totals: Totals,
 }
 
@@ -506,7 +505,6 @@ pub struct Store {
     core: Arc<Core>,
     options: StoreOptions,
     clock: Arc<dyn Clock>,
-    id_counter: AtomicU64,
     /// The log writer and checkpoint threads, joined by [`Store::close`].
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Woken whenever a task becomes ready (enqueue, schedule due, retry due, lease lost, requeue).
@@ -540,7 +538,6 @@ impl Store {
         let store = Store {
             core,
             options,
-            id_counter: AtomicU64::new(initial_counter(clock.now_ms())),
             clock,
             threads: Mutex::new(Vec::new()),
             ready_notify: Notify::new(),
@@ -789,7 +786,6 @@ impl Store {
             }
             st.live.insert(record.id.clone(), Arc::new(record));
         }
-        st.next_lease_id = now.saturating_mul(1000);
         // What recovery changed goes to sled with what the log held, in the checkpoint that follows.
         let notes = std::mem::take(&mut st.to_log);
         to_checkpoint.extend(notes);
@@ -807,9 +803,16 @@ impl Store {
         Ok(next_segment)
     }
 
-    fn new_id(&self) -> TaskId {
-        let n = self.id_counter.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff;
-        format!("{:012x}{:012x}", self.now_ms() & 0xffff_ffff_ffff, n)
+    /// A task id the daemon makes: the millisecond (48 bits, so ids sort by time) and 48 random bits, so that
+    /// nobody finds another client's task by counting. Called with the state held, to skip the rare id in use.
+    fn new_id(&self, st: &State) -> TaskId {
+        loop {
+            let id =
+                format!("{:012x}{:012x}", self.now_ms() & 0xffff_ffff_ffff, rand::random::<u64>() & 0xffff_ffff_ffff);
+            if st.state_of(&id).is_none() {
+                return id;
+            }
+        }
     }
 
     fn validate(&self, spec: &NewTask) -> Result<(), StoreError> {
@@ -851,7 +854,7 @@ impl Store {
                     continue;
                 }
             }
-            let id: Id = spec.id.unwrap_or_else(|| self.new_id()).into();
+            let id: Id = spec.id.unwrap_or_else(|| self.new_id(&st)).into();
             let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
             let seq = st.take_seq(now);
             let record = TaskRecord {
@@ -939,8 +942,7 @@ impl Store {
                     lease_ms,
                 };
                 // A lease is not written: it lives in memory, and a restart returns the task to its queue anyway.
-                st.next_lease_id += 1;
-                let lease_id = st.next_lease_id;
+                let lease_id = new_lease_id();
                 st.leases.insert(
                     id.clone(),
                     LeaseEntry { lease_id, deadline_ms, lease_ms, conn, queue: leased.queue.clone() },
@@ -1487,12 +1489,14 @@ pub fn validate_queue(name: &str) -> Result<(), StoreError> {
 }
 
 /// A starting point for the id counter that differs between runs and processes.
-fn initial_counter(now_ms: u64) -> u64 {
-    let mut x = now_ms ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    (x & 0xffff_ffff) << 16
+/// A lease id: 64 random bits (never 0), so that a client cannot settle another's lease by guessing its id.
+fn new_lease_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 /// Counters never wrap below zero, even if an index and a count ever disagree.
