@@ -288,6 +288,10 @@ async fn serve(
     data_dir: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
 ) -> Result<()> {
+    // Whatever the daemon creates (the log, sled's files) is its owner's alone: tasks' arguments and context
+    // are in there. The data dir itself is made 0700 by the store.
+    // SAFETY: umask(2) only sets this process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let mut config = match &config_path {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),

@@ -357,6 +357,26 @@ pub(super) fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError
 }
 
 /// Syncs a directory, so the names created or removed in it are durable.
+/// Creates the data directory readable by its owner only (0700), or narrows an existing one to that: it holds
+/// every task's arguments and context, which other local users must not read. Files inside are then out of their
+/// reach whatever their own modes.
+fn private_dir(root: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| io_error("cannot create data dir", root, e))?;
+    let mode = std::fs::metadata(root).map_err(|e| io_error("cannot read", root, e))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(|e| io_error("cannot restrict the permissions of", root, e))?;
+        tracing::warn!(dir = %root.display(), from = format!("{mode:o}"), to = format!("{:o}", mode & 0o700),
+            "the data dir was readable by other users: restricted to its owner");
+    }
+    Ok(())
+}
+
 pub(super) fn sync_dir(path: &Path) -> Result<(), StoreError> {
     std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync directory", path, e))
 }
@@ -366,7 +386,7 @@ impl Disk {
     /// moving the records of a data directory in the older per-task layout into the journal first.
     pub fn open(config: &Config) -> Result<Disk, StoreError> {
         let root = config.data_dir.clone();
-        std::fs::create_dir_all(&root).map_err(|e| io_error("cannot create data dir", &root, e))?;
+        private_dir(&root)?;
         let pointer = root.join("CURRENT");
         let path = match std::fs::read_to_string(&pointer) {
             Ok(name) => root.join(name.trim()),
