@@ -21,9 +21,9 @@ from broker_client import Broker
 app = Flask(__name__)
 app.config.update(
     BROKER_URL=os.environ.get("BROKER_URL", "tcp://127.0.0.1:7420"),
-    # Headers copied into each task's context. The context is stored in the daemon's data directory, so keep
-    # secrets out: Authorization, Cookie and Proxy-Authorization are denied by default.
-    BROKER_CONTEXT_HEADERS_DENY=["Authorization", "Cookie", "Proxy-Authorization"],
+    # Headers copied into each task's context (an allow list). The context is stored in the daemon's data
+    # directory, so never list a header that carries a secret.
+    BROKER_CONTEXT_HEADERS=["User-Agent", "Accept-Language", "X-Request-Id"],
     BROKER_CONTEXT_G_KEYS=["user"],
 )
 broker = Broker(app)

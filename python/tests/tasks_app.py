@@ -12,7 +12,9 @@ from broker_client import Broker
 QUEUE = "tests"
 
 flask_app = Flask(__name__)
-flask_app.config.update(BROKER_DEFAULT_QUEUE=QUEUE, BROKER_CONTEXT_G_KEYS=["user"])
+flask_app.config.update(BROKER_DEFAULT_QUEUE=QUEUE, BROKER_CONTEXT_G_KEYS=["user"],
+                        # Authorization is allowed here to show that the deny list still wins.
+                        BROKER_CONTEXT_HEADERS=["X-Trace", "Authorization"])
 broker = Broker(flask_app)
 
 

@@ -21,6 +21,10 @@ CONTEXT_KEY = "flask"
 #: Headers that never travel: the body does not travel, so its length would lie.
 _ALWAYS_DROPPED = {"content-length"}
 
+#: Headers that travel by default: harmless ones a task may want (who asked, in which language, which request).
+#: Anything else, API keys and tokens in custom headers included, stays out of the daemon's disk unless listed.
+DEFAULT_HEADERS_ALLOW = ["User-Agent", "Accept", "Accept-Language", "Content-Type", "X-Request-Id",
+                         "X-Correlation-Id", "traceparent", "tracestate"]
 DEFAULT_HEADERS_DENY = ["Authorization", "Cookie", "Proxy-Authorization"]
 DEFAULT_G_KEYS = ["user"]
 
@@ -28,16 +32,18 @@ DEFAULT_G_KEYS = ["user"]
 class ContextSettings:
     """What travels: read from ``app.config`` by ``Broker.init_app``.
 
-    ``BROKER_CONTEXT_HEADERS``: an allow list of header names; None (the default) lets every header through except
-    the deny list. ``BROKER_CONTEXT_HEADERS_DENY``: names that never travel (default Authorization, Cookie,
-    Proxy-Authorization). ``BROKER_CONTEXT_G_KEYS``: the ``g`` attributes to carry (default ``["user"]``, when
+    ``BROKER_CONTEXT_HEADERS``: the header names that travel (default :data:`DEFAULT_HEADERS_ALLOW`); ``"*"`` lets
+    every header through except the deny list. ``BROKER_CONTEXT_HEADERS_DENY``: names that never travel, even if
+    allowed (default Authorization, Cookie, Proxy-Authorization). ``BROKER_CONTEXT_G_KEYS``: the ``g`` attributes to carry (default ``["user"]``, when
     set). ``BROKER_CONTEXT_ENABLED``: False turns capture off.
     """
 
     def __init__(self, config=None):
         config = config or {}
-        allow = config.get("BROKER_CONTEXT_HEADERS")
-        self.headers_allow = None if allow is None else {h.lower() for h in allow}
+        allow = config.get("BROKER_CONTEXT_HEADERS", DEFAULT_HEADERS_ALLOW)
+        if isinstance(allow, str) and allow != "*":
+            allow = [allow]
+        self.headers_allow = None if allow == "*" else {h.lower() for h in allow}
         self.headers_deny = {h.lower() for h in config.get("BROKER_CONTEXT_HEADERS_DENY", DEFAULT_HEADERS_DENY)}
         self.g_keys = list(config.get("BROKER_CONTEXT_G_KEYS", DEFAULT_G_KEYS))
         self.enabled = bool(config.get("BROKER_CONTEXT_ENABLED", True))
