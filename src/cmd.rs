@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::store::record::{key_str, map_entries};
 use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError};
 
@@ -59,6 +59,8 @@ pub struct Session {
     pub conn: ConnId,
     /// Whether `hello` succeeded.
     pub greeted: bool,
+    /// What the connection may do, from its `hello` token.
+    pub role: Role,
     /// Cancelled when the connection closes: ends its waiting ops.
     pub closing: CancellationToken,
 }
@@ -187,6 +189,10 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
             None,
         );
     }
+    if !session.role.allows(op_name) && op::ALL.contains(&op_name) {
+        let message = format!("this connection's role ({}) does not allow `{op_name}`", session.role.as_str());
+        return Outcome::Reply(error_frame(Some(id), ErrorCode::Forbidden, &message), None);
+    }
     match op_name {
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
         op::ENQUEUE => durable_reply(id, enqueue(shared, request)),
@@ -217,7 +223,23 @@ fn hello(shared: &Shared, session: &mut Session, request: &[u8]) -> Result<Hello
             format!("protocol version {} is not supported; this daemon speaks {PROTOCOL_VERSION}", hello.version),
         ));
     }
+    let role = if shared.config.tokens.is_empty() {
+        Role::Admin
+    } else {
+        match hello.token.as_deref().and_then(|token| shared.config.role_of(token)) {
+            Some(role) => role,
+            None => {
+                let why = if hello.token.is_some() { "an unknown token" } else { "no token" };
+                tracing::warn!(conn = session.conn, client = %hello.client, "hello refused: {why}");
+                return Err(Refusal::new(
+                    ErrorCode::Unauthorized,
+                    format!("{why}: this daemon requires one (tcp://:TOKEN@host:port or BROKER_TOKEN)"),
+                ));
+            }
+        }
+    };
     session.greeted = true;
+    session.role = role;
     if let Some(info) = shared.connections.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&session.conn) {
         info.client = hello.client;
     }
@@ -225,6 +247,7 @@ fn hello(shared: &Shared, session: &mut Session, request: &[u8]) -> Result<Hello
         version: PROTOCOL_VERSION,
         server: format!("broker {}", env!("CARGO_PKG_VERSION")),
         max_frame: shared.config.max_frame_bytes as u64,
+        role: role.as_str().to_string(),
     })
 }
 

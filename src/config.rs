@@ -26,6 +26,60 @@ impl FsyncPolicy {
     }
 }
 
+/// What a client's token lets it do ([`Role::allows`]; proto.md "Tokens and roles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Enqueue, and read or wait for results: a web app.
+    Producer,
+    /// A producer that also leases and settles tasks.
+    Worker,
+    /// Everything, including revoke, stats, purge and the dead set: operators and the CLI.
+    Admin,
+}
+
+impl Role {
+    /// The role's wire and config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Worker => "worker",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether a connection with this role may send `op`.
+    pub fn allows(self, op: &str) -> bool {
+        use broker_client::proto::op;
+        match self {
+            Role::Admin => true,
+            Role::Worker => {
+                Role::Producer.allows(op) || [op::LEASE, op::ACK, op::FAIL, op::EXTEND, op::RELEASE].contains(&op)
+            }
+            Role::Producer => [op::HELLO, op::ENQUEUE, op::ENQUEUE_BATCH, op::GET].contains(&op),
+        }
+    }
+}
+
+/// A client credential (`[[tokens]]` in the config).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A name for logs (the token itself is never logged).
+    #[serde(default)]
+    pub name: String,
+    /// The secret a client sends in `hello`.
+    pub token: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
 /// Every setting of the daemon.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -69,6 +123,11 @@ pub struct Config {
     /// The data directory is rewritten to give freed space back once sled's files are larger than this and
     /// four times the journal in them.
     pub shrink_min_bytes: u64,
+    /// Client tokens and their roles. With none, every client is `admin` and the daemon listens only on a
+    /// loopback address (unless `insecure_no_auth`).
+    pub tokens: Vec<TokenConfig>,
+    /// Serve a non-loopback address without tokens anyway.
+    pub insecure_no_auth: bool,
 }
 
 impl Default for Config {
@@ -93,6 +152,8 @@ impl Default for Config {
             max_lease_losses: 10,
             cache_capacity_bytes: 32 * 1024 * 1024,
             shrink_min_bytes: 16 * 1024 * 1024,
+            tokens: Vec::new(),
+            insecure_no_auth: false,
         }
     }
 }
@@ -119,6 +180,38 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The role of `token`, compared with every configured token in constant time (no early exit, so the time
+    /// taken does not say which token, or how much of one, matched).
+    pub fn role_of(&self, token: &str) -> Option<Role> {
+        use subtle::ConstantTimeEq;
+        let mut found = None;
+        for configured in &self.tokens {
+            let matches: bool = configured.token.as_bytes().ct_eq(token.as_bytes()).into();
+            if matches && found.is_none() {
+                found = Some(configured.role);
+            }
+        }
+        found
+    }
+
+    /// Refuses settings the daemon must not start with: an empty token, or a non-loopback address without tokens
+    /// (any client reaching it could read and change every task) unless `insecure_no_auth`.
+    pub fn check_security(&self) -> Result<(), String> {
+        if let Some(t) = self.tokens.iter().find(|t| t.token.is_empty()) {
+            return Err(format!("token {:?} is empty: give every [[tokens]] entry a long random `token`", t.name));
+        }
+        if self.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.insecure_no_auth {
+            return Err(format!(
+                "refusing to listen on {} without tokens: any client that reaches it could read and change every \
+                 task. Add tokens to the config (a [[tokens]] entry with `token` and `role` = \"producer\", \"worker\" \
+                 or \"admin\"; see config.example.toml), listen on a loopback address, or pass --insecure-no-auth \
+                 to insist",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads a TOML file; settings it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
@@ -137,5 +230,37 @@ mod tests {
         let parsed = Config::from_file(&path).unwrap();
         let defaults = Config::default();
         assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn tokens_parse_and_non_loopback_needs_them() {
+        let mut config: Config = toml::from_str(
+            "listen = \"0.0.0.0:7420\"\n[[tokens]]\nname = \"web\"\ntoken = \"abc\"\nrole = \"producer\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.role_of("abc"), Some(Role::Producer));
+        assert_eq!(config.role_of("abd"), None);
+        assert_eq!(config.role_of(""), None);
+        assert!(config.check_security().is_ok());
+        assert!(!format!("{config:?}").contains("abc"), "Debug shows a token");
+        config.tokens.clear();
+        assert!(config.check_security().unwrap_err().contains("--insecure-no-auth"));
+        config.insecure_no_auth = true;
+        assert!(config.check_security().is_ok());
+        config.listen = "[::1]:7420".parse().unwrap();
+        config.insecure_no_auth = false;
+        assert!(config.check_security().is_ok(), "loopback needs no token");
+    }
+
+    #[test]
+    fn roles_nest() {
+        use broker_client::proto::op;
+        for op in op::ALL {
+            assert!(Role::Admin.allows(op));
+            if Role::Producer.allows(op) {
+                assert!(Role::Worker.allows(op), "{op}");
+            }
+        }
+        assert!(!Role::Worker.allows(op::STATS) && !Role::Producer.allows(op::LEASE));
     }
 }

@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct ClientArgs {
-    /// The daemon's address.
+    /// The daemon's address: HOST:PORT, or tcp://:TOKEN@HOST:PORT with a token (else BROKER_TOKEN is used).
     #[arg(long, env = "BROKER_ADDR", default_value = broker_client::proto::DEFAULT_ADDR, global = true)]
     addr: String,
 }
@@ -48,6 +48,9 @@ enum Command {
         /// Flush policy (always | interval), overriding the config.
         #[arg(long, value_parser = parse_fsync)]
         fsync: Option<FsyncPolicy>,
+        /// Serve a non-loopback address without tokens anyway (any client that reaches it is admin).
+        #[arg(long)]
+        insecure_no_auth: bool,
     },
     /// Enqueue a task and print its id.
     Enqueue {
@@ -188,7 +191,9 @@ fn real_main() -> Result<()> {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config, listen, data_dir, fsync } => serve(config, listen, data_dir, fsync).await,
+        Command::Serve { config, listen, data_dir, fsync, insecure_no_auth } => {
+            serve(config, listen, data_dir, fsync, insecure_no_auth).await
+        }
         Command::Enqueue { task, args, kwargs, context, queue, countdown, priority, max_retries, id, client } => {
             let mut spec = TaskSpec::new(task);
             if let Some(args) = args {
@@ -287,6 +292,7 @@ async fn serve(
     listen: Option<std::net::SocketAddr>,
     data_dir: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
+    insecure_no_auth: bool,
 ) -> Result<()> {
     // Whatever the daemon creates (the log, sled's files) is its owner's alone: tasks' arguments and context
     // are in there. The data dir itself is made 0700 by the store.
@@ -305,6 +311,7 @@ async fn serve(
     if let Some(fsync) = fsync {
         config.fsync = fsync;
     }
+    config.insecure_no_auth |= insecure_no_auth;
     let server = broker::server::start(config, Arc::new(SystemClock)).await?;
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("broker listening on {}", server.addr());
@@ -342,11 +349,11 @@ async fn wait_for_signal() {
 }
 
 async fn connect(args: &ClientArgs) -> Result<Client> {
-    ConnectOptions::new(args.addr.clone())
-        .name(format!("broker-cli@{}", std::process::id()))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the daemon at {} (set --addr or BROKER_ADDR)", args.addr))
+    let options = ConnectOptions::new(args.addr.clone()).name(format!("broker-cli@{}", std::process::id()));
+    let addr = options.addr().to_string(); // without the token a URL may carry
+    options.connect().await.with_context(|| {
+        format!("cannot reach the daemon at {addr} (set --addr or BROKER_ADDR; a token in the URL or BROKER_TOKEN)")
+    })
 }
 
 fn parse_json(what: &str, text: &str) -> Result<serde_json::Value> {

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::cmd::{self, ConnInfo, Outcome, ReplyFrame, Session, Shared};
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::store::commit::Durable;
 use crate::store::{Store, StoreError};
 
@@ -47,6 +47,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The settings are unsafe to serve with ([`Config::check_security`]).
+    #[error("{0}")]
+    Insecure(String),
     /// The store could not be opened.
     #[error("cannot open the store in {dir}: {source}")]
     Store {
@@ -105,6 +108,13 @@ impl ServerHandle {
 
 /// Opens the store, binds the listener and starts serving.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServerError> {
+    config.check_security().map_err(ServerError::Insecure)?;
+    if config.tokens.is_empty() && !config.listen.ip().is_loopback() {
+        tracing::warn!(addr = %config.listen, "serving without tokens on a non-loopback address (--insecure-no-auth)");
+    }
+    for token in config.tokens.iter().filter(|t| t.token.len() < 16) {
+        tracing::warn!(name = %token.name, "a token shorter than 16 bytes is easy to guess: use a long random one");
+    }
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -255,7 +265,7 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_bytes));
     let mut out = ReplySink { sink: FramedWrite::new(write, FrameCodec::new(usize::MAX)), broken: false };
     let mut pending = PendingReplies::default();
-    let mut session = Session { conn, greeted: false, closing: CancellationToken::new() };
+    let mut session = Session { conn, greeted: false, role: Role::Producer, closing: CancellationToken::new() };
 
     // Read a request, answer what is ready, and repeat while more is ready at once; then write it all with one
     // flush. Replies that must wait (for a flush, or a waiting op) go out as they become ready, never holding up

@@ -38,23 +38,52 @@ fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
     pending.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How to connect: the daemon's address, the name shown by `broker stat`, and the bounds.
-#[derive(Debug, Clone)]
+/// How to connect: the daemon's address, the token, the name shown by `broker stat`, and the bounds.
+#[derive(Clone)]
 pub struct ConnectOptions {
     addr: String,
+    token: Option<String>,
     name: String,
     max_frame: usize,
     connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             addr: DEFAULT_ADDR.to_string(),
+            token: None,
             name: default_name(),
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// `tcp://[[USER]:TOKEN@]HOST:PORT` or `HOST:PORT` → (`HOST:PORT`, token). The token is the URL's password, or its
+/// user part when there is no password.
+fn split_url(url: &str) -> (String, Option<String>) {
+    let rest = url.strip_prefix("tcp://").or_else(|| url.strip_prefix("broker://")).unwrap_or(url);
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let token = match userinfo.split_once(':') {
+                Some((_, password)) => password,
+                None => userinfo,
+            };
+            (host.to_string(), (!token.is_empty()).then(|| token.to_string()))
+        }
+        None => (rest.to_string(), None),
     }
 }
 
@@ -63,15 +92,25 @@ fn default_name() -> String {
 }
 
 impl ConnectOptions {
-    /// Options for the daemon at `addr` (`HOST:PORT`).
+    /// Options for the daemon at `addr`: `HOST:PORT`, or a URL `tcp://HOST:PORT` that may carry the token
+    /// (`tcp://:TOKEN@HOST:PORT`). Without a token in the URL, the one in `BROKER_TOKEN` is used, if set.
     pub fn new(addr: impl Into<String>) -> Self {
-        ConnectOptions { addr: addr.into(), ..Default::default() }
+        let (addr, token) = split_url(&addr.into());
+        let token = token.or_else(|| std::env::var("BROKER_TOKEN").ok().filter(|t| !t.is_empty()));
+        ConnectOptions { addr, token, ..Default::default() }
     }
 
-    /// Options for the address in `BROKER_ADDR`, or the default `127.0.0.1:7420`.
+    /// Options for the address in `BROKER_ADDR`, or the default `127.0.0.1:7420` (and `BROKER_TOKEN`).
     pub fn from_env() -> Self {
         let addr = std::env::var("BROKER_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_string());
         ConnectOptions::new(addr)
+    }
+
+    /// The token `hello` carries (a daemon with tokens configured requires one; its role decides what this
+    /// connection may do).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     /// The name this connection gives in `hello`.
@@ -152,7 +191,7 @@ impl Client {
         tokio::spawn(read_loop(FramedRead::new(read, FrameCodec::new(options.max_frame)), pending.clone()));
 
         // Say hello on the raw channel before the handle exists.
-        let hello = Hello { version: PROTOCOL_VERSION, client: options.name.clone() };
+        let hello = Hello { version: PROTOCOL_VERSION, client: options.name.clone(), token: options.token.clone() };
         let frame = proto::encode(&RequestEnvelope { id: 0, op: op::HELLO, body: &hello })?;
         let (reply_tx, reply_rx) = oneshot::channel();
         tx.send(Outgoing { id: 0, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
@@ -414,5 +453,31 @@ fn fail_all(pending: &Pending, error: Error) {
     };
     for (_, waiter) in waiters {
         let _ = waiter.send(Err(error.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_url;
+
+    #[test]
+    fn urls_carry_the_token_in_their_password_or_user_part() {
+        let cases = [
+            ("127.0.0.1:7420", ("127.0.0.1:7420", None)),
+            ("tcp://127.0.0.1:7420", ("127.0.0.1:7420", None)),
+            ("tcp://:s3cret@host:7420", ("host:7420", Some("s3cret"))),
+            ("tcp://s3cret@host:7420/", ("host:7420", Some("s3cret"))),
+            ("tcp://user:s3cret@[::1]:7420", ("[::1]:7420", Some("s3cret"))),
+            ("tcp://:@host:1", ("host:1", None)),
+        ];
+        for (url, (addr, token)) in cases {
+            assert_eq!(split_url(url), (addr.to_string(), token.map(str::to_string)), "{url}");
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let options = super::ConnectOptions::new("tcp://:s3cret@host:7420");
+        assert!(!format!("{options:?}").contains("s3cret"));
     }
 }

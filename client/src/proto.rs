@@ -123,6 +123,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The daemon failed internally (storage error). The request may or may not have taken effect.
     Internal,
+    /// `hello` carried no token, or one the daemon does not know, while the daemon has tokens configured.
+    Unauthorized,
+    /// The connection's role does not allow this op (e.g. `purge` with a `producer` token).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -140,13 +144,15 @@ impl ErrorCode {
             ErrorCode::Revoked => "revoked",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
 
 impl ErrorCode {
     /// Every code, in the order proto.md lists them.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadRequest,
@@ -158,6 +164,8 @@ impl ErrorCode {
         ErrorCode::Revoked,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
     ];
 
     /// The code for a wire name, or `None` for a name this crate does not know.
@@ -219,6 +227,24 @@ pub mod op {
     pub const DEAD_LIST: &str = "dead_list";
     /// Puts dead tasks back in their queues.
     pub const DEAD_REQUEUE: &str = "dead_requeue";
+
+    /// Every op, in the order proto.md lists them.
+    pub const ALL: [&str; 14] = [
+        HELLO,
+        ENQUEUE,
+        ENQUEUE_BATCH,
+        LEASE,
+        ACK,
+        FAIL,
+        EXTEND,
+        RELEASE,
+        GET,
+        REVOKE,
+        STATS,
+        PURGE,
+        DEAD_LIST,
+        DEAD_REQUEUE,
+    ];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +259,9 @@ pub struct Hello {
     /// A free-form name shown by `broker stat` (e.g. `"web-1"` or `"worker@host"`).
     #[serde(default)]
     pub client: String,
+    /// The client's token, when the daemon has tokens configured; its role decides which ops are allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// The reply to `hello`.
@@ -244,6 +273,10 @@ pub struct HelloReply {
     pub server: String,
     /// The largest frame the daemon accepts, in bytes.
     pub max_frame: u64,
+    /// The connection's role: `producer`, `worker` or `admin` (every connection is `admin` on a daemon without
+    /// tokens). Absent from daemons older than tokens.
+    #[serde(default)]
+    pub role: String,
 }
 
 /// A task to enqueue: what to run, where, and how it retries. Every field but `task` has a default.

@@ -41,11 +41,11 @@ def poll(condition, timeout=20.0, interval=0.02, what="condition"):
 
 
 class Daemon:
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, extra=()):
         self.log_path = data_dir.parent / "daemon.log"
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [str(broker_binary()), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)],
+            [str(broker_binary()), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *extra],
             stdout=subprocess.PIPE, stderr=self.log,
         )
         line = self._first_line(timeout=30)

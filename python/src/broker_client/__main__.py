@@ -21,7 +21,8 @@ def main(argv=None):
     worker.add_argument("--prefetch", type=int, default=None,
                         help="leased tasks held beyond the running ones, started as children free up (default: "
                         "--concurrency; 0 for long tasks, so none waits behind a busy child)")
-    worker.add_argument("--url", default=None, help="daemon URL, overriding the app's (e.g. tcp://127.0.0.1:7420)")
+    worker.add_argument("--url", default=None, help="daemon URL, overriding the app's (e.g. tcp://127.0.0.1:7420, or "
+                        "tcp://:TOKEN@host:7420 with a token; else BROKER_TOKEN is used)")
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running tasks get to finish after SIGTERM before they are released")
     worker.add_argument("--loglevel", "-l", default=os.environ.get("BROKER_LOGLEVEL", "info"))
@@ -31,12 +32,17 @@ def main(argv=None):
                         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from .errors import BrokerError, ConnectionLost
     from .worker import Worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     worker = Worker(args.app, queues=queues, concurrency=args.concurrency, url=args.url, grace=args.grace,
                     prefetch=args.prefetch, pool=args.pool)
-    return worker.run()
+    try:
+        return worker.run()
+    except (BrokerError, ConnectionLost) as e:
+        logging.getLogger("broker_client.worker").error("cannot start: %s", e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,13 +34,23 @@ _LENGTH = struct.Struct(">I")
 
 
 def parse_url(url):
-    """``tcp://host:port`` (or ``host:port``) → (host, port)."""
+    """``tcp://[:TOKEN@]host:port`` (or ``host:port``) → (host, port, token). The token is the URL's password (or
+    its user part when there is none); without one, ``BROKER_TOKEN`` from the environment, else None."""
     if "://" not in url:
         url = "tcp://" + url
     parsed = urlparse(url)
     if parsed.scheme not in ("tcp", "broker"):
-        raise ValueError(f"broker URL {url!r}: the scheme must be tcp://")
-    return parsed.hostname or "127.0.0.1", parsed.port or 7420
+        raise ValueError(f"broker URL {redact(url)!r}: the scheme must be tcp://")
+    token = parsed.password or parsed.username or os.environ.get("BROKER_TOKEN") or None
+    return parsed.hostname or "127.0.0.1", parsed.port or 7420, token
+
+
+def redact(url):
+    """`url` without the token it may carry, for logs and messages."""
+    if "@" not in (url or ""):
+        return url
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 class Connection:
@@ -48,7 +58,7 @@ class Connection:
 
     def __init__(self, url=DEFAULT_URL, client_name=None, connect_timeout=10.0):
         self.url = url
-        self.host, self.port = parse_url(url)
+        self.host, self.port, self._token = parse_url(url)
         self.client_name = client_name or f"python-{socket.gethostname()}-{os.getpid()}"
         self.connect_timeout = connect_timeout
         self.server_info = None
@@ -76,6 +86,8 @@ class Connection:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         hello = {"id": 0, "op": "hello", "version": PROTOCOL_VERSION, "client": self.client_name}
+        if self._token:
+            hello["token"] = self._token
         try:
             _write_frame(sock, serialization.packb(hello))
             reply = serialization.unpackb(_read_frame(sock))
@@ -115,6 +127,11 @@ class Connection:
         orphans, self._callbacks = self._callbacks, {}
         self._state.notify_all()
         return orphans
+
+    def open(self):
+        """Connects and says hello now, if not yet done (raises ConnectionLost or BrokerError, e.g. `unauthorized`)."""
+        with self._state:
+            self._ensure_open()
 
     def close(self):
         """Closes the socket; the next call reconnects. Leases this connection held go back to their queues."""

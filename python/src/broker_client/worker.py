@@ -44,7 +44,7 @@ import time
 from multiprocessing.connection import wait as wait_for
 
 from . import outcomes, serialization
-from .connection import Connection
+from .connection import Connection, redact
 from .errors import BrokerError, ConnectionLost
 from .execution import LIMIT, NO_LIMIT, SETTLED, STARTED, child_main, load_broker, run_job
 
@@ -483,7 +483,7 @@ class Worker:
     def run(self):
         """Runs until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
         conn = self.broker.connection()
-        conn.call("stats")  # fail fast, with the URL in the message, if the daemon is not there
+        conn.open()  # fail fast, with the URL in the message, if the daemon is not there or refuses the token
         # Leases on a connection of their own: replies on one connection keep request order, so a lease that
         # could be answered at once would otherwise wait behind the acks' disk flushes.
         self.lease_connection = Connection(self.broker.url, client_name=self.broker.client_name)
@@ -503,7 +503,8 @@ class Worker:
         leaser = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
         leaser.start()
         log.info("worker ready: %s, queues %s, pool %s, concurrency %d, prefetch %d, daemon %s; tasks: %s",
-                 self.app_spec, ",".join(self.queues), self.pool, self.concurrency, self.prefetch, self.broker.url,
+                 self.app_spec, ",".join(self.queues), self.pool, self.concurrency, self.prefetch,
+                 redact(self.broker.url),
                  ", ".join(sorted(self.broker.tasks)))
         try:
             while not self.stopping.is_set():
@@ -592,7 +593,7 @@ class Worker:
             except (ConnectionLost, BrokerError) as e:
                 for _ in range(wanted):
                     self.permits.release()
-                log.error("cannot lease from %s: %s; retrying in %.1fs", self.broker.url, e, backoff)
+                log.error("cannot lease from %s: %s; retrying in %.1fs", redact(self.broker.url), e, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
