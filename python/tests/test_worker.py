@@ -69,6 +69,26 @@ def test_prefetched_tasks_wait_for_a_child_and_sigterm_releases_them_unrun(tasks
         w.revoke()
 
 
+def test_large_tasks_held_by_a_busy_child_never_block_the_worker(tasks, start_worker, queue_name, gate):
+    # Three 300 kB tasks handed to a child busy with another are more than its pipe holds: the rest waits in the
+    # parent, which keeps leasing, heartbeating and, at SIGTERM, takes them back at once.
+    worker = start_worker([queue_name], concurrency=1, prefetch=3)
+    running = tasks.block.apply_async((gate["started"], gate["release"], "finished"), queue=queue_name)
+    poll(lambda: _started_pids(gate), what="the task to start")
+    big = "x" * 300_000
+    waiting = [tasks.add.apply_async((big, str(i)), queue=queue_name) for i in range(3)]
+    poll(lambda: _leased(tasks, queue_name) == 4, what="the large tasks to be prefetched")
+    worker.process.send_signal(signal.SIGTERM)
+    poll(lambda: _leased(tasks, queue_name) == 1, what="the large tasks to be released", timeout=10)
+    pathlib.Path(gate["release"]).touch()
+    assert worker.process.wait(timeout=30) == 0
+    assert running.get(timeout=5) == "finished"
+    for w in waiting:
+        info = w.info_raw
+        assert info["state"] == "PENDING" and info["attempts"] == 0, info["state"]
+        w.revoke()
+
+
 def test_a_task_revoked_while_prefetched_never_starts(tasks, start_worker, queue_name, gate, tmp_path):
     worker = start_worker([queue_name], concurrency=1, prefetch=1)
     running = tasks.block.apply_async((gate["started"], gate["release"], "finished"), queue=queue_name)

@@ -201,10 +201,13 @@ class Connection:
         deadline = time.monotonic() + timeout
         while True:
             with self._state:
-                if self._sock is None or self._pid != os.getpid() or not self._callbacks or self._reading:
+                if self._sock is None or self._pid != os.getpid() or self._reading:
                     return
+                waiting = bool(self._callbacks)
                 sock, generation = self._sock, self._generation
-            ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+            # With nothing outstanding, still read what is there: the end of a connection the daemon closed,
+            # which would otherwise stay readable for ever.
+            ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()) if waiting else 0)
             if not ready:
                 return
             try:

@@ -154,7 +154,7 @@ STARTED, SETTLED, LIMIT = 0, 1, 2
 NO_LIMIT = 1 << 62
 
 
-def child_main(pipe, app_spec, url, parent_pid, counters, claim, log_setup):
+def child_main(pipe_in, pipe_out, app_spec, url, parent_pid, counters, claim, log_setup):
     """The child process's entry point: load the app, then run what the parent hands it until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -166,19 +166,20 @@ def child_main(pipe, app_spec, url, parent_pid, counters, claim, log_setup):
         if url:
             broker.url = url
     except BaseException:
-        pipe.send_bytes(serialization.packb({"fatal": traceback.format_exc()}))
+        pipe_out.send_bytes(serialization.packb({"fatal": traceback.format_exc()}))
         return
-    pipe.send_bytes(serialization.packb({"ready": True}))
-    _Child(broker, pipe, counters, claim).run()
+    pipe_out.send_bytes(serialization.packb({"ready": True}))
+    _Child(broker, pipe_in, pipe_out, counters, claim).run()
 
 
 class _Child:
     """The child's loop: one thread reads the parent's messages, runs tasks and reads the daemon's replies."""
 
-    def __init__(self, broker, pipe, counters, claim):
+    def __init__(self, broker, pipe_in, pipe_out, counters, claim):
         self.broker = broker
         self.conn = broker.connection()
-        self.pipe = pipe
+        self.pipe = pipe_in
+        self.pipe_out = pipe_out
         self.counters = counters
         self.claim = claim
         self.waiting = collections.deque()  # (task, last of its batch), in hand-off order
@@ -241,6 +242,6 @@ class _Child:
         counters[SETTLED] = seq + 1
         if last and not self.closed:
             try:
-                self.pipe.send_bytes(serialization.packb({"done": seq + 1}))
+                self.pipe_out.send_bytes(serialization.packb({"done": seq + 1}))
             except OSError:
                 self.closed = True

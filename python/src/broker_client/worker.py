@@ -39,6 +39,7 @@ import queue as queue_module
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from multiprocessing.connection import wait as wait_for
@@ -52,6 +53,8 @@ log = logging.getLogger("broker_client.worker")
 
 #: How long one lease long-poll waits; bounds how fast a shutdown is noticed.
 LEASE_POLL_MS = 1000
+#: The frame header of multiprocessing's Connection (a message under 2 GiB), which the child reads with.
+_FRAME = struct.Struct("!i")
 #: How long a child may take to import the app before the worker gives up.
 CHILD_START_TIMEOUT = 120.0
 
@@ -66,26 +69,34 @@ class _Running:
 
 
 class _Slot:
-    """One child process of the prefork pool and the parent thread that feeds it batches (see
-    :mod:`broker_client.execution` for the child's side)."""
+    """One child process of the prefork pool and the parent thread that watches it (see
+    :mod:`broker_client.execution` for the child's side).
+
+    Tasks go to the child over a pipe of their own, written without ever blocking: what the pipe cannot take now
+    waits in `outbuf` and the slot thread writes it as the child reads. So a child busy with a long task never
+    holds up the lease thread, the heartbeat or a shutdown. The child answers on a second pipe."""
 
     def __init__(self, worker, index):
         self.worker = worker
         self.index = index
         self.lock = threading.Lock()  # guards `outstanding`, `pending`, `ready`, `revoked_id`, `abandoned`
-        # One writer on the pipe at a time (the lease thread, this slot's thread, the heartbeat); numbering tasks
-        # and writing them happen under it together, so the child numbers them in the same order.
+        # Numbering tasks and queueing their bytes for the child happen together under this lock (the lease
+        # thread, this slot's thread, the heartbeat), so the child numbers them in the same order.
         self.send_lock = threading.Lock()
         self.process = None
-        self.pipe = None
-        self.counters = None  # tasks started and settled by the child (execution.STARTED, SETTLED)
+        self.to_child = None  # the write end of the pipe to the child (non-blocking)
+        self.pipe = None  # the read end of the pipe from the child
+        self.outbuf = bytearray()  # framed messages the pipe to the child has not taken yet
+        self.counters = None  # tasks claimed and done by the child, and its limit (execution.STARTED, ...)
+        self.claim = None
         self.outstanding = collections.deque()  # (hand-off number, task) handed to the child and not yet done
         self.pending = []  # tasks for the child while it is being replaced
         self.ready = False  # the child is up and may be handed tasks
         self.next_seq = 0
         self.exiting = False
         self.stopped = False  # warm shutdown: nothing more is handed to the child
-        self.doorbell_r, self.doorbell_w = os.pipe()  # wakes the slot thread to exit
+        self.doorbell_r, self.doorbell_w = os.pipe()  # wakes the slot thread (bytes to write, or exit)
+        os.set_blocking(self.doorbell_w, False)
         self.revoked_id = None  # the daemon said the running task was revoked; the child was killed
         self.abandoned = False  # shutdown ran out of time; the child was killed, its task is released
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
@@ -94,26 +105,33 @@ class _Slot:
 
     def spawn(self):
         context = self.worker.mp_context
-        parent_end, child_end = context.Pipe(duplex=True)
+        child_in, to_child = context.Pipe(duplex=False)
+        from_child, child_out = context.Pipe(duplex=False)
         counters = context.RawArray("q", 3)
         counters[LIMIT] = NO_LIMIT
         claim = context.Lock()
         process = context.Process(
             target=child_main,
-            args=(child_end, self.worker.app_spec, self.worker.url_override, os.getpid(), counters, claim,
-                  _log_setup()),
+            args=(child_in, child_out, self.worker.app_spec, self.worker.url_override, os.getpid(), counters,
+                  claim, _log_setup()),
             name=f"broker-worker-child-{self.index}",
             daemon=True,
         )
         process.start()
-        child_end.close()
-        self.process, self.pipe, self.counters, self.claim, self.next_seq = process, parent_end, counters, claim, 0
+        child_in.close()
+        child_out.close()
+        os.set_blocking(to_child.fileno(), False)
+        with self.send_lock:
+            self.process, self.to_child, self.pipe = process, to_child, from_child
+            self.counters, self.claim, self.next_seq = counters, claim, 0
+            self.outbuf.clear()
         # One poll set per child, kept: building a selector per wait (multiprocessing's wait) costs the parent
         # more CPU than the rest of a hand-off.
         self.poller = select.poll()
-        self.poller.register(parent_end.fileno(), select.POLLIN)
+        self.poller.register(from_child.fileno(), select.POLLIN)
         self.poller.register(process.sentinel, select.POLLIN)
         self.poller.register(self.doorbell_r, select.POLLIN)
+        self.polling_out = False
 
     def await_ready(self, timeout=CHILD_START_TIMEOUT):
         ready = wait_for([self.pipe, self.process.sentinel], timeout)
@@ -130,26 +148,54 @@ class _Slot:
             raise RuntimeError(f"worker child {self.index} could not load {self.worker.app_spec}:\n{message['fatal']}")
 
     def kill(self):
-        """Stops the child at once (SIGKILL); the slot thread notices and replaces it."""
+        """Stops the child at once (SIGKILL); the slot thread notices."""
         if self.process is not None and self.process.is_alive():
             self.process.kill()
 
     def stop(self):
-        """Closes the pipe (the child releases what it has not started, and exits) and waits for the child."""
-        if self.pipe is not None:
-            self.pipe.close()
+        """Closes the pipes (the child releases what it has not started, and exits) and waits for the child."""
+        for end in (self.to_child, self.pipe):
+            if end is not None:
+                end.close()
         if self.process is not None:
             self.process.join(timeout=10)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
 
-    def tell(self, message):
+    def _send(self, message):
+        """Queues one message for the child and writes what the pipe takes now, never blocking. Called with
+        `send_lock` held."""
+        if self.to_child is None:
+            return
+        payload = serialization.packb(message)
+        self.outbuf += _FRAME.pack(len(payload))
+        self.outbuf += payload
+        self._flush()
+
+    def _flush(self):
+        """Writes queued bytes to the child until the pipe is full. Called with `send_lock` held."""
+        while self.outbuf:
+            try:
+                written = os.write(self.to_child.fileno(), self.outbuf)
+            except BlockingIOError:
+                break
+            except (OSError, ValueError):  # the child is gone: the slot thread settles what it held
+                self.outbuf.clear()
+                return
+            del self.outbuf[:written]
+        if self.outbuf:
+            self._ring()  # the slot thread writes the rest as the child reads
+
+    def _ring(self):
         try:
-            with self.send_lock:
-                self.pipe.send_bytes(serialization.packb(message))
-        except (OSError, ValueError, AttributeError):
-            pass  # the child is gone: the slot thread settles what it held
+            os.write(self.doorbell_w, b"x")
+        except BlockingIOError:
+            pass  # already rung
+
+    def tell(self, message):
+        with self.send_lock:
+            self._send(message)
 
     def start(self):
         """Starts the slot thread, the child being up."""
@@ -159,7 +205,7 @@ class _Slot:
     def finish(self):
         """Ends the slot thread (at the end of a shutdown)."""
         self.exiting = True
-        os.write(self.doorbell_w, b"x")
+        self._ring()
 
     def room(self):
         """How many more tasks the child should be handed now (none while it is being replaced)."""
@@ -188,10 +234,13 @@ class _Slot:
         if self.stopped:
             self._give_back(batch, "prefetched, not started before the shutdown")
         elif batch:
-            try:
-                self.pipe.send_bytes(serialization.packb({"batch": batch}))
-            except (OSError, ValueError):
-                pass  # the child died: the slot thread finds them not started, and releases them
+            self._send({"batch": batch})
+
+    def _hold_claims(self):
+        """Takes the child's claim lock and keeps it: the child cannot start another task (it is about to be
+        killed, and its successor gets a lock of its own). False if the lock could not be had (the child died
+        holding it)."""
+        return self.claim is not None and self.claim.acquire(timeout=1.0)
 
     def tell_stop(self):
         """Warm shutdown: the child finishes its running task; the parent takes back the others it was handed
@@ -200,8 +249,6 @@ class _Slot:
         with self.send_lock:
             self.stopped = True
             taken = []
-            # A child killed inside the claim's few lines leaves the lock held: it is dead, so its slot thread
-            # settles what it held.
             if self.counters is not None and self.claim.acquire(timeout=1.0):
                 try:
                     self.counters[LIMIT] = limit = self.counters[STARTED]
@@ -223,6 +270,8 @@ class _Slot:
 
     def _running(self):
         """The task the child runs now, or None. Called with `lock` held."""
+        if self.counters is None:
+            return None
         started, settled = self.counters[STARTED], self.counters[SETTLED]
         if started > settled:
             for seq, job in self.outstanding:
@@ -236,45 +285,75 @@ class _Slot:
             return any(job["id"] == task_id and seq < self.counters[SETTLED] for seq, job in self.outstanding)
 
     def on_revoked(self, job):
-        """The daemon says `job` was revoked: stop the child if it runs it, tell it if it holds it. Returns whether
-        this slot had it."""
-        with self.lock:
-            running = self._running()
-            if running is not None and running["id"] == job["id"]:
-                self.revoked_id = job["id"]
-                self.kill()
+        """The daemon says `job` was revoked: stop the child if it runs it, tell it if it holds it, settle it if
+        it waits for a child being replaced. Returns whether this slot had it."""
+        with self.send_lock:
+            with self.lock:
+                waiting = next((j for j in self.pending if j["id"] == job["id"]), None)
+                if waiting is not None:
+                    self.pending.remove(waiting)
+                held = any(j["id"] == job["id"] for _, j in self.outstanding)
+            if waiting is not None:
+                outcomes.settle_revoked(self.worker.broker.connection(), waiting,
+                                        functools.partial(self.worker.reported, waiting))
+                self.worker.permits.release()
                 return True
-            held = any(j["id"] == job["id"] for _, j in self.outstanding)
-        if held:
-            self.tell({"revoke": job["id"]})
-        return held
+            if not held:
+                return False
+            # Hold the child's claims while deciding: it cannot move on to another task, which the kill would
+            # otherwise hit.
+            if self.ready and self._hold_claims():
+                with self.lock:
+                    running = self._running()
+                    if running is not None and running["id"] == job["id"]:
+                        self.revoked_id = job["id"]
+                        self.kill()
+                        return True  # the claim lock stays taken: this child starts nothing more
+                self.claim.release()
+            self._send({"revoke": job["id"]})
+            return True
 
     def stop_running(self):
         """Shutdown ran out of time: stop the child if it runs a task (which is released)."""
-        with self.lock:
-            if self._running() is not None:
-                self.abandoned = True
-                self.kill()
+        with self.send_lock:
+            if not (self.ready and self._hold_claims()):
+                return
+            with self.lock:
+                if self._running() is not None:
+                    self.abandoned = True
+                    self.kill()
+                    return  # the claim lock stays taken
+            self.claim.release()
 
-    # -- the feeding thread ----------------------------------------------------------------------------------
+    # -- the watching thread ---------------------------------------------------------------------------------
 
     def _loop(self):
-        """Watches the child: its reports of settled batches, and its death."""
+        """Watches the child: its reports of settled batches, its death, and the bytes it has still to take."""
         while not self.exiting:
             try:
-                self._watch()
+                if self.ready:
+                    self._watch()
+                else:
+                    self._revive()
             except Exception:  # keep the slot alive; leases it cannot settle expire and return their tasks
                 log.exception("slot %d: unexpected error", self.index)
-
-    def _poll(self, timeout=None):
-        """The child's pipe and process events, waiting up to `timeout` seconds (None: until there is one)."""
-        return dict(self.poller.poll(None if timeout is None else int(timeout * 1000)))
+                time.sleep(0.1)
 
     def _watch(self):
-        events = self._poll()
+        with self.send_lock:
+            want_out = bool(self.outbuf)
+        if want_out != self.polling_out:
+            if want_out:
+                self.poller.register(self.to_child.fileno(), select.POLLOUT)
+            else:
+                self.poller.unregister(self.to_child.fileno())
+            self.polling_out = want_out
+        events = dict(self.poller.poll())
         if self.doorbell_r in events:
-            os.read(self.doorbell_r, 64)
-            return
+            os.read(self.doorbell_r, 4096)
+        if self.polling_out and self.to_child.fileno() in events:
+            with self.send_lock:
+                self._flush()
         if self.pipe.fileno() in events:  # the pipe first: a child that answered and then died still answered
             try:
                 message = serialization.unpackb(self.pipe.recv_bytes())
@@ -285,6 +364,11 @@ class _Slot:
                 self._done(message["done"])
         elif self.process.sentinel in events:
             self._child_died()
+
+    def _idle(self, seconds):
+        """Waits up to `seconds` for the doorbell."""
+        if select.select([self.doorbell_r], [], [], seconds)[0]:
+            os.read(self.doorbell_r, 4096)
 
     def _done(self, settled):
         """The child settled every task it was handed up to number `settled`."""
@@ -299,12 +383,13 @@ class _Slot:
     def _child_died(self):
         """Settles what the dead child held: what it settled stays so, the running task fails with WorkerLostError
         (or is released, at a shutdown, or ends REVOKED), the others go back to their queue unrun. Then replaces
-        the child."""
+        the child, unless the worker is stopping."""
         self.process.join(timeout=5)
         code = self.process.exitcode
         started, settled = self.counters[STARTED], self.counters[SETTLED]
         with self.send_lock, self.lock:  # nothing more is handed to the dead child
             self.ready = False
+            self.outbuf.clear()
             jobs = list(self.outstanding)
             self.outstanding.clear()
             revoked_id, abandoned = self.revoked_id, self.abandoned
@@ -328,32 +413,34 @@ class _Slot:
                               "message": f"the worker process running the task died (exit code {code})"},
                 }, 0.0, done)
             worker.permits.release()
-        self._respawn()
+        self.stop()
+        self._revive()
+
+    def _revive(self):
+        """Starts a new child (not while the worker stops) and hands it what waited; on failure gives those
+        tasks back and tries again a little later."""
+        if self.worker.stopping.is_set():
+            with self.lock:
+                pending, self.pending = self.pending, []
+            self._give_back(pending, "not started: the worker is stopping")
+            self._idle(1.0)  # until the slot thread is told to exit
+            return
+        try:
+            self.spawn()
+            self.await_ready()
+        except Exception as e:  # the app failed to import, fork failed, ...
+            log.error("slot %d: cannot start a worker process: %s; retrying in 2s", self.index, e)
+            self.kill()
+            self.stop()
+            with self.lock:
+                pending, self.pending = self.pending, []
+            self._give_back(pending, "not started: no worker process to run it")
+            self._idle(2.0)
+            return
         with self.send_lock:
             with self.lock:
-                self.ready = self.process.is_alive()
-                if not self.ready:  # shutting down, or the new child failed to start: give its tasks back
-                    pending, self.pending = self.pending, []
-            if self.ready:
-                self._hand_pending()
-                return
-        self._give_back(pending, "not started: no worker process to run it")
-
-    def _respawn(self):
-        old = self.process
-        if old is not None:
-            if old.is_alive():
-                old.kill()
-            old.join(timeout=5)
-        if self.pipe is not None:
-            self.pipe.close()
-        if self.worker.stopping.is_set() and self.worker.cold:
-            return
-        self.spawn()
-        try:
-            self.await_ready()
-        except RuntimeError as e:
-            log.error("%s", e)
+                self.ready = True
+            self._hand_pending()
 
 
 class _ThreadSlot:
@@ -636,10 +723,13 @@ class Worker:
         return False
 
     def reported(self, job):
-        """`job` is settled (or given up on): the heartbeat forgets it."""
+        """`job` is settled (or given up on): the heartbeat forgets it (that lease of it: the task may have been
+        leased again since)."""
         with self.running_lock:
-            self.running.pop(job["id"], None)
-            self.revoked_ids.discard(job["id"])
+            running = self.running.get(job["id"])
+            if running is not None and running.job.get("lease_id") == job.get("lease_id"):
+                del self.running[job["id"]]
+                self.revoked_ids.discard(job["id"])
 
     # -- heartbeats ------------------------------------------------------------------------------------------
 
@@ -662,8 +752,10 @@ class Worker:
         except BrokerError as e:
             if e.code == "lease_lost":
                 running.next_extend = float("inf")
-                if any(slot.settled(job["id"]) for slot in self.slots):
-                    return  # a child settled it a moment ago and has not said so yet
+                with self.running_lock:
+                    forgotten = self.running.get(job["id"]) is not running
+                if forgotten or any(slot.settled(job["id"]) for slot in self.slots):
+                    return  # settled a moment ago (by a child that has not said so yet, or a release)
                 log.warning("task %s[%s]: lease lost (it ran past its lease without a heartbeat getting through); "
                             "it may run again elsewhere", job["task"], job["id"])
             else:
