@@ -61,6 +61,8 @@ pub struct Session {
     pub greeted: bool,
     /// What the connection may do, from its `hello` token.
     pub role: Role,
+    /// It took one of the slots kept for admins beyond `max_connections`.
+    pub reserved: bool,
     /// Cancelled when the connection closes: ends its waiting ops.
     pub closing: CancellationToken,
 }
@@ -238,6 +240,12 @@ fn hello(shared: &Shared, session: &mut Session, request: &[u8]) -> Result<Hello
             }
         }
     };
+    if session.reserved && role != Role::Admin {
+        return Err(Refusal::new(
+            ErrorCode::Forbidden,
+            "the daemon is at max_connections; the connections beyond it are kept for admin clients",
+        ));
+    }
     session.greeted = true;
     session.role = role;
     if let Some(info) = shared.connections.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&session.conn) {

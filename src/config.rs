@@ -100,6 +100,21 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// The most connections open at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Connections accepted beyond `max_connections` for admin clients only (an operator can always get in).
+    pub admin_reserved_connections: usize,
+    /// The kernel's queue of connections not accepted yet (`listen(2)` backlog).
+    pub listen_backlog: u32,
+    /// A connection that has not completed `hello` this long after it opened is closed.
+    pub hello_timeout_ms: u64,
+    /// A frame that has begun to arrive must be complete within this long, or the connection is closed.
+    pub frame_timeout_ms: u64,
+    /// A reply write that makes no progress for this long (a client that does not read) closes the connection.
+    pub write_timeout_ms: u64,
+    /// A greeted connection with no request and nothing in flight for this long is closed; 0: never.
+    pub idle_timeout_secs: u64,
+    /// The bytes that frames larger than 16 KiB may hold while incomplete, across all connections; a frame
+    /// beyond it is skipped and answered `busy`.
+    pub max_unfinished_bytes: usize,
     /// The lease duration of a task that names none.
     pub default_lease_ms: u64,
     /// The longest lease (and extension) a worker may ask for.
@@ -141,6 +156,13 @@ impl Default for Config {
             checkpoint_log_bytes: 64 * 1024 * 1024,
             max_frame_bytes: broker_client::proto::DEFAULT_MAX_FRAME,
             max_connections: 10_000,
+            admin_reserved_connections: 8,
+            listen_backlog: 1024,
+            hello_timeout_ms: 5_000,
+            frame_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            idle_timeout_secs: 0,
+            max_unfinished_bytes: 256 * 1024 * 1024,
             default_lease_ms: 30_000,
             max_lease_ms: 24 * 3600 * 1000,
             result_ttl_secs: 24 * 3600,

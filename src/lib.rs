@@ -7,5 +7,6 @@
 pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod framing;
 pub mod server;
 pub mod store;

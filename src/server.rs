@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker_client::codec::{Frame, FrameCodec};
+use broker_client::codec::FrameCodec;
 use broker_client::proto::ErrorCode;
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::cmd::{self, ConnInfo, Outcome, ReplyFrame, Session, Shared};
 use crate::config::{Config, Role};
+use crate::framing::{Budget, Request, RequestCodec};
 use crate::store::commit::Durable;
 use crate::store::{Store, StoreError};
 
@@ -115,8 +116,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
     for token in config.tokens.iter().filter(|t| t.token.len() < 16) {
         tracing::warn!(name = %token.name, "a token shorter than 16 bytes is easy to guess: use a long random one");
     }
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let listener = bind(config.listen, config.listen_backlog)
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let store = Store::open(&config, clock)
         .map_err(|source| ServerError::Store { dir: config.data_dir.display().to_string(), source })?;
@@ -131,6 +132,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), fsync = shared.config.fsync.as_str(), "listening");
     Ok(ServerHandle { addr, shared, accept, ticker })
+}
+
+/// A listener with the configured backlog (tokio's `bind` uses 128: in a burst of connects some waited about 1 s).
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog.max(1))
 }
 
 /// How often the data directory's size is checked (see [`Store::shrink_if_bloated`]).
@@ -172,13 +181,18 @@ async fn run_ticker(shared: Arc<Shared>) {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+    // Beyond the limit, a few slots for admins: a client in one is refused after its hello unless it is admin.
+    let reserve = Arc::new(Semaphore::new(shared.config.admin_reserved_connections));
+    let budget = Budget::new(shared.config.max_unfinished_bytes);
     let connections = TaskTracker::new();
     let next_conn = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        let (permit, reserved) = tokio::select! {
+            biased;
             _ = shared.shutdown.cancelled() => break,
+            permit = limit.clone().acquire_owned() => (permit.expect("semaphore never closed"), false),
+            permit = reserve.clone().acquire_owned() => (permit.expect("semaphore never closed"), true),
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -189,8 +203,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 backoff = Duration::from_millis(10);
                 let conn = next_conn.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
+                let budget = budget.clone();
                 connections.spawn(async move {
-                    run_connection(shared, stream, peer, conn).await;
+                    run_connection(shared, stream, peer, conn, reserved, budget).await;
                     drop(permit);
                 });
             }
@@ -244,12 +259,71 @@ impl PendingReplies {
 /// What a connection has to do next.
 enum Ready {
     /// What the reader gave.
-    Frame(Option<Result<Frame, std::io::Error>>),
+    Frame(Option<Result<Request, std::io::Error>>),
     /// Pending replies that became ready.
     Replies(Vec<ReplyFrame>),
+    /// Time to look at the connection's deadlines.
+    Check,
 }
 
-async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, conn: u64) {
+/// How often a connection looks at its deadlines when none is nearer (a frame may begin to arrive meanwhile).
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a connection is closed by the daemon, if one of its deadlines has passed.
+fn overdue(
+    shared: &Shared,
+    session: &Session,
+    reader: &RequestCodec,
+    opened: Instant,
+    last_active: Instant,
+    idle: bool,
+) -> Option<&'static str> {
+    let config = &shared.config;
+    let now = Instant::now();
+    if !session.greeted && now >= opened + Duration::from_millis(config.hello_timeout_ms) {
+        return Some("no hello within hello_timeout_ms");
+    }
+    if reader.unfinished_since().is_some_and(|since| now >= since + Duration::from_millis(config.frame_timeout_ms)) {
+        return Some("a frame did not complete within frame_timeout_ms");
+    }
+    if idle && config.idle_timeout_secs > 0 && now >= last_active + Duration::from_secs(config.idle_timeout_secs) {
+        return Some("idle for idle_timeout_secs");
+    }
+    None
+}
+
+/// The next moment a connection's deadlines should be looked at.
+fn next_check(
+    shared: &Shared,
+    session: &Session,
+    reader: &RequestCodec,
+    opened: Instant,
+    last_active: Instant,
+) -> tokio::time::Instant {
+    let config = &shared.config;
+    // A frame may begin to arrive while the connection waits: look again within frame_timeout_ms.
+    let mut at = Instant::now() + CHECK_EVERY.min(Duration::from_millis(config.frame_timeout_ms.max(1)));
+    if !session.greeted {
+        at = at.min(opened + Duration::from_millis(config.hello_timeout_ms));
+    }
+    if let Some(since) = reader.unfinished_since() {
+        at = at.min(since + Duration::from_millis(config.frame_timeout_ms));
+    }
+    if config.idle_timeout_secs > 0 {
+        at =
+            at.max(Instant::now()).min(last_active + Duration::from_secs(config.idle_timeout_secs)).max(Instant::now());
+    }
+    tokio::time::Instant::from_std(at)
+}
+
+async fn run_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: u64,
+    reserved: bool,
+    budget: Arc<Budget>,
+) {
     let _ = stream.set_nodelay(true);
     shared.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(
         conn,
@@ -262,10 +336,17 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     );
     tracing::debug!(conn, %peer, "connected");
     let (read, write) = stream.into_split();
-    let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_bytes));
-    let mut out = ReplySink { sink: FramedWrite::new(write, FrameCodec::new(usize::MAX)), broken: false };
+    let mut frames = FramedRead::new(read, RequestCodec::new(shared.config.max_frame_bytes, budget));
+    let mut out = ReplySink {
+        sink: FramedWrite::new(write, FrameCodec::new(usize::MAX)),
+        broken: false,
+        timeout: Duration::from_millis(shared.config.write_timeout_ms.max(1)),
+    };
     let mut pending = PendingReplies::default();
-    let mut session = Session { conn, greeted: false, role: Role::Producer, closing: CancellationToken::new() };
+    let mut session =
+        Session { conn, greeted: false, role: Role::Producer, reserved, closing: CancellationToken::new() };
+    let opened = Instant::now();
+    let mut last_active = opened;
 
     // Read a request, answer what is ready, and repeat while more is ready at once; then write it all with one
     // flush. Replies that must wait (for a flush, or a waiting op) go out as they become ready, never holding up
@@ -273,13 +354,24 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     // gets through.
     let mut drain_deadline = None;
     'serve: loop {
+        let check_at = next_check(&shared, &session, frames.decoder(), opened, last_active);
         let first = tokio::select! {
             biased;
             Some(frames) = pending.next(), if !pending.is_empty() => Ready::Replies(frames),
             _ = shared.shutdown.cancelled() => break 'serve,
             // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
             frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
+            _ = tokio::time::sleep_until(check_at) => Ready::Check,
         };
+        if matches!(first, Ready::Check) {
+            let idle = pending.is_empty();
+            if let Some(why) = overdue(&shared, &session, frames.decoder(), opened, last_active, idle) {
+                tracing::info!(conn, %peer, why, "closing the connection");
+                break 'serve;
+            }
+            continue;
+        }
+        last_active = Instant::now();
         let work = async {
             let mut next = Some(first);
             let mut durable = Vec::new();
@@ -293,6 +385,7 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
                         }
                     }
                     Ready::Replies(frames) => out.feed_all(frames).await,
+                    Ready::Check => {}
                 }
                 if durable.len() >= REPLY_QUEUE {
                     let group = std::mem::take(&mut durable);
@@ -311,7 +404,8 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
                 pending.push(durable.len(), Box::pin(after_flush(durable, shared.store.durable())));
             }
             out.flush().await;
-            open
+            // A peer that does not take its replies within write_timeout_ms is dropped.
+            open && !out.broken
         };
         // Writing blocks while the peer does not read; shutdown must still get through, without dropping the
         // replies in hand: they get the drain time.
@@ -354,21 +448,28 @@ async fn run_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
 async fn serve_frame(
     shared: &Arc<Shared>,
     session: &mut Session,
-    frame: Option<Result<Frame, std::io::Error>>,
+    frame: Option<Result<Request, std::io::Error>>,
     out: &mut ReplySink,
     pending: &mut PendingReplies,
     durable: &mut Vec<(u64, ReplyFrame)>,
 ) -> bool {
     match frame {
-        Some(Ok(Frame::Message(bytes))) => match cmd::handle(shared, session, &bytes) {
+        Some(Ok(Request::Message(bytes))) => match cmd::handle(shared, session, &bytes) {
             Outcome::Reply(frame, None) => out.feed(frame).await,
             Outcome::Reply(frame, Some(id)) => durable.push((id, frame)),
             Outcome::Wait(waiting) => pending.push(1, Box::pin(waiting.map(|frame| vec![frame]))),
         },
-        Some(Ok(Frame::TooLarge(len))) => {
+        Some(Ok(Request::TooLarge(len))) => {
             let max = shared.config.max_frame_bytes;
             let message = format!("frame of {len} bytes exceeds the maximum of {max}; it was skipped");
             out.feed(cmd::error_frame(None, ErrorCode::FrameTooLarge, &message)).await;
+        }
+        Some(Ok(Request::Busy(len))) => {
+            let message = format!(
+                "frame of {len} bytes skipped: the daemon holds as many unfinished large frames as it allows \
+                 (max_unfinished_bytes); retry it later"
+            );
+            out.feed(cmd::error_frame(None, ErrorCode::Busy, &message)).await;
         }
         Some(Err(e)) => {
             tracing::debug!(conn = session.conn, error = %e, "read failed");
@@ -395,11 +496,15 @@ async fn after_flush(replies: Vec<(u64, ReplyFrame)>, durable: Durable) -> Vec<R
 struct ReplySink {
     sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
     broken: bool,
+    /// A write that makes no progress this long breaks the sink (`write_timeout_ms`).
+    timeout: Duration,
 }
 
 impl ReplySink {
     async fn feed(&mut self, frame: ReplyFrame) {
-        if !self.broken && self.sink.feed(Bytes::from(frame)).await.is_err() {
+        if !self.broken
+            && !matches!(tokio::time::timeout(self.timeout, self.sink.feed(Bytes::from(frame))).await, Ok(Ok(())))
+        {
             self.broken = true;
         }
     }
@@ -411,7 +516,9 @@ impl ReplySink {
     }
 
     async fn flush(&mut self) {
-        if !self.broken && SinkExt::<Bytes>::flush(&mut self.sink).await.is_err() {
+        if !self.broken
+            && !matches!(tokio::time::timeout(self.timeout, SinkExt::<Bytes>::flush(&mut self.sink)).await, Ok(Ok(())))
+        {
             self.broken = true;
         }
     }

@@ -3,71 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+use std::io::Write;
 
 use broker_client::proto::{map_get, ErrorCode, Value};
-use common::TestServer;
-
-/// A blocking raw connection speaking frames by hand.
-struct Raw {
-    stream: TcpStream,
-}
-
-impl Raw {
-    fn connect(addr: &str) -> Raw {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { stream }
-    }
-
-    fn send_bytes(&mut self, payload: &[u8]) {
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).unwrap();
-    }
-
-    fn send(&mut self, value: &Value) {
-        let mut bytes = Vec::new();
-        rmpv::encode::write_value(&mut bytes, value).unwrap();
-        self.send_bytes(&bytes);
-    }
-
-    fn recv_bytes(&mut self) -> Vec<u8> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).unwrap();
-        let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
-        self.stream.read_exact(&mut payload).unwrap();
-        payload
-    }
-
-    fn recv(&mut self) -> Value {
-        rmpv::decode::read_value(&mut &self.recv_bytes()[..]).unwrap()
-    }
-
-    /// Sends a request and returns (ok, the error code if any, the whole reply).
-    fn call(&mut self, value: Value) -> (bool, Option<String>, Value) {
-        self.send(&value);
-        let reply = self.recv();
-        let map = reply.as_map().expect("reply is a map").clone();
-        let ok = map_get(&map, "ok").and_then(Value::as_bool).expect("ok field");
-        let code = map_get(&map, "error")
-            .and_then(|e| e.as_map().and_then(|m| map_get(m, "code")).and_then(Value::as_str).map(str::to_string));
-        (ok, code, reply)
-    }
-
-    fn hello(&mut self) {
-        let (ok, code, _) = self.call(request(1, "hello", vec![("version", Value::from(1))]));
-        assert!(ok, "hello failed: {code:?}");
-    }
-}
-
-fn request(id: u64, op: &str, fields: Vec<(&str, Value)>) -> Value {
-    let mut map = vec![(Value::from("id"), Value::from(id)), (Value::from("op"), Value::from(op))];
-    map.extend(fields.into_iter().map(|(k, v)| (Value::from(k), v)));
-    Value::Map(map)
-}
+use common::{request, Raw, TestServer};
 
 fn enqueue_request(id: u64, task: &str) -> Value {
     request(id, "enqueue", vec![("task", Value::Map(vec![(Value::from("task"), Value::from(task))]))])

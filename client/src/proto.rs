@@ -127,6 +127,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// The connection's role does not allow this op (e.g. `purge` with a `producer` token).
     Forbidden,
+    /// The daemon holds as many unfinished large frames as it allows (`max_unfinished_bytes`); this frame was
+    /// skipped. Retry it later.
+    Busy,
 }
 
 impl ErrorCode {
@@ -146,13 +149,14 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Busy => "busy",
         }
     }
 }
 
 impl ErrorCode {
     /// Every code, in the order proto.md lists them.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadRequest,
@@ -166,6 +170,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::Busy,
     ];
 
     /// The code for a wire name, or `None` for a name this crate does not know.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use broker::clock::{Clock, ManualClock, SystemClock};
 use broker::config::Config;
 use broker::server::ServerHandle;
+use broker_client::proto::{map_get, Value};
 use broker_client::{Client, ConnectOptions};
 use tempfile::TempDir;
 
@@ -170,4 +171,63 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A blocking raw connection speaking frames by hand.
+pub struct Raw {
+    pub stream: std::net::TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: &str) -> Raw {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { stream }
+    }
+
+    pub fn send_bytes(&mut self, payload: &[u8]) {
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        std::io::Write::write_all(&mut self.stream, &frame).unwrap();
+    }
+
+    pub fn send(&mut self, value: &Value) {
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, value).unwrap();
+        self.send_bytes(&bytes);
+    }
+
+    pub fn recv_bytes(&mut self) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        std::io::Read::read_exact(&mut self.stream, &mut len).unwrap();
+        let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+        std::io::Read::read_exact(&mut self.stream, &mut payload).unwrap();
+        payload
+    }
+
+    pub fn recv(&mut self) -> Value {
+        rmpv::decode::read_value(&mut &self.recv_bytes()[..]).unwrap()
+    }
+
+    /// Sends a request and returns (ok, the error code if any, the whole reply).
+    pub fn call(&mut self, value: Value) -> (bool, Option<String>, Value) {
+        self.send(&value);
+        let reply = self.recv();
+        let map = reply.as_map().expect("reply is a map").clone();
+        let ok = map_get(&map, "ok").and_then(Value::as_bool).expect("ok field");
+        let code = map_get(&map, "error")
+            .and_then(|e| e.as_map().and_then(|m| map_get(m, "code")).and_then(Value::as_str).map(str::to_string));
+        (ok, code, reply)
+    }
+
+    pub fn hello(&mut self) {
+        let (ok, code, _) = self.call(request(1, "hello", vec![("version", Value::from(1))]));
+        assert!(ok, "hello failed: {code:?}");
+    }
+}
+
+pub fn request(id: u64, op: &str, fields: Vec<(&str, Value)>) -> Value {
+    let mut map = vec![(Value::from("id"), Value::from(id)), (Value::from("op"), Value::from(op))];
+    map.extend(fields.into_iter().map(|(k, v)| (Value::from(k), v)));
+    Value::Map(map)
 }

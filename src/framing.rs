@@ -1,0 +1,206 @@
+//! The daemon's reading of request frames: the length-prefixed framing of proto.md §2, with bounds that hold
+//! when clients are hostile or careless.
+//!
+//! - A frame longer than `max_frame_bytes` is skipped as it arrives (never buffered) and answered
+//!   `frame_too_large`.
+//! - A frame larger than [`SMALL_FRAME`] must first take its length from a budget shared by every connection
+//!   (`max_unfinished_bytes`): the bytes of frames not complete yet are bounded daemon-wide, however many
+//!   connections announce 16 MiB and send all but the last byte. A frame the budget cannot take now is skipped
+//!   and answered `busy`. The budget is given back when the frame is complete or the connection closes.
+//! - [`RequestCodec::unfinished_since`] says since when a frame has been incomplete, so the connection can close
+//!   one that does not complete within `frame_timeout_ms`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Frames up to this size are read without taking from the shared budget (a connection holds at most this much
+/// of an unfinished small frame, and only until `frame_timeout_ms`).
+pub const SMALL_FRAME: usize = 16 * 1024;
+
+/// What the reader produces.
+#[derive(Debug)]
+pub enum Request {
+    /// A frame's payload.
+    Message(Bytes),
+    /// A frame longer than the maximum was skipped; its declared length.
+    TooLarge(u64),
+    /// A frame the shared budget could not hold was skipped; its declared length.
+    Busy(u64),
+}
+
+/// Bytes that unfinished large frames may hold, across all connections.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget { limit, used: AtomicUsize::new(0) })
+    }
+
+    /// Takes `n` bytes if they fit.
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// The decoder of one connection's requests.
+#[derive(Debug)]
+pub struct RequestCodec {
+    max_frame: usize,
+    budget: Arc<Budget>,
+    /// Bytes left to skip of a refused frame, its declared length, and whether it was refused for the budget.
+    skipping: Option<(u64, u64, bool)>,
+    /// What the frame being read took from the budget.
+    reserved: usize,
+    unfinished_since: Option<Instant>,
+}
+
+impl RequestCodec {
+    /// A decoder for frames up to `max_frame` bytes, large ones held within `budget`.
+    pub fn new(max_frame: usize, budget: Arc<Budget>) -> RequestCodec {
+        RequestCodec { max_frame, budget, skipping: None, reserved: 0, unfinished_since: None }
+    }
+
+    /// When the frame being read (or skipped) began to arrive, if one has begun and is not complete.
+    pub fn unfinished_since(&self) -> Option<Instant> {
+        self.unfinished_since
+    }
+
+    fn unfinished(&mut self) {
+        self.unfinished_since.get_or_insert_with(Instant::now);
+    }
+
+    fn give_back(&mut self) {
+        if self.reserved > 0 {
+            self.budget.give(self.reserved);
+            self.reserved = 0;
+        }
+    }
+}
+
+impl Drop for RequestCodec {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+impl Decoder for RequestCodec {
+    type Item = Request;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Request>, Self::Error> {
+        if let Some((left, declared, busy)) = self.skipping {
+            let n = left.min(src.len() as u64);
+            src.advance(n as usize);
+            if n < left {
+                self.skipping = Some((left - n, declared, busy));
+                self.unfinished();
+                return Ok(None);
+            }
+            self.skipping = None;
+            self.unfinished_since = None;
+            return Ok(Some(if busy { Request::Busy(declared) } else { Request::TooLarge(declared) }));
+        }
+        if src.len() < 4 {
+            if !src.is_empty() {
+                self.unfinished();
+            }
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max_frame {
+            src.advance(4);
+            self.skipping = Some((len as u64, len as u64, false));
+            return self.decode(src);
+        }
+        if len > SMALL_FRAME && self.reserved == 0 {
+            if !self.budget.try_take(len) {
+                src.advance(4);
+                self.skipping = Some((len as u64, len as u64, true));
+                return self.decode(src);
+            }
+            self.reserved = len;
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            self.unfinished();
+            return Ok(None);
+        }
+        src.advance(4);
+        let frame = src.split_to(len).freeze();
+        self.give_back();
+        self.unfinished_since = if src.is_empty() { None } else { Some(Instant::now()) };
+        Ok(Some(Request::Message(frame)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut bytes = (len as u32).to_be_bytes().to_vec();
+        bytes.resize(4 + len, 0x90);
+        bytes
+    }
+
+    #[test]
+    fn large_unfinished_frames_share_one_budget() {
+        let budget = Budget::new(100_000);
+        let mut a = RequestCodec::new(1 << 20, budget.clone());
+        let mut b = RequestCodec::new(1 << 20, budget.clone());
+        let big = frame(60_000);
+        let mut buf_a = BytesMut::from(&big[..30_000]);
+        assert!(a.decode(&mut buf_a).unwrap().is_none());
+        assert_eq!(budget.used(), 60_000);
+        assert!(a.unfinished_since().is_some());
+        // The second does not fit: skipped as it arrives, answered busy, nothing held.
+        let mut buf_b = BytesMut::from(&big[..]);
+        assert!(matches!(b.decode(&mut buf_b).unwrap(), Some(Request::Busy(60_000))));
+        assert_eq!(budget.used(), 60_000);
+        // A small frame needs no budget.
+        let mut small = BytesMut::from(&frame(100)[..]);
+        assert!(matches!(b.decode(&mut small).unwrap(), Some(Request::Message(m)) if m.len() == 100));
+        // The first completes and gives its share back; so does a connection that closes mid-frame.
+        buf_a.extend_from_slice(&big[30_000..]);
+        assert!(matches!(a.decode(&mut buf_a).unwrap(), Some(Request::Message(m)) if m.len() == 60_000));
+        assert_eq!(budget.used(), 0);
+        assert!(a.unfinished_since().is_none());
+        let mut half = BytesMut::from(&big[..10]);
+        assert!(a.decode(&mut half).unwrap().is_none());
+        assert_eq!(budget.used(), 60_000);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_frame_over_the_maximum_is_skipped_not_buffered() {
+        let mut codec = RequestCodec::new(1000, Budget::new(1 << 20));
+        let mut buf = BytesMut::from(&frame(5000)[..2000]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(buf.is_empty(), "skipped bytes are dropped as they arrive");
+        buf.extend_from_slice(&frame(5000)[2000..]);
+        assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Request::TooLarge(5000))));
+    }
+}

@@ -1,0 +1,197 @@
+//! Limits that hold when clients are hostile or careless (found by an outside test): connections that never say
+//! hello, frames that never complete, peers that never read, a daemon full of connections. Each case checks that
+//! other clients are still served.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use broker::config::{Role, TokenConfig};
+use broker_client::proto::{ErrorCode, TaskSpec, Value};
+use broker_client::ConnectOptions;
+use common::{request, Raw, TestServer};
+
+/// Waits (bounded) until the daemon closes `stream`: a read returns end of stream or an error.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => continue, // replies written before the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                panic!("still open after {limit:?}")
+            }
+            Err(_) => return started.elapsed(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_without_hello_is_closed_and_does_not_lock_others_out() {
+    let server = TestServer::start_with(
+        |config| {
+            config.max_connections = 20;
+            config.hello_timeout_ms = 300;
+        },
+        false,
+    )
+    .await;
+    let addr = server.addr();
+    // Fill every slot with connections that send nothing.
+    let mut silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    // An admin (every client is one without tokens) still gets in at once, through the reserved slots.
+    let started = Instant::now();
+    let admin = ConnectOptions::new(addr.clone()).connect().await.unwrap();
+    admin.stats().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "the admin waited {:?}", started.elapsed());
+    let addr2 = addr.clone();
+    tokio::task::spawn_blocking(move || {
+        for stream in &mut silent {
+            assert!(closed_within(stream, Duration::from_secs(5)) < Duration::from_secs(5));
+        }
+        // The slots are free again: an ordinary client connects.
+        let mut raw = Raw::connect(&addr2);
+        raw.hello();
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slots_beyond_max_connections_are_for_admins_only() {
+    let server = TestServer::start_with(
+        |config| {
+            config.max_connections = 2;
+            config.admin_reserved_connections = 1;
+            config.tokens = vec![
+                TokenConfig { name: "web".into(), token: "web-token-0123456789".into(), role: Role::Producer },
+                TokenConfig { name: "ops".into(), token: "ops-token-0123456789".into(), role: Role::Admin },
+            ];
+        },
+        false,
+    )
+    .await;
+    let addr = server.addr();
+    let web = |addr: &str| ConnectOptions::new(addr.to_string()).token("web-token-0123456789");
+    let _a = web(&addr).connect().await.unwrap();
+    let _b = web(&addr).connect().await.unwrap();
+    // The third producer lands in the admin slot and is refused there.
+    let refused = web(&addr).connect().await.unwrap_err();
+    assert!(refused.is(ErrorCode::Forbidden), "{refused}");
+    server.stop().await;
+
+    let server = TestServer::start_with(
+        |config| {
+            config.max_connections = 1;
+            config.admin_reserved_connections = 1;
+            config.tokens =
+                vec![TokenConfig { name: "ops".into(), token: "ops-token-0123456789".into(), role: Role::Admin }];
+        },
+        false,
+    )
+    .await;
+    let addr = server.addr();
+    let ops = || ConnectOptions::new(addr.clone()).token("ops-token-0123456789").connect();
+    let _first = ops().await.unwrap();
+    let second = ops().await.unwrap();
+    second.stats().await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unfinished_large_frames_are_bounded_across_connections_and_timed_out() {
+    let server = TestServer::start_with(
+        |config| {
+            config.max_unfinished_bytes = 1 << 20;
+            config.frame_timeout_ms = 500;
+        },
+        false,
+    )
+    .await;
+    let addr = server.addr();
+    tokio::task::spawn_blocking(move || {
+        // A holds 800 KiB of the 1 MiB budget with a frame it never finishes.
+        let mut holder = Raw::connect(&addr);
+        holder.hello();
+        let announced = 800 * 1024u32;
+        holder.stream.write_all(&announced.to_be_bytes()).unwrap();
+        holder.stream.write_all(&vec![0u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // B's 800 KiB frame does not fit: skipped and answered `busy`; B goes on.
+        let mut other = Raw::connect(&addr);
+        other.hello();
+        let big = request(
+            2,
+            "enqueue",
+            vec![(
+                "task",
+                Value::Map(vec![
+                    (Value::from("task"), Value::from("t")),
+                    (Value::from("args"), Value::Array(vec![Value::from("x".repeat(800 * 1024))])),
+                ]),
+            )],
+        );
+        let (ok, code, _) = other.call(big.clone());
+        assert!(!ok);
+        assert_eq!(code.as_deref(), Some(ErrorCode::Busy.as_str()));
+        let (ok, _, _) = other.call(request(3, "stats", vec![]));
+        assert!(ok, "the connection stays usable");
+        // A's frame times out; its budget comes back and B's frame goes through.
+        assert!(closed_within(&mut holder.stream, Duration::from_secs(5)) < Duration::from_secs(5));
+        let (ok, code, _) = other.call(big);
+        assert!(ok, "{code:?}");
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_does_not_read_its_replies_is_dropped_and_others_are_served() {
+    let server = TestServer::start_with(|config| config.write_timeout_ms = 300, false).await;
+    let client = server.client().await;
+    let spec = TaskSpec { args: vec![Value::from("y".repeat(1 << 20))], ..TaskSpec::new("t") };
+    let id = client.enqueue(spec).await.unwrap().id;
+    let addr = server.addr();
+    let lazy = tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        raw.hello();
+        // 64 MiB of replies, never read.
+        for n in 0..64u64 {
+            raw.send(&request(10 + n, "get", vec![("task_id", Value::from(id.as_str()))]));
+        }
+        raw
+    })
+    .await
+    .unwrap();
+    // The daemon's writes to it stall; after write_timeout_ms it gives up. Others are served meanwhile.
+    for _ in 0..10 {
+        client.stats().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stream = lazy.stream;
+    tokio::task::spawn_blocking(move || {
+        // Reading now gets what the socket buffers held, then the end: the daemon gave up on the peer.
+        let started = Instant::now();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+            assert!(started.elapsed() < Duration::from_secs(10));
+        }
+        assert!(total < 64 << 20, "every reply arrived ({total} bytes): the peer was not dropped");
+    })
+    .await
+    .unwrap();
+    client.stats().await.unwrap();
+    server.stop().await;
+}
