@@ -217,8 +217,18 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
     }
 }
 
+/// The longest client name `hello` accepts, in bytes.
+pub const MAX_CLIENT_NAME: usize = 200;
+
 fn hello(shared: &Shared, session: &mut Session, request: &[u8]) -> Result<HelloReply, Refusal> {
     let hello: Hello = body(request)?;
+    if hello.client.len() > MAX_CLIENT_NAME {
+        // It is shown by `stats`, whose reply must stay deliverable.
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!("`client` is {} bytes; at most {MAX_CLIENT_NAME}", hello.client.len()),
+        ));
+    }
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal::new(
             ErrorCode::UnsupportedVersion,

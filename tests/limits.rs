@@ -195,3 +195,41 @@ async fn a_peer_that_does_not_read_its_replies_is_dropped_and_others_are_served(
     client.stats().await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anything_accepted_can_be_delivered() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    // Three tasks of 9 MiB: a lease of 10 stops adding once its tasks reach max_frame_bytes (16 MiB), so the
+    // reply stays deliverable; the rest come with the next lease.
+    let big = Value::from("a".repeat(9 << 20));
+    for _ in 0..3 {
+        client.enqueue(TaskSpec { args: vec![big.clone()], ..TaskSpec::new("big") }).await.unwrap();
+    }
+    let lease = broker_client::proto::Lease { queues: vec!["default".into()], max: 10, wait_ms: 0, lease_ms: None };
+    let first = client.lease(&lease).await.unwrap();
+    assert!((1..3).contains(&first.len()), "{} tasks in one reply", first.len());
+    let rest = client.lease(&lease).await.unwrap();
+    assert_eq!(first.len() + rest.len(), 3);
+    // A task whose arguments and result are both near the maximum: its `get` reply is about twice a request.
+    let huge = Value::from("b".repeat((16 << 20) - 4096));
+    let id = client.enqueue(TaskSpec { args: vec![huge.clone()], ..TaskSpec::new("huge") }).await.unwrap().id;
+    let task = client.lease(&lease).await.unwrap().pop().expect("the huge task");
+    assert_eq!(task.id, id);
+    client.ack(&id, task.lease_id, huge.clone()).await.unwrap();
+    let info = client.get(&id).await.unwrap();
+    assert_eq!((info.args.len(), info.result.as_ref()), (1, Some(&huge)));
+    // A client name that would make `stats` undeliverable is refused.
+    let addr = server.addr();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        let name = Value::from("n".repeat(1 << 20));
+        let (ok, code, _) = raw.call(request(1, "hello", vec![("version", Value::from(1)), ("client", name)]));
+        assert!(!ok);
+        assert_eq!(code.as_deref(), Some(ErrorCode::BadRequest.as_str()));
+    })
+    .await
+    .unwrap();
+    client.stats().await.unwrap();
+    server.stop().await;
+}

@@ -64,7 +64,7 @@ impl Default for ConnectOptions {
             addr: DEFAULT_ADDR.to_string(),
             token: None,
             name: default_name(),
-            max_frame: DEFAULT_MAX_FRAME,
+            max_frame: DEFAULT_MAX_REPLY,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -86,6 +86,9 @@ fn split_url(url: &str) -> (String, Option<String>) {
         None => (rest.to_string(), None),
     }
 }
+
+/// The default limit on a reply frame: twice the daemon's default `max_frame_bytes`, and room to spare.
+pub const DEFAULT_MAX_REPLY: usize = 64 * 1024 * 1024;
 
 fn default_name() -> String {
     format!("rust-client@{}", std::process::id())
@@ -119,7 +122,8 @@ impl ConnectOptions {
         self
     }
 
-    /// The largest reply frame accepted (default 16 MiB).
+    /// The largest reply frame accepted (default 64 MiB: a daemon's reply is at most about twice its largest
+    /// request, 16 MiB by default; see proto.md §10).
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
         self

@@ -118,6 +118,9 @@ pub struct StoreOptions {
     pub checkpoint_log_bytes: u64,
     /// See [`Config::shrink_min_bytes`].
     pub shrink_min_bytes: u64,
+    /// A `lease` or `dead_list` reply stops adding tasks once their arguments reach this many bytes (it always
+    /// carries one): the largest request frame, so that any reply is at most about two requests' size.
+    pub max_reply_bytes: usize,
 }
 
 impl From<&Config> for StoreOptions {
@@ -133,6 +136,7 @@ impl From<&Config> for StoreOptions {
             checkpoint_interval: Duration::from_millis(config.checkpoint_interval_ms.max(1)),
             checkpoint_log_bytes: config.checkpoint_log_bytes.max(1),
             shrink_min_bytes: config.shrink_min_bytes,
+            max_reply_bytes: config.max_frame_bytes,
         }
     }
 }
@@ -913,8 +917,9 @@ impl Store {
         let mut out = Vec::new();
         let mut expired = false;
         let mut st = self.lock();
+        let mut bytes = 0usize;
         for queue in queues {
-            while out.len() < max {
+            while out.len() < max && bytes < self.options.max_reply_bytes {
                 let Some(q) = st.queues.get_mut(queue.as_str()) else { break };
                 let Some((_, id)) = q.ready.pop_first() else { break };
                 let Some(record) = st.live.get_mut(&id) else { continue };
@@ -950,6 +955,7 @@ impl Store {
                 st.deadlines.insert((deadline_ms, id.clone()));
                 st.by_conn.entry(conn).or_default().insert(id.clone());
                 st.queue(queue).leased += 1;
+                bytes += leased.payload.len() + leased.task.len() + leased.id.len();
                 out.push(Grant { lease_id, ..leased });
             }
         }
@@ -1316,9 +1322,14 @@ impl Store {
     /// Lists dead tasks: per queue, oldest failure first; queues in name order.
     pub fn dead_list(&self, queue: Option<&str>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for id in self.dead_ids(queue, limit) {
-            if let Some(info) = self.with_record(&id, TaskRecord::info)? {
+            if bytes >= self.options.max_reply_bytes {
+                break;
+            }
+            if let Some((info, size)) = self.with_record(&id, |r| (r.info(), r.payload.len() + r.result_len()))? {
                 if info.state == TaskState::Failure {
+                    bytes += size;
                     out.push(info);
                 }
             }

@@ -52,6 +52,19 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// About how many bytes the result or error takes in a reply.
+    pub fn result_len(&self) -> usize {
+        let result = self.result.as_ref().map_or(0, |value| {
+            let mut buf = Vec::new();
+            rmpv::encode::write_value(&mut buf, value).map_or(0, |()| buf.len())
+        });
+        let error = self
+            .error
+            .as_ref()
+            .map_or(0, |e| e.kind.len() + e.message.len() + e.traceback.as_ref().map_or(0, String::len));
+        result + error
+    }
+
     /// The task as `get` shows it.
     pub fn info(&self) -> TaskInfo {
         let (args, kwargs, context) = self.payload.decode();
@@ -337,6 +350,16 @@ impl Payload {
     /// The three values' bytes, back to back.
     pub fn bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// How many bytes the three values take.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: even no arguments take three bytes. (For `len`'s sake.)
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// The bytes of `args`, `kwargs` and `context`.
