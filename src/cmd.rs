@@ -167,7 +167,28 @@ fn refuse_envelope(frame: &[u8]) -> ReplyFrame {
     if proto::map_get(map, "op").and_then(Value::as_str).is_none() {
         return error_frame(Some(id), ErrorCode::BadRequest, "missing or invalid field `op` (a string)");
     }
+    if let Err(message) = check_keys(frame) {
+        return error_frame(Some(id), ErrorCode::BadRequest, &message);
+    }
     error_frame(Some(id), ErrorCode::BadFrame, "the request envelope could not be read")
+}
+
+/// The request map's keys must each be a MessagePack str, each at most once, and `op` a str (proto.md §4): a key
+/// or `op` sent as `bin`, or a repeated key, is refused rather than read one way or another.
+fn check_keys(frame: &[u8]) -> Result<(), String> {
+    let Some(Ok(entries)) = map_entries(frame) else { return Err("the request is not a well-formed map".into()) };
+    let mut seen: Vec<&str> = Vec::with_capacity(entries.len());
+    for (key, value) in &entries {
+        let Some(name) = key_str(key) else { return Err("request keys must be MessagePack str, not bin".into()) };
+        if seen.contains(&name) {
+            return Err(format!("the key `{name}` appears more than once"));
+        }
+        if name == "op" && key_str(value).is_none() {
+            return Err("`op` must be a MessagePack str, not bin".into());
+        }
+        seen.push(name);
+    }
+    Ok(())
 }
 
 /// Handles one frame's payload.
@@ -182,6 +203,9 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         _ => return Outcome::Reply(refuse_envelope(frame), None),
     };
     let request = frame;
+    if let Err(message) = check_keys(frame) {
+        return Outcome::Reply(error_frame(Some(id), ErrorCode::BadRequest, &message), None);
+    }
     if shared.shutdown.is_cancelled() {
         return Outcome::Reply(error_frame(Some(id), ErrorCode::ShuttingDown, "the daemon is shutting down"), None);
     }
@@ -275,12 +299,6 @@ struct EnqueueRequest {
     task: NewTask,
 }
 
-/// `enqueue_batch` as the daemon reads it ([`EnqueueBatch`] on the wire).
-#[derive(serde::Deserialize)]
-struct EnqueueBatchRequest {
-    tasks: Vec<NewTask>,
-}
-
 /// Why a request serde read has no field `field` finds: serde also takes a field named by a `bin` or an integer.
 const NAMED_BY_STR: &str = "invalid request: name every field with a str";
 
@@ -319,20 +337,32 @@ fn enqueue(shared: &Shared, request: &[u8]) -> Result<Enqueued, Refusal> {
 }
 
 fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal> {
-    let mut request: EnqueueBatchRequest = body(frame)?;
-    if request.tasks.len() > shared.config.max_enqueue_batch {
+    let missing = || Refusal::new(ErrorCode::BadRequest, "invalid request: missing field `tasks` (an array)");
+    let specs = field(frame, "tasks").ok_or_else(missing)?;
+    let count = rmp::decode::read_array_len(&mut &specs[..]).map_err(|_| missing())? as usize;
+    if count > shared.config.max_enqueue_batch {
         return Err(Refusal::new(
             ErrorCode::BadRequest,
-            format!(
-                "batch of {} tasks exceeds max_enqueue_batch {}",
-                request.tasks.len(),
-                shared.config.max_enqueue_batch
-            ),
+            format!("batch of {count} tasks exceeds max_enqueue_batch {}", shared.config.max_enqueue_batch),
         ));
     }
-    let specs = field(frame, "tasks").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, NAMED_BY_STR))?;
-    take_payloads(&mut request.tasks, specs, true)?;
-    Ok(EnqueuedBatch { tasks: shared.store.enqueue(request.tasks)? })
+    // Spec by spec, so that a spec that does not decode is named like the ones the store refuses.
+    let mut rest = specs;
+    rmp::decode::read_array_len(&mut rest).map_err(|_| missing())?;
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let len =
+            value_len(rest, MAX_DEPTH).map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("task {i}: {e}")))?;
+        let (spec, after) = rest.split_at(len);
+        let task: NewTask = rmp_serde::from_slice(spec).map_err(|e| {
+            let prefix = if count > 1 { format!("task {i}: ") } else { String::new() };
+            Refusal::new(ErrorCode::BadRequest, format!("{prefix}invalid request: {e}"))
+        })?;
+        tasks.push(task);
+        rest = after;
+    }
+    take_payloads(&mut tasks, specs, true)?;
+    Ok(EnqueuedBatch { tasks: shared.store.enqueue(tasks)? })
 }
 
 /// Encodes a `lease` reply ([`Leased`] in an [`OkEnvelope`], as `ok_frame` would) writing each task's arguments
@@ -529,17 +559,22 @@ fn revoke(shared: &Shared, request: &[u8]) -> Result<Revoked, Refusal> {
 fn stats(shared: &Shared) -> Stats {
     let store = shared.store.stats();
     let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-    let mut workers: Vec<WorkerInfo> = connections
+    let mut workers: Vec<(ConnId, WorkerInfo)> = connections
         .iter()
         .filter(|(_, info)| info.leases)
-        .map(|(conn, info)| WorkerInfo {
-            client: info.client.clone(),
-            addr: info.addr.clone(),
-            leased: store.leases_by_conn.get(conn).copied().unwrap_or(0),
-            connected_at_ms: info.connected_at_ms,
+        .map(|(conn, info)| {
+            let worker = WorkerInfo {
+                client: info.client.clone(),
+                addr: info.addr.clone(),
+                leased: store.leases_by_conn.get(conn).copied().unwrap_or(0),
+                connected_at_ms: info.connected_at_ms,
+            };
+            (*conn, worker)
         })
         .collect();
-    workers.sort_by_key(|w| w.connected_at_ms);
+    // Oldest first; connections opened in the same millisecond in the order they were accepted.
+    workers.sort_by_key(|(conn, w)| (w.connected_at_ms, *conn));
+    let workers: Vec<WorkerInfo> = workers.into_iter().map(|(_, w)| w).collect();
     Stats {
         server: format!("broker {}", env!("CARGO_PKG_VERSION")),
         uptime_ms: shared.started.elapsed().as_millis() as u64,

@@ -254,3 +254,64 @@ async fn arguments_reach_the_worker_as_the_bytes_the_producer_sent() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_and_op_must_be_str_once_each_and_batch_errors_name_the_task() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        raw.hello();
+        let bin = |s: &str| Value::Binary(s.as_bytes().to_vec());
+        let stats_with = |map: Vec<(Value, Value)>| Value::Map(map);
+        // A key sent as bin.
+        let reply = raw.call(stats_with(vec![(Value::from("id"), Value::from(2)), (bin("op"), Value::from("stats"))]));
+        assert_code(reply, ErrorCode::BadRequest);
+        // `op` sent as bin.
+        let reply = raw.call(stats_with(vec![(Value::from("id"), Value::from(3)), (Value::from("op"), bin("stats"))]));
+        assert_code(reply, ErrorCode::BadRequest);
+        // A repeated key, `op` or another.
+        for key in ["op", "task_id"] {
+            let mut map = vec![
+                (Value::from("id"), Value::from(4)),
+                (Value::from("op"), Value::from("get")),
+                (Value::from("task_id"), Value::from("x")),
+            ];
+            map.push((Value::from(key), map.iter().find(|(k, _)| k.as_str() == Some(key)).unwrap().1.clone()));
+            let reply = assert_code(raw.call(Value::Map(map)), ErrorCode::BadRequest);
+            assert!(format!("{reply:?}").contains("more than once"), "{reply:?}");
+        }
+        // `args` as bin is not an array.
+        let spec = Value::Map(vec![(Value::from("task"), Value::from("t")), (Value::from("args"), bin("abc"))]);
+        assert_code(raw.call(request(5, "enqueue", vec![("task", spec)])), ErrorCode::BadRequest);
+        // A batch spec that does not decode is named by its index, like the ones the store refuses.
+        let good = Value::Map(vec![(Value::from("task"), Value::from("t"))]);
+        let bad = Value::Map(vec![(Value::from("task"), Value::from(42))]);
+        let reply = assert_code(
+            raw.call(request(6, "enqueue_batch", vec![("tasks", Value::Array(vec![good, bad]))])),
+            ErrorCode::BadRequest,
+        );
+        assert!(format!("{reply:?}").contains("task 1: "), "{reply:?}");
+        let (ok, _, _) = raw.call(request(7, "stats", vec![]));
+        assert!(ok, "the connection stays usable");
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stats_lists_workers_oldest_first() {
+    let server = TestServer::start().await;
+    let lease = broker_client::proto::Lease { queues: vec!["none".into()], max: 1, wait_ms: 0, lease_ms: None };
+    let mut workers = Vec::new();
+    for i in 0..6 {
+        let client = broker_client::ConnectOptions::new(server.addr()).name(format!("w{i}")).connect().await.unwrap();
+        client.lease(&lease).await.unwrap();
+        workers.push(client);
+    }
+    let stats = workers[0].stats().await.unwrap();
+    let names: Vec<&str> = stats.workers.iter().map(|w| w.client.as_str()).collect();
+    assert_eq!(names, ["w0", "w1", "w2", "w3", "w4", "w5"]);
+    server.stop().await;
+}
