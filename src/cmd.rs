@@ -99,6 +99,7 @@ impl From<StoreError> for Refusal {
             StoreError::LeaseLost { .. } => ErrorCode::LeaseLost,
             StoreError::Revoked(_) => ErrorCode::Revoked,
             StoreError::Invalid(_) => ErrorCode::BadRequest,
+            StoreError::QueueFull { .. } => ErrorCode::QueueFull,
             StoreError::Storage(_) | StoreError::Corrupt { .. } | StoreError::Flush(_) => {
                 tracing::error!(error = %e, "store error");
                 ErrorCode::Internal
@@ -134,7 +135,7 @@ fn durable_reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> Outcome {
     // refusals changed nothing and go out at once.
     let changed = match &result {
         Ok(_) => true,
-        Err(refusal) => refusal.code == ErrorCode::Revoked,
+        Err(refusal) => matches!(refusal.code, ErrorCode::Revoked | ErrorCode::ResultTooLarge),
     };
     Outcome::Reply(reply(id, result), changed.then_some(id))
 }
@@ -499,8 +500,17 @@ fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn ack(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
-    let request: Ack = body(request)?;
+fn ack(shared: &Shared, frame: &[u8]) -> Result<Empty, Refusal> {
+    let request: Ack = body(frame)?;
+    let size = field(frame, "result").map_or(0, <[u8]>::len);
+    let limit = shared.config.max_result_bytes;
+    if size > limit {
+        // The task ends FAILURE (not retried: it would produce the same result) and the worker is told why.
+        let message = format!("the result is {size} bytes; the daemon keeps at most {limit} (max_result_bytes)");
+        let error = TaskError { kind: "ResultTooLarge".into(), message: message.clone(), traceback: None };
+        shared.store.fail(&request.task_id, request.lease_id, error, false, None)?;
+        return Err(Refusal::new(ErrorCode::ResultTooLarge, message));
+    }
     shared.store.ack(&request.task_id, request.lease_id, request.result)?;
     Ok(Empty {})
 }

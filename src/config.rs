@@ -115,6 +115,11 @@ pub struct Config {
     /// The bytes that frames larger than 16 KiB may hold while incomplete, across all connections; a frame
     /// beyond it is skipped and answered `busy`.
     pub max_unfinished_bytes: usize,
+    /// The most tasks waiting (ready and scheduled) in one queue; an enqueue beyond it is refused `queue_full`.
+    /// 0: no limit.
+    pub max_queue_length: u64,
+    /// The largest result an `ack` may store, in bytes; a larger one fails the task (`result_too_large`).
+    pub max_result_bytes: usize,
     /// The lease duration of a task that names none.
     pub default_lease_ms: u64,
     /// The longest lease (and extension) a worker may ask for.
@@ -163,6 +168,8 @@ impl Default for Config {
             write_timeout_ms: 30_000,
             idle_timeout_secs: 0,
             max_unfinished_bytes: 256 * 1024 * 1024,
+            max_queue_length: 0,
+            max_result_bytes: 16 * 1024 * 1024,
             default_lease_ms: 30_000,
             max_lease_ms: 24 * 3600 * 1000,
             result_ttl_secs: 24 * 3600,

@@ -233,3 +233,43 @@ async fn anything_accepted_can_be_delivered() {
     client.stats().await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_queue_refuses_enqueues_and_frees_up_as_tasks_leave() {
+    let server = TestServer::start_with(|config| config.max_queue_length = 3, false).await;
+    let client = server.client().await;
+    for _ in 0..3 {
+        client.enqueue(TaskSpec::new("t")).await.unwrap();
+    }
+    let full = client.enqueue(TaskSpec::new("t")).await.unwrap_err();
+    assert!(full.is(ErrorCode::QueueFull), "{full}");
+    // A batch that does not fit is refused whole; other queues are not affected.
+    let batch = vec![TaskSpec { queue: Some("other".into()), ..TaskSpec::new("t") }; 4];
+    assert!(client.enqueue_batch(batch).await.unwrap_err().is(ErrorCode::QueueFull));
+    assert_eq!(client.stats().await.unwrap().queues.iter().find(|q| q.name == "other").map_or(0, |q| q.ready), 0);
+    client.enqueue(TaskSpec { queue: Some("other".into()), ..TaskSpec::new("t") }).await.unwrap();
+    // A leased task no longer waits: there is room again.
+    let lease = broker_client::proto::Lease { queues: vec!["default".into()], max: 1, wait_ms: 0, lease_ms: None };
+    client.lease(&lease).await.unwrap();
+    client.enqueue(TaskSpec::new("t")).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_result_over_the_maximum_fails_the_task() {
+    let server = TestServer::start_with(|config| config.max_result_bytes = 1000, false).await;
+    let client = server.client().await;
+    let id = client.enqueue(TaskSpec::new("t")).await.unwrap().id;
+    let lease = broker_client::proto::Lease { queues: vec!["default".into()], max: 1, wait_ms: 0, lease_ms: None };
+    let task = client.lease(&lease).await.unwrap().pop().unwrap();
+    let refused = client.ack(&id, task.lease_id, Value::from("r".repeat(2000))).await.unwrap_err();
+    assert!(refused.is(ErrorCode::ResultTooLarge), "{refused}");
+    let info = client.get(&id).await.unwrap();
+    assert_eq!(info.state, broker_client::proto::TaskState::Failure);
+    assert_eq!(info.error.map(|e| e.kind).as_deref(), Some("ResultTooLarge"));
+    // A result within the limit is stored.
+    let id = client.enqueue(TaskSpec::new("t")).await.unwrap().id;
+    let task = client.lease(&lease).await.unwrap().pop().unwrap();
+    client.ack(&id, task.lease_id, Value::from("ok")).await.unwrap();
+    server.stop().await;
+}

@@ -130,6 +130,10 @@ pub enum ErrorCode {
     /// The daemon holds as many unfinished large frames as it allows (`max_unfinished_bytes`); this frame was
     /// skipped. Retry it later.
     Busy,
+    /// The enqueue would take a queue past `max_queue_length`; nothing of the request was stored.
+    QueueFull,
+    /// The `ack`'s result is larger than `max_result_bytes`; the task was failed (`ResultTooLarge`) instead.
+    ResultTooLarge,
 }
 
 impl ErrorCode {
@@ -150,13 +154,15 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Busy => "busy",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::ResultTooLarge => "result_too_large",
         }
     }
 }
 
 impl ErrorCode {
     /// Every code, in the order proto.md lists them.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadRequest,
@@ -170,6 +176,8 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::QueueFull,
+        ErrorCode::ResultTooLarge,
         ErrorCode::Busy,
     ];
 

@@ -79,6 +79,16 @@ pub enum StoreError {
     /// The request was well-formed but its values are not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// Enqueuing would take a queue past `max_queue_length`.
+    #[error("queue {queue:?} is full: {waiting} tasks waiting, max_queue_length is {limit}")]
+    QueueFull {
+        /// The queue.
+        queue: String,
+        /// Tasks waiting in it (ready and scheduled).
+        waiting: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// sled failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
@@ -121,6 +131,8 @@ pub struct StoreOptions {
     /// A `lease` or `dead_list` reply stops adding tasks once their arguments reach this many bytes (it always
     /// carries one): the largest request frame, so that any reply is at most about two requests' size.
     pub max_reply_bytes: usize,
+    /// See [`Config::max_queue_length`] (0: no limit).
+    pub max_queue_length: u64,
 }
 
 impl From<&Config> for StoreOptions {
@@ -137,6 +149,7 @@ impl From<&Config> for StoreOptions {
             checkpoint_log_bytes: config.checkpoint_log_bytes.max(1),
             shrink_min_bytes: config.shrink_min_bytes,
             max_reply_bytes: config.max_frame_bytes,
+            max_queue_length: config.max_queue_length,
         }
     }
 }
@@ -851,6 +864,9 @@ impl Store {
         let mut out = Vec::with_capacity(specs.len());
         let mut woke = false;
         let mut st = self.lock();
+        if self.options.max_queue_length > 0 {
+            Self::check_room(&st, &specs, self.options.max_queue_length)?;
+        }
         for spec in specs {
             if let Some(id) = &spec.id {
                 if let Some(state) = st.state_of(id) {
@@ -969,6 +985,29 @@ impl Store {
             self.finished_notify.notify_waiters();
         }
         (out, unflushed)
+    }
+
+    /// Refuses a batch (all of it) that would take a queue past `limit` waiting tasks; specs naming a task that
+    /// exists add nothing.
+    fn check_room(st: &State, specs: &[NewTask], limit: u64) -> Result<(), StoreError> {
+        let mut adding: Vec<(&str, u64)> = Vec::new();
+        for spec in specs {
+            if spec.id.as_ref().is_some_and(|id| st.state_of(id).is_some()) {
+                continue;
+            }
+            let queue = spec.queue.as_deref().unwrap_or(DEFAULT_QUEUE);
+            match adding.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, n)) => *n += 1,
+                None => adding.push((queue, 1)),
+            }
+        }
+        for (queue, n) in adding {
+            let waiting = st.queues.get(queue).map_or(0, |q| q.ready.len() as u64 + q.scheduled);
+            if waiting + n > limit {
+                return Err(StoreError::QueueFull { queue: queue.to_string(), waiting, limit });
+            }
+        }
+        Ok(())
     }
 
     /// Checks that `lease_id` on `id` is held.
