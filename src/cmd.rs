@@ -566,7 +566,8 @@ fn revoke(shared: &Shared, request: &[u8]) -> Result<Revoked, Refusal> {
     Ok(Revoked { state: shared.store.revoke(&request.task_id)? })
 }
 
-fn stats(shared: &Shared) -> Stats {
+/// The `stats` reply: queues, workers, totals.
+pub fn stats(shared: &Shared) -> Stats {
     let store = shared.store.stats();
     let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
     let mut workers: Vec<(ConnId, WorkerInfo)> = connections

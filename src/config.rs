@@ -80,12 +80,18 @@ impl std::fmt::Debug for TokenConfig {
     }
 }
 
+/// The HTTP listener's address when `http_listen` is not set.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7421";
+
 /// Every setting of the daemon.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// The HTTP listener (`/metrics`, `/healthz`, `/readyz`): an address, `""` for none. Unset, it is
+    /// `127.0.0.1:7421` if that is free (a warning otherwise); set, it must bind.
+    pub http_listen: Option<String>,
     /// Where sled keeps its files.
     pub data_dir: PathBuf,
     /// `always` or `interval`.
@@ -154,6 +160,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:7420".parse().expect("valid default address"),
+            http_listen: None,
             data_dir: PathBuf::from("broker-data"),
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: 100,
@@ -223,11 +230,29 @@ impl Config {
         found
     }
 
+    /// The HTTP listener's address, if there is to be one.
+    pub fn http_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.http_listen.as_deref() {
+            None => Ok(Some(DEFAULT_HTTP.parse().expect("valid default address"))),
+            Some("") => Ok(None),
+            Some(text) => text.parse().map(Some).map_err(|e| format!("http_listen {text:?}: {e}")),
+        }
+    }
+
     /// Refuses settings the daemon must not start with: an empty token, or a non-loopback address without tokens
     /// (any client reaching it could read and change every task) unless `insecure_no_auth`.
     pub fn check_security(&self) -> Result<(), String> {
         if let Some(t) = self.tokens.iter().find(|t| t.token.is_empty()) {
             return Err(format!("token {:?} is empty: give every [[tokens]] entry a long random `token`", t.name));
+        }
+        if let Some(addr) = self.http_addr()? {
+            if self.tokens.is_empty() && !addr.ip().is_loopback() && !self.insecure_no_auth {
+                return Err(format!(
+                    "refusing to serve HTTP on {addr} without tokens: /metrics would be open to anyone who reaches \
+                     it. Add tokens (its requests then need an admin token), serve it on a loopback address, or \
+                     pass --insecure-no-auth to insist"
+                ));
+            }
         }
         if self.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.insecure_no_auth {
             return Err(format!(

@@ -8,5 +8,7 @@ pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod framing;
+pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod store;

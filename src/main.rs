@@ -51,6 +51,9 @@ enum Command {
         /// Serve a non-loopback address without tokens anyway (any client that reaches it is admin).
         #[arg(long)]
         insecure_no_auth: bool,
+        /// The HTTP listener's address (/metrics, /healthz, /readyz), overriding the config; "" for none.
+        #[arg(long)]
+        http: Option<String>,
     },
     /// Enqueue a task and print its id.
     Enqueue {
@@ -191,8 +194,8 @@ fn real_main() -> Result<()> {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config, listen, data_dir, fsync, insecure_no_auth } => {
-            serve(config, listen, data_dir, fsync, insecure_no_auth).await
+        Command::Serve { config, listen, data_dir, fsync, insecure_no_auth, http } => {
+            serve(config, listen, data_dir, fsync, insecure_no_auth, http).await
         }
         Command::Enqueue { task, args, kwargs, context, queue, countdown, priority, max_retries, id, client } => {
             let mut spec = TaskSpec::new(task);
@@ -293,6 +296,7 @@ async fn serve(
     data_dir: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     insecure_no_auth: bool,
+    http: Option<String>,
 ) -> Result<()> {
     // Whatever the daemon creates (the log, sled's files) is its owner's alone: tasks' arguments and context
     // are in there. The data dir itself is made 0700 by the store.
@@ -312,6 +316,9 @@ async fn serve(
         config.fsync = fsync;
     }
     config.insecure_no_auth |= insecure_no_auth;
+    if http.is_some() {
+        config.http_listen = http;
+    }
     let server = broker::server::start(config, Arc::new(SystemClock)).await?;
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("broker listening on {}", server.addr());

@@ -70,6 +70,8 @@ const REPLY_QUEUE: usize = 1024;
 /// A running server.
 pub struct ServerHandle {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    http: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
     ticker: JoinHandle<()>,
@@ -79,6 +81,11 @@ impl ServerHandle {
     /// The address it listens on (with the real port when the config asked for port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTP listener's address, if it has one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The store, for in-process callers (tests drive [`Store::tick`] after moving a manual clock).
@@ -101,6 +108,9 @@ impl ServerHandle {
         self.shared.shutdown.cancel();
         let _ = self.accept.await;
         let _ = self.ticker.await;
+        if let Some(http) = self.http {
+            let _ = http.await;
+        }
         self.shared.store.close().await?;
         tracing::info!("shut down cleanly");
         Ok(())
@@ -119,6 +129,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
     let listener = bind(config.listen, config.listen_backlog)
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let http_listener = match config.http_addr().map_err(ServerError::Insecure)? {
+        None => None,
+        Some(http) => match crate::http::bind(http).await {
+            Ok(listener) => Some(listener),
+            // The default address may be taken (another daemon on this machine): serve without it, and say so.
+            Err(e) if config.http_listen.is_none() => {
+                tracing::warn!(addr = %http, error = %e, "no HTTP listener (/metrics, /healthz): set http_listen");
+                None
+            }
+            Err(source) => return Err(ServerError::Bind { addr: http, source }),
+        },
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
     let store = Store::open(&config, clock)
         .map_err(|source| ServerError::Store { dir: config.data_dir.display().to_string(), source })?;
     let shared = Arc::new(Shared {
@@ -130,8 +153,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
     });
     let ticker = tokio::spawn(run_ticker(shared.clone()));
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    let http = http_listener.map(|listener| tokio::spawn(crate::http::serve(listener, shared.clone())));
+    if let Some(http) = http_addr {
+        tracing::info!(%http, "HTTP listener: /metrics, /healthz, /readyz");
+    }
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), fsync = shared.config.fsync.as_str(), "listening");
-    Ok(ServerHandle { addr, shared, accept, ticker })
+    Ok(ServerHandle { addr, http_addr, http, shared, accept, ticker })
 }
 
 /// A listener with the configured backlog (tokio's `bind` uses 128: in a burst of connects some waited about 1 s).

@@ -157,6 +157,7 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
         st.logging = notes.clone();
         drop(st);
 
+        let round_started = Instant::now();
         if !failed && !notes.is_empty() {
             if let Err(e) = write_round(&core, &notes, &mut batch, &mut wal) {
                 fail(&core, &mut failed, e);
@@ -175,6 +176,9 @@ pub(super) fn run_log_writer(core: Arc<Core>, mut wal: Wal, pacing: Pacing) {
                     fail(&core, &mut failed, e);
                 }
             }
+        }
+        if !notes.is_empty() {
+            core.metrics.commit(round_started.elapsed().as_secs_f64(), notes.len());
         }
         // The round is durable (or never will be): a lease of its tasks need not wait, and its tickets resolve.
         core.lock().logging = Arc::default();

@@ -40,6 +40,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
+use crate::metrics::{Metrics, Outcome};
 use commit::{Durable, Pacing, Progress};
 use disk::{Disk, Entry, Loc};
 use journal::Journal;
@@ -459,6 +460,8 @@ struct Written {
 /// The memory and the disk, shared with the log writer and checkpoint threads.
 struct Core {
     disk: Disk,
+    /// The daemon's metrics (`/metrics`).
+    metrics: Arc<Metrics>,
     /// The log's segments.
     wal_dir: PathBuf,
     state: Mutex<State>,
@@ -539,6 +542,7 @@ impl Store {
         let (checkpoint_tx, checkpoint_rx) = std::sync::mpsc::channel();
         let core = Arc::new(Core {
             disk: Disk::open(config)?,
+            metrics: Arc::new(Metrics::new()),
             wal_dir: config.data_dir.join("wal"),
             state: Mutex::new(State::default()),
             journal: Mutex::new(Journal::default()),
@@ -898,6 +902,7 @@ impl Store {
                 ..TaskRecord::default()
             };
             st.totals.enqueued += 1;
+            self.core.metrics.task(&record.queue, &record.task, Outcome::enqueued);
             if record.expires_at_ms.is_some_and(|e| e <= now) {
                 // Expired on arrival: keep it findable, never run it.
                 self.finish_revoked(&mut st, record, now, Some(expired_error()));
@@ -946,6 +951,8 @@ impl Store {
                     continue;
                 }
                 let lease_ms = lease_ms.unwrap_or(record.lease_ms).clamp(1, self.options.max_lease_ms);
+                let ready_since = record.eta_ms.unwrap_or(record.created_at_ms);
+                self.core.metrics.queue_wait(queue, now.saturating_sub(ready_since) as f64 / 1000.0);
                 let record = Arc::make_mut(record);
                 record.state = TaskState::Started;
                 record.attempts += 1;
@@ -985,6 +992,25 @@ impl Store {
             self.finished_notify.notify_waiters();
         }
         (out, unflushed)
+    }
+
+    /// Counts an attempt's outcome and how long it ran.
+    fn ran(&self, record: &TaskRecord, now: u64, outcome: Outcome) {
+        let metrics = &self.core.metrics;
+        metrics.task(&record.queue, &record.task, outcome);
+        if let Some(started) = record.started_at_ms {
+            metrics.run_time(&record.queue, &record.task, now.saturating_sub(started) as f64 / 1000.0);
+        }
+    }
+
+    /// Whether the log has failed (a write or sync error): nothing is acknowledged as durable any more.
+    pub fn log_failed(&self) -> bool {
+        self.core.progress.borrow().failed.is_some()
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.core.metrics
     }
 
     /// Refuses a batch (all of it) that would take a queue past `limit` waiting tasks; specs naming a task that
@@ -1049,6 +1075,7 @@ impl Store {
         let now = self.now_ms();
         let mut st = self.lock();
         let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
+        self.ran(&record, now, Outcome::succeeded);
         record.state = TaskState::Success;
         record.result = Some(Box::new(result));
         record.error = None;
@@ -1074,14 +1101,17 @@ impl Store {
         let now = self.now_ms();
         let mut st = self.lock();
         let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
+        self.ran(&record, now, Outcome::failed);
         st.queue(&entry.queue).failed += 1;
         st.totals.failed += 1;
         record.error = Some(Box::new(error));
         if retry && record.attempts <= record.max_retries {
+            let record_task = record.task.clone();
             let retry_at = now.saturating_add(countdown_ms.unwrap_or_else(|| record.backoff_ms()));
             record.state = TaskState::Retry;
             self.schedule(&mut st, record, retry_at, now);
             st.totals.retried += 1;
+            self.core.metrics.task(&entry.queue, &record_task, Outcome::retried);
             drop(st);
             self.ready_notify.notify_waiters();
             return Ok(FailOutcome { state: TaskState::Retry, retry_at_ms: Some(retry_at) });
@@ -1137,6 +1167,7 @@ impl Store {
         }
         let Some(mut record) = st.take_live(id) else { return };
         st.totals.lease_lost += 1;
+        self.core.metrics.task(&record.queue, &record.task, Outcome::lease_lost);
         if count {
             record.lease_losses += 1;
         }
@@ -1484,12 +1515,15 @@ impl Store {
     }
 
     fn finish_revoked(&self, st: &mut State, mut record: TaskRecord, now: u64, error: Option<TaskError>) {
+        // Only expiry passes an error.
+        let outcome = if error.is_some() { Outcome::expired } else { Outcome::revoked };
         record.state = TaskState::Revoked;
         record.revoked = true;
         if error.is_some() {
             record.error = error.map(Box::new);
         }
         st.totals.revoked += 1;
+        self.core.metrics.task(&record.queue, &record.task, outcome);
         let ttl = record.result_ttl_ms;
         self.finish(st, record, now, ttl)
     }
@@ -1498,6 +1532,7 @@ impl Store {
     fn bury(&self, st: &mut State, mut record: TaskRecord, now: u64) {
         record.state = TaskState::Failure;
         st.totals.dead += 1;
+        self.core.metrics.task(&record.queue, &record.task, Outcome::dead);
         let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
         self.finish(st, record, now, ttl)
     }

@@ -26,7 +26,13 @@ pub struct TestServer {
 
 /// A config for tests: port 0, the given data dir, a fast tick.
 pub fn test_config(dir: &std::path::Path) -> Config {
-    Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_path_buf(), tick_ms: 10, ..Config::default() }
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some(String::new()), // no HTTP listener unless a test asks for one
+        data_dir: dir.to_path_buf(),
+        tick_ms: 10,
+        ..Config::default()
+    }
 }
 
 impl TestServer {
@@ -140,7 +146,7 @@ impl Daemon {
     /// `broker serve` on 127.0.0.1:0 with `data_dir` and `extra` arguments (`--config FILE`, `--fsync ...`).
     pub fn spawn_with(data_dir: &std::path::Path, extra: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("BROKER_LOG", "warn")

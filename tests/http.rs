@@ -1,0 +1,88 @@
+//! The HTTP listener: probes and Prometheus metrics, guarded by an admin token when tokens are configured.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use broker::config::{Role, TokenConfig};
+use broker_client::proto::{Lease, TaskSpec, Value};
+use common::TestServer;
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+fn get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+async fn with_http(tokens: Vec<TokenConfig>) -> TestServer {
+    TestServer::start_with(
+        move |config| {
+            config.http_listen = Some("127.0.0.1:0".into());
+            config.tokens = tokens;
+        },
+        false,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_and_metrics() {
+    let server = with_http(Vec::new()).await;
+    let http = server.handle.as_ref().unwrap().http_addr().expect("an HTTP listener");
+    let client = server.client().await;
+    client.enqueue(TaskSpec::new("report")).await.unwrap();
+    client.enqueue(TaskSpec::new("report")).await.unwrap();
+    let lease = Lease { queues: vec!["default".into()], max: 1, wait_ms: 0, lease_ms: None };
+    let task = client.lease(&lease).await.unwrap().pop().unwrap();
+    client.ack(&task.id, task.lease_id, Value::from(1)).await.unwrap();
+
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        assert_eq!(get(http, "/healthz", None), (200, "ok\n".into()));
+        assert_eq!(get(http, "/readyz", None), (200, "ready\n".into()));
+        get(http, "/metrics", None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        r#"broker_tasks_total{queue="default",task="report",outcome="enqueued"} 2"#,
+        r#"broker_tasks_total{queue="default",task="report",outcome="succeeded"} 1"#,
+        r#"broker_queue_tasks{queue="default",state="ready"} 1"#,
+        r#"broker_queue_tasks{queue="default",state="leased"} 0"#,
+        r#"broker_task_run_seconds_count{queue="default",task="report"} 1"#,
+        r#"broker_queue_wait_seconds_count{queue="default"} 1"#,
+        "broker_connections 1",
+        "broker_workers 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("broker_commit_seconds_count ")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("broker_commit_group_size_sum ")), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_need_an_admin_token_when_tokens_are_configured() {
+    let tokens = vec![
+        TokenConfig { name: "web".into(), token: "web-token-0123456789".into(), role: Role::Producer },
+        TokenConfig { name: "ops".into(), token: "ops-token-0123456789".into(), role: Role::Admin },
+    ];
+    let server = with_http(tokens).await;
+    let http = server.handle.as_ref().unwrap().http_addr().unwrap();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(get(http, "/metrics", None).0, 401);
+        assert_eq!(get(http, "/metrics", Some("web-token-0123456789")).0, 401);
+        assert_eq!(get(http, "/metrics", Some("ops-token-0123456789")).0, 200);
+        assert_eq!(get(http, "/healthz", None).0, 200, "probes stay open");
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
