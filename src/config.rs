@@ -268,11 +268,69 @@ impl Config {
 
     /// Reads a TOML file; settings it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+        Self::load(Some(path), std::iter::empty())
+    }
+
+    /// The settings from the file at `path` (if any), then from `BROKER_<SETTING>` variables in `env` (e.g.
+    /// `BROKER_FSYNC=interval`, `BROKER_MAX_CONNECTIONS=500`), which win. A value reads as TOML (a number, a
+    /// boolean, a quoted string), else as a plain string. `tokens` is read from the file only; variables that
+    /// name no setting (`BROKER_ADDR`, `BROKER_LOG`, ...) are left alone.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?,
+                path.to_path_buf(),
+            ),
+            None => (String::new(), PathBuf::from("(environment)")),
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: origin.clone(), source })?;
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("BROKER_").map(str::to_ascii_lowercase) else { continue };
+            if !SETTINGS.contains(&key.as_str()) {
+                continue;
+            }
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v"));
+            table.insert(key, parsed.unwrap_or(toml::Value::String(value)));
+        }
+        Config::deserialize(table).map_err(|source| ConfigError::Parse { path: origin, source })
     }
 }
+
+/// Every setting a `BROKER_<SETTING>` environment variable may set (all but `tokens`).
+pub const SETTINGS: &[&str] = &[
+    "listen",
+    "http_listen",
+    "data_dir",
+    "fsync",
+    "fsync_interval_ms",
+    "checkpoint_interval_ms",
+    "checkpoint_log_bytes",
+    "max_frame_bytes",
+    "max_connections",
+    "admin_reserved_connections",
+    "listen_backlog",
+    "hello_timeout_ms",
+    "frame_timeout_ms",
+    "write_timeout_ms",
+    "idle_timeout_secs",
+    "max_unfinished_bytes",
+    "max_queue_length",
+    "max_result_bytes",
+    "default_lease_ms",
+    "max_lease_ms",
+    "result_ttl_secs",
+    "dead_ttl_secs",
+    "max_lease_batch",
+    "max_enqueue_batch",
+    "max_wait_ms",
+    "tick_ms",
+    "max_lease_losses",
+    "cache_capacity_bytes",
+    "shrink_min_bytes",
+    "insecure_no_auth",
+];
 
 #[cfg(test)]
 mod tests {
@@ -304,6 +362,41 @@ mod tests {
         config.listen = "[::1]:7420".parse().unwrap();
         config.insecure_no_auth = false;
         assert!(config.check_security().is_ok(), "loopback needs no token");
+    }
+
+    #[test]
+    fn every_setting_but_tokens_can_come_from_the_environment() {
+        // The example lists every setting (some commented out): the environment list must name each.
+        let example =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml")).unwrap();
+        let mut listed: Vec<&str> = example
+            .lines()
+            .map(|l| l.trim_start_matches("# ").trim())
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !["name", "token", "role"].contains(k))
+            .collect();
+        listed.sort_unstable();
+        listed.dedup();
+        let mut settings = SETTINGS.to_vec();
+        settings.sort_unstable();
+        assert_eq!(listed, settings);
+
+        let env = [
+            ("BROKER_FSYNC", "interval"),
+            ("BROKER_MAX_CONNECTIONS", "500"),
+            ("BROKER_LISTEN", "127.0.0.1:9999"),
+            ("BROKER_INSECURE_NO_AUTH", "true"),
+            ("BROKER_ADDR", "not a setting"),
+            ("BROKER_URL", "tcp://elsewhere"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = Config::load(None, env).unwrap();
+        assert_eq!(config.fsync, FsyncPolicy::Interval);
+        assert_eq!(config.max_connections, 500);
+        assert_eq!(config.listen.port(), 9999);
+        assert!(config.insecure_no_auth);
+        let bad = Config::load(None, [("BROKER_MAX_CONNECTIONS".to_string(), "many".to_string())]).unwrap_err();
+        assert!(bad.to_string().contains("max_connections"), "{bad}");
     }
 
     #[test]

@@ -23,6 +23,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as JSON objects (one per line, for log shippers).
+    #[arg(long, env = "BROKER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    log_format: String,
 }
 
 #[derive(Args, Clone)]
@@ -181,13 +184,14 @@ fn main() -> std::process::ExitCode {
 fn real_main() -> Result<()> {
     no_transparent_huge_pages();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(run(cli.command))
 }
@@ -302,10 +306,8 @@ async fn serve(
     // are in there. The data dir itself is made 0700 by the store.
     // SAFETY: umask(2) only sets this process's file mode creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
-    let mut config = match &config_path {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
+    // The file, then BROKER_<SETTING> variables, then the flags below.
+    let mut config = Config::load(config_path.as_deref(), std::env::vars())?;
     if let Some(listen) = listen {
         config.listen = listen;
     }

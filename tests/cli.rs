@@ -44,3 +44,32 @@ fn an_unreachable_daemon_is_named_with_the_cause() {
     assert!(stderr.contains("caused by:") || stderr.contains("refused"), "{stderr}");
     assert!(!stderr.contains("backtrace"), "{stderr}");
 }
+
+#[test]
+fn the_daemon_logs_json_lines_and_reads_settings_from_the_environment() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--http", "", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("BROKER_LOG", "info")
+        .env("BROKER_FSYNC", "interval")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut listening = None;
+    for line in lines.by_ref().take(20) {
+        let line = line.unwrap();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if json["fields"]["message"] == "listening" {
+            listening = Some(json);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let listening = listening.expect("a `listening` line");
+    assert_eq!(listening["fields"]["fsync"], "interval", "BROKER_FSYNC was not read: {listening}");
+}
