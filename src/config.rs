@@ -154,6 +154,10 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// Serve a non-loopback address without tokens anyway.
     pub insecure_no_auth: bool,
+    /// The certificate chain (PEM) of the TLS listener; with `tls_key`, `listen` speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -190,6 +194,8 @@ impl Default for Config {
             shrink_min_bytes: 16 * 1024 * 1024,
             tokens: Vec::new(),
             insecure_no_auth: false,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -330,6 +336,8 @@ pub const SETTINGS: &[&str] = &[
     "cache_capacity_bytes",
     "shrink_min_bytes",
     "insecure_no_auth",
+    "tls_cert",
+    "tls_key",
 ];
 
 #[cfg(test)]

@@ -12,3 +12,4 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod tls;

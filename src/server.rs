@@ -23,7 +23,8 @@ use broker_client::proto::ErrorCode;
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -48,6 +49,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The settings are unsafe to serve with ([`Config::check_security`]).
     #[error("{0}")]
     Insecure(String),
@@ -142,6 +146,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
         },
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let tls = crate::tls::acceptor(&config).map_err(ServerError::Tls)?;
     let store = Store::open(&config, clock)
         .map_err(|source| ServerError::Store { dir: config.data_dir.display().to_string(), source })?;
     let shared = Arc::new(Shared {
@@ -152,7 +157,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
         shutdown: CancellationToken::new(),
     });
     let ticker = tokio::spawn(run_ticker(shared.clone()));
-    let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    let accept = tokio::spawn(accept_loop(listener, shared.clone(), tls));
     let http = http_listener.map(|listener| tokio::spawn(crate::http::serve(listener, shared.clone())));
     if let Some(http) = http_addr {
         tracing::info!(%http, "HTTP listener: /metrics, /healthz, /readyz");
@@ -206,7 +211,7 @@ async fn run_ticker(shared: Arc<Shared>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
     // Beyond the limit, a few slots for admins: a client in one is refused after its hello unless it is admin.
     let reserve = Arc::new(Semaphore::new(shared.config.admin_reserved_connections));
@@ -231,8 +236,27 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let conn = next_conn.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let budget = budget.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    run_connection(shared, stream, peer, conn, reserved, budget).await;
+                    let _ = stream.set_nodelay(true);
+                    match tls {
+                        None => {
+                            let (read, write) = stream.into_split();
+                            run_connection(shared, read, write, peer, conn, reserved, budget).await;
+                        }
+                        Some(acceptor) => {
+                            // The handshake counts against the hello timeout.
+                            let limit = Duration::from_millis(shared.config.hello_timeout_ms);
+                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    let (read, write) = tokio::io::split(stream);
+                                    run_connection(shared, read, write, peer, conn, reserved, budget).await;
+                                }
+                                Ok(Err(e)) => tracing::info!(conn, %peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::info!(conn, %peer, "no TLS handshake within hello_timeout_ms"),
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -343,15 +367,18 @@ fn next_check(
     tokio::time::Instant::from_std(at)
 }
 
-async fn run_connection(
+async fn run_connection<R, W>(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    read: R,
+    write: W,
     peer: SocketAddr,
     conn: u64,
     reserved: bool,
     budget: Arc<Budget>,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     shared.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(
         conn,
         ConnInfo {
@@ -362,7 +389,6 @@ async fn run_connection(
         },
     );
     tracing::debug!(conn, %peer, "connected");
-    let (read, write) = stream.into_split();
     let mut frames = FramedRead::new(read, RequestCodec::new(shared.config.max_frame_bytes, budget));
     let mut out = ReplySink {
         sink: FramedWrite::new(write, FrameCodec::new(usize::MAX)),
@@ -476,7 +502,7 @@ async fn serve_frame(
     shared: &Arc<Shared>,
     session: &mut Session,
     frame: Option<Result<Request, std::io::Error>>,
-    out: &mut ReplySink,
+    out: &mut ReplySink<impl AsyncWrite + Unpin>,
     pending: &mut PendingReplies,
     durable: &mut Vec<(u64, ReplyFrame)>,
 ) -> bool {
@@ -520,14 +546,14 @@ async fn after_flush(replies: Vec<(u64, ReplyFrame)>, durable: Durable) -> Vec<R
 
 /// The socket's write half; after a write error it drops what it is given, so the connection's other tasks never
 /// block on a dead peer.
-struct ReplySink {
-    sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+struct ReplySink<W> {
+    sink: FramedWrite<W, FrameCodec>,
     broken: bool,
     /// A write that makes no progress this long breaks the sink (`write_timeout_ms`).
     timeout: Duration,
 }
 
-impl ReplySink {
+impl<W: AsyncWrite + Unpin> ReplySink<W> {
     async fn feed(&mut self, frame: ReplyFrame) {
         if !self.broken
             && !matches!(tokio::time::timeout(self.timeout, self.sink.feed(Bytes::from(frame))).await, Ok(Ok(())))

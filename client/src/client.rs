@@ -43,6 +43,9 @@ fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
 pub struct ConnectOptions {
     addr: String,
     token: Option<String>,
+    /// `tls://`: speak TLS, trusting the Mozilla roots and `tls_ca`.
+    tls: bool,
+    tls_ca: Option<std::path::PathBuf>,
     name: String,
     max_frame: usize,
     connect_timeout: Duration,
@@ -53,6 +56,7 @@ impl std::fmt::Debug for ConnectOptions {
         f.debug_struct("ConnectOptions")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
@@ -63,6 +67,8 @@ impl Default for ConnectOptions {
         ConnectOptions {
             addr: DEFAULT_ADDR.to_string(),
             token: None,
+            tls: false,
+            tls_ca: None,
             name: default_name(),
             max_frame: DEFAULT_MAX_REPLY,
             connect_timeout: Duration::from_secs(5),
@@ -73,7 +79,7 @@ impl Default for ConnectOptions {
 /// `tcp://[[USER]:TOKEN@]HOST:PORT` or `HOST:PORT` → (`HOST:PORT`, token). The token is the URL's password, or its
 /// user part when there is no password.
 fn split_url(url: &str) -> (String, Option<String>) {
-    let rest = url.strip_prefix("tcp://").or_else(|| url.strip_prefix("broker://")).unwrap_or(url);
+    let rest = ["tcp://", "broker://", "tls://"].iter().find_map(|scheme| url.strip_prefix(scheme)).unwrap_or(url);
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
@@ -87,6 +93,28 @@ fn split_url(url: &str) -> (String, Option<String>) {
     }
 }
 
+/// The TLS client configuration: the Mozilla roots, and the certificates of `ca` (a PEM file) if given.
+fn tls_connector(ca: Option<&std::path::Path>) -> Result<tokio_rustls::TlsConnector, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(ca) = ca {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::new(ErrorKind::Connect, format!("cannot read the CA file {}: {e}", ca.display())))?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| Error::new(ErrorKind::Connect, format!("CA file {}: {e}", ca.display())))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// The default limit on a reply frame: twice the daemon's default `max_frame_bytes`, and room to spare.
 pub const DEFAULT_MAX_REPLY: usize = 64 * 1024 * 1024;
 
@@ -97,10 +125,22 @@ fn default_name() -> String {
 impl ConnectOptions {
     /// Options for the daemon at `addr`: `HOST:PORT`, or a URL `tcp://HOST:PORT` that may carry the token
     /// (`tcp://:TOKEN@HOST:PORT`). Without a token in the URL, the one in `BROKER_TOKEN` is used, if set.
+    ///
+    /// `tls://HOST:PORT` speaks TLS: the daemon's certificate must chain to a Mozilla root or to the CA file in
+    /// `BROKER_TLS_CA` (or [`ConnectOptions::tls_ca`]) and name HOST.
     pub fn new(addr: impl Into<String>) -> Self {
-        let (addr, token) = split_url(&addr.into());
+        let url = addr.into();
+        let tls = url.starts_with("tls://");
+        let (addr, token) = split_url(&url);
         let token = token.or_else(|| std::env::var("BROKER_TOKEN").ok().filter(|t| !t.is_empty()));
-        ConnectOptions { addr, token, ..Default::default() }
+        let tls_ca = std::env::var_os("BROKER_TLS_CA").filter(|p| !p.is_empty()).map(Into::into);
+        ConnectOptions { addr, token, tls, tls_ca, ..Default::default() }
+    }
+
+    /// Trusts the certificates in this PEM file for `tls://` (besides the Mozilla roots).
+    pub fn tls_ca(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
+        self
     }
 
     /// Options for the address in `BROKER_ADDR`, or the default `127.0.0.1:7420` (and `BROKER_TOKEN`).
@@ -188,11 +228,25 @@ impl Client {
             .await
             .map_err(|e| Error::new(ErrorKind::Connect, format!("connect to {}: {e}", options.addr)))?;
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(PendingState::default()));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx, pending.clone()));
-        tokio::spawn(read_loop(FramedRead::new(read, FrameCodec::new(options.max_frame)), pending.clone()));
+        if options.tls {
+            let host = options.addr.rsplit_once(':').map_or(options.addr.as_str(), |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| Error::new(ErrorKind::Connect, format!("tls://{}: {e}", options.addr)))?;
+            let stream = tls_connector(options.tls_ca.as_deref())?
+                .connect(name, stream)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Connect, format!("TLS with {}: {e}", options.addr)))?;
+            let (read, write) = tokio::io::split(stream);
+            tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx, pending.clone()));
+            tokio::spawn(read_loop(FramedRead::new(read, FrameCodec::new(options.max_frame)), pending.clone()));
+        } else {
+            let (read, write) = stream.into_split();
+            tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx, pending.clone()));
+            tokio::spawn(read_loop(FramedRead::new(read, FrameCodec::new(options.max_frame)), pending.clone()));
+        }
 
         // Say hello on the raw channel before the handle exists.
         let hello = Hello { version: PROTOCOL_VERSION, client: options.name.clone(), token: options.token.clone() };
@@ -353,8 +407,8 @@ fn decode_body<R: DeserializeOwned>(frame: &[u8]) -> Result<R, Error> {
     rmp_serde::from_slice(frame).map_err(|e| Error::new(ErrorKind::Protocol, format!("unexpected reply body: {e}")))
 }
 
-async fn write_loop(
-    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut sink: FramedWrite<W, FrameCodec>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     pending: Pending,
 ) {
@@ -384,7 +438,7 @@ async fn write_loop(
     }
 }
 
-async fn read_loop(mut stream: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>, pending: Pending) {
+async fn read_loop<R: tokio::io::AsyncRead + Unpin>(mut stream: FramedRead<R, FrameCodec>, pending: Pending) {
     loop {
         let frame = match stream.next().await {
             Some(Ok(Frame::Message(bytes))) => bytes,
@@ -473,6 +527,7 @@ mod tests {
             ("tcp://s3cret@host:7420/", ("host:7420", Some("s3cret"))),
             ("tcp://user:s3cret@[::1]:7420", ("[::1]:7420", Some("s3cret"))),
             ("tcp://:@host:1", ("host:1", None)),
+            ("tls://:s3cret@broker.example:7420", ("broker.example:7420", Some("s3cret"))),
         ];
         for (url, (addr, token)) in cases {
             assert_eq!(split_url(url), (addr.to_string(), token.map(str::to_string)), "{url}");

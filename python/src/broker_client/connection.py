@@ -34,15 +34,23 @@ _LENGTH = struct.Struct(">I")
 
 
 def parse_url(url):
-    """``tcp://[:TOKEN@]host:port`` (or ``host:port``) → (host, port, token). The token is the URL's password (or
-    its user part when there is none); without one, ``BROKER_TOKEN`` from the environment, else None."""
+    """``tcp://[:TOKEN@]host:port`` (or ``host:port``, or ``tls://...``) → (host, port, token, tls). The token is
+    the URL's password (or its user part when there is none); without one, ``BROKER_TOKEN`` from the environment,
+    else None."""
     if "://" not in url:
         url = "tcp://" + url
     parsed = urlparse(url)
-    if parsed.scheme not in ("tcp", "broker"):
-        raise ValueError(f"broker URL {redact(url)!r}: the scheme must be tcp://")
+    if parsed.scheme not in ("tcp", "broker", "tls"):
+        raise ValueError(f"broker URL {redact(url)!r}: the scheme must be tcp:// or tls://")
     token = parsed.password or parsed.username or os.environ.get("BROKER_TOKEN") or None
-    return parsed.hostname or "127.0.0.1", parsed.port or 7420, token
+    return parsed.hostname or "127.0.0.1", parsed.port or 7420, token, parsed.scheme == "tls"
+
+
+def _tls_context():
+    """The TLS settings of ``tls://`` URLs: the system's CAs, or only the CA file in ``BROKER_TLS_CA``."""
+    import ssl
+
+    return ssl.create_default_context(cafile=os.environ.get("BROKER_TLS_CA") or None)
 
 
 def redact(url):
@@ -58,7 +66,7 @@ class Connection:
 
     def __init__(self, url=DEFAULT_URL, client_name=None, connect_timeout=10.0):
         self.url = url
-        self.host, self.port, self._token = parse_url(url)
+        self.host, self.port, self._token, self._tls = parse_url(url)
         self.client_name = client_name or f"python-{socket.gethostname()}-{os.getpid()}"
         self.connect_timeout = connect_timeout
         self.server_info = None
@@ -83,8 +91,14 @@ class Connection:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as e:
             raise ConnectionLost(f"cannot connect to the broker at {self.host}:{self.port}: {e}") from e
-        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls:
+            try:
+                sock = _tls_context().wrap_socket(sock, server_hostname=self.host)
+            except OSError as e:  # ssl.SSLError included: an untrusted or mismatched certificate
+                sock.close()
+                raise ConnectionLost(f"TLS with the broker at {self.host}:{self.port}: {e}") from e
+        sock.settimeout(None)
         hello = {"id": 0, "op": "hello", "version": PROTOCOL_VERSION, "client": self.client_name}
         if self._token:
             hello["token"] = self._token
