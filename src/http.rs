@@ -3,7 +3,8 @@
 //!
 //! - `GET /healthz`: 200 while the process serves (a liveness probe);
 //! - `GET /readyz`: 200 when it accepts work (not shutting down, the log writable), else 503 and why;
-//! - `GET /metrics`: the Prometheus text format ([`crate::metrics`]).
+//! - `GET /metrics`: the Prometheus text format ([`crate::metrics`]);
+//! - the dashboard ([`crate::dashboard`]).
 //!
 //! With tokens configured, `/metrics` needs an admin token (`Authorization: Bearer TOKEN`, as Prometheus's
 //! `authorization` setting sends it); the probes stay open (they say nothing about tasks).
@@ -19,7 +20,6 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::cmd::{self, Shared};
-use crate::config::Role;
 use crate::metrics::Snapshot;
 
 /// Serves the routes until the daemon shuts down.
@@ -29,7 +29,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared);
+        .with_state(shared.clone())
+        .merge(crate::dashboard::routes(shared));
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
         tracing::error!(error = %e, "the HTTP listener failed");
     }
@@ -55,19 +56,6 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     "ready\n".into_response()
 }
 
-/// Whether the request carries an admin token (always true on a daemon without tokens).
-fn admin(shared: &Shared, headers: &HeaderMap) -> bool {
-    if shared.config.tokens.is_empty() {
-        return true;
-    }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    token.and_then(|t| shared.config.role_of(t)) == Some(Role::Admin)
-}
-
 fn unauthorized() -> Response {
     let mut response =
         (StatusCode::UNAUTHORIZED, "an admin token is required: Authorization: Bearer TOKEN\n").into_response();
@@ -76,7 +64,7 @@ fn unauthorized() -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if !admin(&shared, &headers) {
+    if !crate::dashboard::is_admin(&shared, &headers) {
         return unauthorized();
     }
     let stats = cmd::stats(&shared);

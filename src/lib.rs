@@ -7,8 +7,10 @@
 pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod dashboard;
 pub mod framing;
 pub mod http;
+pub mod json;
 pub mod metrics;
 pub mod server;
 pub mod store;

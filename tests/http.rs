@@ -8,16 +8,27 @@ use broker::config::{Role, TokenConfig};
 use broker_client::proto::{Lease, TaskSpec, Value};
 use common::TestServer;
 
-/// A plain HTTP/1.1 GET; returns (status, body).
-fn get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+/// A plain HTTP/1.1 request; returns (status, headers, body).
+fn request(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String, String) {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// A GET, with a bearer token if given; returns (status, body).
+fn get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let (status, _, body) = request(addr, "GET", path, &auth, "");
     (status, body)
 }
 
@@ -81,6 +92,27 @@ async fn metrics_need_an_admin_token_when_tokens_are_configured() {
         assert_eq!(get(http, "/metrics", Some("web-token-0123456789")).0, 401);
         assert_eq!(get(http, "/metrics", Some("ops-token-0123456789")).0, 200);
         assert_eq!(get(http, "/healthz", None).0, 200, "probes stay open");
+        // The dashboard: a login page without the token; the admin token by bearer or by the login's cookie.
+        let (status, head, _) = request(http, "GET", "/", "", "");
+        assert_eq!(status, 303);
+        assert!(head.to_ascii_lowercase().contains("location: /login"), "{head}");
+        assert_eq!(get(http, "/", Some("web-token-0123456789")).0, 303);
+        let (status, body) = get(http, "/", Some("ops-token-0123456789"));
+        assert!(status == 200 && body.contains("Queues"), "{status}");
+        let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+        assert_eq!(request(http, "POST", "/login", form, "token=web-token-0123456789").0, 401);
+        let (status, head, _) = request(http, "POST", "/login", form, "token=ops-token-0123456789");
+        assert_eq!(status, 303);
+        let cookie = head
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: ")))
+            .expect("a cookie");
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        let pair = cookie.split(';').next().unwrap();
+        let (status, _, body) = request(http, "GET", "/", &format!("Cookie: {pair}\r\n"), "");
+        assert!(status == 200 && body.contains("Queues"), "{status}");
+        // The dead set's forms need it too.
+        assert_eq!(request(http, "POST", "/dead/requeue", form, "id=x").0, 303);
     })
     .await
     .unwrap();

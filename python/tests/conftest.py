@@ -45,7 +45,8 @@ class Daemon:
         self.log_path = data_dir.parent / "daemon.log"
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [str(broker_binary()), "serve", "--listen", "127.0.0.1:0", "--http", "", "--data-dir", str(data_dir), *extra],
+            [str(broker_binary()), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
+             *([] if "--http" in extra else ["--http", ""]), *extra],
             stdout=subprocess.PIPE, stderr=self.log,
         )
         line = self._first_line(timeout=30)

@@ -1407,6 +1407,38 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes a finished task (its result or error) now rather than at its TTL. Refused for a task not finished
+    /// (revoke it first).
+    pub fn delete_finished(&self, id: &str) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        if st.live.contains_key(id) {
+            return Err(StoreError::Invalid(format!("task {id:?} has not finished: revoke it first")));
+        }
+        let Some((key, _)) = st.done.get_key_value(id) else { return Err(StoreError::NotFound(id.to_string())) };
+        let key = key.clone();
+        st.delete(&key);
+        Ok(())
+    }
+
+    /// What each connection's leases are running: (task id, task name, started at), oldest first, at most
+    /// `limit` per connection.
+    pub fn running_by_conn(&self, limit: usize) -> Vec<(ConnId, Vec<(String, String, u64)>)> {
+        let st = self.lock();
+        st.by_conn
+            .iter()
+            .map(|(conn, ids)| {
+                let mut running: Vec<(String, String, u64)> = ids
+                    .iter()
+                    .filter_map(|id| st.live.get(id))
+                    .map(|r| (r.id.to_string(), r.task.clone(), r.started_at_ms.unwrap_or(0)))
+                    .collect();
+                running.sort_by_key(|(_, _, started)| *started);
+                running.truncate(limit);
+                (*conn, running)
+            })
+            .collect()
+    }
+
     /// Puts dead tasks back in their queues as new tasks.
     pub fn dead_requeue(&self, request: &DeadRequeue) -> Result<u64, StoreError> {
         let mut ids: Vec<Id> = request.ids.iter().map(|id| Id::from(id.as_str())).collect();
