@@ -106,6 +106,9 @@ pub enum StoreError {
     Flush(String),
 }
 
+/// A running task as the dashboard shows it: id, task name, started at (Unix ms).
+pub type Running = (String, String, u64);
+
 /// The settings the store needs, taken from [`Config`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
