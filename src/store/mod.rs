@@ -1425,12 +1425,12 @@ impl Store {
 
     /// What each connection's leases are running: (task id, task name, started at), oldest first, at most
     /// `limit` per connection.
-    pub fn running_by_conn(&self, limit: usize) -> Vec<(ConnId, Vec<(String, String, u64)>)> {
+    pub fn running_by_conn(&self, limit: usize) -> Vec<(ConnId, Vec<Running>)> {
         let st = self.lock();
         st.by_conn
             .iter()
             .map(|(conn, ids)| {
-                let mut running: Vec<(String, String, u64)> = ids
+                let mut running: Vec<Running> = ids
                     .iter()
                     .filter_map(|id| st.live.get(id))
                     .map(|r| (r.id.to_string(), r.task.clone(), r.started_at_ms.unwrap_or(0)))
