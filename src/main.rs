@@ -102,6 +102,16 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a task's whole record: state, queue, attempts, timeline, arguments, context, result or error.
+    Task {
+        /// The task id.
+        id: String,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Revoke a task: it never runs, or its worker learns on its next heartbeat.
     Revoke {
         /// The task id.
@@ -114,6 +124,13 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// Refresh the screen every --interval seconds until interrupted, like `top`, with rates since the
+        /// last refresh.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -244,7 +261,17 @@ async fn run(command: Command) -> Result<()> {
             println!("{state}");
             Ok(())
         }
-        Command::Stat { json, client } => {
+        Command::Task { id, json, client } => {
+            let info = connect(&client).await?.get(&id).await.with_context(|| format!("cannot read task {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&task_json(&info))?);
+            } else {
+                print_task(&info);
+            }
+            Ok(())
+        }
+        Command::Stat { watch: true, interval, client, .. } => watch_stats(&client, interval).await,
+        Command::Stat { json, client, .. } => {
             let stats = connect(&client).await?.stats().await.context("cannot read stats")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
@@ -406,6 +433,72 @@ fn print_result(info: &TaskInfo) {
     }
     if let Some(error) = &info.error {
         println!("{}: {}", error.kind, error.message);
+        if let Some(tb) = &error.traceback {
+            println!("{tb}");
+        }
+    }
+}
+
+/// `broker stat --watch`: the stats redrawn every `interval` seconds, with rates since the last redraw.
+async fn watch_stats(args: &ClientArgs, interval: f64) -> Result<()> {
+    let client = connect(args).await?;
+    let period = Duration::from_secs_f64(interval.max(0.1));
+    let mut last: Option<(std::time::Instant, broker_client::proto::Totals)> = None;
+    loop {
+        let stats = client.stats().await.context("cannot read stats")?;
+        // Clear the screen and go home, as `watch` does.
+        print!("\x1b[2J\x1b[H");
+        print_stats(&stats);
+        if let Some((at, before)) = &last {
+            let secs = at.elapsed().as_secs_f64().max(0.001);
+            let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+            let t = &stats.totals;
+            println!(
+                "per second: enqueued {:.1}  succeeded {:.1}  failed {:.1}  (every {interval}s; Ctrl-C to stop)",
+                rate(t.enqueued, before.enqueued),
+                rate(t.succeeded, before.succeeded),
+                rate(t.failed, before.failed)
+            );
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        last = Some((std::time::Instant::now(), stats.totals.clone()));
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// `broker task ID`: the whole record, for people.
+fn print_task(info: &TaskInfo) {
+    let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v).unwrap_or_default();
+    println!("{}  {}", info.id, info.state);
+    println!("task:      {}", info.task);
+    println!("queue:     {}  (priority {})", info.queue, info.priority);
+    println!("attempts:  {} of {}", info.attempts, info.max_retries + 1);
+    let times = [
+        ("enqueued", Some(info.created_at_ms)),
+        ("due", info.eta_ms),
+        ("started", info.started_at_ms),
+        ("finished", info.finished_at_ms),
+        ("kept until", info.result_expires_at_ms),
+    ];
+    for (label, at) in times.into_iter().filter_map(|(l, at)| at.map(|at| (l, at))) {
+        println!("{:<10} {at} (Unix ms)", format!("{label}:"));
+    }
+    let json = task_json(info);
+    println!("args:      {}", pretty(json["args"].clone()));
+    println!("kwargs:    {}", pretty(json["kwargs"].clone()));
+    println!("context:   {}", pretty(json["context"].clone()));
+    if info.revoked {
+        println!("revoked:   yes");
+    }
+    if let Some(result) = &info.result {
+        println!("result:    {}", pretty(value_to_json(result)));
+    }
+    if let Some(error) = &info.error {
+        println!("error:     {}: {}", error.kind, error.message);
         if let Some(tb) = &error.traceback {
             println!("{tb}");
         }

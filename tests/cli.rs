@@ -73,3 +73,39 @@ fn the_daemon_logs_json_lines_and_reads_settings_from_the_environment() {
     let listening = listening.expect("a `listening` line");
     assert_eq!(listening["fields"]["fsync"], "interval", "BROKER_FSYNC was not read: {listening}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_task_prints_the_whole_record_and_stat_watch_refreshes() {
+    use broker_client::proto::{TaskSpec, Value};
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let spec = TaskSpec {
+        args: vec![Value::from("report-42")],
+        kwargs: [("format".to_string(), Value::from("pdf"))].into(),
+        ..TaskSpec::new("reports.export")
+    };
+    let id = client.enqueue(spec).await.unwrap().id;
+    let addr = server.addr();
+    let (task, watch) = tokio::task::spawn_blocking(move || {
+        let task = Command::new(env!("CARGO_BIN_EXE_broker")).args(["task", &id, "--addr", &addr]).output().unwrap();
+        let mut watch = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(["stat", "--watch", "--interval", "0.2", "--addr", &addr])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let _ = watch.kill();
+        (task, watch.wait_with_output().unwrap())
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&task.stdout);
+    assert!(task.status.success(), "{}", String::from_utf8_lossy(&task.stderr));
+    for part in ["PENDING", "reports.export", "report-42", "\"format\": \"pdf\"", "attempts:  0 of 4"] {
+        assert!(text.contains(part), "no {part:?} in:\n{text}");
+    }
+    let frames = String::from_utf8_lossy(&watch.stdout).matches("QUEUE").count();
+    assert!(frames >= 2, "{frames} refreshes in 1.5 s at 0.2 s");
+    assert!(String::from_utf8_lossy(&watch.stdout).contains("per second:"));
+    server.stop().await;
+}
