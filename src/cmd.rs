@@ -235,6 +235,7 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::PURGE => durable_reply(id, purge(shared, request)),
         op::DEAD_LIST => Outcome::Reply(reply(id, dead_list(shared, request)), None),
         op::DEAD_REQUEUE => durable_reply(id, dead_requeue(shared, request)),
+        op::EVENTS => events(shared, session, id, request),
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -602,6 +603,55 @@ fn purge(shared: &Shared, request: &[u8]) -> Result<Purged, Refusal> {
     let request: Purge = body(request)?;
     validate_queue(&request.queue)?;
     Ok(Purged { purged: shared.store.purge(&request.queue) })
+}
+
+fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
+    let request: Events = match body(request) {
+        Ok(r) => r,
+        Err(refusal) => return Outcome::Reply(reply::<EventList>(id, Err(refusal)), None),
+    };
+    if let Some(queue) = &request.queue {
+        if let Err(e) = validate_name("queue", queue) {
+            return Outcome::Reply(reply::<EventList>(id, Err(e.into())), None);
+        }
+    }
+    let max = request.max.clamp(1, MAX_DEAD_LIST) as usize;
+    let read = {
+        let shared = shared.clone();
+        let request = request.clone();
+        move |after: Option<u64>| {
+            let (events, next, missed) = shared.store.events(after, max, request.queue.as_deref());
+            let events = events
+                .into_iter()
+                .map(|e| TaskEvent {
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                    task_id: e.task_id.to_string(),
+                    queue: e.queue,
+                    task: e.task,
+                    event: e.event.as_str().to_string(),
+                })
+                .collect();
+            EventList { events, next, missed }
+        }
+    };
+    let first = read(request.after);
+    if request.wait_ms == 0 || !first.events.is_empty() {
+        return Outcome::Reply(reply(id, Ok::<_, Refusal>(first)), None);
+    }
+    // Wait from where the first look ended, so that nothing between the two is skipped.
+    let cursor = Some(first.next);
+    let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
+    let shared = shared.clone();
+    let closing = session.closing.clone();
+    Outcome::Wait(Box::pin(async move {
+        let store = &shared.store;
+        let found = wait_for(&shared, store.events_notify(), &closing, wait, || {
+            Some(read(cursor)).filter(|list| !list.events.is_empty())
+        })
+        .await;
+        reply(id, Ok::<_, Refusal>(found.unwrap_or(EventList { events: Vec::new(), next: first.next, missed: 0 })))
+    }))
 }
 
 fn dead_list(shared: &Shared, request: &[u8]) -> Result<DeadTasks, Refusal> {

@@ -102,6 +102,17 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Follow what happens to tasks as it happens (like `celery events`), until interrupted.
+    Events {
+        /// Only this queue's tasks.
+        #[arg(long)]
+        queue: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print a task's whole record: state, queue, attempts, timeline, arguments, context, result or error.
     Task {
         /// The task id.
@@ -261,6 +272,7 @@ async fn run(command: Command) -> Result<()> {
             println!("{state}");
             Ok(())
         }
+        Command::Events { queue, json, client } => follow_events(&client, queue, json).await,
         Command::Task { id, json, client } => {
             let info = connect(&client).await?.get(&id).await.with_context(|| format!("cannot read task {id}"))?;
             if json {
@@ -467,6 +479,31 @@ async fn watch_stats(args: &ClientArgs, interval: f64) -> Result<()> {
             _ = tokio::time::sleep(period) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
+    }
+}
+
+/// `broker events`: long-polls `events` from now on and prints each event as it comes.
+async fn follow_events(args: &ClientArgs, queue: Option<String>, json: bool) -> Result<()> {
+    let client = connect(args).await?;
+    let mut request = broker_client::proto::Events { after: None, max: 1000, wait_ms: 30_000, queue };
+    loop {
+        let list = tokio::select! {
+            list = client.events(&request) => list.context("cannot read events")?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        if list.missed > 0 {
+            eprintln!("({} events were missed: the daemon keeps the last 10 000)", list.missed);
+        }
+        for e in &list.events {
+            if json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                println!("{:>13}  {:<10}  {}[{}]  queue={}", e.at_ms, e.event, e.task, e.task_id, e.queue);
+            }
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        request.after = Some(list.next);
     }
 }
 

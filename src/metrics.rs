@@ -1,7 +1,7 @@
 //! The daemon's metrics in the Prometheus text format (served at `/metrics` by [`crate::http`]), through the
 //! maintained `prometheus-client` crate. Names and labels follow Prometheus conventions:
 //!
-//! - `broker_tasks_total{queue,task,outcome}`: tasks enqueued, succeeded, failed (each failed attempt), retried,
+//! - `broker_tasks_total{queue,task,outcome}`: tasks enqueued, started (leased), succeeded, failed (each failed attempt), retried,
 //!   dead (reached `FAILURE`), revoked, expired, lease_lost;
 //! - `broker_queue_tasks{queue,state}`: tasks in each queue by state now (ready, scheduled, leased, dead);
 //! - `broker_queue_wait_seconds{queue}`: from ready to leased; `broker_task_run_seconds{queue,task}`: from leased
@@ -25,6 +25,8 @@ use prometheus_client::registry::Registry;
 pub enum Outcome {
     /// Created by an enqueue.
     enqueued,
+    /// Leased by a worker (an attempt began).
+    started,
     /// Acked.
     succeeded,
     /// An attempt failed (retried or not).
@@ -90,6 +92,23 @@ pub struct Metrics {
     uptime: Gauge,
     /// One scrape at a time sets the gauges and encodes.
     scrape: Mutex<()>,
+}
+
+impl Outcome {
+    /// The name `events` and the metrics' `outcome` label use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::enqueued => "enqueued",
+            Outcome::started => "started",
+            Outcome::succeeded => "succeeded",
+            Outcome::failed => "failed",
+            Outcome::retried => "retried",
+            Outcome::dead => "dead",
+            Outcome::revoked => "revoked",
+            Outcome::expired => "expired",
+            Outcome::lease_lost => "lease_lost",
+        }
+    }
 }
 
 impl Default for Metrics {

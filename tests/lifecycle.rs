@@ -636,3 +636,43 @@ async fn lease_ids_and_task_ids_cannot_be_guessed_from_one_another() {
     assert_eq!(client.get(&victim.id).await.unwrap().result, Some(Value::from("real")));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn events_follow_what_happens_to_tasks_from_a_cursor() {
+    use broker_client::proto::Events;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    // Before anyone asks, nothing is recorded; the first ask gives the cursor.
+    client.enqueue(spec("before", vec![])).await.unwrap();
+    let start = client.events(&Events { max: 100, ..Events::default() }).await.unwrap();
+    assert!(start.events.is_empty());
+
+    // A waiting ask answers when something happens.
+    let waiter = {
+        let client = client.clone();
+        let after = start.next;
+        tokio::spawn(async move {
+            client.events(&Events { after: Some(after), max: 100, wait_ms: 5_000, queue: None }).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let id = client.enqueue(spec("watched", vec![])).await.unwrap().id;
+    let woke = waiter.await.unwrap().unwrap();
+    assert_eq!(woke.events.first().map(|e| (e.task_id.as_str(), e.event.as_str())), Some((id.as_str(), "enqueued")));
+
+    let t = client.lease(&lease(&["default"], 10)).await.unwrap();
+    for task in &t {
+        client.ack(&task.id, task.lease_id, Value::Nil).await.unwrap();
+    }
+    let list = client.events(&Events { after: Some(start.next), max: 100, ..Events::default() }).await.unwrap();
+    let of_watched: Vec<&str> = list.events.iter().filter(|e| e.task_id == id).map(|e| e.event.as_str()).collect();
+    assert_eq!(of_watched, ["enqueued", "started", "succeeded"]);
+    assert!(list.events.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(list.missed, 0);
+    // From the reply's cursor on, nothing new; a queue filter sees only its queue.
+    let after = client.events(&Events { after: Some(list.next), max: 100, ..Events::default() }).await.unwrap();
+    assert!(after.events.is_empty());
+    let other = Events { after: Some(start.next), max: 100, wait_ms: 0, queue: Some("elsewhere".into()) };
+    assert!(client.events(&other).await.unwrap().events.is_empty());
+    server.stop().await;
+}

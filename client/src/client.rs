@@ -333,6 +333,12 @@ impl Client {
     }
 
     /// Lists dead tasks, of one queue or all.
+    /// The task events after the request's cursor, waiting up to its `wait_ms` for one (see proto.md, `events`).
+    pub async fn events(&self, request: &Events) -> Result<EventList, Error> {
+        self.call(op::EVENTS, request).await
+    }
+
+    /// The dead set, newest first.
     pub async fn dead_list(&self, queue: Option<&str>, limit: u32) -> Result<Vec<TaskInfo>, Error> {
         let reply: DeadTasks = self.call(op::DEAD_LIST, &DeadList { queue: queue.map(str::to_string), limit }).await?;
         Ok(reply.tasks)

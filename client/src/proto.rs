@@ -240,9 +240,11 @@ pub mod op {
     pub const DEAD_LIST: &str = "dead_list";
     /// Puts dead tasks back in their queues.
     pub const DEAD_REQUEUE: &str = "dead_requeue";
+    /// Reads the task events that happened after a cursor, waiting for some if asked.
+    pub const EVENTS: &str = "events";
 
     /// Every op, in the order proto.md lists them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         HELLO,
         ENQUEUE,
         ENQUEUE_BATCH,
@@ -257,6 +259,7 @@ pub mod op {
         PURGE,
         DEAD_LIST,
         DEAD_REQUEUE,
+        EVENTS,
     ];
 }
 
@@ -704,6 +707,51 @@ pub struct Purge {
 pub struct Purged {
     /// How many tasks were deleted.
     pub purged: u64,
+}
+
+/// `events`: what happened to tasks after `after`, as `celery events` shows it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Events {
+    /// The cursor: events numbered above it. Absent: from now on (the reply's `next` is the cursor to go on with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// At most this many; default 100, capped at 1000.
+    #[serde(default = "hundred")]
+    pub max: u32,
+    /// If none is there yet, wait up to this long for one (capped by `max_wait_ms`).
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// Only this queue's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+/// One thing that happened to a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Its number; events are numbered in the order they happened.
+    pub seq: u64,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// Its queue.
+    pub queue: String,
+    /// Its name.
+    pub task: String,
+    /// `enqueued`, `started`, `succeeded`, `failed`, `retried`, `dead`, `revoked`, `expired` or `lease_lost`.
+    pub event: String,
+}
+
+/// The reply to `events`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EventList {
+    /// The events, oldest first.
+    pub events: Vec<TaskEvent>,
+    /// The cursor for the next `events` request.
+    pub next: u64,
+    /// Events after `after` that the daemon no longer kept (it keeps the last 10 000).
+    pub missed: u64,
 }
 
 /// `dead_list`: the failed tasks kept for inspection.

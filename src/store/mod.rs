@@ -26,7 +26,7 @@ pub mod journal;
 pub mod record;
 pub mod wal;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -104,6 +104,28 @@ pub enum StoreError {
     /// A background flush failed or could not run.
     #[error("flush failed: {0}")]
     Flush(String),
+}
+
+/// How many task events `events` keeps.
+const EVENT_RING: usize = 10_000;
+/// Events are recorded for this long after the last `events` request (nobody pays for them otherwise).
+const EVENT_LINGER_MS: u64 = 60_000;
+
+/// Something that happened to a task, for `events`.
+#[derive(Debug, Clone)]
+pub struct TaskEvent {
+    /// Its number: events are numbered in the order they happened.
+    pub seq: u64,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// The task.
+    pub task_id: Id,
+    /// Its queue.
+    pub queue: String,
+    /// Its name.
+    pub task: String,
+    /// What happened.
+    pub event: Outcome,
 }
 
 /// A running task as the dashboard shows it: id, task name, started at (Unix ms).
@@ -324,6 +346,10 @@ struct State {
     by_conn: Map<ConnId, Set<Id>>,
     next_seq: u64,
     totals: Totals,
+    /// Recent task events for `events`, recorded only until `events_until_ms` (someone asked lately).
+    events: VecDeque<TaskEvent>,
+    event_seq: u64,
+    events_until_ms: u64,
 }
 
 impl State {
@@ -532,6 +558,8 @@ pub struct Store {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Woken whenever a task becomes ready (enqueue, schedule due, retry due, lease lost, requeue).
     ready_notify: Notify,
+    /// Woken when a task event is recorded (`events` waiters).
+    events_notify: Notify,
     /// Woken whenever a task reaches a terminal state or disappears.
     finished_notify: Notify,
 }
@@ -565,6 +593,7 @@ impl Store {
             clock,
             threads: Mutex::new(Vec::new()),
             ready_notify: Notify::new(),
+            events_notify: Notify::new(),
             finished_notify: Notify::new(),
         };
         let segment = store.recover()?;
@@ -905,7 +934,7 @@ impl Store {
                 ..TaskRecord::default()
             };
             st.totals.enqueued += 1;
-            self.core.metrics.task(&record.queue, &record.task, Outcome::enqueued);
+            self.happened(&mut st, &record.id, &record.queue, &record.task, Outcome::enqueued, now);
             if record.expires_at_ms.is_some_and(|e| e <= now) {
                 // Expired on arrival: keep it findable, never run it.
                 self.finish_revoked(&mut st, record, now, Some(expired_error()));
@@ -982,6 +1011,7 @@ impl Store {
                 st.by_conn.entry(conn).or_default().insert(id.clone());
                 st.queue(queue).leased += 1;
                 bytes += leased.payload.len() + leased.task.len() + leased.id.len();
+                self.happened(&mut st, &id, &leased.queue, &leased.task, Outcome::started, now);
                 out.push(Grant { lease_id, ..leased });
             }
         }
@@ -998,12 +1028,63 @@ impl Store {
     }
 
     /// Counts an attempt's outcome and how long it ran.
-    fn ran(&self, record: &TaskRecord, now: u64, outcome: Outcome) {
-        let metrics = &self.core.metrics;
-        metrics.task(&record.queue, &record.task, outcome);
+    fn ran(&self, st: &mut State, record: &TaskRecord, now: u64, outcome: Outcome) {
+        self.happened(st, &record.id, &record.queue, &record.task, outcome, now);
         if let Some(started) = record.started_at_ms {
-            metrics.run_time(&record.queue, &record.task, now.saturating_sub(started) as f64 / 1000.0);
+            let secs = now.saturating_sub(started) as f64 / 1000.0;
+            self.core.metrics.run_time(&record.queue, &record.task, secs);
         }
+    }
+
+    /// Something happened to a task: counted for `/metrics`, and kept for `events` while someone follows them.
+    fn happened(&self, st: &mut State, id: &Id, queue: &str, task: &str, outcome: Outcome, now: u64) {
+        self.core.metrics.task(queue, task, outcome);
+        if now >= st.events_until_ms {
+            return;
+        }
+        st.event_seq += 1;
+        let event = TaskEvent {
+            seq: st.event_seq,
+            at_ms: now,
+            task_id: id.clone(),
+            queue: queue.to_string(),
+            task: task.to_string(),
+            event: outcome,
+        };
+        st.events.push_back(event);
+        if st.events.len() > EVENT_RING {
+            st.events.pop_front();
+        }
+        self.events_notify.notify_waiters();
+    }
+
+    /// The task events after `after` (from now when `None`), at most `max`, of `queue` only if given: (events,
+    /// the cursor to ask from next, how many events after `after` were dropped from the ring before this call).
+    /// Asking keeps events recorded for the next `EVENT_LINGER_MS`.
+    pub fn events(&self, after: Option<u64>, max: usize, queue: Option<&str>) -> (Vec<TaskEvent>, u64, u64) {
+        let now = self.now_ms();
+        let mut st = self.lock();
+        st.events_until_ms = now.saturating_add(EVENT_LINGER_MS);
+        let after = after.unwrap_or(st.event_seq).min(st.event_seq);
+        let oldest = st.events.front().map_or(st.event_seq + 1, |e| e.seq);
+        let missed = oldest.saturating_sub(after + 1);
+        let mut next = after;
+        let mut out = Vec::new();
+        for event in st.events.iter().filter(|e| e.seq > after) {
+            if out.len() >= max {
+                break;
+            }
+            next = event.seq;
+            if queue.is_none_or(|q| q == event.queue) {
+                out.push(event.clone());
+            }
+        }
+        (out, next, missed)
+    }
+
+    /// Woken when an event is recorded.
+    pub fn events_notify(&self) -> &Notify {
+        &self.events_notify
     }
 
     /// Whether the log has failed (a write or sync error): nothing is acknowledged as durable any more.
@@ -1078,7 +1159,7 @@ impl Store {
         let now = self.now_ms();
         let mut st = self.lock();
         let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
-        self.ran(&record, now, Outcome::succeeded);
+        self.ran(&mut st, &record, now, Outcome::succeeded);
         record.state = TaskState::Success;
         record.result = Some(Box::new(result));
         record.error = None;
@@ -1104,17 +1185,17 @@ impl Store {
         let now = self.now_ms();
         let mut st = self.lock();
         let (entry, mut record) = self.take_for_outcome(&mut st, id, lease_id, now)?;
-        self.ran(&record, now, Outcome::failed);
+        self.ran(&mut st, &record, now, Outcome::failed);
         st.queue(&entry.queue).failed += 1;
         st.totals.failed += 1;
         record.error = Some(Box::new(error));
         if retry && record.attempts <= record.max_retries {
-            let record_task = record.task.clone();
+            let (record_id, record_task) = (record.id.clone(), record.task.clone());
             let retry_at = now.saturating_add(countdown_ms.unwrap_or_else(|| record.backoff_ms()));
             record.state = TaskState::Retry;
             self.schedule(&mut st, record, retry_at, now);
             st.totals.retried += 1;
-            self.core.metrics.task(&entry.queue, &record_task, Outcome::retried);
+            self.happened(&mut st, &record_id, &entry.queue, &record_task, Outcome::retried, now);
             drop(st);
             self.ready_notify.notify_waiters();
             return Ok(FailOutcome { state: TaskState::Retry, retry_at_ms: Some(retry_at) });
@@ -1170,7 +1251,7 @@ impl Store {
         }
         let Some(mut record) = st.take_live(id) else { return };
         st.totals.lease_lost += 1;
-        self.core.metrics.task(&record.queue, &record.task, Outcome::lease_lost);
+        self.happened(st, &record.id, &record.queue, &record.task, Outcome::lease_lost, now);
         if count {
             record.lease_losses += 1;
         }
@@ -1558,7 +1639,7 @@ impl Store {
             record.error = error.map(Box::new);
         }
         st.totals.revoked += 1;
-        self.core.metrics.task(&record.queue, &record.task, outcome);
+        self.happened(st, &record.id, &record.queue, &record.task, outcome, now);
         let ttl = record.result_ttl_ms;
         self.finish(st, record, now, ttl)
     }
@@ -1567,7 +1648,7 @@ impl Store {
     fn bury(&self, st: &mut State, mut record: TaskRecord, now: u64) {
         record.state = TaskState::Failure;
         st.totals.dead += 1;
-        self.core.metrics.task(&record.queue, &record.task, Outcome::dead);
+        self.happened(st, &record.id, &record.queue, &record.task, Outcome::dead, now);
         let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
         self.finish(st, record, now, ttl)
     }
