@@ -643,3 +643,19 @@ async fn an_invalid_lease_request_stops_the_worker_with_an_error() {
     let error = worker.run_until(std::future::pending()).await.unwrap_err();
     assert!(error.is(broker_client::proto::ErrorCode::BadRequest), "{error}");
 }
+
+#[tokio::test]
+async fn the_producers_traceparent_reaches_the_handler() {
+    let server = TestServer::start().await;
+    let producer = Producer::new(server.client().await);
+    let handler = |task: Task<()>| async move { Ok(task.traceparent().map(str::to_string)) };
+    let (stop, run) = spawn(worker(&server).register("traced", handler).build());
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let id = producer.task("traced").traceparent(parent, None).enqueue().await.unwrap().id;
+    let info = finished(producer.client(), &id).await;
+    assert_eq!(info.result, Some(Value::from(parent)));
+    let untraced = producer.task("traced").enqueue().await.unwrap().id;
+    assert_eq!(finished(producer.client(), &untraced).await.result, Some(Value::Nil));
+    stop.graceful();
+    run.await.unwrap().unwrap();
+}

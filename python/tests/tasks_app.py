@@ -131,3 +131,13 @@ def login():
 def report(report_id):
     result = whoami.delay(retry_first=request.args.get("retry") == "1")
     return jsonify(task_id=result.id)
+
+
+@broker.task(bind=True)
+def trace_seen(self):
+    """The trace this task runs in, as the task sees it."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return {"traceparent": self.request.traceparent,
+            "trace_id": format(context.trace_id, "032x") if context.is_valid else None}

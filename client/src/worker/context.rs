@@ -193,6 +193,17 @@ impl TaskBuilder {
         self
     }
 
+    /// The W3C trace context of the caller's current span (its `traceparent` header value, and `tracestate` if
+    /// any), carried in the context under `"trace"` as the Python client does, so that the worker (in any
+    /// language) continues the trace. Pass what your tracing layer (e.g. OpenTelemetry's propagator) produced.
+    pub fn traceparent(self, traceparent: impl Into<String>, tracestate: Option<String>) -> Self {
+        let mut carrier = vec![(Value::from("traceparent"), Value::from(traceparent.into()))];
+        if let Some(state) = tracestate {
+            carrier.push((Value::from("tracestate"), Value::from(state)));
+        }
+        self.context("trace", Value::Map(carrier))
+    }
+
     /// Context values; they override the scope's values for the same keys.
     pub fn context_map(mut self, context: Context) -> Self {
         self.spec.context.extend(context);

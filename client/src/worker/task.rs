@@ -63,6 +63,13 @@ impl<A, K> Task<A, K> {
         self.context.get(key).and_then(|v| crate::proto::from_value(v.clone()).ok())
     }
 
+    /// The W3C `traceparent` of the trace the task was enqueued in (the context's `"trace"`, set by the Python
+    /// client or by `TaskBuilder::traceparent`), for the handler to continue it in its own tracing.
+    pub fn traceparent(&self) -> Option<&str> {
+        let carrier = self.context.get("trace")?.as_map()?;
+        carrier.iter().find(|(k, _)| k.as_str() == Some("traceparent")).and_then(|(_, v)| v.as_str())
+    }
+
     /// A context value as a string slice; `None` if absent or not a string.
     pub fn context_str(&self, key: &str) -> Option<&str> {
         self.context.get(key).and_then(Value::as_str)

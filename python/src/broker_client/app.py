@@ -16,7 +16,7 @@ import os
 import threading
 import time
 
-from . import flask_context
+from . import flask_context, tracing
 from .connection import DEFAULT_URL, Connection
 from .errors import (
     MaxRetriesExceededError,
@@ -171,6 +171,8 @@ class TaskRequest:
         self.queue = queue
         self.task = task
         self.context = context or {}
+        #: The W3C traceparent of the trace the task was enqueued in, if any (see broker_client.tracing).
+        self.traceparent = tracing.traceparent(self.context)
         self.args = list(args)
         self.kwargs = dict(kwargs or {})
         self.called_directly = called_directly
@@ -302,9 +304,15 @@ class Task:
         result_ttl = self.result_ttl if result_ttl is None else result_ttl
         if result_ttl is not None:
             spec["result_ttl_ms"] = int(result_ttl * 1000)
-        context = flask_context.capture(self.broker.context_settings, self.broker.g_dumpers, self.name)
-        if context is not None:
-            spec["context"] = {flask_context.CONTEXT_KEY: context}
+        context = {}
+        request_context = flask_context.capture(self.broker.context_settings, self.broker.g_dumpers, self.name)
+        if request_context is not None:
+            context[flask_context.CONTEXT_KEY] = request_context
+        trace = tracing.capture()
+        if trace is not None:
+            context[tracing.CONTEXT_KEY] = trace
+        if context:
+            spec["context"] = context
         return spec
 
     def _check_signature(self, args, kwargs):

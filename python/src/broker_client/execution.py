@@ -32,7 +32,7 @@ import time
 import threading
 import traceback
 
-from . import flask_context, outcomes, serialization
+from . import flask_context, outcomes, serialization, tracing
 from .errors import NotRegistered, Retry, SerializationError
 
 
@@ -110,7 +110,8 @@ def run_job(broker, job):
                           kwargs=job.get("kwargs", {}), called_directly=False)
     task._push_request(request)
     try:
-        with flask_context.task_context(broker.flask_app, job.get("context"), broker.g_loaders):
+        with tracing.continued(job.get("context"), name, job["id"], job.get("queue"), job.get("attempt", 1)), \
+                flask_context.task_context(broker.flask_app, job.get("context"), broker.g_loaders):
             result = task(*job.get("args", []), **job.get("kwargs", {}))
             if inspect.isawaitable(result):  # an `async def` task: run it on this thread's event loop
                 result = _event_loop().run_until_complete(result)
