@@ -51,6 +51,8 @@ pub struct ConnInfo {
     pub connected_at_ms: u64,
     /// Whether it has leased (is a worker).
     pub leases: bool,
+    /// The queues of its last `lease` (for the dashboard).
+    pub queues: Vec<String>,
 }
 
 /// One connection's protocol state.
@@ -421,6 +423,9 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
     }
     if let Some(info) = shared.connections.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&session.conn) {
         info.leases = true;
+        if info.queues != request.queues {
+            info.queues.clone_from(&request.queues);
+        }
     }
     let conn = session.conn;
     let max = request.max as usize;

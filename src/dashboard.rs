@@ -216,9 +216,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
     let running = dash.shared.store.running_by_conn(5);
     let connections = dash.shared.connections.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let now = dash.shared.store.now_ms();
-    out.push_str(r#"<section class="card"><h2>Workers</h2><table id="workers"><thead><tr><th>Worker</th><th>Address</th><th>Connected</th><th class="n">Leased</th><th>Running now</th></tr></thead><tbody>"#);
+    out.push_str(r#"<section class="card"><h2>Workers</h2><table id="workers"><thead><tr><th>Worker</th><th>Queues</th><th>Address</th><th>Connected</th><th class="n">Leased</th><th>Running now</th></tr></thead><tbody>"#);
     if stats.workers.is_empty() {
-        out.push_str(r#"<tr><td colspan="5" class="empty">No worker has connected.</td></tr>"#);
+        out.push_str(r#"<tr><td colspan="6" class="empty">No worker has connected.</td></tr>"#);
     }
     let mut workers: Vec<_> = connections.iter().filter(|(_, info)| info.leases).collect();
     workers.sort_by_key(|(conn, info)| (info.connected_at_ms, **conn));
@@ -239,8 +239,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         }
         let _ = write!(
             out,
-            r#"<tr class="worker"><td class="name">{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td>{now_running}</td></tr>"#,
+            r#"<tr class="worker"><td class="name">{}</td><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td>{now_running}</td></tr>"#,
             esc(if info.client.is_empty() { "(unnamed)" } else { &info.client }),
+            esc(&info.queues.join(", ")),
             esc(&info.addr),
             ago(now, info.connected_at_ms),
             tasks.len().max(stats.workers.iter().find(|w| w.addr == info.addr).map_or(0, |w| w.leased as usize)),

@@ -386,6 +386,7 @@ async fn run_connection<R, W>(
             addr: peer.to_string(),
             connected_at_ms: shared.store.now_ms(),
             leases: false,
+            queues: Vec::new(),
         },
     );
     tracing::debug!(conn, %peer, "connected");

@@ -57,6 +57,11 @@ async fn probes_and_metrics() {
     let (status, text) = tokio::task::spawn_blocking(move || {
         assert_eq!(get(http, "/healthz", None), (200, "ok\n".into()));
         assert_eq!(get(http, "/readyz", None), (200, "ready\n".into()));
+        // The dashboard lists the worker, its queues and what it runs.
+        let (status, page) = get(http, "/", None);
+        assert_eq!(status, 200);
+        let worker = page.split(r#"<tr class="worker">"#).nth(1).expect("a worker row");
+        assert!(worker.contains("<td>default</td>"), "{worker}");
         get(http, "/metrics", None)
     })
     .await
