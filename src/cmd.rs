@@ -179,17 +179,30 @@ fn refuse_envelope(frame: &[u8]) -> ReplyFrame {
 /// The request map's keys must each be a MessagePack str, each at most once, and `op` a str (proto.md §4): a key
 /// or `op` sent as `bin`, or a repeated key, is refused rather than read one way or another.
 fn check_keys(frame: &[u8]) -> Result<(), String> {
-    let Some(Ok(entries)) = map_entries(frame) else { return Err("the request is not a well-formed map".into()) };
-    let mut seen: Vec<&str> = Vec::with_capacity(entries.len());
-    for (key, value) in &entries {
+    let malformed = || "the request is not a well-formed map".to_string();
+    let mut rest = frame;
+    let count = rmp::decode::read_map_len(&mut rest).map_err(|_| malformed())? as usize;
+    // Requests have a handful of keys: compare each with the ones before it, without allocating.
+    let mut seen: [&str; 24] = [""; 24];
+    let mut spill: Vec<&str> = Vec::new();
+    for i in 0..count {
+        let key_len = value_len(rest, MAX_DEPTH).map_err(|_| malformed())?;
+        let (key, after) = rest.split_at(key_len);
         let Some(name) = key_str(key) else { return Err("request keys must be MessagePack str, not bin".into()) };
-        if seen.contains(&name) {
+        let value_len = value_len(after, MAX_DEPTH).map_err(|_| malformed())?;
+        let (value, after) = after.split_at(value_len);
+        let earlier = if i < seen.len() { &seen[..i] } else { &seen[..] };
+        if earlier.contains(&name) || spill.contains(&name) {
             return Err(format!("the key `{name}` appears more than once"));
         }
         if name == "op" && key_str(value).is_none() {
             return Err("`op` must be a MessagePack str, not bin".into());
         }
-        seen.push(name);
+        match seen.get_mut(i) {
+            Some(slot) => *slot = name,
+            None => spill.push(name),
+        }
+        rest = after;
     }
     Ok(())
 }

@@ -401,6 +401,8 @@ async fn run_connection<R, W>(
         Session { conn, greeted: false, role: Role::Producer, reserved, closing: CancellationToken::new() };
     let opened = Instant::now();
     let mut last_active = opened;
+    let check = tokio::time::sleep_until(next_check(&shared, &session, frames.decoder(), opened, last_active));
+    tokio::pin!(check);
 
     // Read a request, answer what is ready, and repeat while more is ready at once; then write it all with one
     // flush. Replies that must wait (for a flush, or a waiting op) go out as they become ready, never holding up
@@ -408,16 +410,22 @@ async fn run_connection<R, W>(
     // gets through.
     let mut drain_deadline = None;
     'serve: loop {
+        // One timer for the connection's deadlines, moved only when one must come sooner (or after it fired):
+        // arming a fresh timer for every socket read costs the hot path.
         let check_at = next_check(&shared, &session, frames.decoder(), opened, last_active);
+        if check_at < check.deadline() {
+            check.as_mut().reset(check_at);
+        }
         let first = tokio::select! {
             biased;
             Some(frames) = pending.next(), if !pending.is_empty() => Ready::Replies(frames),
             _ = shared.shutdown.cancelled() => break 'serve,
             // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
             frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
-            _ = tokio::time::sleep_until(check_at) => Ready::Check,
+            _ = &mut check => Ready::Check,
         };
         if matches!(first, Ready::Check) {
+            check.as_mut().reset(next_check(&shared, &session, frames.decoder(), opened, last_active));
             let idle = pending.is_empty();
             if let Some(why) = overdue(&shared, &session, frames.decoder(), opened, last_active, idle) {
                 tracing::info!(conn, %peer, why, "closing the connection");

@@ -856,12 +856,17 @@ impl Store {
         Ok(next_segment)
     }
 
-    /// A task id the daemon makes: the millisecond (48 bits, so ids sort by time) and 48 random bits, so that
-    /// nobody finds another client's task by counting. Called with the state held, to skip the rare id in use.
+    /// A task id the daemon makes: the millisecond (48 bits) and a counter (16 bits), so ids sort by time and
+    /// arrive in order (sled and the indexes insert them near each other), then 32 random bits, so that nobody
+    /// finds another client's task by counting. Called with the state held, to skip the rare id in use.
     fn new_id(&self, st: &State) -> TaskId {
         loop {
-            let id =
-                format!("{:012x}{:012x}", self.now_ms() & 0xffff_ffff_ffff, rand::random::<u64>() & 0xffff_ffff_ffff);
+            let id = format!(
+                "{:012x}{:04x}{:08x}",
+                self.now_ms() & 0xffff_ffff_ffff,
+                st.next_seq & 0xffff,
+                rand::random::<u32>()
+            );
             if st.state_of(&id).is_none() {
                 return id;
             }
@@ -984,7 +989,7 @@ impl Store {
                 }
                 let lease_ms = lease_ms.unwrap_or(record.lease_ms).clamp(1, self.options.max_lease_ms);
                 let ready_since = record.eta_ms.unwrap_or(record.created_at_ms);
-                self.core.metrics.queue_wait(queue, now.saturating_sub(ready_since) as f64 / 1000.0);
+                self.core.metrics.queue_wait(queue, &record.task, now.saturating_sub(ready_since) as f64 / 1000.0);
                 let record = Arc::make_mut(record);
                 record.state = TaskState::Started;
                 record.attempts += 1;
