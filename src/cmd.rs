@@ -182,9 +182,10 @@ fn check_keys(frame: &[u8]) -> Result<(), String> {
     let malformed = || "the request is not a well-formed map".to_string();
     let mut rest = frame;
     let count = rmp::decode::read_map_len(&mut rest).map_err(|_| malformed())? as usize;
-    // Requests have a handful of keys: compare each with the ones before it, without allocating.
+    // Requests have a handful of keys: compare each with the ones before it, without allocating; a map with
+    // more keys (a hostile one can have millions) goes through a hash set, not quadratic comparisons.
     let mut seen: [&str; 24] = [""; 24];
-    let mut spill: Vec<&str> = Vec::new();
+    let mut spill: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for i in 0..count {
         let key_len = value_len(rest, MAX_DEPTH).map_err(|_| malformed())?;
         let (key, after) = rest.split_at(key_len);
@@ -192,7 +193,7 @@ fn check_keys(frame: &[u8]) -> Result<(), String> {
         let value_len = value_len(after, MAX_DEPTH).map_err(|_| malformed())?;
         let (value, after) = after.split_at(value_len);
         let earlier = if i < seen.len() { &seen[..i] } else { &seen[..] };
-        if earlier.contains(&name) || spill.contains(&name) {
+        if earlier.contains(&name) || spill.contains(name) {
             return Err(format!("the key `{name}` appears more than once"));
         }
         if name == "op" && key_str(value).is_none() {
@@ -200,7 +201,9 @@ fn check_keys(frame: &[u8]) -> Result<(), String> {
         }
         match seen.get_mut(i) {
             Some(slot) => *slot = name,
-            None => spill.push(name),
+            None => {
+                spill.insert(name);
+            }
         }
         rest = after;
     }
@@ -637,8 +640,9 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
     let read = {
         let shared = shared.clone();
         let request = request.clone();
+        let wait_ms = request.wait_ms.min(shared.config.max_wait_ms);
         move |after: Option<u64>| {
-            let (events, next, missed) = shared.store.events(after, max, request.queue.as_deref());
+            let (events, next, missed) = shared.store.events(after, max, request.queue.as_deref(), wait_ms);
             let events = events
                 .into_iter()
                 .map(|e| TaskEvent {

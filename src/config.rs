@@ -114,7 +114,8 @@ pub struct Config {
     pub hello_timeout_ms: u64,
     /// A frame that has begun to arrive must be complete within this long, or the connection is closed.
     pub frame_timeout_ms: u64,
-    /// A reply write that makes no progress for this long (a client that does not read) closes the connection.
+    /// A reply write (one batch of replies) that does not complete within this long (a client that does not
+    /// read) closes the connection.
     pub write_timeout_ms: u64,
     /// A greeted connection with no request and nothing in flight for this long is closed; 0: never.
     pub idle_timeout_secs: u64,

@@ -33,6 +33,8 @@ const SAMPLES: usize = 300;
 /// The dashboard's state: the daemon, and the recent samples of its counters for the graph.
 pub struct Dash {
     shared: Arc<Shared>,
+    /// The listener's address: on a daemon without tokens, requests must name it (or localhost) as their Host.
+    addr: std::net::SocketAddr,
     samples: Mutex<VecDeque<Sample>>,
 }
 
@@ -44,17 +46,18 @@ struct Sample {
 }
 
 /// The dashboard's routes, and the task that samples the counters until the daemon stops.
-pub fn routes(shared: Arc<Shared>) -> Router {
-    let dash = Arc::new(Dash { shared, samples: Mutex::new(VecDeque::new()) });
+pub fn routes(shared: Arc<Shared>, addr: std::net::SocketAddr) -> Router {
+    let dash = Arc::new(Dash { shared, addr, samples: Mutex::new(VecDeque::new()) });
     tokio::spawn(sample(dash.clone()));
     Router::new()
         .route("/", get(overview))
         .route("/task", get(search))
         .route("/task/{id}", get(task))
-        .route("/task/{id}/delete", post(delete))
+        .route("/task/delete", post(delete))
         .route("/dead", get(dead))
         .route("/dead/requeue", post(requeue))
         .route("/login", get(login_form).post(login))
+        .route("/metrics", get(metrics))
         .with_state(dash)
 }
 
@@ -110,12 +113,38 @@ fn unhex(text: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// Refuses what a web page elsewhere could make the operator's browser send (`Some`: the refusal).
+///
+/// - On a daemon without tokens, every request is an admin's, so the Host must be this listener's own address
+///   (or `localhost` with its port): a DNS-rebound name pointing here is refused.
+/// - A form post from another origin (its `Origin` header names another host) is refused, tokens or not.
+pub fn refuse(dash: &Dash, headers: &HeaderMap, post: bool) -> Option<Response> {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if dash.shared.config.tokens.is_empty() {
+        let port = dash.addr.port();
+        let own =
+            [dash.addr.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+        if !own.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return Some((StatusCode::FORBIDDEN, "the Host header does not name this listener\n").into_response());
+        }
+    }
+    if post {
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            let authority = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+            if !authority.eq_ignore_ascii_case(host) {
+                return Some((StatusCode::FORBIDDEN, "a form from another site\n").into_response());
+            }
+        }
+    }
+    None
+}
+
 /// The response for a request that is not an admin's: the login page.
 fn to_login() -> Response {
     Redirect::to("/login").into_response()
 }
 
-async fn login_form() -> Html<String> {
+async fn login_form() -> Response {
     page("Sign in", "", &login_body(None), false)
 }
 
@@ -133,7 +162,10 @@ struct Login {
     token: String,
 }
 
-async fn login(State(dash): State<Arc<Dash>>, Form(form): Form<Login>) -> Response {
+async fn login(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, true) {
+        return refused;
+    }
     if dash.shared.config.role_of(&form.token) != Some(Role::Admin) {
         let body = page("Sign in", "", &login_body(Some("That is not an admin token.")), false);
         return (StatusCode::UNAUTHORIZED, body).into_response();
@@ -144,7 +176,17 @@ async fn login(State(dash): State<Arc<Dash>>, Form(form): Form<Login>) -> Respon
 
 // --- pages -------------------------------------------------------------------------------------------------
 
+async fn metrics(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, false) {
+        return refused;
+    }
+    crate::http::metrics(&dash.shared, &headers)
+}
+
 async fn overview(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, false) {
+        return refused;
+    }
     if !is_admin(&dash.shared, &headers) {
         return to_login();
     }
@@ -196,7 +238,7 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
     }
     for q in &stats.queues {
         let dead = if q.dead > 0 {
-            format!(r#"<a class="badge FAILURE" href="/dead?queue={}">{}</a>"#, esc(&q.name), q.dead)
+            format!(r#"<a class="badge FAILURE" href="/dead?queue={}">{}</a>"#, url_escape(&q.name), q.dead)
         } else {
             "0".into()
         };
@@ -228,8 +270,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         for (id, task, started) in tasks {
             let _ = write!(
                 now_running,
-                r#"<a class="chip" href="/task/{id}" title="{id}">{task} <span class="muted">{}</span></a> "#,
+                r#"<a class="chip" href="/task/{path}" title="{id}">{task} <span class="muted">{}</span></a> "#,
                 ago(now, *started),
+                path = url_escape(id),
                 id = esc(id),
                 task = esc(task)
             );
@@ -298,6 +341,9 @@ async fn search(Query(search): Query<Search>) -> Response {
 }
 
 async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, false) {
+        return refused;
+    }
     if !is_admin(&dash.shared, &headers) {
         return to_login();
     }
@@ -327,7 +373,7 @@ fn task_body(info: &TaskInfo, now: u64) -> String {
         task = esc(&info.task),
         queue = esc(&info.queue),
         attempts = info.attempts,
-        total = info.max_retries + 1,
+        total = u64::from(info.max_retries) + 1,
         priority = info.priority,
     );
     let finished = matches!(info.state, TaskState::Success | TaskState::Failure | TaskState::Revoked);
@@ -342,7 +388,7 @@ fn task_body(info: &TaskInfo, now: u64) -> String {
         }
         let _ = write!(
             out,
-            r#"<form method="post" action="/task/{id}/delete"><button class="delete danger">Delete</button></form></div>"#,
+            r#"<form method="post" action="/task/delete"><input type="hidden" name="id" value="{id}"><button class="delete danger">Delete</button></form></div>"#,
             id = esc(&info.id)
         );
     }
@@ -407,6 +453,9 @@ struct DeadQuery {
 }
 
 async fn dead(State(dash): State<Arc<Dash>>, Query(query): Query<DeadQuery>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, false) {
+        return refused;
+    }
     if !is_admin(&dash.shared, &headers) {
         return to_login();
     }
@@ -435,9 +484,10 @@ async fn dead(State(dash): State<Arc<Dash>>, Query(query): Query<DeadQuery>, hea
             .unwrap_or_default();
         let _ = write!(
             out,
-            r#"<tr class="dead-row" data-id="{id}"><td><a href="/task/{id}">{task}</a><div class="muted mono">{id}</div></td><td>{queue}</td><td class="error">{error}</td><td>{}</td>
-<td><div class="actions row"><form method="post" action="/dead/requeue"><input type="hidden" name="id" value="{id}"><button class="requeue">Requeue</button></form><form method="post" action="/task/{id}/delete"><button class="delete danger">Delete</button></form></div></td></tr>"#,
+            r#"<tr class="dead-row" data-id="{id}"><td><a href="/task/{path}">{task}</a><div class="muted mono">{id}</div></td><td>{queue}</td><td class="error">{error}</td><td>{}</td>
+<td><div class="actions row"><form method="post" action="/dead/requeue"><input type="hidden" name="id" value="{id}"><button class="requeue">Requeue</button></form><form method="post" action="/task/delete"><input type="hidden" name="id" value="{id}"><button class="delete danger">Delete</button></form></div></td></tr>"#,
             t.finished_at_ms.map(|at| ago(now, at)).unwrap_or_default(),
+            path = url_escape(&t.id),
             id = esc(&t.id),
             task = esc(&t.task),
             queue = esc(&t.queue),
@@ -456,6 +506,9 @@ struct Target {
 }
 
 async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target): Form<Target>) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, true) {
+        return refused;
+    }
     if !is_admin(&dash.shared, &headers) {
         return to_login();
     }
@@ -470,7 +523,10 @@ async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target)
     Redirect::to("/dead").into_response()
 }
 
-async fn delete(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn delete(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(Target { id }): Form<Target>) -> Response {
+    if let Some(refused) = refuse(&dash, &headers, true) {
+        return refused;
+    }
     if !is_admin(&dash.shared, &headers) {
         return to_login();
     }
@@ -574,11 +630,11 @@ const LIVE: &str = r#"<script>
 setInterval(function(){fetch(location.href,{headers:{"X-Partial":"1"}}).then(function(r){return r.ok?r.text():null}).then(function(h){if(h!==null){document.querySelector("main").innerHTML=h}}).catch(function(){})},2000);
 </script>"#;
 
-fn page(title: &str, active: &str, body: &str, live: bool) -> Html<String> {
+fn page(title: &str, active: &str, body: &str, live: bool) -> Response {
     let nav = |path: &str, name: &str, key: &str| {
         format!(r#"<a href="{path}"{}>{name}</a>"#, if key == active { r#" class="on""# } else { "" })
     };
-    Html(format!(
+    let html = Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{title} · broker</title><style>{STYLE}</style></head><body>
 <header><span class="brand">broker</span><nav>{}{}</nav><form action="/task" method="get"><input name="id" placeholder="Find a task by id" aria-label="task id"></form></header>
@@ -587,5 +643,12 @@ fn page(title: &str, active: &str, body: &str, live: bool) -> Html<String> {
         nav("/dead", "Dead", "dead"),
         if live { LIVE } else { "" },
         title = esc(title),
-    ))
+    ));
+    // Never framed by another site; no URL (task ids) leaks to a linked site.
+    let headers = [
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::REFERRER_POLICY, "same-origin"),
+    ];
+    (headers, html).into_response()
 }

@@ -3,10 +3,11 @@
 //!
 //! - A frame longer than `max_frame_bytes` is skipped as it arrives (never buffered) and answered
 //!   `frame_too_large`.
-//! - A frame larger than [`SMALL_FRAME`] must first take its length from a budget shared by every connection
-//!   (`max_unfinished_bytes`): the bytes of frames not complete yet are bounded daemon-wide, however many
-//!   connections announce 16 MiB and send all but the last byte. A frame the budget cannot take now is skipped
-//!   and answered `busy`. The budget is given back when the frame is complete or the connection closes.
+//! - The bytes of a frame larger than [`SMALL_FRAME`] are taken, as they arrive, from a budget shared by every
+//!   connection (`max_unfinished_bytes`): the bytes of frames not complete yet are bounded daemon-wide, however
+//!   many connections announce 16 MiB and send all but the last byte. When the budget cannot take them, the frame
+//!   is dropped and skipped and answered `busy`. The budget is given back when the frame is complete or the
+//!   connection closes, and the buffer that grew to hold the frame is let go.
 //! - [`RequestCodec::unfinished_since`] says since when a frame has been incomplete, so the connection can close
 //!   one that does not complete within `frame_timeout_ms`.
 
@@ -134,22 +135,40 @@ impl Decoder for RequestCodec {
             self.skipping = Some((len as u64, len as u64, false));
             return self.decode(src);
         }
-        if len > SMALL_FRAME && self.reserved == 0 {
-            if !self.budget.try_take(len) {
-                src.advance(4);
-                self.skipping = Some((len as u64, len as u64, true));
-                return self.decode(src);
+        if len > SMALL_FRAME {
+            // A large frame takes from the budget the bytes that have arrived, as they arrive (a length prefix
+            // alone takes nothing). When the budget cannot take them, what arrived is dropped and the rest skipped.
+            let held = src.len().min(4 + len);
+            if held > self.reserved {
+                if !self.budget.try_take(held - self.reserved) {
+                    self.give_back();
+                    src.advance(held);
+                    let left = (4 + len - held) as u64;
+                    if left == 0 {
+                        self.unfinished_since = None;
+                        return Ok(Some(Request::Busy(len as u64)));
+                    }
+                    self.skipping = Some((left, len as u64, true));
+                    self.unfinished();
+                    return Ok(None);
+                }
+                self.reserved = held;
             }
-            self.reserved = len;
         }
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            if len <= SMALL_FRAME {
+                src.reserve(4 + len - src.len());
+            }
             self.unfinished();
             return Ok(None);
         }
         src.advance(4);
         let frame = src.split_to(len).freeze();
         self.give_back();
+        if len > SMALL_FRAME && src.capacity() > 2 * SMALL_FRAME {
+            // The buffer grew to hold the frame; its allocation would stay with the connection.
+            *src = BytesMut::from(&src[..]);
+        }
         self.unfinished_since = if src.is_empty() { None } else { Some(Instant::now()) };
         Ok(Some(Request::Message(frame)))
     }
@@ -171,11 +190,18 @@ mod tests {
         let mut a = RequestCodec::new(1 << 20, budget.clone());
         let mut b = RequestCodec::new(1 << 20, budget.clone());
         let big = frame(60_000);
-        let mut buf_a = BytesMut::from(&big[..30_000]);
+        let mut buf_a = BytesMut::from(&big[..60_000]);
         assert!(a.decode(&mut buf_a).unwrap().is_none());
-        assert_eq!(budget.used(), 60_000);
+        assert_eq!(budget.used(), 60_000, "what arrived is held");
         assert!(a.unfinished_since().is_some());
-        // The second does not fit: skipped as it arrives, answered busy, nothing held.
+        // A length prefix alone takes its 4 bytes, not the length it announces.
+        let mut header_only = BytesMut::from(&big[..4]);
+        let mut c = RequestCodec::new(1 << 20, budget.clone());
+        assert!(c.decode(&mut header_only).unwrap().is_none());
+        assert_eq!(budget.used(), 60_004);
+        drop(c);
+        assert_eq!(budget.used(), 60_000);
+        // The second does not fit: dropped and skipped as it arrives, answered busy, nothing held.
         let mut buf_b = BytesMut::from(&big[..]);
         assert!(matches!(b.decode(&mut buf_b).unwrap(), Some(Request::Busy(60_000))));
         assert_eq!(budget.used(), 60_000);
@@ -183,13 +209,14 @@ mod tests {
         let mut small = BytesMut::from(&frame(100)[..]);
         assert!(matches!(b.decode(&mut small).unwrap(), Some(Request::Message(m)) if m.len() == 100));
         // The first completes and gives its share back; so does a connection that closes mid-frame.
-        buf_a.extend_from_slice(&big[30_000..]);
+        buf_a.extend_from_slice(&big[60_000..]);
         assert!(matches!(a.decode(&mut buf_a).unwrap(), Some(Request::Message(m)) if m.len() == 60_000));
         assert_eq!(budget.used(), 0);
         assert!(a.unfinished_since().is_none());
-        let mut half = BytesMut::from(&big[..10]);
+        assert!(buf_a.capacity() <= 2 * SMALL_FRAME, "the grown buffer is let go");
+        let mut half = BytesMut::from(&big[..30_000]);
         assert!(a.decode(&mut half).unwrap().is_none());
-        assert_eq!(budget.used(), 60_000);
+        assert_eq!(budget.used(), 30_000);
         drop(a);
         assert_eq!(budget.used(), 0);
     }

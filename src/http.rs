@@ -25,12 +25,15 @@ use crate::metrics::Snapshot;
 /// Serves the routes until the daemon shuts down.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => return tracing::error!(error = %e, "the HTTP listener has no address"),
+    };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(shared.clone())
-        .merge(crate::dashboard::routes(shared));
+        .merge(crate::dashboard::routes(shared, addr));
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
         tracing::error!(error = %e, "the HTTP listener failed");
     }
@@ -63,11 +66,12 @@ fn unauthorized() -> Response {
     response
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if !crate::dashboard::is_admin(&shared, &headers) {
+/// `/metrics` (routed with the dashboard, whose Host check it shares): an admin's only, when tokens exist.
+pub fn metrics(shared: &Shared, headers: &HeaderMap) -> Response {
+    if !crate::dashboard::is_admin(shared, headers) {
         return unauthorized();
     }
-    let stats = cmd::stats(&shared);
+    let stats = cmd::stats(shared);
     let snapshot = Snapshot {
         queues: stats.queues.iter().map(|q| (q.name.clone(), [q.ready, q.scheduled, q.leased, q.dead])).collect(),
         connections: stats.connections,

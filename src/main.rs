@@ -444,9 +444,9 @@ fn print_result(info: &TaskInfo) {
         println!("{}", value_to_json(result));
     }
     if let Some(error) = &info.error {
-        println!("{}: {}", error.kind, error.message);
+        println!("{}: {}", printable(&error.kind), printable(&error.message));
         if let Some(tb) = &error.traceback {
-            println!("{tb}");
+            println!("{}", printable(tb));
         }
     }
 }
@@ -498,7 +498,8 @@ async fn follow_events(args: &ClientArgs, queue: Option<String>, json: bool) -> 
             if json {
                 println!("{}", serde_json::to_string(e)?);
             } else {
-                println!("{:>13}  {:<10}  {}[{}]  queue={}", e.at_ms, e.event, e.task, e.task_id, e.queue);
+                let (task, id, queue) = (printable(&e.task), printable(&e.task_id), printable(&e.queue));
+                println!("{:>13}  {:<10}  {task}[{id}]  queue={queue}", e.at_ms, e.event);
             }
         }
         use std::io::Write as _;
@@ -507,13 +508,23 @@ async fn follow_events(args: &ClientArgs, queue: Option<String>, json: bool) -> 
     }
 }
 
+/// Text from producers and workers (task and queue names, error messages, tracebacks), safe for a terminal:
+/// control characters other than newlines and tabs (escape sequences) are shown as U+FFFD.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        text.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '\u{fffd}' } else { c }).collect()
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
 /// `broker task ID`: the whole record, for people.
 fn print_task(info: &TaskInfo) {
     let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v).unwrap_or_default();
-    println!("{}  {}", info.id, info.state);
-    println!("task:      {}", info.task);
-    println!("queue:     {}  (priority {})", info.queue, info.priority);
-    println!("attempts:  {} of {}", info.attempts, info.max_retries + 1);
+    println!("{}  {}", printable(&info.id), info.state);
+    println!("task:      {}", printable(&info.task));
+    println!("queue:     {}  (priority {})", printable(&info.queue), info.priority);
+    println!("attempts:  {} of {}", info.attempts, u64::from(info.max_retries) + 1);
     let times = [
         ("enqueued", Some(info.created_at_ms)),
         ("due", info.eta_ms),
@@ -535,9 +546,9 @@ fn print_task(info: &TaskInfo) {
         println!("result:    {}", pretty(value_to_json(result)));
     }
     if let Some(error) = &info.error {
-        println!("error:     {}: {}", error.kind, error.message);
+        println!("error:     {}: {}", printable(&error.kind), printable(&error.message));
         if let Some(tb) = &error.traceback {
-            println!("{tb}");
+            println!("{}", printable(tb));
         }
     }
 }
@@ -561,14 +572,20 @@ fn print_stats(stats: &Stats) {
     for q in &stats.queues {
         println!(
             "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
-            q.name, q.ready, q.scheduled, q.leased, q.succeeded, q.failed, q.dead
+            printable(&q.name),
+            q.ready,
+            q.scheduled,
+            q.leased,
+            q.succeeded,
+            q.failed,
+            q.dead
         );
     }
     if !stats.workers.is_empty() {
         println!();
         println!("{:<32} {:<22} {:>7}", "WORKER", "ADDRESS", "LEASED");
         for w in &stats.workers {
-            println!("{:<32} {:<22} {:>7}", w.client, w.addr, w.leased);
+            println!("{:<32} {:<22} {:>7}", printable(&w.client), w.addr, w.leased);
         }
     }
     let t = &stats.totals;

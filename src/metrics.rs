@@ -190,7 +190,10 @@ impl Metrics {
         let handles = Arc::new(Handles {
             outcomes: Outcome::ALL.map(counter),
             queue_wait: self.queue_wait.get_or_create(&QueueLabels { queue: queue.to_string() }).clone(),
-            run_time: self.run_time.get_or_create(&RunLabels { queue: queue.to_string(), task: task.to_string() }).clone(),
+            run_time: self
+                .run_time
+                .get_or_create(&RunLabels { queue: queue.to_string(), task: task.to_string() })
+                .clone(),
         });
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         cache.entry(queue.to_string()).or_default().entry(task.to_string()).or_insert(handles).clone()

@@ -233,6 +233,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tok
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
+                // A slot of the general pool may have freed while this one waited on a reserved permit: take it,
+                // so the reserved slot stays for an admin.
+                let (permit, reserved) = match reserved.then(|| limit.clone().try_acquire_owned().ok()).flatten() {
+                    Some(general) => (general, false),
+                    None => (permit, reserved),
+                };
                 let conn = next_conn.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let budget = budget.clone();

@@ -109,3 +109,22 @@ async fn broker_task_prints_the_whole_record_and_stat_watch_refreshes() {
     assert!(String::from_utf8_lossy(&watch.stdout).contains("per second:"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_sequences_from_producers_never_reach_the_terminal() {
+    use broker_client::proto::TaskSpec;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let id = client.enqueue(TaskSpec::new("\u{1b}]0;owned\u{7}\u{1b}[2Jtask")).await.unwrap().id;
+    let addr = server.addr();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_broker")).args(["task", &id, "--addr", &addr]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'), "{text:?}");
+    assert!(text.contains("task"), "{text}");
+    server.stop().await;
+}

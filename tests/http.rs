@@ -14,8 +14,10 @@ fn request(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str, 
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "{method} {path} HTTP/1.1\r\n{host}{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len(),
+        // A test may send its own Host.
+        host = if headers.contains("Host:") { String::new() } else { format!("Host: {addr}\r\n") },
     )
     .unwrap();
     let mut response = String::new();
@@ -57,6 +59,11 @@ async fn probes_and_metrics() {
     let (status, text) = tokio::task::spawn_blocking(move || {
         assert_eq!(get(http, "/healthz", None), (200, "ok\n".into()));
         assert_eq!(get(http, "/readyz", None), (200, "ready\n".into()));
+        // Another site's name for this address (DNS rebinding), and another site's form, are refused.
+        assert_eq!(request(http, "GET", "/", "Host: evil.example:7421\r\n", "").0, 403);
+        assert_eq!(request(http, "GET", "/metrics", "Host: evil.example:7421\r\n", "").0, 403);
+        let form = "Content-Type: application/x-www-form-urlencoded\r\nOrigin: http://evil.example\r\n";
+        assert_eq!(request(http, "POST", "/dead/requeue", form, "id=x").0, 403);
         // The dashboard lists the worker, its queues and what it runs.
         let (status, page) = get(http, "/", None);
         assert_eq!(status, 200);

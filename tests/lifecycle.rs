@@ -614,12 +614,12 @@ async fn lease_ids_and_task_ids_cannot_be_guessed_from_one_another() {
     for _ in 0..50 {
         ids.push(client.enqueue(TaskSpec::new("t")).await.unwrap().id);
     }
-    // 24 hex digits: the millisecond, then 48 random bits. Neighbours are not a count apart.
+    // 24 hex digits: the millisecond, a counter, then 32 random bits. Neighbours are not a count apart.
     for pair in ids.windows(2) {
         assert_eq!(pair[0].len(), 24);
         assert!(pair[0][..12] <= pair[1][..12], "ids sort by time: {pair:?}");
-        let low = |id: &str| u64::from_str_radix(&id[12..], 16).unwrap();
-        assert!(low(&pair[0]).abs_diff(low(&pair[1])) > 1_000_000, "enumerable ids: {pair:?}");
+        let random = |id: &str| u64::from_str_radix(&id[16..], 16).unwrap();
+        assert!(random(&pair[0]).abs_diff(random(&pair[1])) > 1_000, "enumerable ids: {pair:?}");
     }
     let leased = client.lease(&lease(&["default"], 50)).await.unwrap();
     assert_eq!(leased.len(), 50);

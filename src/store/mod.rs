@@ -1066,10 +1066,18 @@ impl Store {
     /// The task events after `after` (from now when `None`), at most `max`, of `queue` only if given: (events,
     /// the cursor to ask from next, how many events after `after` were dropped from the ring before this call).
     /// Asking keeps events recorded for the next `EVENT_LINGER_MS`.
-    pub fn events(&self, after: Option<u64>, max: usize, queue: Option<&str>) -> (Vec<TaskEvent>, u64, u64) {
+    pub fn events(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        queue: Option<&str>,
+        wait_ms: u64,
+    ) -> (Vec<TaskEvent>, u64, u64) {
         let now = self.now_ms();
         let mut st = self.lock();
-        st.events_until_ms = now.saturating_add(EVENT_LINGER_MS);
+        // Recorded for as long as this ask may wait, and a while after.
+        let until = now.saturating_add(EVENT_LINGER_MS.max(wait_ms.saturating_add(EVENT_LINGER_MS)));
+        st.events_until_ms = st.events_until_ms.max(until);
         let after = after.unwrap_or(st.event_seq).min(st.event_seq);
         let oldest = st.events.front().map_or(st.event_seq + 1, |e| e.seq);
         let missed = oldest.saturating_sub(after + 1);
@@ -1483,11 +1491,12 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for id in self.dead_ids(queue, limit) {
-            if bytes >= self.options.max_reply_bytes {
-                break;
-            }
             if let Some((info, size)) = self.with_record(&id, |r| (r.info(), r.payload.len() + r.result_len()))? {
                 if info.state == TaskState::Failure {
+                    // The reply always carries one task; past that, none that would take it over the bound.
+                    if !out.is_empty() && bytes + size > self.options.max_reply_bytes {
+                        break;
+                    }
                     bytes += size;
                     out.push(info);
                 }
