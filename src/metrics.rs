@@ -10,8 +10,7 @@
 //!   carried;
 //! - `broker_connections`, `broker_workers`, `broker_uptime_seconds`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Mutex;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -93,15 +92,31 @@ pub struct Metrics {
     uptime: Gauge,
     /// One scrape at a time sets the gauges and encodes.
     scrape: Mutex<()>,
-    /// Queue → task name → its metrics.
-    cache: RwLock<HashMap<String, HashMap<String, Arc<Handles>>>>,
 }
 
-/// The metrics of one queue and task name.
-struct Handles {
+/// The metrics of one queue and task name (clones of the registered ones).
+#[derive(Debug)]
+pub struct Handles {
     outcomes: [Counter; Outcome::ALL.len()],
     queue_wait: Histogram,
     run_time: Histogram,
+}
+
+impl Handles {
+    /// Counts one task event.
+    pub fn count(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].inc();
+    }
+
+    /// A task waited `secs` before it was leased.
+    pub fn queue_wait(&self, secs: f64) {
+        self.queue_wait.observe(secs);
+    }
+
+    /// An attempt ran `secs` before its outcome.
+    pub fn run_time(&self, secs: f64) {
+        self.run_time.observe(secs);
+    }
 }
 
 impl Outcome {
@@ -174,44 +189,23 @@ impl Metrics {
             workers,
             uptime,
             scrape: Mutex::new(()),
-            cache: RwLock::default(),
         }
     }
 
-    /// The metrics of one queue and task name, found without allocating once they exist (the labels of a
-    /// `Family` lookup are owned strings: two allocations per event on the hot path otherwise).
-    fn handles(&self, queue: &str, task: &str) -> Arc<Handles> {
-        if let Some(found) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(queue).and_then(|t| t.get(task)) {
-            return found.clone();
-        }
+    /// The metrics of one queue and task name, for the store to keep (under its own lock) and use without
+    /// building labels, which are owned strings, at every event.
+    pub fn handles(&self, queue: &str, task: &str) -> Handles {
         let counter = |outcome| {
             self.tasks.get_or_create(&TaskLabels { queue: queue.to_string(), task: task.to_string(), outcome }).clone()
         };
-        let handles = Arc::new(Handles {
+        Handles {
             outcomes: Outcome::ALL.map(counter),
             queue_wait: self.queue_wait.get_or_create(&QueueLabels { queue: queue.to_string() }).clone(),
             run_time: self
                 .run_time
                 .get_or_create(&RunLabels { queue: queue.to_string(), task: task.to_string() })
                 .clone(),
-        });
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        cache.entry(queue.to_string()).or_default().entry(task.to_string()).or_insert(handles).clone()
-    }
-
-    /// Counts one task event.
-    pub fn task(&self, queue: &str, task: &str, outcome: Outcome) {
-        self.handles(queue, task).outcomes[outcome as usize].inc();
-    }
-
-    /// A task of `task` waited `secs` in `queue` before it was leased.
-    pub fn queue_wait(&self, queue: &str, task: &str, secs: f64) {
-        self.handles(queue, task).queue_wait.observe(secs);
-    }
-
-    /// An attempt ran `secs` before its outcome.
-    pub fn run_time(&self, queue: &str, task: &str, secs: f64) {
-        self.handles(queue, task).run_time.observe(secs);
+        }
     }
 
     /// A log round took `secs` to write (and sync) `tasks` records.

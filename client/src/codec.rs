@@ -122,7 +122,7 @@ fn walk(buf: &[u8], max_depth: usize, utf8: bool) -> Result<usize, String> {
     }
     let mut pos = 0usize;
     // Items still to read at each open level; the outermost "level" holds the one top value.
-    let mut remaining: Vec<u64> = vec![1];
+    let mut remaining = Levels::new();
     while let Some(top) = remaining.last_mut() {
         if *top == 0 {
             remaining.pop();
@@ -178,6 +178,46 @@ fn walk(buf: &[u8], max_depth: usize, utf8: bool) -> Result<usize, String> {
         }
     }
     Ok(pos)
+}
+
+/// The walk's stack of open levels: inline for the usual few, on the heap only past them. The walk runs several
+/// times per request (the frame check, each field's bytes), so an allocation each time showed in profiles.
+struct Levels {
+    inline: [u64; 16],
+    len: usize,
+    spill: Vec<u64>,
+}
+
+impl Levels {
+    fn new() -> Levels {
+        Levels { inline: [1; 16], len: 1, spill: Vec::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.len + self.spill.len()
+    }
+
+    fn last_mut(&mut self) -> Option<&mut u64> {
+        if let Some(last) = self.spill.last_mut() {
+            return Some(last);
+        }
+        self.len.checked_sub(1).map(|i| &mut self.inline[i])
+    }
+
+    fn pop(&mut self) {
+        if self.spill.pop().is_none() {
+            self.len = self.len.saturating_sub(1);
+        }
+    }
+
+    fn push(&mut self, items: u64) {
+        if self.len < self.inline.len() && self.spill.is_empty() {
+            self.inline[self.len] = items;
+            self.len += 1;
+        } else {
+            self.spill.push(items);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Handles, Metrics, Outcome};
 use commit::{Durable, Pacing, Progress};
 use disk::{Disk, Entry, Loc};
 use journal::Journal;
@@ -345,6 +345,10 @@ struct State {
     deadlines: BTreeSet<(u64, Id)>,
     by_conn: Map<ConnId, Set<Id>>,
     next_seq: u64,
+    /// Each queue's and task name's metrics (see `Store::metrics_of`).
+    metrics: HashMap<String, HashMap<String, Handles>>,
+    /// The latest millisecond a task id was made in (see `Store::new_id`).
+    last_id_ms: u64,
     totals: Totals,
     /// Recent task events for `events`, recorded only until `events_until_ms` (someone asked lately).
     events: VecDeque<TaskEvent>,
@@ -858,16 +862,17 @@ impl Store {
 
     /// A task id the daemon makes: the millisecond (48 bits) and a counter (16 bits), so ids sort by time and
     /// arrive in order (sled and the indexes insert them near each other), then 32 random bits, so that nobody
-    /// finds another client's task by counting. Called with the state held, to skip the rare id in use.
-    fn new_id(&self, st: &State) -> TaskId {
+    /// finds another client's task by counting. The counter is the task's sequence number, which grows at every
+    /// enqueue, so ids made while the clock moves forward cannot repeat; only after the clock went back is an id
+    /// checked against the tasks there are (and drawn again in the rare case it is taken).
+    fn new_id(&self, st: &mut State) -> TaskId {
+        let now = self.now_ms();
+        let backwards = now < st.last_id_ms;
+        st.last_id_ms = st.last_id_ms.max(now);
         loop {
-            let id = format!(
-                "{:012x}{:04x}{:08x}",
-                self.now_ms() & 0xffff_ffff_ffff,
-                st.next_seq & 0xffff,
-                rand::random::<u32>()
-            );
-            if st.state_of(&id).is_none() {
+            let id =
+                format!("{:012x}{:04x}{:08x}", now & 0xffff_ffff_ffff, st.next_seq & 0xffff, rand::random::<u32>());
+            if !backwards || st.state_of(&id).is_none() {
                 return id;
             }
         }
@@ -915,7 +920,7 @@ impl Store {
                     continue;
                 }
             }
-            let id: Id = spec.id.unwrap_or_else(|| self.new_id(&st)).into();
+            let id: Id = spec.id.unwrap_or_else(|| self.new_id(&mut st)).into();
             let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
             let seq = st.take_seq(now);
             let record = TaskRecord {
@@ -989,7 +994,7 @@ impl Store {
                 }
                 let lease_ms = lease_ms.unwrap_or(record.lease_ms).clamp(1, self.options.max_lease_ms);
                 let ready_since = record.eta_ms.unwrap_or(record.created_at_ms);
-                self.core.metrics.queue_wait(queue, &record.task, now.saturating_sub(ready_since) as f64 / 1000.0);
+                let waited = now.saturating_sub(ready_since) as f64 / 1000.0;
                 let record = Arc::make_mut(record);
                 record.state = TaskState::Started;
                 record.attempts += 1;
@@ -1016,6 +1021,7 @@ impl Store {
                 st.by_conn.entry(conn).or_default().insert(id.clone());
                 st.queue(queue).leased += 1;
                 bytes += leased.payload.len() + leased.task.len() + leased.id.len();
+                self.metrics_of(&mut st, queue, &leased.task).queue_wait(waited);
                 self.happened(&mut st, &id, &leased.queue, &leased.task, Outcome::started, now);
                 out.push(Grant { lease_id, ..leased });
             }
@@ -1034,16 +1040,25 @@ impl Store {
 
     /// Counts an attempt's outcome and how long it ran.
     fn ran(&self, st: &mut State, record: &TaskRecord, now: u64, outcome: Outcome) {
-        self.happened(st, &record.id, &record.queue, &record.task, outcome, now);
         if let Some(started) = record.started_at_ms {
             let secs = now.saturating_sub(started) as f64 / 1000.0;
-            self.core.metrics.run_time(&record.queue, &record.task, secs);
+            self.metrics_of(st, &record.queue, &record.task).run_time(secs);
         }
+        self.happened(st, &record.id, &record.queue, &record.task, outcome, now);
+    }
+
+    /// The metrics of a queue and task name, kept in the state (looked up by `&str`, made once).
+    fn metrics_of<'s>(&self, st: &'s mut State, queue: &str, task: &str) -> &'s Handles {
+        if !st.metrics.get(queue).is_some_and(|tasks| tasks.contains_key(task)) {
+            let handles = self.core.metrics.handles(queue, task);
+            st.metrics.entry(queue.to_string()).or_default().insert(task.to_string(), handles);
+        }
+        &st.metrics[queue][task]
     }
 
     /// Something happened to a task: counted for `/metrics`, and kept for `events` while someone follows them.
     fn happened(&self, st: &mut State, id: &Id, queue: &str, task: &str, outcome: Outcome, now: u64) {
-        self.core.metrics.task(queue, task, outcome);
+        self.metrics_of(st, queue, task).count(outcome);
         if now >= st.events_until_ms {
             return;
         }
