@@ -139,6 +139,15 @@ pub fn refuse(dash: &Dash, headers: &HeaderMap, post: bool) -> Option<Response> 
     None
 }
 
+/// What a page or form answers instead of itself, if anything: a refusal ([`refuse`]), or the login page for a
+/// request that is not an admin's.
+fn gate(dash: &Dash, headers: &HeaderMap, post: bool) -> Option<Response> {
+    if let Some(refused) = refuse(dash, headers, post) {
+        return Some(refused);
+    }
+    (!is_admin(&dash.shared, headers)).then(to_login)
+}
+
 /// The response for a request that is not an admin's: the login page.
 fn to_login() -> Response {
     Redirect::to("/login").into_response()
@@ -184,11 +193,8 @@ async fn metrics(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response 
 }
 
 async fn overview(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse(&dash, &headers, false) {
-        return refused;
-    }
-    if !is_admin(&dash.shared, &headers) {
-        return to_login();
+    if let Some(turned_away) = gate(&dash, &headers, false) {
+        return turned_away;
     }
     let stats = cmd::stats(&dash.shared);
     let body = overview_body(&dash, &stats);
@@ -341,11 +347,8 @@ async fn search(Query(search): Query<Search>) -> Response {
 }
 
 async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse(&dash, &headers, false) {
-        return refused;
-    }
-    if !is_admin(&dash.shared, &headers) {
-        return to_login();
+    if let Some(turned_away) = gate(&dash, &headers, false) {
+        return turned_away;
     }
     match dash.shared.store.get(&id) {
         Ok(info) => {
@@ -453,11 +456,8 @@ struct DeadQuery {
 }
 
 async fn dead(State(dash): State<Arc<Dash>>, Query(query): Query<DeadQuery>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse(&dash, &headers, false) {
-        return refused;
-    }
-    if !is_admin(&dash.shared, &headers) {
-        return to_login();
+    if let Some(turned_away) = gate(&dash, &headers, false) {
+        return turned_away;
     }
     let tasks = match dash.shared.store.dead_list(query.queue.as_deref(), 200) {
         Ok(tasks) => tasks,
@@ -506,11 +506,8 @@ struct Target {
 }
 
 async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target): Form<Target>) -> Response {
-    if let Some(refused) = refuse(&dash, &headers, true) {
-        return refused;
-    }
-    if !is_admin(&dash.shared, &headers) {
-        return to_login();
+    if let Some(turned_away) = gate(&dash, &headers, true) {
+        return turned_away;
     }
     let request = DeadRequeue { ids: vec![target.id.clone()], queue: None };
     if let Err(e) = dash.shared.store.dead_requeue(&request) {
@@ -524,11 +521,8 @@ async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target)
 }
 
 async fn delete(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(Target { id }): Form<Target>) -> Response {
-    if let Some(refused) = refuse(&dash, &headers, true) {
-        return refused;
-    }
-    if !is_admin(&dash.shared, &headers) {
-        return to_login();
+    if let Some(turned_away) = gate(&dash, &headers, true) {
+        return turned_away;
     }
     match dash.shared.store.delete_finished(&id) {
         Ok(()) => {}
