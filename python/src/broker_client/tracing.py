@@ -25,6 +25,16 @@ def _otel():
     return context, propagate, trace
 
 
+@functools.lru_cache(maxsize=None)
+def _flask():
+    """Flask's (has_request_context, request), or None without it (looked up once, as `_otel`)."""
+    try:
+        from flask import has_request_context, request
+    except ImportError:
+        return None
+    return has_request_context, request
+
+
 def capture():
     """The current trace as a carrier dict, or None when there is none."""
     otel = _otel()
@@ -34,10 +44,10 @@ def capture():
         propagate.inject(carrier)
         if carrier.get("traceparent"):
             return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
-    try:
-        from flask import has_request_context, request
-    except ImportError:
+    flask = _flask()
+    if flask is None:
         return None
+    has_request_context, request = flask
     if has_request_context() and request.headers.get("traceparent"):
         carrier = {"traceparent": request.headers["traceparent"]}
         if request.headers.get("tracestate"):
