@@ -136,13 +136,17 @@ impl Decoder for RequestCodec {
             return self.decode(src);
         }
         if len > SMALL_FRAME {
-            // A large frame takes from the budget the bytes that have arrived, as they arrive (a length prefix
-            // alone takes nothing). When the budget cannot take them, what arrived is dropped and the rest skipped.
-            let held = src.len().min(4 + len);
+            // A large frame takes from the budget the memory its bytes hold as they arrive (the buffer's
+            // capacity, which grows ahead of them), not the length it announces. When the budget cannot take it,
+            // what arrived is dropped, the buffer let go, and the rest skipped.
+            let held = src.capacity().max(src.len()).min(4 + len);
             if held > self.reserved {
                 if !self.budget.try_take(held - self.reserved) {
                     self.give_back();
-                    src.advance(held);
+                    let arrived = src.len().min(4 + len);
+                    src.advance(arrived);
+                    *src = BytesMut::from(&src[..]);
+                    let held = arrived;
                     let left = (4 + len - held) as u64;
                     if left == 0 {
                         self.unfinished_since = None;
