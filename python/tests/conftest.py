@@ -113,6 +113,14 @@ class WorkerProcess:
         self.log.close()
 
 
+def add_task_at(url):
+    """The test app's `add` task, enqueued through its own Broker at `url` (workers run the app's)."""
+    import tasks_app
+    from broker_client import Broker
+
+    return Broker(url=url).task(name=tasks_app.add.name)(lambda x, y: x + y)
+
+
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory):
     base = tmp_path_factory.mktemp("broker")

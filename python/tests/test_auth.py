@@ -2,10 +2,9 @@
 
 import pytest
 
-from broker_client import Broker
 from broker_client.connection import Connection, redact
 from broker_client.errors import BrokerError
-from conftest import Daemon, WorkerProcess
+from conftest import Daemon, WorkerProcess, add_task_at
 
 PRODUCER = "py-producer-token-0123456789abcdef"
 WORKER = "py-worker-token-0123456789abcdef"
@@ -45,11 +44,7 @@ def test_the_token_comes_from_the_url_or_broker_token(secured, monkeypatch):
 
 def test_a_producer_enqueues_and_a_worker_runs_but_neither_may_revoke(secured, tmp_path, monkeypatch):
     monkeypatch.delenv("BROKER_TOKEN", raising=False)
-    import tasks_app
-
-    app = Broker(url=f"tcp://:{PRODUCER}@{secured.addr}")
-    add = app.task(name=tasks_app.add.name)(lambda x, y: x + y)
-    result = add.apply_async((2, 3), queue="secured")
+    result = add_task_at(f"tcp://:{PRODUCER}@{secured.addr}").apply_async((2, 3), queue="secured")
     worker = WorkerProcess(f"tcp://:{WORKER}@{secured.addr}", ["secured"], tmp_path / "worker.log", concurrency=1)
     try:
         assert result.get(timeout=20) == 5

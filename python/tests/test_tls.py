@@ -5,10 +5,9 @@ import subprocess
 
 import pytest
 
-from broker_client import Broker
 from broker_client.connection import Connection
 from broker_client.errors import ConnectionLost
-from conftest import Daemon, WorkerProcess
+from conftest import Daemon, WorkerProcess, add_task_at
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,7 @@ def test_a_tls_url_needs_the_ca_and_then_works(tls_daemon, monkeypatch, tmp_path
     conn = Connection(f"tls://localhost:{port}")
     assert conn.call("stats")["connections"] >= 1
 
-    import tasks_app
-
-    app = Broker(url=f"tls://localhost:{port}")
-    add = app.task(name=tasks_app.add.name)(lambda x, y: x + y)
-    result = add.apply_async((20, 22), queue="tls")
+    result = add_task_at(f"tls://localhost:{port}").apply_async((20, 22), queue="tls")
     worker = WorkerProcess(f"tls://localhost:{port}", ["tls"], tmp_path / "worker.log", concurrency=1)
     try:
         assert result.get(timeout=20) == 42
