@@ -130,3 +130,19 @@ async fn metrics_need_an_admin_token_when_tokens_are_configured() {
     .unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metric_series_are_bounded_whatever_names_producers_choose() {
+    let server = with_http(Vec::new()).await;
+    let http = server.handle.as_ref().unwrap().http_addr().unwrap();
+    let client = server.client().await;
+    let specs: Vec<TaskSpec> = (0..1005).map(|i| TaskSpec::new(format!("name-{i}"))).collect();
+    client.enqueue_batch(specs).await.unwrap();
+    let (status, text) = tokio::task::spawn_blocking(move || get(http, "/metrics", None)).await.unwrap();
+    assert_eq!(status, 200);
+    let enqueued: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("broker_tasks_total{") && l.contains("enqueued")).collect();
+    assert_eq!(enqueued.len(), 1001, "series of their own for the first 1,000 pairs, one for the rest");
+    assert!(enqueued.contains(&r#"broker_tasks_total{queue="_other",task="_other",outcome="enqueued"} 5"#));
+    server.stop().await;
+}

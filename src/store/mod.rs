@@ -106,6 +106,11 @@ pub enum StoreError {
     Flush(String),
 }
 
+/// The most (queue, task name) pairs with metrics of their own; see `Store::metrics_of`.
+const MAX_METRIC_SERIES: usize = 1000;
+/// The queue and task label of the pairs past that.
+const OTHER_SERIES: &str = "_other";
+
 /// How many task events `events` keeps.
 const EVENT_RING: usize = 10_000;
 /// Events are recorded for this long after the last `events` request (nobody pays for them otherwise).
@@ -345,8 +350,9 @@ struct State {
     deadlines: BTreeSet<(u64, Id)>,
     by_conn: Map<ConnId, Set<Id>>,
     next_seq: u64,
-    /// Each queue's and task name's metrics (see `Store::metrics_of`).
+    /// Each queue's and task name's metrics (see `Store::metrics_of`), and how many pairs have their own.
     metrics: HashMap<String, HashMap<String, Handles>>,
+    metric_series: usize,
     /// The latest millisecond a task id was made in (see `Store::new_id`).
     last_id_ms: u64,
     totals: Totals,
@@ -1047,12 +1053,24 @@ impl Store {
         self.happened(st, &record.id, &record.queue, &record.task, outcome, now);
     }
 
-    /// The metrics of a queue and task name, kept in the state (looked up by `&str`, made once).
+    /// The metrics of a queue and task name, kept in the state (looked up by `&str`, made once). Past
+    /// `MAX_METRIC_SERIES` pairs, new ones are counted under `queue="_other", task="_other"`: producers choose
+    /// the names, and each pair is a series kept for ever.
     fn metrics_of<'s>(&self, st: &'s mut State, queue: &str, task: &str) -> &'s Handles {
-        if !st.metrics.get(queue).is_some_and(|tasks| tasks.contains_key(task)) {
+        let (queue, task) = if st.metrics.get(queue).is_some_and(|tasks| tasks.contains_key(task)) {
+            (queue, task)
+        } else if st.metric_series < MAX_METRIC_SERIES {
             let handles = self.core.metrics.handles(queue, task);
             st.metrics.entry(queue.to_string()).or_default().insert(task.to_string(), handles);
-        }
+            st.metric_series += 1;
+            (queue, task)
+        } else {
+            if !st.metrics.contains_key(OTHER_SERIES) {
+                let handles = self.core.metrics.handles(OTHER_SERIES, OTHER_SERIES);
+                st.metrics.entry(OTHER_SERIES.to_string()).or_default().insert(OTHER_SERIES.to_string(), handles);
+            }
+            (OTHER_SERIES, OTHER_SERIES)
+        };
         &st.metrics[queue][task]
     }
 
