@@ -117,7 +117,8 @@ pub struct Config {
     /// A reply write (one batch of replies) that does not complete within this long (a client that does not
     /// read) closes the connection.
     pub write_timeout_ms: u64,
-    /// A greeted connection with no request and nothing in flight for this long is closed; 0: never.
+    /// A greeted connection with no request, nothing in flight and no lease held for this long is closed;
+    /// 0: never.
     pub idle_timeout_secs: u64,
     /// The bytes that frames larger than 16 KiB may hold while incomplete, across all connections; a frame
     /// beyond it is skipped and answered `busy`.

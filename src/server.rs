@@ -432,7 +432,8 @@ async fn run_connection<R, W>(
         };
         if matches!(first, Ready::Check) {
             check.as_mut().reset(next_check(&shared, &session, frames.decoder(), opened, last_active));
-            let idle = pending.is_empty();
+            // A worker that holds leases is busy with them, however silent.
+            let idle = pending.is_empty() && !shared.store.holds_leases(conn);
             if let Some(why) = overdue(&shared, &session, frames.decoder(), opened, last_active, idle) {
                 tracing::info!(conn, %peer, why, "closing the connection");
                 break 'serve;

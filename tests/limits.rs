@@ -274,3 +274,20 @@ async fn a_result_over_the_maximum_fails_the_task() {
     client.ack(&id, task.lease_id, Value::from("ok")).await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_idle_timeout_spares_a_silent_worker_that_holds_leases() {
+    let server = TestServer::start_with(|config| config.idle_timeout_secs = 1, false).await;
+    let producer = server.client().await;
+    let id = producer.enqueue(TaskSpec::new("slow")).await.unwrap().id;
+    let worker = server.client().await;
+    let lease = broker_client::proto::Lease { queues: vec!["default".into()], max: 1, wait_ms: 0, lease_ms: None };
+    let task = worker.lease(&lease).await.unwrap().pop().unwrap();
+    let idle = server.client().await;
+    idle.stats().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The worker's connection is still there and its lease held; the idle one was closed.
+    worker.ack(&id, task.lease_id, Value::from("done")).await.unwrap();
+    assert!(idle.stats().await.is_err(), "an idle connection without leases outlived idle_timeout_secs");
+    server.stop().await;
+}

@@ -1133,6 +1133,11 @@ impl Store {
         &self.events_notify
     }
 
+    /// Whether connection `conn` holds leases now.
+    pub fn holds_leases(&self, conn: ConnId) -> bool {
+        self.lock().by_conn.get(&conn).is_some_and(|ids| !ids.is_empty())
+    }
+
     /// Whether the log has failed (a write or sync error): nothing is acknowledged as durable any more.
     pub fn log_failed(&self) -> bool {
         self.core.progress.borrow().failed.is_some()
