@@ -111,6 +111,13 @@ const MAX_METRIC_SERIES: usize = 1000;
 /// The queue and task label of the pairs past that.
 const OTHER_SERIES: &str = "_other";
 
+/// How long a task waited (ready to leased) or ran (leased to its outcome), in seconds, observed with the event
+/// that ends it.
+enum Took {
+    Waited(f64),
+    Ran(f64),
+}
+
 /// How many task events `events` keeps.
 const EVENT_RING: usize = 10_000;
 /// Events are recorded for this long after the last `events` request (nobody pays for them otherwise).
@@ -1027,8 +1034,8 @@ impl Store {
                 st.by_conn.entry(conn).or_default().insert(id.clone());
                 st.queue(queue).leased += 1;
                 bytes += leased.payload.len() + leased.task.len() + leased.id.len();
-                self.metrics_of(&mut st, queue, &leased.task).queue_wait(waited);
-                self.happened(&mut st, &id, &leased.queue, &leased.task, Outcome::started, now);
+                let took = Some(Took::Waited(waited));
+                self.happened_after(&mut st, &id, &leased.queue, &leased.task, Outcome::started, now, took);
                 out.push(Grant { lease_id, ..leased });
             }
         }
@@ -1046,11 +1053,8 @@ impl Store {
 
     /// Counts an attempt's outcome and how long it ran.
     fn ran(&self, st: &mut State, record: &TaskRecord, now: u64, outcome: Outcome) {
-        if let Some(started) = record.started_at_ms {
-            let secs = now.saturating_sub(started) as f64 / 1000.0;
-            self.metrics_of(st, &record.queue, &record.task).run_time(secs);
-        }
-        self.happened(st, &record.id, &record.queue, &record.task, outcome, now);
+        let took = record.started_at_ms.map(|started| Took::Ran(now.saturating_sub(started) as f64 / 1000.0));
+        self.happened_after(st, &record.id, &record.queue, &record.task, outcome, now, took);
     }
 
     /// The metrics of a queue and task name, kept in the state (looked up by `&str`, made once). Past
@@ -1076,7 +1080,28 @@ impl Store {
 
     /// Something happened to a task: counted for `/metrics`, and kept for `events` while someone follows them.
     fn happened(&self, st: &mut State, id: &Id, queue: &str, task: &str, outcome: Outcome, now: u64) {
-        self.metrics_of(st, queue, task).count(outcome);
+        self.happened_after(st, id, queue, task, outcome, now, None);
+    }
+
+    /// [`Store::happened`], observing how long the task waited or ran before it (one metrics lookup for both).
+    #[allow(clippy::too_many_arguments)]
+    fn happened_after(
+        &self,
+        st: &mut State,
+        id: &Id,
+        queue: &str,
+        task: &str,
+        outcome: Outcome,
+        now: u64,
+        took: Option<Took>,
+    ) {
+        let handles = self.metrics_of(st, queue, task);
+        handles.count(outcome);
+        match took {
+            Some(Took::Waited(secs)) => handles.queue_wait(secs),
+            Some(Took::Ran(secs)) => handles.run_time(secs),
+            None => {}
+        }
         if now >= st.events_until_ms {
             return;
         }
