@@ -108,6 +108,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Connections accepted beyond `max_connections` for admin clients only (an operator can always get in).
     pub admin_reserved_connections: usize,
+    /// The most requests one connection may have in flight (read, reply not written yet); beyond it the daemon
+    /// stops reading that socket until replies go out.
+    pub max_in_flight: usize,
     /// The kernel's queue of connections not accepted yet (`listen(2)` backlog).
     pub listen_backlog: u32,
     /// A connection that has not completed `hello` this long after it opened is closed.
@@ -174,6 +177,7 @@ impl Default for Config {
             checkpoint_log_bytes: 64 * 1024 * 1024,
             max_frame_bytes: broker_client::proto::DEFAULT_MAX_FRAME,
             max_connections: 10_000,
+            max_in_flight: 1024,
             admin_reserved_connections: 8,
             listen_backlog: 1024,
             hello_timeout_ms: 5_000,
@@ -318,6 +322,7 @@ pub const SETTINGS: &[&str] = &[
     "max_frame_bytes",
     "max_connections",
     "admin_reserved_connections",
+    "max_in_flight",
     "listen_backlog",
     "hello_timeout_ms",
     "frame_timeout_ms",

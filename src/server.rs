@@ -68,9 +68,6 @@ pub enum ServerError {
 /// How long a closing connection may take to write its last replies.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many replies may wait (for a flush, or a waiting op) per connection before it stops reading (backpressure).
-const REPLY_QUEUE: usize = 1024;
-
 /// A running server.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -403,6 +400,9 @@ async fn run_connection<R, W>(
         timeout: Duration::from_millis(shared.config.write_timeout_ms.max(1)),
     };
     let mut pending = PendingReplies::default();
+    // Replies not written yet (waiting for a flush, or a waiting op) count against it: past it, this socket is not
+    // read until some go out (backpressure rather than buffering without bound).
+    let in_flight = shared.config.max_in_flight.max(1);
     let mut session =
         Session { conn, greeted: false, role: Role::Producer, reserved, closing: CancellationToken::new() };
     let opened = Instant::now();
@@ -426,8 +426,8 @@ async fn run_connection<R, W>(
             biased;
             Some(frames) = pending.next(), if !pending.is_empty() => Ready::Replies(frames),
             _ = shared.shutdown.cancelled() => break 'serve,
-            // Replies not written yet count against REPLY_QUEUE: a peer that stops reading stops being read.
-            frame = frames.next(), if pending.len() < REPLY_QUEUE => Ready::Frame(frame),
+            // A peer that stops reading stops being read.
+            frame = frames.next(), if pending.len() < in_flight => Ready::Frame(frame),
             _ = &mut check => Ready::Check,
         };
         if matches!(first, Ready::Check) {
@@ -456,12 +456,8 @@ async fn run_connection<R, W>(
                     Ready::Replies(frames) => out.feed_all(frames).await,
                     Ready::Check => {}
                 }
-                if durable.len() >= REPLY_QUEUE {
-                    let group = std::mem::take(&mut durable);
-                    pending.push(group.len(), Box::pin(after_flush(group, shared.store.durable())));
-                }
-                // Whatever else is ready now joins the same socket write.
-                if pending.len() < REPLY_QUEUE {
+                // Whatever else is ready now joins the same socket write, up to the in-flight limit.
+                if pending.len() + durable.len() < in_flight {
                     next = frames.next().now_or_never().map(Ready::Frame);
                 }
                 if next.is_none() {

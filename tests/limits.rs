@@ -291,3 +291,41 @@ async fn the_idle_timeout_spares_a_silent_worker_that_holds_leases() {
     assert!(idle.stats().await.is_err(), "an idle connection without leases outlived idle_timeout_secs");
     server.stop().await;
 }
+
+/// The ids of the replies to `requests`, in the order they arrive.
+fn reply_order(addr: &str, requests: &[Value]) -> Vec<u64> {
+    let mut raw = Raw::connect(addr);
+    raw.hello();
+    for request in requests {
+        raw.send(request);
+    }
+    (0..requests.len())
+        .map(|_| {
+            let reply = raw.recv();
+            let map = reply.as_map().expect("reply is a map");
+            map.iter().find(|(k, _)| k.as_str() == Some("id")).and_then(|(_, v)| v.as_u64()).expect("an id")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_max_in_flight_a_connection_is_not_read_until_replies_go_out() {
+    // Four long-polls that wait on an empty queue, then a stats: the stats is read only once a long-poll ended.
+    let mut requests: Vec<Value> = (1..=4u64)
+        .map(|n| {
+            let fields = vec![("queues", Value::Array(vec![Value::from("empty")])), ("wait_ms", Value::from(400))];
+            request(n, "lease", fields)
+        })
+        .collect();
+    requests.push(request(99, "stats", vec![]));
+    for (limit, stats_first) in [(4, false), (1024, true)] {
+        let server = TestServer::start_with(|config| config.max_in_flight = limit, false).await;
+        let addr = server.addr();
+        let requests = requests.clone();
+        let order = tokio::task::spawn_blocking(move || reply_order(&addr, &requests)).await.unwrap();
+        assert_eq!(order.len(), 5);
+        // With room, the stats is answered at once; without, only after a long-poll gave its slot back.
+        assert_eq!(order[0] == 99, stats_first, "max_in_flight {limit}: replies in the order {order:?}");
+        server.stop().await;
+    }
+}
