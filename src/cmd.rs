@@ -7,7 +7,7 @@
 //! Nothing here touches sled or the socket. Errors a client caused become error replies with a stable code;
 //! nothing a client sends can make this module panic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
+use crate::store::control::Limit;
+use crate::store::flow::Scope;
 use crate::store::record::{key_str, map_entries};
 use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError};
 
@@ -254,6 +256,10 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::DEAD_LIST => Outcome::Reply(reply(id, dead_list(shared, request)), None),
         op::DEAD_REQUEUE => durable_reply(id, dead_requeue(shared, request)),
         op::EVENTS => events(shared, session, id, request),
+        op::PAUSE => Outcome::Reply(reply(id, pause(shared, request, true)), None),
+        op::RESUME => Outcome::Reply(reply(id, pause(shared, request, false)), None),
+        op::SET_LIMIT => Outcome::Reply(reply(id, set_limit(shared, request)), None),
+        op::LIMITS => Outcome::Reply(reply(id, Ok::<_, Refusal>(limits(shared))), None),
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -674,6 +680,47 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
         .await;
         reply(id, Ok::<_, Refusal>(found.unwrap_or(EventList { events: Vec::new(), next: first.next, missed: 0 })))
     }))
+}
+
+fn pause(shared: &Shared, request: &[u8], paused: bool) -> Result<PauseState, Refusal> {
+    let request: QueueName = body(request)?;
+    let was_paused = shared.store.set_paused(&request.queue, paused)?;
+    Ok(PauseState { queue: request.queue, paused, was_paused })
+}
+
+fn set_limit(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
+    let request: SetLimit = body(request)?;
+    let scope = match request.scope.as_str() {
+        "task" => Scope::Task,
+        "queue" => Scope::Queue,
+        other => {
+            let message = format!("`scope` must be \"task\" or \"queue\" (got {other:?})");
+            return Err(Refusal::new(ErrorCode::BadRequest, message));
+        }
+    };
+    shared.store.set_limit(scope, &request.name, Limit { rate: request.rate, concurrency: request.concurrency })?;
+    Ok(Empty {})
+}
+
+/// The `limits` reply.
+pub fn limits(shared: &Shared) -> Limits {
+    let (tasks, queues) = shared.store.limits();
+    let (running_tasks, running_queues) = shared.store.limited_running();
+    let list = |scope: &str, limits: BTreeMap<String, Limit>, running: &BTreeMap<String, u32>| {
+        limits
+            .into_iter()
+            .map(|(name, limit)| LimitInfo {
+                scope: scope.to_string(),
+                running: running.get(&name).copied().unwrap_or(0),
+                name,
+                rate: limit.rate,
+                concurrency: limit.concurrency,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut all = list("task", tasks, &running_tasks);
+    all.extend(list("queue", queues, &running_queues));
+    Limits { limits: all }
 }
 
 fn dead_list(shared: &Shared, request: &[u8]) -> Result<DeadTasks, Refusal> {

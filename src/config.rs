@@ -54,7 +54,9 @@ impl Role {
         match self {
             Role::Admin => true,
             Role::Worker => {
-                Role::Producer.allows(op) || [op::LEASE, op::ACK, op::FAIL, op::EXTEND, op::RELEASE].contains(&op)
+                // Workers declare their tasks' limits (`@app.task(rate_limit=...)`), as Celery's do.
+                Role::Producer.allows(op)
+                    || [op::LEASE, op::ACK, op::FAIL, op::EXTEND, op::RELEASE, op::SET_LIMIT].contains(&op)
             }
             Role::Producer => [op::HELLO, op::ENQUEUE, op::ENQUEUE_BATCH, op::GET].contains(&op),
         }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use broker::clock::SystemClock;
 use broker::config::{Config, FsyncPolicy};
 use broker::json::{task_json, value_to_json};
-use broker_client::proto::{DeadRequeue, Stats, TaskInfo, TaskSpec, Value};
+use broker_client::proto::{DeadRequeue, SetLimit, Stats, TaskInfo, TaskSpec, Value};
 use broker_client::{Client, ConnectOptions};
 use clap::{Args, Parser, Subcommand};
 
@@ -157,6 +157,78 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Pause a queue: workers lease nothing from it until it is resumed (enqueues are still taken). Durable.
+    Pause {
+        /// The queue (it need not exist yet).
+        queue: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resume a paused queue.
+    Resume {
+        /// The queue.
+        queue: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Rate and concurrency limits on a task name or a queue, for every worker together.
+    Limit {
+        #[command(subcommand)]
+        command: LimitCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitCommand {
+    /// Set the limit of a task name (--task) or a queue (--queue), replacing the one it had.
+    Set {
+        #[command(flatten)]
+        target: LimitTarget,
+        /// At most this many starts per second, minute or hour: 10/s, 100/m, 5/h.
+        #[arg(long)]
+        rate: Option<String>,
+        /// At most this many running at once.
+        #[arg(long)]
+        concurrency: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove the limit of a task name or a queue.
+    Clear {
+        #[command(flatten)]
+        target: LimitTarget,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the limits, with how many of the tasks each covers run now.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct LimitTarget {
+    /// A task name.
+    #[arg(long)]
+    task: Option<String>,
+    /// A queue.
+    #[arg(long)]
+    queue: Option<String>,
+}
+
+impl LimitTarget {
+    fn request(self, rate: Option<String>, concurrency: Option<u32>) -> SetLimit {
+        let (scope, name) = match (self.task, self.queue) {
+            (Some(task), _) => ("task", task),
+            (None, queue) => ("queue", queue.unwrap_or_default()),
+        };
+        SetLimit { scope: scope.into(), name, rate, concurrency }
+    }
 }
 
 #[derive(Subcommand)]
@@ -317,6 +389,45 @@ async fn run(command: Command) -> Result<()> {
             }
             let n = connect(&client).await?.dead_requeue(DeadRequeue { ids, queue }).await.context("requeue")?;
             println!("requeued {n} tasks");
+            Ok(())
+        }
+        Command::Pause { queue, client } => {
+            let was = connect(&client).await?.set_paused(&queue, true).await.context("cannot pause")?;
+            println!("{} paused{}", printable(&queue), if was { " (it already was)" } else { "" });
+            Ok(())
+        }
+        Command::Resume { queue, client } => {
+            let was = connect(&client).await?.set_paused(&queue, false).await.context("cannot resume")?;
+            println!("{} resumed{}", printable(&queue), if was { "" } else { " (it was not paused)" });
+            Ok(())
+        }
+        Command::Limit { command: LimitCommand::Set { target, rate, concurrency, client } } => {
+            if rate.is_none() && concurrency.is_none() {
+                bail!("give --rate, --concurrency or both (`broker limit clear` removes a limit)");
+            }
+            let request = target.request(rate, concurrency);
+            connect(&client).await?.set_limit(&request).await.context("cannot set the limit")?;
+            println!("limit set on {} {}", request.scope, printable(&request.name));
+            Ok(())
+        }
+        Command::Limit { command: LimitCommand::Clear { target, client } } => {
+            let request = target.request(None, None);
+            connect(&client).await?.set_limit(&request).await.context("cannot clear the limit")?;
+            println!("limit removed from {} {}", request.scope, printable(&request.name));
+            Ok(())
+        }
+        Command::Limit { command: LimitCommand::List { json, client } } => {
+            let limits = connect(&client).await?.limits().await.context("cannot list limits")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&limits)?);
+                return Ok(());
+            }
+            println!("{:<6} {:<32} {:>10} {:>12} {:>8}", "SCOPE", "NAME", "RATE", "CONCURRENCY", "RUNNING");
+            for l in &limits {
+                let concurrency = l.concurrency.map_or("-".to_string(), |c| c.to_string());
+                let rate = l.rate.as_deref().unwrap_or("-");
+                println!("{:<6} {:<32} {:>10} {:>12} {:>8}", l.scope, printable(&l.name), rate, concurrency, l.running);
+            }
             Ok(())
         }
     }
@@ -570,15 +681,10 @@ fn print_stats(stats: &Stats) {
         "QUEUE", "READY", "SCHEDULED", "LEASED", "SUCCEEDED", "FAILED", "DEAD"
     );
     for q in &stats.queues {
+        let name = if q.paused { format!("{} (paused)", printable(&q.name)) } else { printable(&q.name).into_owned() };
         println!(
             "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
-            printable(&q.name),
-            q.ready,
-            q.scheduled,
-            q.leased,
-            q.succeeded,
-            q.failed,
-            q.dead
+            name, q.ready, q.scheduled, q.leased, q.succeeded, q.failed, q.dead
         );
     }
     if !stats.workers.is_empty() {

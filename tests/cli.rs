@@ -128,3 +128,43 @@ async fn escape_sequences_from_producers_never_reach_the_terminal() {
     assert!(text.contains("task"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_limits_from_the_command_line() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    let run = move |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_broker")).args(args).args(["--addr", &addr]).output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let steps = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for args in [
+            &["pause", "mail"][..],
+            &["stat"],
+            &["limit", "set", "--task", "send", "--rate", "100/m", "--concurrency", "4"],
+            &["limit", "list"],
+            &["limit", "clear", "--task", "send"],
+            &["limit", "list"],
+            &["resume", "mail"],
+            &["stat"],
+            &["limit", "set", "--queue", "mail"],
+            &["limit", "set", "--task", "send", "--rate", "fast"],
+        ] {
+            seen.push(run(args));
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    assert!(steps[..8].iter().all(|(ok, _)| *ok), "{steps:?}");
+    assert!(steps[1].1.contains("mail (paused)"), "{}", steps[1].1);
+    assert!(steps[3].1.contains("send") && steps[3].1.contains("100/m"), "{}", steps[3].1);
+    assert!(!steps[5].1.contains("send"), "{}", steps[5].1);
+    assert!(!steps[7].1.contains("paused"), "{}", steps[7].1);
+    // Nothing to set, and a rate that does not parse: a message, not a panic.
+    assert!(!steps[8].0 && steps[8].1.contains("--rate"), "{}", steps[8].1);
+    assert!(!steps[9].0 && steps[9].1.contains("N/s"), "{}", steps[9].1);
+    server.stop().await;
+}

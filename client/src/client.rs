@@ -332,7 +332,25 @@ impl Client {
         Ok(reply.purged)
     }
 
-    /// Lists dead tasks, of one queue or all.
+    /// Pauses (`true`) or resumes a queue; returns whether it was paused before.
+    pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<bool, Error> {
+        let name = if paused { op::PAUSE } else { op::RESUME };
+        let reply: PauseState = self.call(name, &QueueName { queue: queue.to_string() }).await?;
+        Ok(reply.was_paused)
+    }
+
+    /// Sets (or, with neither a rate nor a concurrency, removes) a limit.
+    pub async fn set_limit(&self, limit: &SetLimit) -> Result<(), Error> {
+        let _: Empty = self.call(op::SET_LIMIT, limit).await?;
+        Ok(())
+    }
+
+    /// The limits set.
+    pub async fn limits(&self) -> Result<Vec<LimitInfo>, Error> {
+        let reply: Limits = self.call(op::LIMITS, &Empty {}).await?;
+        Ok(reply.limits)
+    }
+
     /// The task events after the request's cursor, waiting up to its `wait_ms` for one (see proto.md, `events`).
     pub async fn events(&self, request: &Events) -> Result<EventList, Error> {
         self.call(op::EVENTS, request).await

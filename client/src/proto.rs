@@ -242,9 +242,17 @@ pub mod op {
     pub const DEAD_REQUEUE: &str = "dead_requeue";
     /// Reads the task events that happened after a cursor, waiting for some if asked.
     pub const EVENTS: &str = "events";
+    /// Stops leases from taking a queue's tasks (durable).
+    pub const PAUSE: &str = "pause";
+    /// Lets leases take a paused queue's tasks again.
+    pub const RESUME: &str = "resume";
+    /// Sets or removes the rate and concurrency limit of a task name or a queue (durable).
+    pub const SET_LIMIT: &str = "set_limit";
+    /// Lists the limits set, with how many tasks each lets run now.
+    pub const LIMITS: &str = "limits";
 
     /// Every op, in the order proto.md lists them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 19] = [
         HELLO,
         ENQUEUE,
         ENQUEUE_BATCH,
@@ -260,6 +268,10 @@ pub mod op {
         DEAD_LIST,
         DEAD_REQUEUE,
         EVENTS,
+        PAUSE,
+        RESUME,
+        SET_LIMIT,
+        LIMITS,
     ];
 }
 
@@ -638,6 +650,67 @@ pub struct QueueStats {
     pub failed: u64,
     /// Tasks in the dead set now.
     pub dead: u64,
+    /// Whether the queue is paused (leases take nothing from it). Absent from daemons older than pause.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// `pause` and `resume`: one queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueName {
+    /// The queue (it need not have tasks yet).
+    pub queue: String,
+}
+
+/// The reply to `pause` and `resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseState {
+    /// The queue.
+    pub queue: String,
+    /// Whether it is paused now.
+    pub paused: bool,
+    /// Whether it was paused before the request.
+    pub was_paused: bool,
+}
+
+/// `set_limit`: the limit on a task name or a queue, for every worker together. Neither `rate` nor
+/// `concurrency` removes the limit.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SetLimit {
+    /// `"task"` (the tasks of one name, in any queue) or `"queue"` (every task of one queue).
+    pub scope: String,
+    /// The task name or queue.
+    pub name: String,
+    /// At most this many starts per second, minute or hour: `"10/s"`, `"100/m"`, `"5/h"` (Celery's syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// At most this many leased at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+/// One limit as `limits` lists it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LimitInfo {
+    /// `"task"` or `"queue"`.
+    pub scope: String,
+    /// The task name or queue.
+    pub name: String,
+    /// The rate, as set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// The concurrency, as set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// How many of the tasks it covers are leased now.
+    pub running: u32,
+}
+
+/// The reply to `limits`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    /// Every limit, task names first, each kind by name.
+    pub limits: Vec<LimitInfo>,
 }
 
 /// A connected worker (a connection that has leased at least once).

@@ -21,7 +21,9 @@
 
 pub mod checkpoint;
 pub mod commit;
+pub mod control;
 pub mod disk;
+pub mod flow;
 pub mod journal;
 pub mod record;
 pub mod wal;
@@ -367,6 +369,8 @@ struct State {
     events: VecDeque<TaskEvent>,
     event_seq: u64,
     events_until_ms: u64,
+    /// Paused queues and limits (see [`flow`]).
+    flow: flow::Flow,
 }
 
 impl State {
@@ -393,6 +397,11 @@ impl State {
             }
         }
         decrement(&mut self.queue(&entry.queue).leased);
+        if self.flow.limited() {
+            if let Some(record) = self.live.get(&id) {
+                self.flow.end(&entry.queue, &record.task);
+            }
+        }
         Some(entry)
     }
 
@@ -579,6 +588,10 @@ pub struct Store {
     events_notify: Notify,
     /// Woken whenever a task reaches a terminal state or disappears.
     finished_notify: Notify,
+    /// The durable settings that are not tasks ([`control`]), in `control_path` (the data directory). Held
+    /// while one changes and is saved, so changes reach the file in order; never taken under the state lock.
+    control: Mutex<control::Control>,
+    control_path: PathBuf,
 }
 
 impl Store {
@@ -612,7 +625,10 @@ impl Store {
             ready_notify: Notify::new(),
             events_notify: Notify::new(),
             finished_notify: Notify::new(),
+            control: Mutex::new(control::Control::load(&config.data_dir)?),
+            control_path: config.data_dir.clone(),
         };
+        store.apply_control()?;
         let segment = store.recover()?;
         store.core.checkpoint(segment)?;
         let wal = wal::Wal::create(&store.core.wal_dir, segment)?;
@@ -730,6 +746,10 @@ impl Store {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.core.lock()
+    }
+
+    fn control(&self) -> MutexGuard<'_, control::Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads the journal back, then the log segments from the checkpoint mark on: the last entry of each task
@@ -995,12 +1015,25 @@ impl Store {
         let mut st = self.lock();
         let mut bytes = 0usize;
         for queue in queues {
+            if st.flow.paused(queue) {
+                continue;
+            }
+            let limited = st.flow.limited();
+            let (mut cursor, mut skipped) = (None, 0);
             while out.len() < max && bytes < self.options.max_reply_bytes {
-                let Some(q) = st.queues.get_mut(queue.as_str()) else { break };
-                let Some((_, id)) = q.ready.pop_first() else { break };
+                let next = if limited {
+                    flow::take_limited(&mut st, queue, now, &mut cursor, &mut skipped)
+                } else {
+                    st.queues.get_mut(queue.as_str()).and_then(|q| q.ready.pop_first()).map(|(_, id)| id)
+                };
+                let Some(id) = next else { break };
                 let Some(record) = st.live.get_mut(&id) else { continue };
                 if record.expires_at_ms.is_some_and(|e| e <= now) {
                     let record = st.take_live(&id).expect("live");
+                    if limited {
+                        // Its slot is free again (the token it took is spent).
+                        st.flow.end(&record.queue, &record.task);
+                    }
                     self.finish_revoked(&mut st, record, now, Some(expired_error()));
                     expired = true;
                     continue;
@@ -1243,8 +1276,12 @@ impl Store {
         self.finish(&mut st, record, now, ttl);
         st.queue(&entry.queue).succeeded += 1;
         st.totals.succeeded += 1;
+        let freed = std::mem::take(&mut st.flow.freed);
         drop(st);
         self.finished_notify.notify_waiters();
+        if freed {
+            self.ready_notify.notify_waiters();
+        }
         Ok(())
     }
 
@@ -1277,8 +1314,12 @@ impl Store {
             return Ok(FailOutcome { state: TaskState::Retry, retry_at_ms: Some(retry_at) });
         }
         self.bury(&mut st, record, now);
+        let freed = std::mem::take(&mut st.flow.freed);
         drop(st);
         self.finished_notify.notify_waiters();
+        if freed {
+            self.ready_notify.notify_waiters();
+        }
         Ok(FailOutcome { state: TaskState::Failure, retry_at_ms: None })
     }
 
@@ -1388,6 +1429,8 @@ impl Store {
             st.queue(&queue).ready.insert(key, id);
             woke = true;
         }
+        // Tokens refill and slots free up with time: leases waiting on limited tasks look again.
+        woke |= std::mem::take(&mut st.flow.held_back);
         while st.deadlines.first().is_some_and(|(deadline, _)| *deadline <= now) {
             let (_, id) = st.deadlines.pop_first().expect("just checked");
             self.lose_lease(&mut st, &id, now, "lease deadline passed", true);
@@ -1649,6 +1692,7 @@ impl Store {
                     succeeded: q.succeeded,
                     failed: q.failed,
                     dead: q.dead,
+                    paused: st.flow.paused(name),
                 })
                 .collect(),
             totals: st.totals.clone(),
