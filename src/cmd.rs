@@ -260,6 +260,7 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::RESUME => Outcome::Reply(reply(id, pause(shared, request, false)), None),
         op::SET_LIMIT => Outcome::Reply(reply(id, set_limit(shared, request)), None),
         op::LIMITS => Outcome::Reply(reply(id, Ok::<_, Refusal>(limits(shared))), None),
+        op::PROGRESS => Outcome::Reply(reply(id, progress(shared, request)), None),
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -557,6 +558,20 @@ fn extend(shared: &Shared, request: &[u8]) -> Result<Extended, Refusal> {
     }
     let (deadline_ms, revoked) = shared.store.extend(&request.task_id, request.lease_id, request.lease_ms)?;
     Ok(Extended { deadline_ms, revoked })
+}
+
+fn progress(shared: &Shared, frame: &[u8]) -> Result<Extended, Refusal> {
+    let request: ProgressRequest = body(frame)?;
+    let size = field(frame, "meta").map_or(0, <[u8]>::len);
+    let limit = shared.config.max_result_bytes;
+    if size > limit {
+        let message = format!("the progress meta is {size} bytes; the daemon keeps at most {limit} (max_result_bytes)");
+        return Err(Refusal::new(ErrorCode::ResultTooLarge, message));
+    }
+    let at_ms = shared.store.now_ms();
+    let progress = Progress { state: request.state, meta: request.meta, at_ms };
+    let revoked = shared.store.progress(&request.task_id, request.lease_id, progress)?;
+    Ok(Extended { deadline_ms: 0, revoked })
 }
 
 fn release(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {

@@ -56,7 +56,8 @@ impl Role {
             Role::Worker => {
                 // Workers declare their tasks' limits (`@app.task(rate_limit=...)`), as Celery's do.
                 Role::Producer.allows(op)
-                    || [op::LEASE, op::ACK, op::FAIL, op::EXTEND, op::RELEASE, op::SET_LIMIT].contains(&op)
+                    || [op::LEASE, op::ACK, op::FAIL, op::EXTEND, op::RELEASE, op::PROGRESS, op::SET_LIMIT]
+                        .contains(&op)
             }
             Role::Producer => [op::HELLO, op::ENQUEUE, op::ENQUEUE_BATCH, op::GET].contains(&op),
         }

@@ -391,6 +391,14 @@ impl Client {
         self.call(op::EXTEND, &request).await
     }
 
+    /// Reports a running task's progress (Celery's `update_state`): `get` shows it until the next report.
+    /// Returns whether the task was revoked (stop it).
+    pub async fn progress(&self, id: &str, lease_id: u64, state: &str, meta: Value) -> Result<bool, Error> {
+        let request = ProgressRequest { task_id: id.to_string(), lease_id, state: state.to_string(), meta };
+        let reply: Extended = self.call(op::PROGRESS, &request).await?;
+        Ok(reply.revoked)
+    }
+
     /// Gives a leased task back unrun; its attempt does not count.
     pub async fn release(&self, id: &str, lease_id: u64) -> Result<(), Error> {
         let _: Empty = self.call(op::RELEASE, &Release { task_id: id.to_string(), lease_id }).await?;

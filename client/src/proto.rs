@@ -250,9 +250,11 @@ pub mod op {
     pub const SET_LIMIT: &str = "set_limit";
     /// Lists the limits set, with how many tasks each lets run now.
     pub const LIMITS: &str = "limits";
+    /// A running task reports its progress.
+    pub const PROGRESS: &str = "progress";
 
     /// Every op, in the order proto.md lists them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         HELLO,
         ENQUEUE,
         ENQUEUE_BATCH,
@@ -272,6 +274,7 @@ pub mod op {
         RESUME,
         SET_LIMIT,
         LIMITS,
+        PROGRESS,
     ];
 }
 
@@ -360,6 +363,13 @@ pub struct TaskSpec {
     /// How long the result is kept after the task finishes; default from the daemon's config (24 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_ttl_ms: Option<u64>,
+    /// A unique task: while the key is held, enqueueing another task with it returns the task that holds it
+    /// (`created: false`) instead of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+    /// How long the key is held from the enqueue; absent: until the task finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_for_ms: Option<u64>,
 }
 
 impl TaskSpec {
@@ -483,6 +493,19 @@ pub struct TaskError {
     /// A traceback or backtrace, if the worker had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceback: Option<String>,
+}
+
+/// What a running task last said of its progress (`progress`; Celery's `update_state`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// A state name of the task's choosing, e.g. `"PROGRESS"`.
+    pub state: String,
+    /// Anything (plain data): e.g. `{"current": 30, "total": 100}`.
+    #[serde(default = "nil")]
+    pub meta: Value,
+    /// When it was reported (Unix milliseconds).
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// `fail`: the task raised `error`.
@@ -612,6 +635,23 @@ pub struct TaskInfo {
     /// lease; then it is `REVOKED`).
     #[serde(default)]
     pub revoked: bool,
+    /// What its worker last reported of its progress (`progress`), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// `progress`: a running task reports how far it got (Celery's `update_state`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRequest {
+    /// The task.
+    pub task_id: TaskId,
+    /// The lease the worker holds.
+    pub lease_id: u64,
+    /// A state name of the task's choosing (1 to 200 bytes), e.g. `"PROGRESS"`.
+    pub state: String,
+    /// Anything: e.g. `{"current": 30, "total": 100}`.
+    #[serde(default = "nil")]
+    pub meta: Value,
 }
 
 /// `revoke`: never run the task; a running task is flagged for its worker.

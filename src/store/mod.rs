@@ -252,6 +252,10 @@ pub struct NewTask {
     pub expires_in_ms: Option<u64>,
     #[serde(default)]
     pub result_ttl_ms: Option<u64>,
+    #[serde(default)]
+    pub unique_key: Option<String>,
+    #[serde(default)]
+    pub unique_for_ms: Option<u64>,
     /// `args`, `kwargs` and `context`: not read by serde (which skips them), but from the request's bytes
     /// ([`Payload::of_spec`]).
     #[serde(skip)]
@@ -276,6 +280,8 @@ impl From<TaskSpec> for NewTask {
             expires_at_ms: spec.expires_at_ms,
             expires_in_ms: spec.expires_in_ms,
             result_ttl_ms: spec.result_ttl_ms,
+            unique_key: spec.unique_key,
+            unique_for_ms: spec.unique_for_ms,
         }
     }
 }
@@ -371,6 +377,10 @@ struct State {
     events_until_ms: u64,
     /// Paused queues and limits (see [`flow`]).
     flow: flow::Flow,
+    /// Unique keys held: key → (task, until when; `None`: until it finishes).
+    unique: Map<String, (Id, Option<u64>)>,
+    /// (until, key) of the keys held for a time, for the tick to let go.
+    unique_expiry: BTreeSet<(u64, String)>,
 }
 
 impl State {
@@ -422,6 +432,7 @@ impl State {
 
     /// Moves a task from `live` to `finished` (and `done`, the expiry index and, if it failed, the dead set).
     fn retire(&mut self, record: TaskRecord) {
+        self.release_unique(&record);
         self.live.remove(&record.id);
         self.generation += 1;
         self.touch(&record.id);
@@ -461,8 +472,47 @@ impl State {
         self.live.remove(id).map(|arc| Arc::try_unwrap(arc).unwrap_or_else(|shared| (*shared).clone()))
     }
 
+    /// Holds a task's unique key, if it has one that still holds at `now`.
+    fn hold_unique(&mut self, record: &TaskRecord, now: u64) {
+        let Some(extra) = &record.extra else { return };
+        let Some(key) = &extra.unique_key else { return };
+        match extra.unique_until_ms {
+            Some(until) if until <= now => {}
+            Some(until) => {
+                self.unique.insert(key.clone(), (record.id.clone(), Some(until)));
+                self.unique_expiry.insert((until, key.clone()));
+            }
+            None if record.state.is_terminal() => {}
+            None => {
+                self.unique.insert(key.clone(), (record.id.clone(), None));
+            }
+        }
+    }
+
+    /// Lets go of a finishing (or deleted) task's key if it is held until the task finishes.
+    fn release_unique(&mut self, record: &TaskRecord) {
+        let Some(key) = record.extra.as_ref().and_then(|e| e.unique_key.as_ref()) else { return };
+        if self.unique.get(key).is_some_and(|(id, until)| *id == record.id && until.is_none()) {
+            self.unique.remove(key);
+        }
+    }
+
+    /// The task that holds `key` at `now`, if one does.
+    fn unique_holder(&self, key: &str, now: u64) -> Option<(Id, TaskState)> {
+        let (id, until) = self.unique.get(key)?;
+        let state = self.state_of(id)?;
+        let holds = match until {
+            Some(until) => *until > now,
+            None => !state.is_terminal(),
+        };
+        holds.then(|| (id.clone(), state))
+    }
+
     /// Forgets a task entirely and notes it.
     fn delete(&mut self, id: &Id) {
+        if let Some(record) = self.live.get(id).cloned() {
+            self.release_unique(&record);
+        }
         self.live.remove(id);
         self.forget_done(id);
         self.note(id, Dirty::Delete);
@@ -834,6 +884,7 @@ impl Store {
             // One allocation of the id for both the journal's account and the record.
             journal.share_id(&record.id);
             st.next_seq = st.next_seq.max(record.seq);
+            st.hold_unique(&record, now);
             if record.state.is_terminal() {
                 let meta = DoneMeta::of(&record);
                 st.expiry.insert((meta.expires_at_ms, record.id.clone()));
@@ -928,6 +979,11 @@ impl Store {
         if spec.lease_ms == Some(0) {
             return Err(StoreError::Invalid("`lease_ms` must be positive".into()));
         }
+        if let Some(key) = &spec.unique_key {
+            validate_name("unique_key", key)?;
+        } else if spec.unique_for_ms.is_some() {
+            return Err(StoreError::Invalid("`unique_for_ms` needs a `unique_key`".into()));
+        }
         Ok(())
     }
 
@@ -953,6 +1009,10 @@ impl Store {
                     continue;
                 }
             }
+            if let Some((id, state)) = spec.unique_key.as_deref().and_then(|key| st.unique_holder(key, now)) {
+                out.push(Enqueued { id: id.to_string(), created: false, state });
+                continue;
+            }
             let id: Id = spec.id.unwrap_or_else(|| self.new_id(&mut st)).into();
             let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
             let seq = st.take_seq(now);
@@ -973,9 +1033,17 @@ impl Store {
                 seq,
                 created_at_ms: now,
                 eta_ms,
+                extra: spec.unique_key.map(|key| {
+                    Box::new(record::Extra {
+                        unique_key: Some(key),
+                        unique_until_ms: spec.unique_for_ms.map(|w| now.saturating_add(w)),
+                        ..Default::default()
+                    })
+                }),
                 // Not yet leased, run or finished.
                 ..TaskRecord::default()
             };
+            st.hold_unique(&record, now);
             st.totals.enqueued += 1;
             self.happened(&mut st, &record.id, &record.queue, &record.task, Outcome::enqueued, now);
             if record.expires_at_ms.is_some_and(|e| e <= now) {
@@ -1341,6 +1409,25 @@ impl Store {
         Ok((new, revoked))
     }
 
+    /// Stores what a running task says of its progress (`get` shows it). Returns whether the task was revoked
+    /// (as `extend` does: the worker should stop it).
+    pub fn progress(
+        &self,
+        id: &str,
+        lease_id: u64,
+        progress: broker_client::proto::Progress,
+    ) -> Result<bool, StoreError> {
+        validate_name("state", &progress.state)?;
+        let mut st = self.lock();
+        Self::check_lease(&st, id, lease_id)?;
+        let id = st.leases.get_key_value(id).expect("checked lease").0.clone();
+        let record = Arc::make_mut(st.live.get_mut(&id).expect("checked lease"));
+        let revoked = record.revoked;
+        record.extra_mut().progress = Some(progress);
+        st.touch(&id);
+        Ok(revoked)
+    }
+
     /// Gives a leased task back unrun; the attempt does not count. A revoked task is finished instead.
     pub fn release(&self, id: &str, lease_id: u64) -> Result<(), StoreError> {
         let now = self.now_ms();
@@ -1428,6 +1515,12 @@ impl Store {
             st.touch(&id);
             st.queue(&queue).ready.insert(key, id);
             woke = true;
+        }
+        while st.unique_expiry.first().is_some_and(|(until, _)| *until <= now) {
+            let (until, key) = st.unique_expiry.pop_first().expect("just checked");
+            if st.unique.get(&key).is_some_and(|(_, u)| *u == Some(until)) {
+                st.unique.remove(&key);
+            }
         }
         // Tokens refill and slots free up with time: leases waiting on limited tasks look again.
         woke |= std::mem::take(&mut st.flow.held_back);

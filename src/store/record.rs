@@ -49,9 +49,44 @@ pub struct TaskRecord {
     pub error: Option<Box<TaskError>>,
     pub result_expires_at_ms: Option<u64>,
     pub revoked: bool,
+    /// What few tasks use (unique keys, progress, workflows), boxed so the many that do not pay one pointer.
+    /// Stored as a 27th field, a map, only when present.
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The rarely used parts of a task's record. A map on disk (fields by name), so fields can be added.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Extra {
+    /// The unique key it holds ([`TaskSpec::unique_key`](broker_client::proto::TaskSpec)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+    /// Until when the key holds; `None`: until the task finishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_until_ms: Option<u64>,
+    /// The latest progress its worker reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<broker_client::proto::Progress>,
+    /// The rest of its chain: enqueued one by one as each link succeeds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<broker_client::proto::TaskSpec>,
+    /// For a chord's member: the callback's id, and the member's place in the header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chord: Option<(String, u32)>,
+    /// For a chord's callback: the members' ids in order. It waits (in no queue) until they all finish.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    /// It never ran: a task it depended on failed, and it finished with that task's error.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub failed_by_parent: bool,
 }
 
 impl TaskRecord {
+    /// Its [`Extra`], made if it has none.
+    pub fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
     /// About how many bytes the result or error takes in a reply.
     pub fn result_len(&self) -> usize {
         let result = self.result.as_ref().map_or(0, |value| {
@@ -91,6 +126,7 @@ impl TaskRecord {
             finished_at_ms: self.finished_at_ms,
             result_expires_at_ms: self.result_expires_at_ms,
             revoked: self.revoked,
+            progress: self.extra.as_ref().and_then(|e| e.progress.clone()),
         }
     }
 
@@ -170,11 +206,12 @@ impl From<Legacy> for TaskRecord {
             error: old.error.map(Box::new),
             result_expires_at_ms: old.result_expires_at_ms,
             revoked: old.revoked,
+            extra: None,
         }
     }
 }
 
-/// The number of fields in a stored record.
+/// The number of fields in a stored record without [`Extra`].
 const FIELDS: u32 = 26;
 
 /// Why a stored record could not be read.
@@ -195,7 +232,8 @@ fn take<T: DeserializeOwned>(rest: &mut &[u8], field: &str) -> Result<T, DecodeE
 impl TaskRecord {
     /// Appends the record's encoding (see the type's documentation).
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
-        rmp::encode::write_array_len(out, FIELDS).map_err(|e| e.to_string())?;
+        let fields = if self.extra.is_some() { FIELDS + 1 } else { FIELDS };
+        rmp::encode::write_array_len(out, fields).map_err(|e| e.to_string())?;
         put(out, &self.id)?;
         put(out, &self.queue)?;
         put(out, &self.task)?;
@@ -219,7 +257,11 @@ impl TaskRecord {
         put(out, &self.result)?;
         put(out, &self.error)?;
         put(out, &self.result_expires_at_ms)?;
-        put(out, &self.revoked)
+        put(out, &self.revoked)?;
+        if let Some(extra) = &self.extra {
+            rmp_serde::encode::write_named(out, extra).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Reads a record [`TaskRecord::encode`] wrote (or an older version did: missing trailing fields take their
@@ -273,7 +315,8 @@ impl TaskRecord {
             result,
             error,
             result_expires_at_ms,
-            revoked
+            revoked,
+            extra
         );
         Ok(record)
     }
