@@ -23,6 +23,7 @@ use crate::config::{Config, Role};
 use crate::store::control::Limit;
 use crate::store::flow::Scope;
 use crate::store::record::{key_str, map_entries};
+use crate::store::schedule::NewSchedule;
 use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
@@ -261,6 +262,13 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::SET_LIMIT => Outcome::Reply(reply(id, set_limit(shared, request)), None),
         op::LIMITS => Outcome::Reply(reply(id, Ok::<_, Refusal>(limits(shared))), None),
         op::PROGRESS => Outcome::Reply(reply(id, progress(shared, request)), None),
+        op::SCHEDULE_ADD => Outcome::Reply(reply(id, schedule_add(shared, request)), None),
+        op::SCHEDULE_REMOVE => Outcome::Reply(reply(id, schedule_remove(shared, request)), None),
+        op::SCHEDULE_PAUSE => Outcome::Reply(reply(id, schedule_pause(shared, request, true)), None),
+        op::SCHEDULE_RESUME => Outcome::Reply(reply(id, schedule_pause(shared, request, false)), None),
+        op::SCHEDULES => {
+            Outcome::Reply(reply(id, Ok::<_, Refusal>(Schedules { schedules: shared.store.schedules() })), None)
+        }
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -736,6 +744,29 @@ pub fn limits(shared: &Shared) -> Limits {
     let mut all = list("task", tasks, &running_tasks);
     all.extend(list("queue", queues, &running_queues));
     Limits { limits: all }
+}
+
+fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<ScheduleInfo, Refusal> {
+    let request: ScheduleAdd = body(frame)?;
+    let new = NewSchedule {
+        name: request.name,
+        task: request.task,
+        cron: request.cron,
+        timezone: request.timezone,
+        every_ms: request.every_ms,
+        catch_up: request.catch_up,
+    };
+    Ok(shared.store.add_schedule(new)?)
+}
+
+fn schedule_remove(shared: &Shared, frame: &[u8]) -> Result<ScheduleRemoved, Refusal> {
+    let request: ScheduleName = body(frame)?;
+    Ok(ScheduleRemoved { removed: shared.store.remove_schedule(&request.name)? })
+}
+
+fn schedule_pause(shared: &Shared, frame: &[u8], paused: bool) -> Result<ScheduleInfo, Refusal> {
+    let request: ScheduleName = body(frame)?;
+    Ok(shared.store.set_schedule_paused(&request.name, paused)?)
 }
 
 fn dead_list(shared: &Shared, request: &[u8]) -> Result<DeadTasks, Refusal> {

@@ -54,10 +54,20 @@ impl Role {
         match self {
             Role::Admin => true,
             Role::Worker => {
-                // Workers declare their tasks' limits (`@app.task(rate_limit=...)`), as Celery's do.
+                // Workers declare their tasks' limits and periodic tasks (`@app.task(rate_limit=...)`,
+                // `@app.periodic_task(...)`), which Celery keeps in the worker's and beat's code.
                 Role::Producer.allows(op)
-                    || [op::LEASE, op::ACK, op::FAIL, op::EXTEND, op::RELEASE, op::PROGRESS, op::SET_LIMIT]
-                        .contains(&op)
+                    || [
+                        op::LEASE,
+                        op::ACK,
+                        op::FAIL,
+                        op::EXTEND,
+                        op::RELEASE,
+                        op::PROGRESS,
+                        op::SET_LIMIT,
+                        op::SCHEDULE_ADD,
+                    ]
+                    .contains(&op)
             }
             Role::Producer => [op::HELLO, op::ENQUEUE, op::ENQUEUE_BATCH, op::GET].contains(&op),
         }

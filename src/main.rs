@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use broker::clock::SystemClock;
 use broker::config::{Config, FsyncPolicy};
 use broker::json::{task_json, value_to_json};
-use broker_client::proto::{DeadRequeue, SetLimit, Stats, TaskInfo, TaskSpec, Value};
+use broker_client::proto::{DeadRequeue, ScheduleAdd, SetLimit, Stats, TaskInfo, TaskSpec, Value};
 use broker_client::{Client, ConnectOptions};
 use clap::{Args, Parser, Subcommand};
 
@@ -175,6 +175,73 @@ enum Command {
     Limit {
         #[command(subcommand)]
         command: LimitCommand,
+    },
+    /// Periodic tasks kept by the daemon (no separate beat process).
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Add a schedule, or change the one of that name: TASK is enqueued at each tick.
+    Add {
+        /// The schedule's name.
+        name: String,
+        /// The task's name.
+        task: String,
+        /// Positional arguments as a JSON array.
+        args: Option<String>,
+        /// Keyword arguments as a JSON object.
+        #[arg(long)]
+        kwargs: Option<String>,
+        /// The queue.
+        #[arg(long, short)]
+        queue: Option<String>,
+        /// A cron expression: "*/5 * * * *" (minute hour day month weekday), or six fields with seconds first.
+        #[arg(long, conflicts_with = "every", required_unless_present = "every")]
+        cron: Option<String>,
+        /// The cron expression's IANA time zone (default UTC).
+        #[arg(long, requires = "cron")]
+        tz: Option<String>,
+        /// Or: every this many seconds (at least 1).
+        #[arg(long)]
+        every: Option<f64>,
+        /// Ticks missed while the daemon was down: fire the latest once (default), or skip them.
+        #[arg(long, value_parser = ["once", "skip"])]
+        catch_up: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the schedules with their next and last ticks.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a schedule (the tasks it enqueued stay).
+    Remove {
+        /// The schedule.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pause a schedule: its ticks do not fire until it is resumed.
+    Pause {
+        /// The schedule.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resume a paused schedule (ticks that fell while it was paused do not fire).
+    Resume {
+        /// The schedule.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -416,6 +483,7 @@ async fn run(command: Command) -> Result<()> {
             println!("limit removed from {} {}", request.scope, printable(&request.name));
             Ok(())
         }
+        Command::Schedule { command } => schedule_command(command).await,
         Command::Limit { command: LimitCommand::List { json, client } } => {
             let limits = connect(&client).await?.limits().await.context("cannot list limits")?;
             if json {
@@ -431,6 +499,67 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn schedule_command(command: ScheduleCommand) -> Result<()> {
+    match command {
+        ScheduleCommand::Add { name, task, args, kwargs, queue, cron, tz, every, catch_up, client } => {
+            let mut spec = TaskSpec { queue, ..TaskSpec::new(task) };
+            if let Some(args) = args {
+                match json_to_value(&parse_json("ARGS", &args)?) {
+                    Value::Array(items) => spec.args = items,
+                    _ => bail!("ARGS must be a JSON array, e.g. '[2, 3]'"),
+                }
+            }
+            if let Some(kwargs) = kwargs {
+                spec.kwargs = json_object("--kwargs", &kwargs)?;
+            }
+            let every_ms = every.map(|s| (s * 1000.0).max(0.0) as u64);
+            let request = ScheduleAdd { name, task: spec, cron, timezone: tz, every_ms, catch_up };
+            let info = connect(&client).await?.schedule_add(&request).await.context("cannot add the schedule")?;
+            println!("{}: next tick {}", printable(&info.name), info.next_ms.map_or("-".into(), format_ms));
+        }
+        ScheduleCommand::List { json, client } => {
+            let schedules = connect(&client).await?.schedules().await.context("cannot list schedules")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&schedules)?);
+                return Ok(());
+            }
+            println!("{:<24} {:<24} {:<22} {:<24} {:<24}", "NAME", "TASK", "WHEN", "NEXT", "LAST");
+            for s in &schedules {
+                let when = match (&s.cron, s.every_ms) {
+                    (Some(cron), _) => {
+                        format!("{cron}{}", s.timezone.as_ref().map_or(String::new(), |z| format!(" {z}")))
+                    }
+                    (None, Some(ms)) => format!("every {}s", ms as f64 / 1000.0),
+                    _ => "-".into(),
+                };
+                let next = if s.paused { "paused".into() } else { s.next_ms.map_or("-".into(), format_ms) };
+                let last = s.last_ms.map_or("-".into(), format_ms);
+                println!(
+                    "{:<24} {:<24} {:<22} {:<24} {:<24}",
+                    printable(&s.name),
+                    printable(&s.task.task),
+                    printable(&when),
+                    next,
+                    last
+                );
+            }
+        }
+        ScheduleCommand::Remove { name, client } => {
+            let removed = connect(&client).await?.schedule_remove(&name).await.context("cannot remove")?;
+            println!("{}", if removed { "removed" } else { "no such schedule" });
+        }
+        ScheduleCommand::Pause { name, client } => {
+            connect(&client).await?.schedule_set_paused(&name, true).await.context("cannot pause")?;
+            println!("{} paused", printable(&name));
+        }
+        ScheduleCommand::Resume { name, client } => {
+            connect(&client).await?.schedule_set_paused(&name, false).await.context("cannot resume")?;
+            println!("{} resumed", printable(&name));
+        }
+    }
+    Ok(())
 }
 
 /// Turns transparent huge pages off for this process. mimalloc asks for them by default; the daemon allocates
@@ -629,6 +758,14 @@ fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A Unix-ms time as people read it (UTC, to the second).
+fn format_ms(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| format!("{ms} (Unix ms)"), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
 /// `broker task ID`: the whole record, for people.
 fn print_task(info: &TaskInfo) {
     let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v).unwrap_or_default();
@@ -652,6 +789,10 @@ fn print_task(info: &TaskInfo) {
     println!("context:   {}", pretty(json["context"].clone()));
     if info.revoked {
         println!("revoked:   yes");
+    }
+    if let Some(progress) = &info.progress {
+        let meta = pretty(value_to_json(&progress.meta));
+        println!("progress:  {} {} (at {})", printable(&progress.state), meta, format_ms(progress.at_ms));
     }
     if let Some(result) = &info.result {
         println!("result:    {}", pretty(value_to_json(result)));

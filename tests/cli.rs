@@ -168,3 +168,36 @@ async fn pause_resume_and_limits_from_the_command_line() {
     assert!(!steps[9].0 && steps[9].1.contains("N/s"), "{}", steps[9].1);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedules_from_the_command_line() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    let run = move |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_broker")).args(args).args(["--addr", &addr]).output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let steps = tokio::task::spawn_blocking(move || {
+        [
+            &["schedule", "add", "nightly", "cleanup", "[1]", "--cron", "30 2 * * *", "--tz", "Europe/Paris"][..],
+            &["schedule", "add", "beat", "ping", "--every", "60", "--catch-up", "skip"],
+            &["schedule", "pause", "beat"],
+            &["schedule", "list"],
+            &["schedule", "remove", "beat"],
+            &["schedule", "list", "--json"],
+            &["schedule", "add", "bad", "t", "--cron", "not cron"],
+            &["schedule", "add", "none", "t"],
+        ]
+        .map(run)
+    })
+    .await
+    .unwrap();
+    assert!(steps[..6].iter().all(|(ok, _)| *ok), "{steps:?}");
+    assert!(steps[0].1.contains("next tick") && steps[0].1.contains("UTC"), "{}", steps[0].1);
+    assert!(steps[3].1.contains("30 2 * * * Europe/Paris") && steps[3].1.contains("paused"), "{}", steps[3].1);
+    assert!(steps[5].1.contains("nightly") && !steps[5].1.contains("\"beat\""), "{}", steps[5].1);
+    assert!(!steps[6].0 && steps[6].1.contains("cron"), "{}", steps[6].1);
+    assert!(!steps[7].0, "{}", steps[7].1);
+    server.stop().await;
+}

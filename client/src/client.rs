@@ -399,6 +399,29 @@ impl Client {
         Ok(reply.revoked)
     }
 
+    /// Adds a periodic schedule, or changes the one of that name.
+    pub async fn schedule_add(&self, schedule: &ScheduleAdd) -> Result<ScheduleInfo, Error> {
+        self.call(op::SCHEDULE_ADD, schedule).await
+    }
+
+    /// Removes a schedule; returns whether there was one.
+    pub async fn schedule_remove(&self, name: &str) -> Result<bool, Error> {
+        let reply: ScheduleRemoved = self.call(op::SCHEDULE_REMOVE, &ScheduleName { name: name.to_string() }).await?;
+        Ok(reply.removed)
+    }
+
+    /// Pauses (`true`) or resumes a schedule.
+    pub async fn schedule_set_paused(&self, name: &str, paused: bool) -> Result<ScheduleInfo, Error> {
+        let op_name = if paused { op::SCHEDULE_PAUSE } else { op::SCHEDULE_RESUME };
+        self.call(op_name, &ScheduleName { name: name.to_string() }).await
+    }
+
+    /// Every schedule.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let reply: Schedules = self.call(op::SCHEDULES, &Empty {}).await?;
+        Ok(reply.schedules)
+    }
+
     /// Gives a leased task back unrun; its attempt does not count.
     pub async fn release(&self, id: &str, lease_id: u64) -> Result<(), Error> {
         let _: Empty = self.call(op::RELEASE, &Release { task_id: id.to_string(), lease_id }).await?;

@@ -252,9 +252,19 @@ pub mod op {
     pub const LIMITS: &str = "limits";
     /// A running task reports its progress.
     pub const PROGRESS: &str = "progress";
+    /// Adds or changes a periodic schedule (durable).
+    pub const SCHEDULE_ADD: &str = "schedule_add";
+    /// Removes a schedule.
+    pub const SCHEDULE_REMOVE: &str = "schedule_remove";
+    /// Pauses a schedule.
+    pub const SCHEDULE_PAUSE: &str = "schedule_pause";
+    /// Resumes a schedule.
+    pub const SCHEDULE_RESUME: &str = "schedule_resume";
+    /// Lists the schedules.
+    pub const SCHEDULES: &str = "schedules";
 
     /// Every op, in the order proto.md lists them.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 25] = [
         HELLO,
         ENQUEUE,
         ENQUEUE_BATCH,
@@ -275,6 +285,11 @@ pub mod op {
         SET_LIMIT,
         LIMITS,
         PROGRESS,
+        SCHEDULE_ADD,
+        SCHEDULE_REMOVE,
+        SCHEDULE_PAUSE,
+        SCHEDULE_RESUME,
+        SCHEDULES,
     ];
 }
 
@@ -693,6 +708,76 @@ pub struct QueueStats {
     /// Whether the queue is paused (leases take nothing from it). Absent from daemons older than pause.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// `schedule_add`: a periodic task kept by the daemon.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ScheduleAdd {
+    /// The schedule's name (1 to 150 bytes); adding a name that exists changes that schedule.
+    pub name: String,
+    /// The task each tick enqueues (no `id`: each tick's is `sched:<name>:<tick ms>`).
+    pub task: TaskSpec,
+    /// A cron expression: five fields (minute hour day-of-month month day-of-week), or six with seconds first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// The IANA time zone the cron expression is read in; default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Or: a tick every this many milliseconds (at least 1000), counted from when the schedule was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// The ticks that came due while the daemon was down: `"once"` (default) fires the latest, `"skip"` none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
+}
+
+/// A schedule as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ScheduleInfo {
+    /// Its name.
+    pub name: String,
+    /// The task each tick enqueues.
+    pub task: TaskSpec,
+    /// Its cron expression, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// The cron expression's time zone, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Its period, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// `"once"` or `"skip"`.
+    pub catch_up: String,
+    /// Whether it is paused.
+    pub paused: bool,
+    /// When its next tick is due (absent while paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_ms: Option<u64>,
+    /// Its latest tick fired and durable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ms: Option<u64>,
+}
+
+/// `schedule_remove`, `schedule_pause`, `schedule_resume`: one schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleName {
+    /// The schedule.
+    pub name: String,
+}
+
+/// The reply to `schedule_remove`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRemoved {
+    /// Whether there was such a schedule.
+    pub removed: bool,
+}
+
+/// The reply to `schedules`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Schedules {
+    /// Every schedule, by name.
+    pub schedules: Vec<ScheduleInfo>,
 }
 
 /// `pause` and `resume`: one queue.

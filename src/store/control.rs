@@ -32,6 +32,7 @@ pub struct Control {
     pub paused: BTreeSet<String>,
     pub task_limits: BTreeMap<String, Limit>,
     pub queue_limits: BTreeMap<String, Limit>,
+    pub schedules: BTreeMap<String, super::schedule::Schedule>,
 }
 
 impl Control {

@@ -26,6 +26,7 @@ pub mod disk;
 pub mod flow;
 pub mod journal;
 pub mod record;
+pub mod schedule;
 pub mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -680,6 +681,7 @@ impl Store {
         };
         store.apply_control()?;
         let segment = store.recover()?;
+        store.plan_schedules()?;
         store.core.checkpoint(segment)?;
         let wal = wal::Wal::create(&store.core.wal_dir, segment)?;
         wal::prepare(&store.core.wal_dir, segment + 1)?;
@@ -725,13 +727,20 @@ impl Store {
         if self.options.fsync == FsyncPolicy::Interval {
             return Durable::ready();
         }
+        Durable::after(self.core.progress.subscribe(), self.durable_round())
+    }
+
+    /// The log round that makes every change made so far durable (asked for at once under `always`).
+    fn durable_round(&self) -> u64 {
         let mut st = self.lock();
         let mut ring = false;
         let round = if !st.to_log.is_empty() {
-            // The next round takes these notes: ask for it.
+            // The next round takes these notes: ask for it (under `interval`, it comes with the next sync).
             let round = st.rounds_taken + 1;
-            ring = st.wanted < round;
-            st.wanted = st.wanted.max(round);
+            if self.options.fsync == FsyncPolicy::Always {
+                ring = st.wanted < round;
+                st.wanted = st.wanted.max(round);
+            }
             round
         } else {
             // Everything noted is in a round already started: the last one, or an earlier one. If that round
@@ -743,7 +752,7 @@ impl Store {
         if ring {
             self.core.log_wake.notify_one();
         }
-        Durable::after(self.core.progress.subscribe(), round)
+        round
     }
 
     /// Writes what the log has handed to the checkpoint into sled now, and flushes it, without moving the replay
@@ -1537,7 +1546,7 @@ impl Store {
         if self.expire_results(now) > 0 {
             self.finished_notify.notify_waiters();
         }
-        Ok(())
+        self.run_schedules()
     }
 
     /// Rewrites the data directory if sled's files are much larger than the journal in them (see
