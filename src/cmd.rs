@@ -245,6 +245,7 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
         op::ENQUEUE => durable_reply(id, enqueue(shared, request)),
         op::ENQUEUE_BATCH => durable_reply(id, enqueue_batch(shared, request)),
+        op::ENQUEUE_CHORD => durable_reply(id, enqueue_chord(shared, request)),
         op::LEASE => lease(shared, session, id, request),
         op::ACK => durable_reply(id, ack(shared, request)),
         op::FAIL => durable_reply(id, fail(shared, request)),
@@ -369,6 +370,42 @@ fn enqueue(shared: &Shared, request: &[u8]) -> Result<Enqueued, Refusal> {
     take_payloads(std::slice::from_mut(&mut decoded.task), spec, false)?;
     let mut done = shared.store.enqueue(vec![decoded.task])?;
     done.pop().ok_or_else(|| Refusal::new(ErrorCode::Internal, "enqueue stored nothing"))
+}
+
+/// The task specs of the array under `key` in `frame`, with their arguments as bytes; a spec that does not
+/// decode is named by its place (`<key> <i>: `).
+fn specs_of(frame: &[u8], key: &str) -> Result<Vec<NewTask>, Refusal> {
+    let missing = || Refusal::new(ErrorCode::BadRequest, format!("invalid request: missing field `{key}` (an array)"));
+    let specs = field(frame, key).ok_or_else(missing)?;
+    let mut rest = specs;
+    let count = rmp::decode::read_array_len(&mut rest).map_err(|_| missing())? as usize;
+    let mut tasks = Vec::with_capacity(count.min(1024));
+    for i in 0..count {
+        let invalid = |e: String| Refusal::new(ErrorCode::BadRequest, format!("{key} {i}: {e}"));
+        let len = value_len(rest, MAX_DEPTH).map_err(invalid)?;
+        let (spec, after) = rest.split_at(len);
+        let mut task: NewTask = rmp_serde::from_slice(spec).map_err(|e| invalid(format!("invalid request: {e}")))?;
+        task.payload = Payload::of_spec(spec).map_err(invalid)?;
+        tasks.push(task);
+        rest = after;
+    }
+    Ok(tasks)
+}
+
+fn enqueue_chord(shared: &Shared, frame: &[u8]) -> Result<EnqueuedChord, Refusal> {
+    let header = specs_of(frame, "header")?;
+    if header.len() > shared.config.max_enqueue_batch {
+        let message =
+            format!("a header of {} tasks exceeds max_enqueue_batch {}", header.len(), shared.config.max_enqueue_batch);
+        return Err(Refusal::new(ErrorCode::BadRequest, message));
+    }
+    let spec = field(frame, "callback")
+        .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "invalid request: missing field `callback`"))?;
+    let invalid = |e: String| Refusal::new(ErrorCode::BadRequest, format!("callback: {e}"));
+    let mut callback: NewTask = rmp_serde::from_slice(spec).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    callback.payload = Payload::of_spec(spec).map_err(invalid)?;
+    let (header, callback) = shared.store.enqueue_chord(header, callback)?;
+    Ok(EnqueuedChord { header, callback })
 }
 
 fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal> {

@@ -69,7 +69,7 @@ impl Role {
                     ]
                     .contains(&op)
             }
-            Role::Producer => [op::HELLO, op::ENQUEUE, op::ENQUEUE_BATCH, op::GET].contains(&op),
+            Role::Producer => [op::HELLO, op::ENQUEUE, op::ENQUEUE_BATCH, op::ENQUEUE_CHORD, op::GET].contains(&op),
         }
     }
 }

@@ -659,3 +659,45 @@ async fn the_producers_traceparent_reaches_the_handler() {
     stop.graceful();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn chains_and_chords_built_with_the_producer_run_through_workers() {
+    let server = TestServer::start().await;
+    let producer = Producer::new(server.client().await);
+    async fn add(task: Task<Vec<i64>>) -> Result<i64, TaskFailure> {
+        Ok(task.args.iter().sum())
+    }
+    async fn double(task: Task<(i64,)>) -> Result<i64, TaskFailure> {
+        Ok(task.args.0 * 2)
+    }
+    async fn total(task: Task<(Vec<i64>,)>) -> Result<i64, TaskFailure> {
+        Ok(task.args.0.iter().sum())
+    }
+    let built = worker(&server).register("add", add).register("double", double).register("total", total).build();
+    let (stop, run) = spawn(built);
+    // add(2, 3) | double() | double(): 20; an immutable link ignores the result.
+    let chain = producer
+        .task("add")
+        .args((2, 3))
+        .then(producer.task("double"))
+        .then(producer.task("double").then(producer.task("add").args((1, 1)).immutable()))
+        .enqueue()
+        .await
+        .unwrap();
+    assert_eq!(chain.chain.len(), 3);
+    // A link exists once its turn comes.
+    let last = &chain.chain[2];
+    eventually("the chain's last link", WAIT, || async { producer.client().get(last).await.ok() }).await;
+    let second = finished(producer.client(), &chain.chain[1]).await;
+    assert_eq!(second.result, Some(Value::from(20)));
+    let last = finished(producer.client(), &chain.chain[2]).await;
+    assert_eq!(last.result, Some(Value::from(2)));
+    // A chord of add(i, i) for 0..4, then total: 0 + 2 + 4 + 6.
+    let header = (0..4).map(|i| producer.task("add").args((i, i))).collect();
+    let chord = producer.chord(header, producer.task("total")).await.unwrap();
+    assert_eq!(finished(producer.client(), &chord.callback.id).await.result, Some(Value::from(12)));
+    let group = producer.group((0..3).map(|i| producer.task("double").args((i,))).collect()).await.unwrap();
+    assert_eq!(finished(producer.client(), &group[2].id).await.result, Some(Value::from(4)));
+    stop.graceful();
+    run.await.unwrap().unwrap();
+}

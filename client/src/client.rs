@@ -399,6 +399,12 @@ impl Client {
         Ok(reply.revoked)
     }
 
+    /// Stores a chord: `header` runs in parallel; `callback` runs once after all of them succeeded, with the
+    /// array of their results (in header order) as its first argument (unless it is `immutable`).
+    pub async fn enqueue_chord(&self, header: Vec<TaskSpec>, callback: TaskSpec) -> Result<EnqueuedChord, Error> {
+        self.call(op::ENQUEUE_CHORD, &EnqueueChord { header, callback }).await
+    }
+
     /// Adds a periodic schedule, or changes the one of that name.
     pub async fn schedule_add(&self, schedule: &ScheduleAdd) -> Result<ScheduleInfo, Error> {
         self.call(op::SCHEDULE_ADD, schedule).await

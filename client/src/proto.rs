@@ -262,9 +262,11 @@ pub mod op {
     pub const SCHEDULE_RESUME: &str = "schedule_resume";
     /// Lists the schedules.
     pub const SCHEDULES: &str = "schedules";
+    /// Stores a chord: members and a callback that runs after them all.
+    pub const ENQUEUE_CHORD: &str = "enqueue_chord";
 
     /// Every op, in the order proto.md lists them.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         HELLO,
         ENQUEUE,
         ENQUEUE_BATCH,
@@ -290,6 +292,7 @@ pub mod op {
         SCHEDULE_PAUSE,
         SCHEDULE_RESUME,
         SCHEDULES,
+        ENQUEUE_CHORD,
     ];
 }
 
@@ -385,6 +388,13 @@ pub struct TaskSpec {
     /// How long the key is held from the enqueue; absent: until the task finishes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_for_ms: Option<u64>,
+    /// The tasks to run after this one, in order (a chain): when it succeeds the daemon enqueues the first, with
+    /// this task's result as its first argument, carrying the rest. Links may not have chains of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<TaskSpec>,
+    /// As a chain's link or a chord's callback: do not pass the previous result (Celery's `.si()`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub immutable: bool,
 }
 
 impl TaskSpec {
@@ -410,6 +420,10 @@ pub struct Enqueued {
     pub created: bool,
     /// The task's state now.
     pub state: TaskState,
+    /// The ids of its chain's links, in order (given by the client, or made by the daemon), when it was created
+    /// with a chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<TaskId>,
 }
 
 /// `enqueue_batch`: many tasks, stored with one durable write.
@@ -653,6 +667,35 @@ pub struct TaskInfo {
     /// What its worker last reported of its progress (`progress`), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// The ids of the links of its chain still to run after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<TaskId>,
+    /// For a chord's member: the chord's callback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chord: Option<TaskId>,
+    /// For a chord's callback: its members, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<TaskId>,
+}
+
+/// `enqueue_chord`: a group of tasks and a callback that runs once after all of them succeeded, with their
+/// results in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnqueueChord {
+    /// The members, run in parallel (at least one; no chains, no unique keys).
+    pub header: Vec<TaskSpec>,
+    /// The callback: its first argument is the array of the members' results, in header order (unless
+    /// `immutable`).
+    pub callback: TaskSpec,
+}
+
+/// The reply to `enqueue_chord`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnqueuedChord {
+    /// The members, in order.
+    pub header: Vec<Enqueued>,
+    /// The callback.
+    pub callback: Enqueued,
 }
 
 /// `progress`: a running task reports how far it got (Celery's `update_state`).

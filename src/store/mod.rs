@@ -19,6 +19,7 @@
 //!
 //! Time comes from the injected [`Clock`]; the store never reads the wall clock itself.
 
+pub mod canvas;
 pub mod checkpoint;
 pub mod commit;
 pub mod control;
@@ -257,6 +258,10 @@ pub struct NewTask {
     pub unique_key: Option<String>,
     #[serde(default)]
     pub unique_for_ms: Option<u64>,
+    #[serde(default)]
+    pub chain: Vec<TaskSpec>,
+    #[serde(default)]
+    pub immutable: bool,
     /// `args`, `kwargs` and `context`: not read by serde (which skips them), but from the request's bytes
     /// ([`Payload::of_spec`]).
     #[serde(skip)]
@@ -283,6 +288,8 @@ impl From<TaskSpec> for NewTask {
             result_ttl_ms: spec.result_ttl_ms,
             unique_key: spec.unique_key,
             unique_for_ms: spec.unique_for_ms,
+            chain: spec.chain,
+            immutable: spec.immutable,
         }
     }
 }
@@ -326,7 +333,10 @@ impl DoneMeta {
         DoneMeta {
             state: record.state,
             expires_at_ms: record.result_expires_at_ms.unwrap_or(u64::MAX),
-            dead_queue: (record.state == TaskState::Failure).then(|| record.queue.clone()),
+            // A task failed by the task it depended on never ran: there is nothing to requeue.
+            dead_queue: (record.state == TaskState::Failure
+                && !record.extra.as_ref().is_some_and(|e| e.failed_by_parent))
+            .then(|| record.queue.clone()),
             finished_at_ms: record.finished_at_ms.unwrap_or(0),
         }
     }
@@ -382,6 +392,12 @@ struct State {
     unique: Map<String, (Id, Option<u64>)>,
     /// (until, key) of the keys held for a time, for the tick to let go.
     unique_expiry: BTreeSet<(u64, String)>,
+    /// Waiting chord callbacks: how many members each still waits for ([`canvas`]).
+    chords: Map<Id, usize>,
+    /// Chord callbacks whose members all succeeded, to release outside the lock.
+    chords_ready: Vec<Id>,
+    /// A task became ready during the current operation (a chain's next link): waiting leases look again.
+    readied: bool,
 }
 
 impl State {
@@ -889,11 +905,16 @@ impl Store {
         // FIFO within a priority is `seq` order, which the records keep.
         records.sort_by_key(|(r, _)| r.seq);
         let mut requeued = 0;
+        let mut unfinished_chains = Vec::new();
         for (mut record, from_log) in records {
             // One allocation of the id for both the journal's account and the record.
             journal.share_id(&record.id);
             st.next_seq = st.next_seq.max(record.seq);
             st.hold_unique(&record, now);
+            if record.state == TaskState::Success && record.extra.as_ref().is_some_and(|e| !e.chain.is_empty()) {
+                // Its ack was logged without its next link (a torn log round): take the step now.
+                unfinished_chains.push(record.clone());
+            }
             if record.state.is_terminal() {
                 let meta = DoneMeta::of(&record);
                 st.expiry.insert((meta.expires_at_ms, record.id.clone()));
@@ -905,6 +926,11 @@ impl Store {
                     let generation = st.generation;
                     st.finished.insert(record.id.clone(), (generation, Arc::new(record)));
                 }
+                continue;
+            }
+            if record.extra.as_ref().is_some_and(|e| e.waiting) {
+                // A chord's callback waiting for its members: in no queue ([`canvas`]).
+                st.live.insert(record.id.clone(), Arc::new(record));
                 continue;
             }
             if record.state == TaskState::Started {
@@ -936,6 +962,16 @@ impl Store {
             }
             st.live.insert(record.id.clone(), Arc::new(record));
         }
+        for mut done in unfinished_chains {
+            self.follow_up(&mut st, &done, now);
+            // Stored again without its chain, so the step is taken once.
+            done.extra_mut().chain.clear();
+            st.generation += 1;
+            let generation = st.generation;
+            st.touch(&done.id);
+            st.finished.insert(done.id.clone(), (generation, Arc::new(done)));
+        }
+        self.recount_chords(&mut st, now);
         // What recovery changed goes to sled with what the log held, in the checkpoint that follows.
         let notes = std::mem::take(&mut st.to_log);
         to_checkpoint.extend(notes);
@@ -993,6 +1029,12 @@ impl Store {
         } else if spec.unique_for_ms.is_some() {
             return Err(StoreError::Invalid("`unique_for_ms` needs a `unique_key`".into()));
         }
+        for (i, link) in spec.chain.iter().enumerate() {
+            if !link.chain.is_empty() {
+                return Err(StoreError::Invalid(format!("chain {i}: a chain's link has no chain of its own")));
+            }
+            self.validate(&NewTask::from(link.clone())).map_err(|e| StoreError::Invalid(format!("chain {i}: {e}")))?;
+        }
         Ok(())
     }
 
@@ -1012,68 +1054,9 @@ impl Store {
             Self::check_room(&st, &specs, self.options.max_queue_length)?;
         }
         for spec in specs {
-            if let Some(id) = &spec.id {
-                if let Some(state) = st.state_of(id) {
-                    out.push(Enqueued { id: id.clone(), created: false, state });
-                    continue;
-                }
-            }
-            if let Some((id, state)) = spec.unique_key.as_deref().and_then(|key| st.unique_holder(key, now)) {
-                out.push(Enqueued { id: id.to_string(), created: false, state });
-                continue;
-            }
-            let id: Id = spec.id.unwrap_or_else(|| self.new_id(&mut st)).into();
-            let eta_ms = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
-            let seq = st.take_seq(now);
-            let record = TaskRecord {
-                id: id.clone(),
-                queue: spec.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
-                task: spec.task,
-                payload: spec.payload,
-                priority: spec.priority,
-                max_retries: spec.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
-                retry_delay_ms: spec.retry_delay_ms.unwrap_or(DEFAULT_RETRY_DELAY_MS),
-                retry_backoff: spec.retry_backoff.unwrap_or(true),
-                retry_delay_max_ms: spec.retry_delay_max_ms.unwrap_or(DEFAULT_RETRY_DELAY_MAX_MS),
-                lease_ms: spec.lease_ms.unwrap_or(self.options.default_lease_ms).min(self.options.max_lease_ms),
-                expires_at_ms: spec.expires_at_ms.or(spec.expires_in_ms.map(|e| now.saturating_add(e))),
-                result_ttl_ms: spec.result_ttl_ms.unwrap_or(self.options.result_ttl_ms),
-                state: if eta_ms.is_some() { TaskState::Scheduled } else { TaskState::Pending },
-                seq,
-                created_at_ms: now,
-                eta_ms,
-                extra: spec.unique_key.map(|key| {
-                    Box::new(record::Extra {
-                        unique_key: Some(key),
-                        unique_until_ms: spec.unique_for_ms.map(|w| now.saturating_add(w)),
-                        ..Default::default()
-                    })
-                }),
-                // Not yet leased, run or finished.
-                ..TaskRecord::default()
-            };
-            st.hold_unique(&record, now);
-            st.totals.enqueued += 1;
-            self.happened(&mut st, &record.id, &record.queue, &record.task, Outcome::enqueued, now);
-            if record.expires_at_ms.is_some_and(|e| e <= now) {
-                // Expired on arrival: keep it findable, never run it.
-                self.finish_revoked(&mut st, record, now, Some(expired_error()));
-                out.push(Enqueued { id: id.to_string(), created: true, state: TaskState::Revoked });
-                continue;
-            }
-            match eta_ms {
-                Some(eta) => {
-                    st.scheduled.insert((eta, id.clone()), record.queue.clone());
-                    st.queue(&record.queue).scheduled += 1;
-                }
-                None => {
-                    st.queue(&record.queue).ready.insert(record.ready_key(), id.clone());
-                    woke = true;
-                }
-            }
-            out.push(Enqueued { id: id.to_string(), created: true, state: record.state });
-            st.touch(&id);
-            st.live.insert(id, Arc::new(record));
+            let (enqueued, ready) = self.insert(&mut st, spec, now, None);
+            woke |= ready;
+            out.push(enqueued);
         }
         drop(st);
         if woke {
@@ -1353,11 +1336,17 @@ impl Store {
         self.finish(&mut st, record, now, ttl);
         st.queue(&entry.queue).succeeded += 1;
         st.totals.succeeded += 1;
-        let freed = std::mem::take(&mut st.flow.freed);
+        let readied = std::mem::take(&mut st.flow.freed) | std::mem::take(&mut st.readied);
+        let chords = !st.chords_ready.is_empty();
         drop(st);
         self.finished_notify.notify_waiters();
-        if freed {
+        if readied {
             self.ready_notify.notify_waiters();
+        }
+        if chords {
+            if let Err(e) = self.release_chords() {
+                tracing::error!(error = %e, "releasing chord callbacks failed; the next tick tries again");
+            }
         }
         Ok(())
     }
@@ -1546,6 +1535,7 @@ impl Store {
         if self.expire_results(now) > 0 {
             self.finished_notify.notify_waiters();
         }
+        self.release_chords()?;
         self.run_schedules()
     }
 
@@ -1850,7 +1840,19 @@ impl Store {
         let expires = now.saturating_add(ttl_ms);
         record.finished_at_ms = Some(now);
         record.result_expires_at_ms = Some(expires);
+        let workflow = record.extra.as_ref().is_some_and(|e| !e.chain.is_empty() || e.chord.is_some());
+        let mut done = workflow.then(|| record.clone());
+        if record.state == TaskState::Success {
+            // The chain moves on to the next link: a succeeded task keeps none, so a stored success with a chain
+            // is one whose next link a crash lost (see `recover`).
+            if let Some(extra) = record.extra.as_deref_mut() {
+                extra.chain.clear();
+            }
+        }
         st.retire(record);
+        if let Some(done) = done.take() {
+            self.follow_up(st, &done, now);
+        }
     }
 
     fn finish_revoked(&self, st: &mut State, mut record: TaskRecord, now: u64, error: Option<TaskError>) {

@@ -79,6 +79,12 @@ pub struct Extra {
     /// It never ran: a task it depended on failed, and it finished with that task's error.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub failed_by_parent: bool,
+    /// A chord's callback still waiting for its members (in no queue).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting: bool,
+    /// A chord's callback that does not take the members' results.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub immutable: bool,
 }
 
 impl TaskRecord {
@@ -127,6 +133,12 @@ impl TaskRecord {
             result_expires_at_ms: self.result_expires_at_ms,
             revoked: self.revoked,
             progress: self.extra.as_ref().and_then(|e| e.progress.clone()),
+            chain: self
+                .extra
+                .as_ref()
+                .map_or_else(Vec::new, |e| e.chain.iter().filter_map(|link| link.id.clone()).collect()),
+            chord: self.extra.as_ref().and_then(|e| e.chord.as_ref().map(|(id, _)| id.clone())),
+            members: self.extra.as_ref().map_or_else(Vec::new, |e| e.members.clone()),
         }
     }
 

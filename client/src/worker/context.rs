@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::task::Context;
 use crate::client::{duration_ms, Client, ConnectOptions};
 use crate::error::{Error, ErrorKind};
-use crate::proto::{Enqueued, TaskInfo, TaskSpec, Value};
+use crate::proto::{Enqueued, EnqueuedChord, TaskInfo, TaskSpec, Value};
 
 tokio::task_local! {
     static SCOPE: Arc<Context>;
@@ -115,6 +115,21 @@ impl Producer {
             self.prepare(spec);
         }
         self.client.enqueue_batch(specs).await
+    }
+
+    /// A group: every task enqueued with one durable write, to run in parallel (Celery's `group`). Returns their
+    /// ids in order.
+    pub async fn group(&self, tasks: Vec<TaskBuilder>) -> Result<Vec<Enqueued>, Error> {
+        let specs = tasks.into_iter().map(TaskBuilder::spec).collect::<Result<Vec<_>, _>>()?;
+        self.client.enqueue_batch(specs).await
+    }
+
+    /// A chord: `header` runs in parallel, and `callback` runs once after every member succeeded, with the array
+    /// of their results (in order) as its first argument, unless it is [`TaskBuilder::immutable`]. If a member
+    /// fails for good, the callback fails with `ChordError` (proto.md, `enqueue_chord`).
+    pub async fn chord(&self, header: Vec<TaskBuilder>, callback: TaskBuilder) -> Result<EnqueuedChord, Error> {
+        let header = header.into_iter().map(TaskBuilder::spec).collect::<Result<Vec<_>, _>>()?;
+        self.client.enqueue_chord(header, callback.spec()?).await
     }
 
     fn prepare(&self, spec: &mut TaskSpec) {
@@ -276,6 +291,30 @@ impl TaskBuilder {
     /// How long the result is kept once the task finishes.
     pub fn result_ttl(mut self, ttl: Duration) -> Self {
         self.spec.result_ttl_ms = Some(duration_ms(ttl));
+        self
+    }
+
+    /// Runs `next` after this task (a chain, Celery's `a.s() | b.s()`): when this task succeeds, `next` is
+    /// enqueued with this task's result as its first argument (unless `next` is [`TaskBuilder::immutable`]),
+    /// then its own `then`s. If this task fails for good, the rest of the chain fails with its error.
+    pub fn then(mut self, next: TaskBuilder) -> Self {
+        match next.spec() {
+            Ok(mut link) => {
+                // The chain is one list on its first task: the daemon takes one link at a time.
+                let rest = std::mem::take(&mut link.chain);
+                self.spec.chain.push(link);
+                self.spec.chain.extend(rest);
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// As a chain's link or a chord's callback: do not receive the previous result (Celery's `.si()`).
+    pub fn immutable(mut self) -> Self {
+        self.spec.immutable = true;
         self
     }
 
