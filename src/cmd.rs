@@ -630,9 +630,9 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outc
         Ok(r) => r,
         Err(refusal) => return Outcome::Reply(reply::<TaskInfo>(id, Err(refusal)), None),
     };
-    let first = shared.store.get(&request.task_id).map_err(Refusal::from);
-    if request.wait_ms == 0 || !matches!(&first, Ok(info) if !info.state.is_terminal()) {
-        return Outcome::Reply(reply(id, first), None);
+    let first = shared.store.get_encoded(&request.task_id).map_err(Refusal::from);
+    if request.wait_ms == 0 || !matches!(&first, Ok((state, _)) if !state.is_terminal()) {
+        return Outcome::Reply(info_reply(id, first), None);
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
@@ -640,13 +640,33 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outc
     Outcome::Wait(Box::pin(async move {
         let store = &shared.store;
         let finished = wait_for(&shared, store.finished_notify(), &closing, wait, || {
-            let result = store.get(&request.task_id).map_err(Refusal::from);
-            (!matches!(&result, Ok(info) if !info.state.is_terminal())).then_some(result)
+            let result = store.get_encoded(&request.task_id).map_err(Refusal::from);
+            (!matches!(&result, Ok((state, _)) if !state.is_terminal())).then_some(result)
         })
         .await;
         // Time up (or closing): the task as it is now.
-        reply(id, finished.unwrap_or_else(|| store.get(&request.task_id).map_err(Refusal::from)))
+        info_reply(id, finished.unwrap_or_else(|| store.get_encoded(&request.task_id).map_err(Refusal::from)))
     }))
+}
+
+/// A `get` reply around a `TaskInfo` encoded already ([`Store::get_encoded`]): what `reply` would write.
+fn info_reply(id: u64, result: Result<(TaskState, Vec<u8>), Refusal>) -> ReplyFrame {
+    use rmp::encode::{write_bool, write_map_len, write_str, write_uint};
+    let body = match result {
+        Ok((_, body)) => body,
+        Err(refusal) => return error_frame(Some(id), refusal.code, &refusal.message),
+    };
+    let mut out = Vec::with_capacity(body.len() + 24);
+    // Writing to a Vec cannot fail.
+    let o = &mut out;
+    let _ = write_map_len(o, 3);
+    let _ = write_str(o, "id");
+    let _ = write_uint(o, id);
+    let _ = write_str(o, "ok");
+    let _ = write_bool(o, true);
+    let _ = write_str(o, "body");
+    o.extend_from_slice(&body);
+    out
 }
 
 fn revoke(shared: &Shared, request: &[u8]) -> Result<Revoked, Refusal> {
@@ -831,6 +851,36 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn a_get_reply_reads_as_the_protocol_type_says() {
+        use crate::store::record::TaskRecord;
+        let args = vec![Value::from(1), Value::Array(vec![Value::Nil; 5])];
+        let kwargs = BTreeMap::from([("k".to_string(), Value::Boolean(true))]);
+        let context = BTreeMap::from([("user".to_string(), Value::from(7))]);
+        let record = TaskRecord {
+            id: "t1".into(),
+            queue: "q".into(),
+            task: "add".into(),
+            payload: Payload::from_values(&args, &kwargs, &context),
+            state: TaskState::Success,
+            result: Some(Box::new(Value::from("done"))),
+            finished_at_ms: Some(5),
+            ..TaskRecord::default()
+        };
+        let frame = info_reply(3, Ok((record.state, record.info_bytes().unwrap())));
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            id: u64,
+            ok: bool,
+            body: TaskInfo,
+        }
+        let decoded: Reply = rmp_serde::from_slice(&frame).unwrap();
+        assert_eq!((decoded.id, decoded.ok), (3, true));
+        assert_eq!(decoded.body, record.info());
+        assert_eq!(decoded.body.args, args);
+        assert_eq!(frame, ok_frame(3, &record.info()), "the same bytes as the typed encoding");
+    }
 
     #[test]
     fn a_lease_reply_reads_as_the_protocol_type_says() {

@@ -21,6 +21,10 @@ use tokio_util::codec::Decoder;
 /// Frames up to this size are read without taking from the shared budget (a connection holds at most this much
 /// of an unfinished small frame, and only until `frame_timeout_ms`).
 pub const SMALL_FRAME: usize = 16 * 1024;
+/// A large frame's buffer grows when less than this is left free in it...
+const GROW_SLACK: usize = 4 * 1024;
+/// ... to twice its size, and at least this.
+const GROW_MIN: usize = SMALL_FRAME;
 
 /// What the reader produces.
 #[derive(Debug)]
@@ -117,6 +121,11 @@ impl Decoder for RequestCodec {
             if n < left {
                 self.skipping = Some((left - n, declared, busy));
                 self.unfinished();
+                // Skipped a read at a time: reads of a few bytes (a buffer let go is empty, and the reader grows
+                // it by little) would take minutes for a large frame.
+                if src.capacity() < SMALL_FRAME {
+                    src.reserve(SMALL_FRAME);
+                }
                 return Ok(None);
             }
             self.skipping = None;
@@ -140,8 +149,14 @@ impl Decoder for RequestCodec {
             // capacity, which grows ahead of them), not the length it announces. When the budget cannot take it,
             // what arrived is dropped, the buffer let go, and the rest skipped.
             let held = src.capacity().max(src.len()).min(4 + len);
-            if held > self.reserved {
-                if !self.budget.try_take(held - self.reserved) {
+            // The buffer grows ahead of the bytes in steps this codec chooses and charges before allocating (the
+            // reader's own growth doubles it unseen, which let a connection hold twice what was charged).
+            let nearly_full = src.capacity() - src.len() < GROW_SLACK;
+            let want =
+                if src.len() < 4 + len && nearly_full { (src.capacity() * 2).max(GROW_MIN).min(4 + len) } else { held };
+            let want = want.max(held);
+            if want > self.reserved {
+                if !self.budget.try_take(want - self.reserved) {
                     self.give_back();
                     let arrived = src.len().min(4 + len);
                     src.advance(arrived);
@@ -156,7 +171,12 @@ impl Decoder for RequestCodec {
                     self.unfinished();
                     return Ok(None);
                 }
-                self.reserved = held;
+                self.reserved = want;
+            }
+            if want > src.capacity() {
+                let mut bigger = BytesMut::with_capacity(want);
+                bigger.extend_from_slice(src);
+                *src = bigger;
             }
         }
         if src.len() < 4 + len {
@@ -196,19 +216,21 @@ mod tests {
         let big = frame(60_000);
         let mut buf_a = BytesMut::from(&big[..60_000]);
         assert!(a.decode(&mut buf_a).unwrap().is_none());
-        assert_eq!(budget.used(), 60_000, "what arrived is held");
+        // The buffer was full: it grew (charged first) to hold the rest of the frame, and no more.
+        assert_eq!(budget.used(), 60_004, "what arrived is held, with room for the rest");
+        assert_eq!(buf_a.capacity(), 60_004);
         assert!(a.unfinished_since().is_some());
-        // A length prefix alone takes its 4 bytes, not the length it announces.
+        // A length prefix alone takes a small buffer's worth, not the length it announces.
         let mut header_only = BytesMut::from(&big[..4]);
         let mut c = RequestCodec::new(1 << 20, budget.clone());
         assert!(c.decode(&mut header_only).unwrap().is_none());
-        assert_eq!(budget.used(), 60_004);
+        assert_eq!(budget.used(), 60_004 + SMALL_FRAME);
         drop(c);
-        assert_eq!(budget.used(), 60_000);
+        assert_eq!(budget.used(), 60_004);
         // The second does not fit: dropped and skipped as it arrives, answered busy, nothing held.
         let mut buf_b = BytesMut::from(&big[..]);
         assert!(matches!(b.decode(&mut buf_b).unwrap(), Some(Request::Busy(60_000))));
-        assert_eq!(budget.used(), 60_000);
+        assert_eq!(budget.used(), 60_004);
         // A small frame needs no budget.
         let mut small = BytesMut::from(&frame(100)[..]);
         assert!(matches!(b.decode(&mut small).unwrap(), Some(Request::Message(m)) if m.len() == 100));
@@ -220,7 +242,7 @@ mod tests {
         assert!(buf_a.capacity() <= 2 * SMALL_FRAME, "the grown buffer is let go");
         let mut half = BytesMut::from(&big[..30_000]);
         assert!(a.decode(&mut half).unwrap().is_none());
-        assert_eq!(budget.used(), 30_000);
+        assert_eq!(budget.used(), 60_000, "grown to twice what it held");
         drop(a);
         assert_eq!(budget.used(), 0);
     }

@@ -1623,6 +1623,15 @@ impl Store {
         Err(StoreError::Flush(format!("the record of {id} kept moving while being read")))
     }
 
+    /// Reads a task as the `get` reply's body (see [`TaskRecord::info_bytes`]), with its state.
+    pub fn get_encoded(&self, id: &str) -> Result<(TaskState, Vec<u8>), StoreError> {
+        let encoded =
+            self.with_record(id, |r| (r.state, r.info_bytes()))?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        let (state, bytes) = encoded;
+        let bytes = bytes.map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
+        Ok((state, bytes))
+    }
+
     /// Reads a task.
     pub fn get(&self, id: &str) -> Result<TaskInfo, StoreError> {
         self.with_record(id, TaskRecord::info)?.ok_or_else(|| StoreError::NotFound(id.to_string()))

@@ -109,6 +109,32 @@ impl TaskRecord {
     /// The task as `get` shows it.
     pub fn info(&self) -> TaskInfo {
         let (args, kwargs, context) = self.payload.decode();
+        TaskInfo { args, kwargs, context, ..self.info_without_payload() }
+    }
+
+    /// [`TaskRecord::info`] encoded as MessagePack (a map with field names), its `args`, `kwargs` and `context`
+    /// copied as the bytes they arrived as: no tree of values is built, whatever the arguments hold (an array of
+    /// millions of nils costs its bytes, not a value each).
+    pub fn info_bytes(&self) -> Result<Vec<u8>, String> {
+        let head = rmp_serde::to_vec_named(&self.info_without_payload()).map_err(|e| e.to_string())?;
+        let entries = map_entries(&head).ok_or("not a map")??;
+        let (args, kwargs, context) = self.payload.parts();
+        let mut out = Vec::with_capacity(head.len() + self.payload.bytes().len());
+        rmp::encode::write_map_len(&mut out, entries.len() as u32).map_err(|e| e.to_string())?;
+        for (key, value) in entries {
+            out.extend_from_slice(key);
+            out.extend_from_slice(match key_str(key) {
+                Some("args") => args,
+                Some("kwargs") => kwargs,
+                Some("context") => context,
+                _ => value,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The task as `get` shows it, with empty arguments.
+    fn info_without_payload(&self) -> TaskInfo {
         TaskInfo {
             id: self.id.to_string(),
             queue: self.queue.clone(),
@@ -117,9 +143,9 @@ impl TaskRecord {
             attempts: self.attempts,
             max_retries: self.max_retries,
             priority: self.priority,
-            args,
-            kwargs,
-            context,
+            args: Vec::new(),
+            kwargs: BTreeMap::new(),
+            context: BTreeMap::new(),
             // A nil result reads back from disk as absent; a succeeded task always shows one.
             result: match (&self.result, self.state) {
                 (None, TaskState::Success) => Some(Value::Nil),

@@ -20,8 +20,10 @@ from .errors import (
     NotRegistered,
     Retry,
     SerializationError,
+    SoftTimeLimitExceeded,
     TaskFailed,
     TaskRevokedError,
+    TimeLimitExceeded,
     TimeoutError,
 )
 
@@ -29,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncResult", "Broker", "BrokerError", "Connection", "ConnectionLost", "MaxRetriesExceededError", "NotFound",
-    "NotRegistered", "Retry", "SerializationError", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError",
-    "TimeoutError",
+    "NotRegistered", "Retry", "SerializationError", "SoftTimeLimitExceeded", "Task", "TaskFailed", "TaskRequest",
+    "TaskRevokedError", "TimeLimitExceeded", "TimeoutError",
 ]

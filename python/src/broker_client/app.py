@@ -12,13 +12,17 @@ import asyncio
 import datetime
 import functools
 import inspect
+import logging
 import os
 import threading
 import time
+import warnings
 
 from . import flask_context, tracing
 from .connection import DEFAULT_URL, Connection
 from .errors import (
+    BrokerError,
+    ConnectionLost,
     MaxRetriesExceededError,
     Retry,
     SerializationError,
@@ -40,6 +44,8 @@ _FOREVER = 2**32 - 1
 _BATCH = 1000
 #: How long one wait of ``aget`` holds an executor thread (it waits again until the task finishes or times out).
 _AGET_SLICE = 0.25
+
+_log = logging.getLogger("broker_client.worker")
 
 
 def _is_flask_app(obj):
@@ -130,7 +136,9 @@ class Broker:
 
     def task(self, fn=None, **options):
         """``@broker.task`` or ``@broker.task(bind=True, name=..., queue=..., max_retries=...,
-        default_retry_delay=..., lease_timeout=..., autoretry_for=(...), retry_backoff=..., priority=...)``."""
+        default_retry_delay=..., lease_timeout=..., autoretry_for=(...), retry_backoff=..., priority=...,
+        rate_limit="100/m", concurrency_limit=..., unique_key=..., unique_for=..., soft_time_limit=...,
+        time_limit=...)``."""
         if fn is not None and callable(fn) and not options:
             return self._register(fn, {})
         if fn is not None:
@@ -159,12 +167,40 @@ class Broker:
         queue = queue or self.default_queue or DEFAULT_QUEUE
         return self.connection().call("purge", queue=queue)["purged"]
 
+    def pause(self, queue):
+        """Stops every worker from leasing `queue`'s tasks until ``resume`` (the daemon holds it, across restarts;
+        enqueues are still taken, running tasks finish). Returns whether it was paused already."""
+        return self.connection().call("pause", queue=queue)["was_paused"]
+
+    def resume(self, queue):
+        """Lets workers lease `queue`'s tasks again; returns whether it was paused."""
+        return self.connection().call("resume", queue=queue)["was_paused"]
+
+    def set_limit(self, task=None, queue=None, rate=None, concurrency=None):
+        """Limits the tasks of one name (`task`) or of one `queue` (give exactly one), for every worker together:
+        `rate` starts per second, minute or hour (``"100/m"``, ``"10/s"``, ``"5/h"``; a number is per second),
+        `concurrency` running at once. It replaces that name's limit whole; neither `rate` nor `concurrency`
+        removes it."""
+        if (task is None) == (queue is None):
+            raise ValueError("set_limit: give task= or queue=, not both and not neither")
+        fields = {"scope": "task", "name": task} if task is not None else {"scope": "queue", "name": queue}
+        if rate is not None:
+            fields["rate"] = str(rate)
+        if concurrency is not None:
+            fields["concurrency"] = int(concurrency)
+        self.connection().call("set_limit", **fields)
+
+    def limits(self):
+        """The limits the daemon holds: dicts with ``scope`` (``"task"`` or ``"queue"``), ``name``, ``rate`` and
+        ``concurrency`` (absent when not set) and ``running`` (leases they cover now)."""
+        return self.connection().call("limits")["limits"]
+
 
 class TaskRequest:
     """``self.request`` inside a bound task: what the worker knows about the current attempt."""
 
     def __init__(self, id=None, retries=0, max_retries=None, queue=None, task=None, context=None,
-                 args=(), kwargs=None, called_directly=True):
+                 args=(), kwargs=None, called_directly=True, lease_id=None):
         self.id = id
         self.retries = retries
         self.max_retries = max_retries
@@ -176,17 +212,32 @@ class TaskRequest:
         self.args = list(args)
         self.kwargs = dict(kwargs or {})
         self.called_directly = called_directly
+        #: The lease this attempt runs under, which ``update_state`` quotes to the daemon.
+        self.lease_id = lease_id
+        #: Set when a progress report learned that the task was revoked: the worker ends it REVOKED.
+        self.revoked = False
 
     def __repr__(self):
         return f"<TaskRequest {self.task}[{self.id}] retries={self.retries}>"
 
 
 class Task:
-    """A registered task. Call it to run it here; ``delay``/``apply_async`` to run it in a worker."""
+    """A registered task. Call it to run it here; ``delay``/``apply_async`` to run it in a worker.
+
+    ``rate_limit`` and ``concurrency_limit`` are declared to the daemon by each worker that starts (``set_limit``)
+    and hold for every worker together. ``unique_key`` (a string, or a function of ``(args, kwargs)`` returning one,
+    or None for no key) makes enqueues of a key that is held return the task holding it; ``unique_for`` (seconds)
+    holds the key for that long instead of until the task finishes. ``soft_time_limit`` and ``time_limit``
+    (seconds) override the worker's ``--soft-time-limit`` and ``--time-limit``.
+    """
 
     def __init__(self, broker, fn, *, name=None, bind=False, queue=None, max_retries=3,
                  default_retry_delay=DEFAULT_RETRY_DELAY, lease_timeout=None, autoretry_for=(),
-                 retry_backoff=False, retry_backoff_max=600, priority=0, expires=None, result_ttl=None):
+                 retry_backoff=False, retry_backoff_max=600, priority=0, expires=None, result_ttl=None,
+                 rate_limit=None, concurrency_limit=None, unique_key=None, unique_for=None, soft_time_limit=None,
+                 time_limit=None):
+        if unique_for is not None and unique_key is None:
+            raise ValueError("unique_for needs a unique_key")
         self.broker = broker
         self.fn = fn
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -201,6 +252,12 @@ class Task:
         self.priority = priority
         self.expires = expires
         self.result_ttl = result_ttl
+        self.rate_limit = rate_limit
+        self.concurrency_limit = concurrency_limit
+        self.unique_key = unique_key
+        self.unique_for = unique_for
+        self.soft_time_limit = soft_time_limit
+        self.time_limit = time_limit
         self._local = threading.local()
         if fn is not None:
             functools.update_wrapper(self, fn)
@@ -231,8 +288,9 @@ class Task:
     def apply_async(self, args=None, kwargs=None, **options):
         """Enqueues the task. Options: ``countdown`` in seconds; ``eta`` a datetime (naive = local time) or Unix
         seconds; ``expires`` seconds from now or a datetime; ``priority``, ``task_id``, ``queue``,
-        ``max_retries``, ``lease_timeout``, ``result_ttl``. Raises SerializationError if an argument is not plain
-        data."""
+        ``max_retries``, ``lease_timeout``, ``result_ttl``; ``unique_key`` and ``unique_for`` (seconds) as the
+        decorator's. Raises SerializationError if an argument is not plain data. While another task holds the
+        unique key, nothing is enqueued and the result is that task's."""
         reply = self.broker.connection().call("enqueue", task=self._spec(args, kwargs, **options))
         return AsyncResult(reply["id"], self.broker, task_name=self.name)
 
@@ -261,7 +319,8 @@ class Task:
         return results
 
     def _spec(self, args, kwargs, *, countdown=None, eta=None, priority=None, task_id=None, queue=None,
-              expires=None, max_retries=None, lease_timeout=None, result_ttl=None):
+              expires=None, max_retries=None, lease_timeout=None, result_ttl=None, unique_key=None,
+              unique_for=None):
         """The enqueue spec of one call (see ``apply_async``)."""
         args = list(args or ())
         kwargs = dict(kwargs or {})
@@ -304,6 +363,7 @@ class Task:
         result_ttl = self.result_ttl if result_ttl is None else result_ttl
         if result_ttl is not None:
             spec["result_ttl_ms"] = int(result_ttl * 1000)
+        self._unique(spec, args, kwargs, unique_key, unique_for)
         context = {}
         request_context = flask_context.capture(self.broker.context_settings, self.broker.g_dumpers, self.name)
         if request_context is not None:
@@ -314,6 +374,21 @@ class Task:
         if context:
             spec["context"] = context
         return spec
+
+    def _unique(self, spec, args, kwargs, unique_key, unique_for):
+        """Adds the unique key of one call to `spec`: the call's, else the task's (called with the arguments if it
+        is a function, which may return None: this call is not unique), and its window likewise."""
+        if unique_key is None and unique_for is not None and self.unique_key is None:
+            raise ValueError("unique_for needs a unique_key")
+        unique_key = self.unique_key if unique_key is None else unique_key
+        if callable(unique_key):
+            unique_key = unique_key(args, kwargs)
+        if unique_key is None:
+            return
+        spec["unique_key"] = str(unique_key)
+        unique_for = self.unique_for if unique_for is None else unique_for
+        if unique_for is not None:
+            spec["unique_for_ms"] = max(0, int(unique_for * 1000))
 
     def _check_signature(self, args, kwargs):
         """Fails at enqueue, not in the worker, when the arguments cannot bind to the function."""
@@ -343,6 +418,44 @@ class Task:
             countdown = self.default_retry_delay
         raise Retry(exc, countdown)
 
+    def update_state(self, task_id=None, state="PROGRESS", meta=None):
+        """Inside a bound task running in a worker: reports how far it got, as Celery's
+        ``self.update_state(state="PROGRESS", meta={"current": 3, "total": 10})``. Until the next report or the
+        end of the task, ``AsyncResult.state`` says `state` and ``AsyncResult.info`` gives `meta` (plain data).
+
+        The report goes to the daemon at once, quoting the task's lease, on the connection of the process that
+        runs the task. If the daemon answers that the task was revoked, this raises TaskRevokedError: its outcome
+        would be discarded, so the task stops here (catch it to clean up) and ends REVOKED. A report the daemon
+        cannot take because the lease is gone or the connection broke is logged, not raised: it must not fail the
+        work. Called outside a worker (the task called directly) it only warns, so such a task still runs as a
+        plain function."""
+        request = self.request
+        if request.called_directly:
+            warnings.warn(f"{self.name}: update_state() outside a worker reports nothing (the task was called "
+                          f"directly)", RuntimeWarning, stacklevel=2)
+            return
+        if task_id is not None and task_id != request.id:
+            raise ValueError(f"{self.name}: update_state() reports on the running task only ({request.id}), "
+                             f"not {task_id}: the lease it quotes is that task's")
+        if state in TERMINAL_STATES:
+            raise ValueError(f"{self.name}: update_state(state={state!r}): the task's outcome is what it returns "
+                             f"or raises; report progress under a state of your own, e.g. 'PROGRESS'")
+        check_value(f"the meta given to {self.name}.update_state()", meta, "be sent as progress")
+        try:
+            reply = self.broker.connection().call("progress", task_id=request.id, lease_id=request.lease_id,
+                                                  state=state, meta=meta)
+        except BrokerError as e:
+            if e.code != "lease_lost":
+                raise  # a bad state name or a meta too large: the caller's to fix
+            _log.warning("task %s[%s]: progress not recorded: the lease is gone (%s)", self.name, request.id, e)
+            return
+        except ConnectionLost as e:
+            _log.warning("task %s[%s]: progress not recorded: %s", self.name, request.id, e)
+            return
+        if reply.get("revoked"):
+            request.revoked = True
+            raise TaskRevokedError(f"task {request.id} was revoked while running")
+
 
 def _unix_ms(when):
     if isinstance(when, (int, float)):
@@ -352,6 +465,15 @@ def _unix_ms(when):
     if isinstance(when, datetime.date):
         return int(datetime.datetime(when.year, when.month, when.day).timestamp() * 1000)
     raise TypeError(f"expected a datetime or Unix seconds, got {type(when).__name__}")
+
+
+def _progress(info):
+    """The progress report of a running task's current attempt, or None. The daemon keeps a task's last report
+    through a retry, so a report older than the attempt's start is a previous attempt's."""
+    progress = info.get("progress")
+    if info["state"] != "STARTED" or progress is None:
+        return None
+    return progress if progress.get("at_ms", 0) >= info.get("started_at_ms", 0) else None
 
 
 class AsyncResult:
@@ -385,19 +507,27 @@ class AsyncResult:
 
     @property
     def state(self):
-        return self._fetch()["state"]
+        """The task's state; while it runs, the state of its latest progress report if it made one
+        (``update_state``, e.g. ``"PROGRESS"``), as Celery's."""
+        info = self._fetch()
+        progress = _progress(info)
+        return progress["state"] if progress is not None else info["state"]
 
     status = state
 
     @property
     def result(self):
-        """The return value for SUCCESS, the exception for FAILURE, else None."""
+        """As Celery's: the return value for SUCCESS, the exception for FAILURE (and RETRY), the meta of the latest
+        progress report while the task runs, else None."""
         info = self._fetch()
         if info["state"] == "SUCCESS":
             return info.get("result")
         if info["state"] in ("FAILURE", "RETRY") and info.get("error"):
             return self._exception(info)
-        return None
+        progress = _progress(info)
+        return progress.get("meta") if progress is not None else None
+
+    info = result
 
     @property
     def traceback(self):
@@ -405,13 +535,13 @@ class AsyncResult:
         return error.get("traceback")
 
     def ready(self):
-        return self.state in TERMINAL_STATES
+        return self._fetch()["state"] in TERMINAL_STATES
 
     def successful(self):
-        return self.state == "SUCCESS"
+        return self._fetch()["state"] == "SUCCESS"
 
     def failed(self):
-        return self.state == "FAILURE"
+        return self._fetch()["state"] == "FAILURE"
 
     async def aget(self, timeout=None, propagate=True):
         """``get`` for asyncio code. It waits in short slices on a worker thread (``asyncio.to_thread``), so many

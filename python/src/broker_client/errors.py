@@ -64,6 +64,22 @@ class MaxRetriesExceededError(Exception):
     """``self.retry()`` was called with no retries left and no ``exc`` to re-raise."""
 
 
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a running task when its ``soft_time_limit`` has passed, so it can clean up (as Celery's
+    ``celery.exceptions.SoftTimeLimitExceeded``). Not caught, it fails the task like any exception."""
+
+    def __init__(self, message="the task ran past its soft time limit"):
+        super().__init__(message)
+
+
+class TimeLimitExceeded(Exception):
+    """A task ran past its hard ``time_limit`` and was stopped (as Celery's ``celery.exceptions.TimeLimitExceeded``):
+    the worker fails it with this type, without retrying. ``AsyncResult.get()`` raises it."""
+
+    def __init__(self, message="the task ran past its time limit"):
+        super().__init__(message)
+
+
 class TaskFailed(Exception):
     """A task failed in a worker. ``type_name``, ``message`` and ``traceback`` are what the worker reported.
 
@@ -86,11 +102,15 @@ class TaskFailed(Exception):
 
 _remote_classes = {}
 
+#: Error types the worker itself reports by their bare name (as ``WorkerLostError``), mapped to this package's
+#: classes so that ``except TimeLimitExceeded:`` catches them from ``get()``.
+_WORKER_ERRORS = {"TimeLimitExceeded": TimeLimitExceeded}
+
 
 def _local_class(type_name):
     """The exception class `type_name` names here, if it is a builtin or can be imported; else None."""
     if "." not in type_name:
-        cls = getattr(builtins, type_name, None)
+        cls = getattr(builtins, type_name, None) or _WORKER_ERRORS.get(type_name)
     else:
         module_name, _, attr = type_name.rpartition(".")
         try:

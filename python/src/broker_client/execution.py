@@ -92,8 +92,18 @@ def _event_loop():
     return loop
 
 
-def run_job(broker, job):
-    """Runs one leased task; returns its outcome map (never raises)."""
+def time_limits(task, defaults):
+    """The (soft, hard) time limits of `task` in seconds: its own, else the worker's `defaults`; None or 0 is no
+    limit."""
+    soft, hard = defaults
+    return (soft if task.soft_time_limit is None else task.soft_time_limit,
+            hard if task.time_limit is None else task.time_limit)
+
+
+def run_job(broker, job, limiter=None):
+    """Runs one leased task; returns its outcome map (never raises). `limiter`, if given, enforces the soft time
+    limit: ``limiter.arm(task)`` just before the task's code, ``limiter.disarm()`` just after (SIGALRM in a prefork
+    child, the worker's watchdog in the threads pool)."""
     from .app import TaskRequest
 
     name = job["task"]
@@ -107,14 +117,36 @@ def run_job(broker, job):
     retries = max(0, job.get("attempt", 1) - 1)
     request = TaskRequest(id=job["id"], retries=retries, max_retries=job.get("max_retries"), queue=job.get("queue"),
                           task=name, context=job.get("context"), args=job.get("args", []),
-                          kwargs=job.get("kwargs", {}), called_directly=False)
+                          kwargs=job.get("kwargs", {}), called_directly=False, lease_id=job.get("lease_id"))
     task._push_request(request)
+    try:
+        outcome = _run(broker, job, task, request, limiter)
+    finally:
+        if limiter is not None:
+            # Again, in case the limit struck while the first disarm began: a limit armed after the task must
+            # not strike the worker's own code.
+            limiter.disarm()
+        task._pop_request()
+    # A progress report learned the task was revoked: whatever it did next, its outcome is discarded.
+    return {"ok": False, "revoked": True} if request.revoked else outcome
+
+
+def _run(broker, job, task, request, limiter):
+    """Calls the task inside its contexts; returns its outcome map."""
+    name = job["task"]
+    retries = request.retries
     try:
         with tracing.continued(job.get("context"), name, job["id"], job.get("queue"), job.get("attempt", 1)), \
                 flask_context.task_context(broker.flask_app, job.get("context"), broker.g_loaders):
-            result = task(*job.get("args", []), **job.get("kwargs", {}))
-            if inspect.isawaitable(result):  # an `async def` task: run it on this thread's event loop
-                result = _event_loop().run_until_complete(result)
+            if limiter is not None:
+                limiter.arm(task)
+            try:
+                result = task(*job.get("args", []), **job.get("kwargs", {}))
+                if inspect.isawaitable(result):  # an `async def` task: run it on this thread's event loop
+                    result = _event_loop().run_until_complete(result)
+            finally:
+                if limiter is not None:
+                    limiter.disarm()
         try:
             serialization.check_value(f"the result of {name}", result, "be stored as a task result")
         except SerializationError as exc:
@@ -133,8 +165,6 @@ def run_job(broker, job):
             countdown = None if task.retry_backoff else int(task.default_retry_delay * 1000)
             return {"ok": False, "retry": True, "countdown_ms": countdown, "error": error}
         return {"ok": False, "retry": False, "error": error}
-    finally:
-        task._pop_request()
 
 
 def _die_with_parent(parent_pid):
