@@ -701,3 +701,46 @@ async fn chains_and_chords_built_with_the_producer_run_through_workers() {
     stop.graceful();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_task_past_its_time_limit_is_stopped_and_fails_and_a_handler_reports_progress() {
+    let server = TestServer::start().await;
+    let producer = Producer::new(server.client().await);
+    async fn slow(_: Task<()>) -> Result<(), TaskFailure> {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok(())
+    }
+    async fn import(task: Task<(u32,)>) -> Result<u32, TaskFailure> {
+        for done in 1..=task.args.0 {
+            let meta = std::collections::BTreeMap::from([("current", done), ("total", task.args.0)]);
+            broker_client::worker::progress("PROGRESS", &meta).await.map_err(|e| TaskFailure::msg(e.to_string()))?;
+        }
+        // Hold on until the test has read the last report.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(task.args.0)
+    }
+    let built = worker(&server)
+        .register("slow", slow)
+        .register("import", import)
+        .time_limit("slow", Duration::from_millis(200))
+        .build();
+    let (stop, run) = spawn(built);
+    let started = std::time::Instant::now();
+    let id = producer.task("slow").max_retries(3).enqueue().await.unwrap().id;
+    let info = finished(producer.client(), &id).await;
+    assert_eq!(info.state, TaskState::Failure, "not retried");
+    assert_eq!(info.error.unwrap().kind, broker_client::worker::TIME_LIMIT_EXCEEDED);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let id = producer.task("import").args((3,)).enqueue().await.unwrap().id;
+    let progress = eventually("the last progress report", WAIT, || async {
+        let info = producer.client().get(&id).await.ok()?;
+        info.progress.filter(|p| p.meta == Value::Map(vec![("current".into(), 3.into()), ("total".into(), 3.into())]))
+    })
+    .await;
+    assert_eq!(progress.state, "PROGRESS");
+    assert_eq!(finished(producer.client(), &id).await.result, Some(Value::from(3)));
+    // Outside a handler there is nothing to report on.
+    assert!(broker_client::worker::progress("PROGRESS", &()).await.is_err());
+    stop.graceful();
+    run.await.unwrap().unwrap();
+}

@@ -182,6 +182,20 @@ impl WorkerBuilder {
         self
     }
 
+    /// The longest a task named `name` may run (Celery's `time_limit`): past it the handler is stopped (dropped
+    /// at its next `.await`) and the task fails with `TimeLimitExceeded`, not retried. A handler that must clean
+    /// up can race its own work against a shorter `tokio::time::timeout` (Celery's `soft_time_limit`).
+    pub fn time_limit(mut self, name: impl Into<String>, limit: Duration) -> Self {
+        self.inner.time_limits.insert(name.into(), limit);
+        self
+    }
+
+    /// The time limit of tasks with none of their own ([`WorkerBuilder::time_limit`]); default none.
+    pub fn default_time_limit(mut self, limit: Duration) -> Self {
+        self.inner.default_time_limit = Some(limit);
+        self
+    }
+
     /// Registers `handler` for tasks named `name` (a later registration for the same name replaces it).
     ///
     /// A handler is an async function from a [`Task<A, K>`] to `Result<R, TaskFailure>`: `A` is decoded from the
@@ -224,6 +238,8 @@ struct Inner {
     reconnect_min: Duration,
     reconnect_max: Duration,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    time_limits: HashMap<String, Duration>,
+    default_time_limit: Option<Duration>,
 }
 
 /// Asks a running [`Worker`] to stop, from anywhere. Cheap to clone.
@@ -277,6 +293,8 @@ impl Worker {
                 reconnect_min: Duration::from_millis(100),
                 reconnect_max: Duration::from_secs(5),
                 handlers: HashMap::new(),
+                time_limits: HashMap::new(),
+                default_time_limit: None,
             },
         }
     }
@@ -541,6 +559,7 @@ enum Outcome {
     Finished(Result<crate::proto::Value, TaskFailure>),
     Panicked(String),
     Revoked,
+    TimedOut(Duration),
 }
 
 /// A leased task's room in the worker: its place among the leases held, and the slots it runs in.
@@ -617,9 +636,17 @@ async fn run_task(inner: Arc<Inner>, client: Client, leased: LeasedTask, permits
         }
     };
     tracing::debug!(task = %leased.id, name = %leased.task, attempt = leased.attempt, "running");
-    let mut handle = AbortOnDrop(tokio::spawn(with_context(leased.context.clone(), run)));
+    let reporter = Reporter { client: client.clone(), task_id: leased.id.clone(), lease_id: leased.lease_id };
+    let mut handle = AbortOnDrop(tokio::spawn(REPORTER.scope(reporter, with_context(leased.context.clone(), run))));
+    let limit = inner.time_limits.get(&leased.task).copied().or(inner.default_time_limit);
+    let deadline = tokio::time::sleep(limit.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
     let outcome = loop {
         tokio::select! {
+            _ = &mut deadline, if limit.is_some() => {
+                handle.0.abort();
+                break Outcome::TimedOut(limit.expect("checked"));
+            },
             joined = &mut handle.0 => break match joined {
                 Ok(result) => Outcome::Finished(result),
                 Err(e) if e.is_panic() => Outcome::Panicked(panic_message(e.into_panic())),
@@ -675,7 +702,39 @@ async fn run_task(inner: Arc<Inner>, client: Client, leased: LeasedTask, permits
             let failure = TaskFailure::new("Revoked", "revoked while running").no_retry();
             report_failure(&client, &leased, &failure).await;
         }
+        Outcome::TimedOut(limit) => {
+            tracing::warn!(task = %leased.id, name = %leased.task, ?limit, "time limit exceeded; handler stopped");
+            let message = format!("task {} ran past its time limit of {limit:?}", leased.task);
+            report_failure(&client, &leased, &TaskFailure::new(TIME_LIMIT_EXCEEDED, message).no_retry()).await;
+        }
     }
+}
+
+/// The `type` of the failure of a task stopped by its time limit.
+pub const TIME_LIMIT_EXCEEDED: &str = "TimeLimitExceeded";
+
+/// What a running handler reports its progress through ([`progress`]).
+#[derive(Clone)]
+struct Reporter {
+    client: Client,
+    task_id: String,
+    lease_id: u64,
+}
+
+tokio::task_local! {
+    static REPORTER: Reporter;
+}
+
+/// Reports the running task's progress, as Celery's `self.update_state(state="PROGRESS", meta={...})`: `get`
+/// shows `state` and `meta` (`TaskInfo::progress`) until the next report. Call it from inside a handler (the
+/// future the worker runs, not a task it spawns). Returns whether the task was revoked meanwhile: the handler
+/// should then stop.
+pub async fn progress<M: Serialize>(state: &str, meta: &M) -> Result<bool, Error> {
+    let reporter = REPORTER
+        .try_with(Reporter::clone)
+        .map_err(|_| Error::new(ErrorKind::Encode, "progress() is called from inside a running task's handler"))?;
+    let meta = to_value(meta)?;
+    reporter.client.progress(&reporter.task_id, reporter.lease_id, state, meta).await
 }
 
 /// Sends `fail` for a task and logs what the daemon decided.

@@ -33,7 +33,7 @@ import threading
 import traceback
 
 from . import flask_context, outcomes, serialization, tracing
-from .errors import NotRegistered, Retry, SerializationError
+from .errors import NotRegistered, Retry, SerializationError, SoftTimeLimitExceeded
 
 
 def load_broker(spec):
@@ -179,13 +179,46 @@ def _die_with_parent(parent_pid):
         os._exit(1)
 
 
-#: The shared counters' slots (a ``multiprocessing.RawArray("q", 3)`` per child): tasks claimed, tasks done, and
-#: the number below which the child may claim.
-STARTED, SETTLED, LIMIT = 0, 1, 2
+#: The shared counters' slots (a ``multiprocessing.RawArray("q", 4)`` per child): tasks claimed, tasks done, the
+#: number below which the child may claim, and when the child claimed its latest task (``time.monotonic()`` in
+#: ms: a clock every process of the machine shares), for the parent to enforce hard time limits.
+STARTED, SETTLED, LIMIT, STARTED_AT = 0, 1, 2, 3
 NO_LIMIT = 1 << 62
 
 
-def child_main(pipe_in, pipe_out, app_spec, url, parent_pid, counters, claim, log_setup):
+def monotonic_ms():
+    return int(time.monotonic() * 1000)
+
+
+class _AlarmLimiter:
+    """The soft time limit in a prefork child, which runs tasks on its main thread: a one-shot SIGALRM timer whose
+    handler raises SoftTimeLimitExceeded in the task. (The hard limit is the parent's: it kills the child.)"""
+
+    def __init__(self, defaults):
+        self.defaults = defaults
+        self.armed = None  # the soft limit in seconds while a task runs under one
+        signal.signal(signal.SIGALRM, self._expired)
+
+    def arm(self, task):
+        soft, _hard = time_limits(task, self.defaults)
+        if soft:
+            self.armed = soft
+            signal.setitimer(signal.ITIMER_REAL, soft)
+
+    def disarm(self):
+        if self.armed is not None:
+            self.armed = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _expired(self, _signum, _frame):
+        # Only while the task runs: a signal already on its way when the task ended is dropped. The timer fires
+        # once, so nothing comes after this.
+        soft, self.armed = self.armed, None
+        if soft is not None:
+            raise SoftTimeLimitExceeded(f"the task ran past its soft time limit ({soft}s)")
+
+
+def child_main(pipe_in, pipe_out, app_spec, url, parent_pid, counters, claim, log_setup, time_limit_defaults):
     """The child process's entry point: load the app, then run what the parent hands it until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -200,14 +233,15 @@ def child_main(pipe_in, pipe_out, app_spec, url, parent_pid, counters, claim, lo
         pipe_out.send_bytes(serialization.packb({"fatal": traceback.format_exc()}))
         return
     pipe_out.send_bytes(serialization.packb({"ready": True}))
-    _Child(broker, pipe_in, pipe_out, counters, claim).run()
+    _Child(broker, pipe_in, pipe_out, counters, claim, _AlarmLimiter(time_limit_defaults)).run()
 
 
 class _Child:
     """The child's loop: one thread reads the parent's messages, runs tasks and reads the daemon's replies."""
 
-    def __init__(self, broker, pipe_in, pipe_out, counters, claim):
+    def __init__(self, broker, pipe_in, pipe_out, counters, claim, limiter):
         self.broker = broker
+        self.limiter = limiter
         self.conn = broker.connection()
         self.pipe = pipe_in
         self.pipe_out = pipe_out
@@ -258,6 +292,7 @@ class _Child:
         with self.claim:
             mine = seq < counters[LIMIT]
             if mine:
+                counters[STARTED_AT] = monotonic_ms()
                 counters[STARTED] = seq + 1
         if not mine:
             pass  # the parent took it back (a shutdown) and releases it
@@ -268,7 +303,7 @@ class _Child:
             outcomes.settle_revoked(self.conn, job)
         else:
             started = time.monotonic()
-            outcome = run_job(self.broker, job)
+            outcome = run_job(self.broker, job, self.limiter)
             outcomes.settle(self.conn, job, outcome, time.monotonic() - started)
         counters[SETTLED] = seq + 1
         if last and not self.closed:
