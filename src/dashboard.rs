@@ -56,6 +56,7 @@ pub fn routes(shared: Arc<Shared>, addr: std::net::SocketAddr) -> Router {
         .route("/task/delete", post(delete))
         .route("/dead", get(dead))
         .route("/dead/requeue", post(requeue))
+        .route("/queue/pause", post(pause))
         .route("/login", get(login_form).post(login))
         .route("/metrics", get(metrics))
         .with_state(dash)
@@ -238,9 +239,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
     out.push_str("</section>");
     let _ = write!(out, r#"<section class="card"><h2>Throughput, last 10 minutes</h2>{}</section>"#, chart(&samples));
 
-    out.push_str(r#"<section class="card"><h2>Queues</h2><table id="queues"><thead><tr><th>Queue</th><th class="n">Ready</th><th class="n">Scheduled</th><th class="n">Running</th><th class="n">Succeeded</th><th class="n">Failed</th><th class="n">Dead</th></tr></thead><tbody>"#);
+    out.push_str(r#"<section class="card"><h2>Queues</h2><table id="queues"><thead><tr><th>Queue</th><th class="n">Ready</th><th class="n">Scheduled</th><th class="n">Running</th><th class="n">Succeeded</th><th class="n">Failed</th><th class="n">Dead</th><th>Leasing</th></tr></thead><tbody>"#);
     if stats.queues.is_empty() {
-        out.push_str(r#"<tr><td colspan="7" class="empty">No queues yet: enqueue a task.</td></tr>"#);
+        out.push_str(r#"<tr><td colspan="8" class="empty">No queues yet: enqueue a task.</td></tr>"#);
     }
     for q in &stats.queues {
         let dead = if q.dead > 0 {
@@ -248,18 +249,68 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         } else {
             "0".into()
         };
+        // Pause and resume for every worker at once (proto.md, `pause`).
+        let (state, action, flag) = if q.paused {
+            (r#"<span class="badge REVOKED">paused</span>"#, "Resume", "0")
+        } else {
+            ("on", "Pause", "1")
+        };
         let _ = write!(
             out,
-            r#"<tr class="queue" data-queue="{name}"><td class="name">{name}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{dead}</td></tr>"#,
+            r#"<tr class="queue" data-queue="{name}" data-paused="{paused}"><td class="name">{name}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{dead}</td><td><div class="actions row">{state}<form method="post" action="/queue/pause"><input type="hidden" name="queue" value="{name}"><input type="hidden" name="paused" value="{flag}"><button class="pause">{action}</button></form></div></td></tr>"#,
             q.ready,
             q.scheduled,
             q.leased,
             q.succeeded,
             q.failed,
-            name = esc(&q.name)
+            name = esc(&q.name),
+            paused = q.paused,
         );
     }
     out.push_str("</tbody></table></section>");
+
+    let schedules = dash.shared.store.schedules();
+    if !schedules.is_empty() {
+        let now = dash.shared.store.now_ms();
+        out.push_str(r#"<section class="card"><h2>Schedules</h2><table id="schedules"><thead><tr><th>Schedule</th><th>Task</th><th>When</th><th>Next</th><th>Last</th></tr></thead><tbody>"#);
+        for s in &schedules {
+            let timing = match (&s.cron, s.every_ms) {
+                (Some(cron), _) => format!("{cron} {}", s.timezone.as_deref().unwrap_or("UTC")),
+                (None, Some(ms)) => format!("every {}", duration(ms)),
+                _ => String::new(),
+            };
+            let next = match s.next_ms {
+                _ if s.paused => r#"<span class="badge REVOKED">paused</span>"#.to_string(),
+                Some(at) => when(now, at),
+                None => "–".into(),
+            };
+            let last = s.last_ms.map_or_else(|| "–".into(), |at| when(now, at));
+            let _ = write!(
+                out,
+                r#"<tr class="schedule"><td class="name">{}</td><td>{}</td><td>{}</td><td>{next}</td><td>{last}</td></tr>"#,
+                esc(&s.name),
+                esc(&s.task.task),
+                esc(&timing)
+            );
+        }
+        out.push_str("</tbody></table></section>");
+    }
+    let limits = crate::cmd::limits(&dash.shared).limits;
+    if !limits.is_empty() {
+        out.push_str(r#"<section class="card"><h2>Limits</h2><table id="limits"><thead><tr><th>On</th><th>Name</th><th>Rate</th><th class="n">Concurrency</th><th class="n">Running</th></tr></thead><tbody>"#);
+        for l in &limits {
+            let _ = write!(
+                out,
+                r#"<tr class="limit"><td>{}</td><td class="name">{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
+                esc(&l.scope),
+                esc(&l.name),
+                esc(l.rate.as_deref().unwrap_or("–")),
+                l.concurrency.map_or_else(|| "–".into(), |c| c.to_string()),
+                l.running
+            );
+        }
+        out.push_str("</tbody></table></section>");
+    }
 
     let running = dash.shared.store.running_by_conn(5);
     let connections = dash.shared.connections.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -518,6 +569,27 @@ async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target)
     }
     tracing::info!(task = %target.id, "requeued from the dashboard");
     Redirect::to("/dead").into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct PauseForm {
+    queue: String,
+    /// "1" to pause, "0" to resume.
+    paused: String,
+}
+
+async fn pause(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(form): Form<PauseForm>) -> Response {
+    if let Some(turned_away) = gate(&dash, &headers, true) {
+        return turned_away;
+    }
+    let paused = form.paused == "1";
+    match dash.shared.store.set_paused(&form.queue, paused) {
+        Ok(_) => {}
+        Err(e @ StoreError::Invalid(_)) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+    tracing::info!(queue = %form.queue, paused, "queue paused or resumed from the dashboard");
+    Redirect::to("/").into_response()
 }
 
 async fn delete(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(Target { id }): Form<Target>) -> Response {

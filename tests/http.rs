@@ -146,3 +146,39 @@ async fn metric_series_are_bounded_whatever_names_producers_choose() {
     assert!(enqueued.contains(&r#"broker_tasks_total{queue="_other",task="_other",outcome="enqueued"} 5"#));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_pauses_and_resumes_a_queue_and_lists_schedules_and_limits() {
+    let server = with_http(Vec::new()).await;
+    let http = server.handle.as_ref().unwrap().http_addr().unwrap();
+    let client = server.client().await;
+    client.enqueue(TaskSpec { queue: Some("mail".into()), ..TaskSpec::new("send") }).await.unwrap();
+    let schedule = broker_client::proto::ScheduleAdd {
+        name: "nightly-digest".into(),
+        task: TaskSpec::new("digest"),
+        cron: Some("0 3 * * *".into()),
+        ..Default::default()
+    };
+    client.schedule_add(&schedule).await.unwrap();
+    let limit = broker_client::proto::SetLimit {
+        scope: "task".into(),
+        name: "send".into(),
+        rate: Some("100/m".into()),
+        concurrency: None,
+    };
+    client.set_limit(&limit).await.unwrap();
+    let body = tokio::task::spawn_blocking(move || {
+        let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+        assert_eq!(request(http, "POST", "/queue/pause", form, "queue=mail&paused=1").0, 303);
+        let (_, page) = get(http, "/", None);
+        assert_eq!(request(http, "POST", "/queue/pause", form, "queue=%2A&paused=1").0, 400, "not a queue name");
+        page
+    })
+    .await
+    .unwrap();
+    assert!(body.contains(r#"data-queue="mail" data-paused="true""#), "the row says paused");
+    assert!(body.contains("Resume") && body.contains("nightly-digest") && body.contains("0 3 * * * UTC"));
+    assert!(body.contains("100/m"));
+    assert!(client.stats().await.unwrap().queues.iter().any(|q| q.name == "mail" && q.paused));
+    server.stop().await;
+}

@@ -150,3 +150,26 @@ def test_the_dashboard_shows_queues_tasks_and_requeues_a_dead_task(dashboard):
          what="the requeued task to leave the dead set")
     assert conn.call("get", task_id=dead["id"])["state"] == "PENDING"
     assert browser.eval("document.querySelector('#dead tbody').textContent").strip().startswith("Nothing")
+
+
+def test_the_dashboard_pauses_a_queue_for_every_worker(dashboard):
+    daemon, browser = dashboard
+    conn = Connection(daemon.url)
+    conn.call("enqueue", task={"task": "mail.send", "args": ["ada@example.com"], "queue": "dash-mail"})
+    conn.call("schedule_add", name="dash-digest", task={"task": "mail.digest"}, cron="0 7 * * MON",
+              timezone="Europe/Paris")
+    browser.goto(daemon.http + "/")
+    row = "#queues tr[data-queue=\"dash-mail\"]"
+    assert browser.eval(f"document.querySelector('{row}').dataset.paused") == "false"
+    browser.eval(f"document.querySelector('{row} button.pause').click()")
+    poll(lambda: browser.eval(f"document.readyState == 'complete' && "
+                              f"document.querySelector('{row}')?.dataset.paused == 'true'"),
+         what="the queue row to say paused")
+    assert conn.call("lease", queues=["dash-mail"], max=1)["tasks"] == [], "no worker gets its tasks"
+    assert "dash-digest" in browser.eval("document.querySelector('#schedules').textContent")
+    browser.screenshot("paused")
+    browser.eval(f"document.querySelector('{row} button.pause').click()")
+    poll(lambda: browser.eval(f"document.readyState == 'complete' && "
+                              f"document.querySelector('{row}')?.dataset.paused == 'false'"),
+         what="the queue row to say resumed")
+    assert len(conn.call("lease", queues=["dash-mail"], max=1)["tasks"]) == 1
