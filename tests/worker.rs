@@ -696,6 +696,12 @@ async fn chains_and_chords_built_with_the_producer_run_through_workers() {
     let header = (0..4).map(|i| producer.task("add").args((i, i))).collect();
     let chord = producer.chord(header, producer.task("total")).await.unwrap();
     assert_eq!(finished(producer.client(), &chord.callback.id).await.result, Some(Value::from(12)));
+    // A schedule built the same way runs through the same worker.
+    let schedule = producer.schedule("doubler", producer.task("double").args((21,))).every(Duration::from_secs(1));
+    let info = schedule.add().await.unwrap();
+    let tick = format!("sched:doubler:{}", info.next_ms.unwrap());
+    eventually("the first tick's task", WAIT, || async { producer.client().get(&tick).await.ok() }).await;
+    assert_eq!(finished(producer.client(), &tick).await.result, Some(Value::from(42)));
     let group = producer.group((0..3).map(|i| producer.task("double").args((i,))).collect()).await.unwrap();
     assert_eq!(finished(producer.client(), &group[2].id).await.result, Some(Value::from(4)));
     stop.graceful();

@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::task::Context;
 use crate::client::{duration_ms, Client, ConnectOptions};
 use crate::error::{Error, ErrorKind};
-use crate::proto::{Enqueued, EnqueuedChord, TaskInfo, TaskSpec, Value};
+use crate::proto::{Enqueued, EnqueuedChord, ScheduleAdd, ScheduleInfo, TaskInfo, TaskSpec, Value};
 
 tokio::task_local! {
     static SCOPE: Arc<Context>;
@@ -130,6 +130,13 @@ impl Producer {
     pub async fn chord(&self, header: Vec<TaskBuilder>, callback: TaskBuilder) -> Result<EnqueuedChord, Error> {
         let header = header.into_iter().map(TaskBuilder::spec).collect::<Result<Vec<_>, _>>()?;
         self.client.enqueue_chord(header, callback.spec()?).await
+    }
+
+    /// A periodic schedule that enqueues `task` at each tick, kept by the daemon (proto.md, `schedule_add`):
+    /// `producer.schedule("nightly", producer.task("cleanup")).cron("30 2 * * *").timezone("Europe/Paris").add()`.
+    pub fn schedule(&self, name: impl Into<String>, task: TaskBuilder) -> ScheduleBuilder {
+        let request = ScheduleAdd { name: name.into(), ..ScheduleAdd::default() };
+        ScheduleBuilder { producer: self.clone(), request, task }
     }
 
     fn prepare(&self, spec: &mut TaskSpec) {
@@ -340,6 +347,47 @@ impl TaskBuilder {
         let producer = self.producer.clone();
         let id = self.enqueue().await?.id;
         producer.client.wait(&id, timeout).await
+    }
+}
+
+/// A periodic schedule being built ([`Producer::schedule`]).
+#[derive(Debug)]
+#[must_use = "a schedule builder does nothing until `.add()` is awaited"]
+pub struct ScheduleBuilder {
+    producer: Producer,
+    request: ScheduleAdd,
+    task: TaskBuilder,
+}
+
+impl ScheduleBuilder {
+    /// Ticks by a cron expression: five fields (minute hour day-of-month month day-of-week) or six with seconds.
+    pub fn cron(mut self, expression: impl Into<String>) -> Self {
+        self.request.cron = Some(expression.into());
+        self
+    }
+
+    /// The IANA time zone the cron expression is read in (default UTC).
+    pub fn timezone(mut self, zone: impl Into<String>) -> Self {
+        self.request.timezone = Some(zone.into());
+        self
+    }
+
+    /// Or: a tick every `period` (at least a second).
+    pub fn every(mut self, period: Duration) -> Self {
+        self.request.every_ms = Some(duration_ms(period));
+        self
+    }
+
+    /// Ticks missed while the daemon was down are skipped (by default the latest of them fires once).
+    pub fn skip_missed(mut self) -> Self {
+        self.request.catch_up = Some("skip".into());
+        self
+    }
+
+    /// Adds the schedule (or changes the one of that name; the same definition again changes nothing).
+    pub async fn add(mut self) -> Result<ScheduleInfo, Error> {
+        self.request.task = self.task.spec()?;
+        self.producer.client.schedule_add(&self.request).await
     }
 }
 

@@ -90,7 +90,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-pub use context::{apply_scope, current_context, to_value, with_context, Producer, TaskBuilder};
+pub use context::{apply_scope, current_context, to_value, with_context, Producer, ScheduleBuilder, TaskBuilder};
 pub use task::{Context, Task, TaskFailure, INVALID_ARGUMENTS, INVALID_RESULT, PANIC, RETRY, UNKNOWN_TASK};
 
 use crate::client::{duration_ms, Client, ConnectOptions};
