@@ -176,3 +176,19 @@ async fn a_rate_limit_is_global_across_several_workers() {
     assert!(total >= 15, "only {total} tasks in {elapsed:.2} s: the limit starves the workers");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_same_limit_again_keeps_its_bucket() {
+    let server = TestServer::start_manual().await;
+    let client = server.client().await;
+    client.set_limit(&limit("task", "t", Some("1/m"), None)).await.unwrap();
+    enqueue(&client, "default", "t", 3).await;
+    assert_eq!(client.lease(&lease("default", 5, 0)).await.unwrap().len(), 1);
+    // A worker restarting declares it again: no new burst.
+    client.set_limit(&limit("task", "t", Some("1/m"), None)).await.unwrap();
+    assert!(client.lease(&lease("default", 5, 0)).await.unwrap().is_empty());
+    // A different one starts afresh.
+    client.set_limit(&limit("task", "t", Some("2/m"), None)).await.unwrap();
+    assert_eq!(client.lease(&lease("default", 5, 0)).await.unwrap().len(), 1);
+    server.stop().await;
+}

@@ -94,3 +94,17 @@ async fn a_running_task_reports_progress_that_get_shows_and_a_restart_keeps() {
     assert_eq!(client.get(&id).await.unwrap().progress.unwrap().state, "PROGRESS");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_attempt_starts_without_the_last_ones_progress() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let id = client.enqueue(TaskSpec::new("import")).await.unwrap().id;
+    let task = client.lease(&lease_all()).await.unwrap().pop().unwrap();
+    client.progress(&id, task.lease_id, "PROGRESS", Value::from(50)).await.unwrap();
+    client.release(&id, task.lease_id).await.unwrap();
+    assert!(client.get(&id).await.unwrap().progress.is_some(), "kept while it waits");
+    client.lease(&lease_all()).await.unwrap().pop().unwrap();
+    assert!(client.get(&id).await.unwrap().progress.is_none(), "cleared when the next attempt starts");
+    server.stop().await;
+}

@@ -230,6 +230,15 @@ impl Store {
         let gate = Gate::new(&limit, now)?;
         let remove = limit.rate.is_none() && limit.concurrency.is_none();
         let mut control = self.control();
+        let current = match scope {
+            Scope::Task => control.task_limits.get(name),
+            Scope::Queue => control.queue_limits.get(name),
+        };
+        if current == Some(&limit) {
+            // Workers declare their tasks' limits at every start: the same limit again keeps its bucket, or each
+            // restart would allow another burst.
+            return Ok(());
+        }
         let mut changed = control.clone();
         let limits = match scope {
             Scope::Task => &mut changed.task_limits,

@@ -1105,6 +1105,10 @@ impl Store {
                 record.state = TaskState::Started;
                 record.attempts += 1;
                 record.started_at_ms = Some(now);
+                if let Some(extra) = record.extra.as_deref_mut() {
+                    // A new attempt has reported nothing yet.
+                    extra.progress = None;
+                }
                 let deadline_ms = now.saturating_add(lease_ms);
                 let leased = Grant {
                     id: id.to_string(),
