@@ -6,9 +6,12 @@ Run it (from python/examples/, with a daemon running: `broker serve` at the repo
     flask --app flask_app run                          # the web app on http://127.0.0.1:5000
     python -m broker_client worker flask_app:broker --queues default --concurrency 2
 
-Then open http://127.0.0.1:5000/ and press the button (or `curl -X POST -H 'X-User-Id: 1' localhost:5000/reports`).
+Then open http://127.0.0.1:5000/ and press a button (or `curl -X POST -H 'X-User-Id: 1' localhost:5000/reports`).
 The task runs in the worker inside a copy of the request: `request.path`, `request.args`, `request.headers`,
 `url_for(..., _external=True)` and `g.user` are what the view saw.
+
+"Export" starts a long task that reports its progress (`self.update_state`); its page polls a JSON status route
+and draws a progress bar with plain JavaScript.
 """
 
 import os
@@ -70,9 +73,40 @@ def build_report(self, kind):
     }
 
 
+@broker.task(bind=True, lease_timeout=60)
+def export_rows(self, steps):
+    """A long task that says how far it got: AsyncResult.state is "PROGRESS" and .info its meta while it runs."""
+    for done in range(steps):
+        time.sleep(0.3)  # one chunk of the work
+        self.update_state(state="PROGRESS", meta={"current": done + 1, "total": steps})
+    return {"rows": steps * 1000, "for": g.user.name}
+
+
 PAGE = """<!doctype html><title>Reports</title>
 <h1>Reports for {{ g.user.name }}</h1>
 <form method=post action="{{ url_for('start_report', format='pdf') }}"><button>Build a report</button></form>
+<form method=post action="{{ url_for('start_export') }}"><button>Export (with a progress bar)</button></form>
+"""
+
+EXPORT = """<!doctype html><title>Export {{ task_id }}</title>
+<h1>Export {{ task_id }}</h1>
+<div style="width:400px;border:1px solid #888"><div id=bar style="width:0;height:20px;background:#4a8"></div></div>
+<p id=status>Waiting for a worker...</p>
+<script>
+const statusUrl = {{ url_for('export_status', task_id=task_id) | tojson }};
+async function refresh() {
+  const s = await (await fetch(statusUrl)).json();
+  if (s.total) {
+    document.getElementById("bar").style.width = (100 * s.current / s.total) + "%";
+  }
+  let text = s.state + (s.total ? ": " + s.current + " of " + s.total : "");
+  if (s.state === "SUCCESS") text += " (" + JSON.stringify(s.result) + ")";
+  if (s.error) text += ": " + s.error;
+  document.getElementById("status").textContent = text;
+  if (!["SUCCESS", "FAILURE", "REVOKED"].includes(s.state)) setTimeout(refresh, 500);
+}
+refresh();
+</script>
 """
 
 STATUS = """<!doctype html><title>Report {{ task_id }}</title>
@@ -108,3 +142,33 @@ def report_status(task_id):
     if request.accept_mimetypes.best == "application/json":
         return jsonify(task_id=task_id, state=state, result=data, error=error)
     return render_template_string(STATUS, task_id=task_id, state=state, result=data, error=error)
+
+
+@app.post("/exports")
+def start_export():
+    result = export_rows.delay(int(request.args.get("steps", 20)))
+    if request.accept_mimetypes.best == "application/json":
+        return jsonify(task_id=result.id, status=url_for("export_status", task_id=result.id, _external=True))
+    return render_template_string('<meta http-equiv=refresh content="0;url={{ u }}">',
+                                  u=url_for("export_page", task_id=result.id))
+
+
+@app.get("/exports/<task_id>")
+def export_page(task_id):
+    return render_template_string(EXPORT, task_id=task_id)
+
+
+@app.get("/exports/<task_id>/status")
+def export_status(task_id):
+    """What the page polls: the state and, while the task runs, how far it got (its last progress report)."""
+    result = broker.AsyncResult(task_id)
+    info = result.info  # read before the state: each is a request, and the task may move on in between
+    state = result.state
+    status = {"task_id": task_id, "state": state, "current": 0, "total": 0, "result": None, "error": None}
+    if state == "PROGRESS" and isinstance(info, dict):
+        status.update(current=info["current"], total=info["total"])
+    elif state == "SUCCESS":
+        status.update(current=1, total=1, result=result.result)
+    elif state == "FAILURE":
+        status["error"] = f"{result.info.type_name}: {result.info}"
+    return jsonify(status)

@@ -81,18 +81,20 @@ class Daemon:
 
 
 class WorkerProcess:
-    """`python -m broker_client worker tasks_app:broker` as a child process, logging to a file."""
+    """`python -m broker_client worker tasks_app:broker` (or another `app`, run from `cwd`) as a child process,
+    logging to a file; `extra` are more command line options."""
 
-    def __init__(self, url, queues, log_path, concurrency=2, grace=30.0, prefetch=None, pool="prefork"):
+    def __init__(self, url, queues, log_path, concurrency=2, grace=30.0, prefetch=None, pool="prefork", extra=(),
+                 app="tasks_app:broker", cwd=TESTS_DIR):
         self.pool = pool
         self.log_path = log_path
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker_client", "worker", "tasks_app:broker", "--url", url,
+            [sys.executable, "-m", "broker_client", "worker", app, "--url", url,
              "--queues", ",".join(queues), "--concurrency", str(concurrency), "--grace", str(grace)]
-            + ([] if prefetch is None else ["--prefetch", str(prefetch)]) + ["--pool", pool],
-            cwd=TESTS_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            + ([] if prefetch is None else ["--prefetch", str(prefetch)]) + ["--pool", pool, *extra],
+            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         poll(lambda: "worker ready" in self.output() or self.process.poll() is not None, timeout=60,
              what="the worker to start")

@@ -1,5 +1,6 @@
 """The app the tests enqueue into and the test workers run: a Flask app bound to a Broker, with tasks that
-exercise results, failures, retries, blocking, bad results and the Flask request context."""
+exercise results, failures, retries, blocking, bad results, the Flask request context, limits, unique keys,
+progress reports and time limits."""
 
 import asyncio
 import os
@@ -7,7 +8,7 @@ import time
 
 from flask import Flask, g, has_app_context, has_request_context, jsonify, request, url_for
 
-from broker_client import Broker
+from broker_client import Broker, SoftTimeLimitExceeded, TaskRevokedError
 
 QUEUE = "tests"
 
@@ -141,3 +142,83 @@ def trace_seen(self):
     context = trace.get_current_span().get_span_context()
     return {"traceparent": self.request.traceparent,
             "trace_id": format(context.trace_id, "032x") if context.is_valid else None}
+
+
+@broker.task(rate_limit="5/s")
+def stamped():
+    """When it started: the rate limit test reads the starts."""
+    return time.time()
+
+
+@broker.task(unique_key=lambda args, kwargs: f"sync:{args[0]}")
+def sync_account(account, started, release):
+    """A unique task per account, held until it finishes; blocks as `block` does."""
+    return block(started, release, account)
+
+
+@broker.task(bind=True)
+def reports_progress(self, started, release):
+    """Reports 3 of 10, then blocks as `block` does."""
+    self.update_state(state="PROGRESS", meta={"current": 3, "total": 10})
+    return block(started, release, "reported")
+
+
+@broker.task(bind=True, lease_timeout=60)
+def reports_until_revoked(self, started, stopped):
+    """Reports progress every 20 ms for a minute; writes `stopped` when a report says it was revoked. Its lease is
+    long, so no heartbeat (every 20 s) learns of the revoke first."""
+    with open(started, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        for i in range(3000):
+            self.update_state(meta={"current": i})
+            time.sleep(0.02)
+    except TaskRevokedError:
+        with open(stopped, "w") as f:
+            f.write("stopped")
+        raise
+    return "never revoked"
+
+
+def _nap(seconds, on_soft_limit):
+    """Sleeps `seconds` in 20 ms naps (a thread takes an asynchronous exception between two). At the soft time
+    limit: "return" returns "cleaned up", "raise" lets it fail the task, "ignore" naps on."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+            return "slept"
+        except SoftTimeLimitExceeded:
+            if on_soft_limit == "return":
+                return "cleaned up"
+            if on_soft_limit == "raise":
+                raise
+
+
+@broker.task(soft_time_limit=0.5)
+def soft_limited(seconds, on_soft_limit="return"):
+    return _nap(seconds, on_soft_limit)
+
+
+@broker.task(soft_time_limit=0.5)
+async def async_soft_limited(seconds):
+    """Waits in its event loop, where the soft time limit cancels it (or raises in it, if it is running then)."""
+    try:
+        await asyncio.sleep(seconds)
+    except (SoftTimeLimitExceeded, asyncio.CancelledError):
+        return "cleaned up"
+    return "slept"
+
+
+@broker.task
+def naps(seconds, on_soft_limit="return"):
+    """No limits of its own: the worker's --soft-time-limit and --time-limit apply."""
+    return _nap(seconds, on_soft_limit)
+
+
+@broker.task(time_limit=1)
+def overruns(seconds):
+    """One long sleep in C, past its time limit."""
+    time.sleep(seconds)
+    return "slept"

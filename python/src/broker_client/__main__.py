@@ -25,6 +25,12 @@ def main(argv=None):
                         "tcp://:TOKEN@host:7420 with a token; else BROKER_TOKEN is used)")
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running tasks get to finish after SIGTERM before they are released")
+    worker.add_argument("--soft-time-limit", type=float, default=None,
+                        help="seconds after which SoftTimeLimitExceeded is raised in a running task, for tasks that "
+                        "set no soft_time_limit (default: none)")
+    worker.add_argument("--time-limit", type=float, default=None,
+                        help="seconds after which a running task is stopped and fails with TimeLimitExceeded, for "
+                        "tasks that set no time_limit (default: none)")
     worker.add_argument("--loglevel", "-l", default=os.environ.get("BROKER_LOGLEVEL", "info"))
     args = parser.parse_args(argv)
 
@@ -37,7 +43,8 @@ def main(argv=None):
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     worker = Worker(args.app, queues=queues, concurrency=args.concurrency, url=args.url, grace=args.grace,
-                    prefetch=args.prefetch, pool=args.pool)
+                    prefetch=args.prefetch, pool=args.pool, soft_time_limit=args.soft_time_limit,
+                    time_limit=args.time_limit)
     try:
         return worker.run()
     except (BrokerError, ConnectionLost) as e:

@@ -12,7 +12,9 @@ tasks *claimed* (started, or being settled without running) and *done* are the c
 parent's: the child claims a task only below it, under a lock they share. At a warm shutdown the parent sets the
 limit to what is claimed and releases the rest itself, even while the child runs a long task. If the child dies,
 the parent reads them: the task claimed but not done was running (it fails it with ``WorkerLostError``), the tasks
-not claimed go back to their queue unrun.
+not claimed go back to their queue unrun. A fourth says when the running task was claimed: past the task's hard
+time limit the parent kills the child and fails the task with ``TimeLimitExceeded``. The soft time limit is the
+child's own (SIGALRM).
 
 Children ignore SIGINT and SIGTERM (the parent decides when they stop) and die with the parent (Linux
 ``PR_SET_PDEATHSIG``, and an end-of-file on the pipe elsewhere).
@@ -81,6 +83,7 @@ def describe_exception(exc):
 
 
 _local = threading.local()
+_loops = {}  # thread ident → that thread's event loop, for wake_loop
 
 
 def _event_loop():
@@ -88,8 +91,39 @@ def _event_loop():
     no-op task)."""
     loop = getattr(_local, "loop", None)
     if loop is None or loop.is_closed():
-        loop = _local.loop = asyncio.new_event_loop()
+        loop = _local.loop = _loops[threading.get_ident()] = asyncio.new_event_loop()
     return loop
+
+
+def wake_loop(ident):
+    """Wakes the event loop of thread `ident`, if it has one, so that an exception just raised in that thread (a
+    time limit) is not held up while the loop waits for I/O or a timer."""
+    loop = _loops.get(ident)
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(_no_op)
+
+
+def _no_op():
+    pass
+
+
+def _run_coroutine(awaitable):
+    """Runs an `async def` task to its end on this thread's event loop."""
+    loop = _event_loop()
+    task = asyncio.ensure_future(awaitable, loop=loop)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException as struck:
+        if task.done():
+            raise
+        # A time limit struck while the loop waited, outside the task's code, so it could not be raised where the
+        # task awaits: cancel the task there instead (it sees CancelledError and may clean up, or even return),
+        # so that nothing of it stays on the loop to run on during the next task.
+        task.cancel()
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise struck from None
 
 
 def time_limits(task, defaults):
@@ -143,7 +177,7 @@ def _run(broker, job, task, request, limiter):
             try:
                 result = task(*job.get("args", []), **job.get("kwargs", {}))
                 if inspect.isawaitable(result):  # an `async def` task: run it on this thread's event loop
-                    result = _event_loop().run_until_complete(result)
+                    result = _run_coroutine(result)
             finally:
                 if limiter is not None:
                     limiter.disarm()

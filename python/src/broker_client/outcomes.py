@@ -33,7 +33,11 @@ def _send(conn, op, job, on_reply, done, fields):
 
 
 def settle(conn, job, outcome, runtime, done=None):
-    """Reports a run's outcome: ``ack`` with the result on success, else ``fail`` (retrying or not)."""
+    """Reports a run's outcome: ``ack`` with the result on success, else ``fail`` (retrying or not); a task that
+    learned from a progress report that it was revoked ends REVOKED."""
+    if outcome.get("revoked"):
+        settle_revoked(conn, job, done)
+        return
     label = _label(job)
     if outcome.get("ok"):
         def acked(_body, error):
@@ -77,6 +81,12 @@ def settle_revoked(conn, job, done=None):
 
     _send(conn, "fail", job, logged, done,
           {"retry": False, "error": {"type": "TaskRevokedError", "message": "revoked while running"}})
+
+
+def time_limit_exceeded(limit):
+    """The outcome of a task stopped at its hard time limit: failed, not retried (as Celery)."""
+    return {"ok": False, "retry": False,
+            "error": {"type": "TimeLimitExceeded", "message": f"the task ran past its time limit ({limit}s)"}}
 
 
 def release(conn, job, why, done=None):

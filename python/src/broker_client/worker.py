@@ -13,10 +13,14 @@ Shape (prefork: one parent, ``concurrency`` children, one connection for leases 
   leasing it. Two counters the child keeps in shared memory (started, settled) tell the parent what a child that
   died was running;
 * the **heartbeat thread** sends ``extend`` for every held task at about a third of its lease, and stops (kills) a
-  child whose running task the daemon reports revoked (a held task not yet started is skipped by the child).
+  child whose running task the daemon reports revoked (a held task not yet started is skipped by the child). It
+  also enforces hard time limits: it kills a child whose task has run past its ``time_limit`` (the task fails
+  with ``TimeLimitExceeded``, not retried, and the child is replaced). Soft time limits are the child's (SIGALRM).
 
 With the threads and solo pools, slot threads run the tasks in this process and ack them pipelined; a **reply
-thread** reads the replies.
+thread** reads the replies; the heartbeat thread raises time limits in the tasks' threads.
+
+At start the worker declares the rate and concurrency limits its tasks carry to the daemon (``set_limit``).
 
 The parent never runs task code. A child that dies mid-task fails its task with ``WorkerLostError`` (retried within
 its budget), the tasks it held but had not started go back to their queue unrun, and the child is replaced. If the
@@ -30,6 +34,7 @@ settled.
 """
 
 import collections
+import ctypes
 import functools
 import logging
 import math
@@ -46,8 +51,20 @@ from multiprocessing.connection import wait as wait_for
 
 from . import outcomes, serialization
 from .connection import Connection, redact
-from .errors import BrokerError, ConnectionLost
-from .execution import LIMIT, NO_LIMIT, SETTLED, STARTED, child_main, load_broker, run_job
+from .errors import BrokerError, ConnectionLost, SoftTimeLimitExceeded, TimeLimitExceeded
+from .execution import (
+    LIMIT,
+    NO_LIMIT,
+    SETTLED,
+    STARTED,
+    STARTED_AT,
+    child_main,
+    load_broker,
+    monotonic_ms,
+    run_job,
+    time_limits,
+    wake_loop,
+)
 
 log = logging.getLogger("broker_client.worker")
 
@@ -79,7 +96,7 @@ class _Slot:
     def __init__(self, worker, index):
         self.worker = worker
         self.index = index
-        self.lock = threading.Lock()  # guards `outstanding`, `pending`, `ready`, `revoked_id`, `abandoned`
+        self.lock = threading.Lock()  # guards `outstanding`, `pending`, `ready`, `revoked_id`, `timed_out`, `abandoned`
         # Numbering tasks and queueing their bytes for the child happen together under this lock (the lease
         # thread, this slot's thread, the heartbeat), so the child numbers them in the same order.
         self.send_lock = threading.Lock()
@@ -98,6 +115,7 @@ class _Slot:
         self.doorbell_r, self.doorbell_w = os.pipe()  # wakes the slot thread (bytes to write, or exit)
         os.set_blocking(self.doorbell_w, False)
         self.revoked_id = None  # the daemon said the running task was revoked; the child was killed
+        self.timed_out = None  # (task id, limit): the running task passed its hard time limit; the child was killed
         self.abandoned = False  # shutdown ran out of time; the child was killed, its task is released
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
 
@@ -107,13 +125,13 @@ class _Slot:
         context = self.worker.mp_context
         child_in, to_child = context.Pipe(duplex=False)
         from_child, child_out = context.Pipe(duplex=False)
-        counters = context.RawArray("q", 3)
+        counters = context.RawArray("q", 4)
         counters[LIMIT] = NO_LIMIT
         claim = context.Lock()
         process = context.Process(
             target=child_main,
             args=(child_in, child_out, self.worker.app_spec, self.worker.url_override, os.getpid(), counters,
-                  claim, _log_setup()),
+                  claim, _log_setup(), self.worker.time_limit_defaults),
             name=f"broker-worker-child-{self.index}",
             daemon=True,
         )
@@ -313,6 +331,39 @@ class _Slot:
             self._send({"revoke": job["id"]})
             return True
 
+    def check_time_limit(self):
+        """From the heartbeat thread: kills the child if its running task has passed its hard time limit (the slot
+        thread then fails the task with TimeLimitExceeded and replaces the child)."""
+        with self.lock:
+            if self.revoked_id is not None or self.timed_out is not None or self.abandoned:
+                return  # the child is being stopped already (and its claims are held)
+            job = self._running()
+            limit = self._overdue(job)
+        if not limit:
+            return
+        with self.send_lock:
+            # As for a revoke: hold the child's claims, so the kill cannot hit a task it moves on to meanwhile.
+            if not (self.ready and self._hold_claims()):
+                return
+            with self.lock:
+                if self._running() is job and self._overdue(job):
+                    self.timed_out = (job["id"], limit)
+                    self.kill()
+                    log.warning("task %s[%s] ran past its time limit (%ss): killing its worker process", job["task"],
+                                job["id"], limit)
+                    return  # the claim lock stays taken: this child starts nothing more
+            self.claim.release()
+
+    def _overdue(self, job):
+        """`job`'s hard time limit if the child has run it for longer, else None. Called with `lock` held."""
+        if job is None:
+            return None
+        task = self.worker.broker.tasks.get(job["task"])
+        if task is None:
+            return None
+        _soft, hard = time_limits(task, self.worker.time_limit_defaults)
+        return hard if hard and monotonic_ms() - self.counters[STARTED_AT] >= hard * 1000 else None
+
     def stop_running(self):
         """Shutdown ran out of time: stop the child if it runs a task (which is released)."""
         with self.send_lock:
@@ -392,8 +443,8 @@ class _Slot:
             self.outbuf.clear()
             jobs = list(self.outstanding)
             self.outstanding.clear()
-            revoked_id, abandoned = self.revoked_id, self.abandoned
-            self.revoked_id, self.abandoned = None, False
+            revoked_id, timed_out, abandoned = self.revoked_id, self.timed_out, self.abandoned
+            self.revoked_id, self.timed_out, self.abandoned = None, None, False
         worker = self.worker
         conn = worker.broker.connection()
         for seq, job in jobs:
@@ -406,6 +457,8 @@ class _Slot:
                 outcomes.release(conn, job, "stopped by shutdown", done)
             elif job["id"] == revoked_id:
                 outcomes.settle_revoked(conn, job, done)
+            elif timed_out is not None and job["id"] == timed_out[0]:
+                outcomes.settle(conn, job, outcomes.time_limit_exceeded(timed_out[1]), timed_out[1], done)
             else:
                 outcomes.settle(conn, job, {
                     "ok": False, "retry": True, "countdown_ms": 0,
@@ -447,14 +500,23 @@ class _ThreadSlot:
     """A slot of the ``threads`` and ``solo`` pools: its thread runs each task itself, in the worker process. No
     pipe, no child, so a short task costs far less; but a thread cannot be stopped: a task revoked while it runs
     ends ``REVOKED`` only once it returns, and one still running when the grace period is over is left to finish
-    as the process exits (the daemon then requeues it, the attempt counted)."""
+    as the process exits (the daemon then requeues it, the attempt counted).
+
+    Time limits are raised in the task's thread as asynchronous exceptions (``PyThreadState_SetAsyncExc``) by the
+    heartbeat thread: SoftTimeLimitExceeded, then TimeLimitExceeded; a task past its hard limit ends FAILURE with
+    TimeLimitExceeded whatever it does with them. They take effect only when the thread runs Python code: a task
+    blocked in C code (a long ``time.sleep``, a socket read without a timeout) cannot be stopped until that
+    returns."""
 
     def __init__(self, worker, index):
         self.worker = worker
         self.index = index
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `current`, `revoked`, `limits`, `soft_hit`, `timed_out`
         self.current = None  # the task this thread runs
         self.revoked = False  # the daemon said the current task was revoked
+        self.limits = None  # (started, soft, hard) while the current task's code runs under a time limit
+        self.soft_hit = False  # SoftTimeLimitExceeded was raised in the current task
+        self.timed_out = None  # the hard limit TimeLimitExceeded was raised at, in the current task
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
 
     def spawn(self):
@@ -505,18 +567,60 @@ class _ThreadSlot:
 
     def _run(self, job):
         with self.lock:
-            self.current, self.revoked = job, False
+            self.current, self.revoked, self.soft_hit, self.timed_out = job, False, False, None
         started = time.monotonic()
-        outcome = run_job(self.worker.broker, job)
+        outcome = run_job(self.worker.broker, job, self)
         with self.lock:
             self.current = None
-            revoked = self.revoked
+            revoked, timed_out = self.revoked, self.timed_out
+        if timed_out is not None:
+            outcome = outcomes.time_limit_exceeded(timed_out)
         done = functools.partial(self.worker.reported, job)
         conn = self.worker.broker.connection()
         if revoked:
             outcomes.settle_revoked(conn, job, done)
         else:
             outcomes.settle(conn, job, outcome, time.monotonic() - started, done)
+
+    # -- time limits: run_job arms them around the task's code; the heartbeat thread checks them -------------
+
+    def arm(self, task):
+        soft, hard = time_limits(task, self.worker.time_limit_defaults)
+        if soft or hard:
+            with self.lock:
+                self.limits = (time.monotonic(), soft, hard)
+
+    def disarm(self):
+        with self.lock:
+            if self.limits is not None:
+                self.limits = None
+                # An exception raised as the task ended, not yet delivered, must not hit the slot's own code.
+                _raise_in_thread(self.thread.ident, None)
+
+    def check_time_limit(self):
+        """Raises the time limit the current task has passed in its thread, once each."""
+        with self.lock:
+            if self.limits is None:
+                return
+            started, soft, hard = self.limits
+            elapsed = time.monotonic() - started
+            if hard and elapsed >= hard and self.timed_out is None:
+                self.timed_out, exc, limit = hard, TimeLimitExceeded, hard
+            elif soft and elapsed >= soft and not self.soft_hit:
+                self.soft_hit, exc, limit = True, SoftTimeLimitExceeded, soft
+            else:
+                return
+            _raise_in_thread(self.thread.ident, exc)
+            wake_loop(self.thread.ident)  # an `async def` task may be waiting in its event loop
+            job = self.current
+        log.warning("task %s[%s] ran past its %s (%ss): raising %s in it", job["task"], job["id"],
+                    "time limit" if exc is TimeLimitExceeded else "soft time limit", limit, exc.__name__)
+
+
+def _raise_in_thread(ident, exc):
+    """Raises the exception class `exc` in the thread `ident` when it next runs Python code (None: cancels one
+    not raised yet)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc) if exc else None)
 
 
 def _log_setup():
@@ -535,7 +639,7 @@ class Worker:
     """``Worker(app_spec, queues=["default"], concurrency=os.cpu_count()).run()``; see the module docstring."""
 
     def __init__(self, app_spec, queues=None, concurrency=None, url=None, grace=60.0, start_method="spawn",
-                 prefetch=None, pool="prefork"):
+                 prefetch=None, pool="prefork", soft_time_limit=None, time_limit=None):
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}: one of {', '.join(POOLS)}")
         self.pool = pool
@@ -551,6 +655,8 @@ class Worker:
         #: as Celery's default ``worker_prefetch_multiplier`` does; children get them in batches.
         self.prefetch = 3 * self.concurrency if prefetch is None else max(0, int(prefetch))
         self.grace = grace
+        #: The (soft, hard) time limits in seconds of tasks that set none (None: no limit).
+        self.time_limit_defaults = (soft_time_limit, time_limit)
         self.mp_context = multiprocessing.get_context(start_method)
         self.inbox = queue_module.Queue()
         self.held = self.concurrency + self.prefetch
@@ -571,6 +677,7 @@ class Worker:
         """Runs until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
         conn = self.broker.connection()
         conn.open()  # fail fast, with the URL in the message, if the daemon is not there or refuses the token
+        self._declare_limits()
         # Leases on a connection of their own: replies on one connection keep request order, so a lease that
         # could be answered at once would otherwise wait behind the acks' disk flushes.
         self.lease_connection = Connection(self.broker.url, client_name=self.broker.client_name)
@@ -615,6 +722,21 @@ class Worker:
         pump.join(timeout=5)
         log.info("worker stopped")
         return 0
+
+    def _declare_limits(self):
+        """Sets the rate and concurrency limits the registered tasks declare (``rate_limit``,
+        ``concurrency_limit``), for every worker together: the daemon keeps them (across its restarts too) and
+        holds leases to them. Tasks that declare none are left alone: an operator may have set one."""
+        for name, task in sorted(self.broker.tasks.items()):
+            if task.rate_limit is None and task.concurrency_limit is None:
+                continue
+            try:
+                self.broker.set_limit(task=name, rate=task.rate_limit, concurrency=task.concurrency_limit)
+            except BrokerError as e:
+                raise BrokerError(e.code, f"task {name}: rate_limit={task.rate_limit!r}, concurrency_limit="
+                                  f"{task.concurrency_limit!r}: {e.message}", e.op) from None
+            log.info("task %s: rate limit %s, concurrency limit %s (for every worker together)", name,
+                     task.rate_limit or "none", task.concurrency_limit or "none")
 
     def stop(self, cold=False):
         """Asks the worker to shut down (what SIGTERM does; `cold` skips the grace period)."""
@@ -742,6 +864,8 @@ class Worker:
                 return
             for running in due:
                 self._extend(running)
+            for slot in self.slots:
+                slot.check_time_limit()
             time.sleep(0.1)
 
     def _extend(self, running):
