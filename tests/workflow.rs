@@ -3,7 +3,7 @@
 
 mod common;
 
-use broker_client::proto::{Fail, Lease, LeasedTask, TaskSpec, TaskState, Value};
+use broker_client::proto::{DeadRequeue, Fail, Lease, LeasedTask, TaskSpec, TaskState, Value};
 use broker_client::{Client, ConnectOptions};
 use common::{Daemon, TestServer};
 
@@ -199,4 +199,61 @@ fn kill_9_in_the_middle_of_a_chain_and_of_a_chord_loses_no_step() {
         assert!(lease_one(&client).await.is_none(), "no step ran twice");
     });
     daemon.kill_9();
+}
+
+#[tokio::test]
+async fn requeueing_a_failed_head_resumes_its_chain_after_a_checkpoint_and_its_links_stay_out_of_the_dead_set() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let head = TaskSpec { chain: vec![spec("b", vec![])], ..spec("a", vec![]) };
+    let enqueued = client.enqueue(head).await.unwrap();
+    let a = lease_one(&client).await.unwrap();
+    let error = broker_client::proto::TaskError { kind: "ValueError".into(), message: "bad".into(), traceback: None };
+    client
+        .fail(&Fail { task_id: a.id.clone(), lease_id: a.lease_id, error, retry: false, countdown_ms: None })
+        .await
+        .unwrap();
+    // The finished records leave memory once sled has them.
+    let store = server.handle.as_ref().unwrap().store();
+    store.write_to_sled().unwrap();
+    store.write_to_sled().unwrap();
+    // The link was failed by its head: it is not in the dead set and cannot be requeued on its own.
+    let link = DeadRequeue { ids: vec![enqueued.chain[0].clone()], queue: None };
+    assert_eq!(client.dead_requeue(link).await.unwrap(), 0);
+    assert_eq!(client.dead_requeue(DeadRequeue { ids: vec![enqueued.id.clone()], queue: None }).await.unwrap(), 1);
+    run_one(&client, "again".into()).await;
+    let b = run_one(&client, Value::Nil).await;
+    assert_eq!((b.id.as_str(), b.args.as_slice()), (enqueued.chain[0].as_str(), &[Value::from("again")][..]));
+    assert!(lease_one(&client).await.is_none(), "b ran once");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn workflows_refuse_what_would_break_them() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let refused = |spec: TaskSpec| {
+        let client = &client;
+        async move { client.enqueue(spec).await.unwrap_err() }
+    };
+    // A link with a unique key (it could find another task), two tasks of a chain with one id, a schedule's id.
+    let unique_link = TaskSpec { unique_key: Some("k".into()), ..spec("b", vec![]) };
+    refused(TaskSpec { chain: vec![unique_link], ..spec("a", vec![]) }).await;
+    let same = TaskSpec { id: Some("x".into()), ..spec("b", vec![]) };
+    refused(TaskSpec { chain: vec![same.clone(), same.clone()], ..spec("a", vec![]) }).await;
+    refused(TaskSpec { id: Some("x".into()), chain: vec![same], ..spec("a", vec![]) }).await;
+    refused(TaskSpec { id: Some("sched:billing:1".into()), ..spec("a", vec![]) }).await;
+    refused(TaskSpec { chain: vec![spec("b", vec![]); 1001], ..spec("a", vec![]) }).await;
+    // A chord with one member twice, or a member with the callback's id.
+    let member = TaskSpec { id: Some("m".into()), ..spec("part", vec![]) };
+    assert!(client.enqueue_chord(vec![member.clone(), member.clone()], spec("whole", vec![])).await.is_err());
+    let callback = TaskSpec { id: Some("m".into()), ..spec("whole", vec![]) };
+    assert!(client.enqueue_chord(vec![member], callback).await.is_err());
+    // A purged member fails its chord rather than leave the callback waiting for ever.
+    let header = vec![TaskSpec { queue: Some("parts".into()), ..spec("part", vec![]) }];
+    let chord = client.enqueue_chord(header, spec("whole", vec![])).await.unwrap();
+    assert_eq!(client.purge("parts").await.unwrap(), 1);
+    let callback = client.get(&chord.callback.id).await.unwrap();
+    assert_eq!((callback.state, callback.error.unwrap().kind.as_str()), (TaskState::Failure, "ChordError"));
+    server.stop().await;
 }

@@ -5,10 +5,10 @@
 //!   When it succeeds, the daemon enqueues the first link, its result prepended to the link's args (unless the
 //!   link is `immutable`), carrying the rest, under the same lock hold as the ack: one log round has both.
 //! - **Chord**: the members are ordinary tasks that name their callback; the callback is stored at once, waiting
-//!   in no queue. When the last member succeeds, the callback gets the array of the members' results (read
-//!   from memory or disk outside the state lock) and joins its queue. The count of members still to finish is
-//!   kept in memory and rebuilt at startup from the members' states, so a crash between a member's ack and the
-//!   callback's release loses nothing: the release happens after the restart.
+//!   in no queue. Each member's success sets its bit on the callback's record, in the commit of its ack. When the
+//!   last bit is set, the callback gets the array of the members' results (read from memory or disk outside the
+//!   state lock) and joins its queue. A crash between the last ack and the release loses nothing: the bits are
+//!   on disk, and the release happens after the restart.
 //! - **Failure**: a task that ends `FAILURE` or `REVOKED` ends its chain's later links the same way, with its
 //!   error (`failed_by_parent`; not in the dead set: they never ran), as Celery marks the rest of a failed chain.
 //!   A chord member that ends so fails the callback with a `ChordError` naming it. Requeueing the failed task from
@@ -50,6 +50,8 @@ impl Store {
         // A chain's links get their ids now, so the producer can follow each.
         for link in &mut spec.chain {
             if link.id.is_none() {
+                // A new sequence number per id: ids made in one millisecond then differ in their counter too.
+                st.take_seq(now);
                 link.id = Some(self.new_id(st));
             }
         }
@@ -92,8 +94,6 @@ impl Store {
         self.happened(st, &record.id, &record.queue, &record.task, Outcome::enqueued, now);
         let created = |state| Enqueued { id: id.to_string(), created: true, state, chain: chain_ids.clone() };
         if waiting {
-            let count = record.extra.as_ref().map_or(0, |e| e.members.len());
-            st.chords.insert(id.clone(), count);
             st.touch(&id);
             st.live.insert(id.clone(), Arc::new(record));
             return (created(TaskState::Pending), false);
@@ -129,14 +129,25 @@ impl Store {
         if header.is_empty() {
             return Err(StoreError::Invalid("a chord needs at least one member in `header`".into()));
         }
+        if header.len() > super::MAX_CHORD {
+            return Err(StoreError::Invalid(format!("a chord has at most {} members", super::MAX_CHORD)));
+        }
         for (i, member) in header.iter().enumerate() {
             let invalid = |m: &str| StoreError::Invalid(format!("header {i}: {m}"));
-            self.validate(member).map_err(|e| invalid(&e.to_string()))?;
+            super::check_client_ids(member)
+                .and_then(|()| self.validate(member))
+                .map_err(|e| invalid(&e.to_string()))?;
             if !member.chain.is_empty() || member.unique_key.is_some() {
                 return Err(invalid("a chord's member has no chain and no unique key"));
             }
+            let id = member.id.as_ref();
+            if id.is_some() && (header[..i].iter().any(|m| m.id.as_ref() == id) || callback.id.as_ref() == id) {
+                return Err(invalid("two tasks of the chord have the same id"));
+            }
         }
-        self.validate(&callback).map_err(|e| StoreError::Invalid(format!("callback: {e}")))?;
+        super::check_client_ids(&callback)
+            .and_then(|()| self.validate(&callback))
+            .map_err(|e| StoreError::Invalid(format!("callback: {e}")))?;
         if callback.unique_key.is_some() {
             return Err(StoreError::Invalid("callback: a chord's callback has no unique key".into()));
         }
@@ -200,14 +211,19 @@ impl Store {
                 self.fail_links(st, done, &extra.chain, now);
             }
         }
-        if let Some((callback, _)) = &extra.chord {
+        if let Some((callback, index)) = &extra.chord {
             if done.state == TaskState::Success {
-                if let Some(left) = st.chords.get_mut(callback.as_str()) {
-                    *left = left.saturating_sub(1);
-                    if *left == 0 {
-                        st.chords.remove(callback.as_str());
-                        st.chords_ready.push(Id::from(callback.as_str()));
-                    }
+                // Noted on the callback itself, in the same commit as the member's ack: the count survives a
+                // restart and does not depend on the members' results still being stored.
+                let Some(record) = st.live.get_mut(callback.as_str()) else { return };
+                if !record.extra.as_ref().is_some_and(|e| e.waiting) {
+                    return;
+                }
+                let all = Arc::make_mut(record).extra_mut().member_succeeded(*index as usize);
+                let callback = Id::from(callback.as_str());
+                st.touch(&callback);
+                if all {
+                    st.chords_ready.push(callback);
                 }
             } else {
                 let error = TaskError {
@@ -228,8 +244,9 @@ impl Store {
             next.args.insert(0, done.result.as_deref().cloned().unwrap_or(Value::Nil));
         }
         let id = next.id.clone().unwrap_or_default();
-        // A link this task's earlier failure ended goes: the chain resumes (the task was requeued).
-        if st.record(&id).is_some_and(|r| r.extra.as_ref().is_some_and(|e| e.failed_by_parent)) {
+        // A link this task's earlier failure ended goes: the chain resumes (the task was requeued). Only such a
+        // finished link: one that exists otherwise is the chain's step taken already.
+        if st.done.get(id.as_str()).is_some_and(|meta| meta.by_parent) {
             st.delete(&Id::from(id.as_str()));
         }
         let (_, ready) = self.insert(st, NewTask::from(next), now, None);
@@ -254,6 +271,9 @@ impl Store {
             let mut spec = link.clone();
             spec.chain.clear();
             let (enqueued, _) = self.insert(st, NewTask::from(spec), now, None);
+            if enqueued.id != id || !enqueued.created {
+                continue;
+            }
             let Some(mut record) = st.take_live(&enqueued.id) else { continue };
             self.unqueue(st, &record);
             record.state = done.state;
@@ -266,8 +286,7 @@ impl Store {
     }
 
     /// Fails a chord's waiting callback (a member failed).
-    fn fail_callback(&self, st: &mut State, callback: &str, error: TaskError, now: u64) {
-        st.chords.remove(callback);
+    pub(super) fn fail_callback(&self, st: &mut State, callback: &str, error: TaskError, now: u64) {
         let waiting = st.live.get(callback).is_some_and(|r| r.extra.as_ref().is_some_and(|e| e.waiting));
         if !waiting {
             return;
@@ -293,67 +312,79 @@ impl Store {
             }
             std::mem::take(&mut st.chords_ready)
         };
-        for callback in ready {
-            let members = self
-                .with_record(&callback, |r| r.extra.as_ref().map(|e| e.members.clone()).unwrap_or_default())?
-                .unwrap_or_default();
-            // Read outside the state lock: finished members may be on disk only.
-            let mut results = Vec::with_capacity(members.len());
-            for member in &members {
-                results
-                    .push(self.with_record(member, |r| r.result.as_deref().cloned())?.flatten().unwrap_or(Value::Nil));
+        let mut left = ready.into_iter();
+        while let Some(callback) = left.next() {
+            if let Err(e) = self.release_chord(&callback) {
+                // Those not handled yet wait for the next try (the tick's).
+                let mut st = self.lock();
+                st.chords_ready.push(callback);
+                st.chords_ready.extend(left);
+                return Err(e);
             }
-            let now = self.now_ms();
-            let mut st = self.lock();
-            let waiting = st.live.get(&callback).is_some_and(|r| r.extra.as_ref().is_some_and(|e| e.waiting));
-            if !waiting {
-                continue;
-            }
-            let mut record = st.take_live(&callback).expect("live");
-            let extra = record.extra_mut();
-            extra.waiting = false;
-            if !extra.immutable {
-                let (mut args, kwargs, context) = record.payload.decode();
-                args.insert(0, Value::Array(std::mem::take(&mut results)));
-                record.payload = super::Payload::from_values(&args, &kwargs, &context);
-            }
-            self.schedule(&mut st, record, now, now);
-            drop(st);
-            self.ready_notify.notify_waiters();
         }
         Ok(())
     }
 
-    /// At startup, after every record is back: each waiting callback's count of members still to finish, and
-    /// the callbacks that can be released or must fail now.
-    pub(super) fn recount_chords(&self, st: &mut State, now: u64) {
-        let waiting: Vec<(Id, Vec<String>)> = st
-            .live
-            .iter()
-            .filter_map(|(id, r)| r.extra.as_ref().filter(|e| e.waiting).map(|e| (id.clone(), e.members.clone())))
-            .collect();
-        for (callback, members) in waiting {
-            let states: Vec<Option<TaskState>> = members.iter().map(|m| st.state_of(m)).collect();
-            if let Some((member, state)) = members
-                .iter()
-                .zip(&states)
-                .find(|(_, s)| matches!(s, Some(s) if s.is_terminal() && *s != TaskState::Success))
-            {
-                let error = TaskError {
-                    kind: "ChordError".into(),
-                    message: format!("chord member {member} ended {}", state.expect("found")),
-                    traceback: None,
-                };
-                self.fail_callback(st, &callback, error, now);
-                continue;
-            }
-            let left = states.iter().filter(|s| **s != Some(TaskState::Success)).count();
-            if left == 0 {
-                st.chords_ready.push(callback);
-            } else {
-                st.chords.insert(callback, left);
+    /// Releases one chord callback whose members all succeeded, with their results in header order. If one's
+    /// result is no longer stored (its TTL passed, or it was deleted, before the chord completed), the callback
+    /// fails with `ChordError` instead.
+    fn release_chord(&self, callback: &Id) -> Result<(), StoreError> {
+        let members = self
+            .with_record(callback, |r| r.extra.as_ref().map(|e| e.members.clone()).unwrap_or_default())?
+            .unwrap_or_default();
+        // Read outside the state lock: finished members may be on disk only.
+        let mut results = Vec::with_capacity(members.len());
+        let mut gone = None;
+        for member in &members {
+            match self.with_record(member, |r| (r.state, r.result.as_deref().cloned()))? {
+                Some((TaskState::Success, result)) => results.push(result.unwrap_or(Value::Nil)),
+                _ => {
+                    gone = Some(member.clone());
+                    break;
+                }
             }
         }
+        let now = self.now_ms();
+        let mut st = self.lock();
+        if let Some(member) = gone {
+            let error = TaskError {
+                kind: "ChordError".into(),
+                message: format!("the result of chord member {member} is no longer stored (its TTL passed)"),
+                traceback: None,
+            };
+            self.fail_callback(&mut st, callback, error, now);
+            drop(st);
+            self.finished_notify.notify_waiters();
+            return Ok(());
+        }
+        let waiting = st.live.get(&**callback).is_some_and(|r| r.extra.as_ref().is_some_and(|e| e.waiting));
+        if !waiting {
+            return Ok(());
+        }
+        let mut record = st.take_live(callback).expect("live");
+        let extra = record.extra_mut();
+        extra.waiting = false;
+        if !extra.immutable {
+            let (mut args, kwargs, context) = record.payload.decode();
+            args.insert(0, Value::Array(results));
+            record.payload = super::Payload::from_values(&args, &kwargs, &context);
+        }
+        self.schedule(&mut st, record, now, now);
+        drop(st);
+        self.ready_notify.notify_waiters();
+        Ok(())
+    }
+
+    /// At startup, after every record is back: the waiting callbacks whose members all succeeded (the daemon
+    /// stopped before it released them) are released at the first tick.
+    pub(super) fn recount_chords(&self, st: &mut State) {
+        let complete: Vec<Id> = st
+            .live
+            .iter()
+            .filter(|(_, r)| r.extra.as_ref().is_some_and(|e| e.waiting && e.all_succeeded()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        st.chords_ready.extend(complete);
     }
 }
 

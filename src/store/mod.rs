@@ -110,6 +110,11 @@ pub enum StoreError {
     Flush(String),
 }
 
+/// The most links one chain may have: each step copies the rest of the chain into the next link's record.
+const MAX_CHAIN: usize = 1000;
+/// The most members one chord may have: its callback's record keeps one bit per member.
+const MAX_CHORD: usize = 10_000;
+
 /// The most (queue, task name) pairs with metrics of their own; see `Store::metrics_of`.
 const MAX_METRIC_SERIES: usize = 1000;
 /// The queue and task label of the pairs past that.
@@ -322,6 +327,8 @@ enum Dirty {
 #[derive(Debug, Clone)]
 struct DoneMeta {
     state: TaskState,
+    /// Failed (or revoked) by the task its chain depended on, never run ([`canvas`]).
+    by_parent: bool,
     expires_at_ms: u64,
     /// Its queue, if it is in the dead set (`FAILURE`).
     dead_queue: Option<String>,
@@ -332,6 +339,7 @@ impl DoneMeta {
     fn of(record: &TaskRecord) -> DoneMeta {
         DoneMeta {
             state: record.state,
+            by_parent: record.extra.as_ref().is_some_and(|e| e.failed_by_parent),
             expires_at_ms: record.result_expires_at_ms.unwrap_or(u64::MAX),
             // A task failed by the task it depended on never ran: there is nothing to requeue.
             dead_queue: (record.state == TaskState::Failure
@@ -392,9 +400,7 @@ struct State {
     unique: Map<String, (Id, Option<u64>)>,
     /// (until, key) of the keys held for a time, for the tick to let go.
     unique_expiry: BTreeSet<(u64, String)>,
-    /// Waiting chord callbacks: how many members each still waits for ([`canvas`]).
-    chords: Map<Id, usize>,
-    /// Chord callbacks whose members all succeeded, to release outside the lock.
+    /// Chord callbacks whose members all succeeded, to release outside the lock ([`canvas`]).
     chords_ready: Vec<Id>,
     /// A task became ready during the current operation (a chain's next link): waiting leases look again.
     readied: bool,
@@ -971,7 +977,7 @@ impl Store {
             st.touch(&done.id);
             st.finished.insert(done.id.clone(), (generation, Arc::new(done)));
         }
-        self.recount_chords(&mut st, now);
+        self.recount_chords(&mut st);
         // What recovery changed goes to sled with what the log held, in the checkpoint that follows.
         let notes = std::mem::take(&mut st.to_log);
         to_checkpoint.extend(notes);
@@ -1029,17 +1035,40 @@ impl Store {
         } else if spec.unique_for_ms.is_some() {
             return Err(StoreError::Invalid("`unique_for_ms` needs a `unique_key`".into()));
         }
+        if spec.chain.len() > MAX_CHAIN {
+            return Err(StoreError::Invalid(format!("a chain has at most {MAX_CHAIN} links")));
+        }
         for (i, link) in spec.chain.iter().enumerate() {
+            let invalid = |m: &str| StoreError::Invalid(format!("chain {i}: {m}"));
             if !link.chain.is_empty() {
-                return Err(StoreError::Invalid(format!("chain {i}: a chain's link has no chain of its own")));
+                return Err(invalid("a chain's link has no chain of its own"));
             }
-            self.validate(&NewTask::from(link.clone())).map_err(|e| StoreError::Invalid(format!("chain {i}: {e}")))?;
+            if link.unique_key.is_some() {
+                return Err(invalid("a chain's link has no unique key (its place in the chain is its id)"));
+            }
+            if link.id.is_some() && spec.chain[..i].iter().any(|l| l.id == link.id)
+                || link.id == spec.id && link.id.is_some()
+            {
+                return Err(invalid("two tasks of the chain have the same id"));
+            }
+            self.validate(&NewTask::from(link.clone())).map_err(|e| invalid(&e.to_string()))?;
         }
         Ok(())
     }
 
     /// Stores new tasks (or finds existing ones by id). All are validated before any is stored.
     pub fn enqueue(&self, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
+        for (i, spec) in specs.iter().enumerate() {
+            check_client_ids(spec).map_err(|e| match e {
+                StoreError::Invalid(m) if specs.len() > 1 => StoreError::Invalid(format!("task {i}: {m}")),
+                other => other,
+            })?;
+        }
+        self.enqueue_checked(specs)
+    }
+
+    /// [`Store::enqueue`] for specs whose ids the daemon chose (a schedule's tick).
+    fn enqueue_checked(&self, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
         for (i, spec) in specs.iter().enumerate() {
             self.validate(spec).map_err(|e| match e {
                 StoreError::Invalid(m) if specs.len() > 1 => StoreError::Invalid(format!("task {i}: {m}")),
@@ -1539,8 +1568,9 @@ impl Store {
         if self.expire_results(now) > 0 {
             self.finished_notify.notify_waiters();
         }
-        self.release_chords()?;
-        self.run_schedules()
+        let chords = self.release_chords();
+        self.run_schedules()?;
+        chords
     }
 
     /// Rewrites the data directory if sled's files are much larger than the journal in them (see
@@ -1678,8 +1708,19 @@ impl Store {
             decrement(&mut st.queue(queue).scheduled);
             ids.push(key.1);
         }
+        let now = self.now_ms();
         for id in &ids {
+            let callback = st.live.get(id).and_then(|r| r.extra.as_ref()).and_then(|e| e.chord.clone());
             st.delete(id);
+            if let Some((callback, _)) = callback {
+                // A purged member will never succeed: its chord fails now rather than wait for ever.
+                let error = TaskError {
+                    kind: "ChordError".into(),
+                    message: format!("chord member {id} was purged"),
+                    traceback: None,
+                };
+                self.fail_callback(&mut st, &callback, error, now);
+            }
         }
         drop(st);
         self.finished_notify.notify_waiters();
@@ -1760,9 +1801,13 @@ impl Store {
             let Some(mut record) = self.with_record(&id, TaskRecord::clone)? else { continue };
             let mut st = self.lock();
             // Still the same failure (nothing requeued or removed it meanwhile)?
+            // Only what is in the dead set: a task failed by the task it depended on never ran, and would run
+            // without that task's result (requeue the failed task instead: its chain then resumes).
             match st.done.get(&*id) {
                 Some(meta)
-                    if meta.state == TaskState::Failure && Some(meta.finished_at_ms) == record.finished_at_ms => {}
+                    if meta.state == TaskState::Failure
+                        && meta.dead_queue.is_some()
+                        && Some(meta.finished_at_ms) == record.finished_at_ms => {}
                 _ => continue,
             }
             st.forget_done(&id);
@@ -1773,6 +1818,7 @@ impl Store {
             record.result_expires_at_ms = None;
             record.eta_ms = None;
             record.state = TaskState::Pending;
+            st.hold_unique(&record, now);
             self.return_to_queue(&mut st, record, now);
             count += 1;
         }
@@ -1905,6 +1951,21 @@ impl Drop for Store {
 
 fn expired_error() -> TaskError {
     TaskError { kind: "Expired".into(), message: "task expired before it started".into(), traceback: None }
+}
+
+/// Refuses the ids a client may not choose: a schedule tick's (`sched:`), for the task and its chain's links. A
+/// client taking a tick's id would take the tick over, and a far-future one would stop the schedule.
+fn check_client_ids(spec: &NewTask) -> Result<(), StoreError> {
+    let ids = spec.id.iter().chain(spec.chain.iter().filter_map(|link| link.id.as_ref()));
+    for id in ids {
+        if id.starts_with(schedule::TICK_PREFIX) {
+            return Err(StoreError::Invalid(format!(
+                "ids starting `{}` are the schedules' own",
+                schedule::TICK_PREFIX
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a task id, task name or queue name: non-empty, at most [`MAX_ID_LEN`] bytes, no NUL.

@@ -85,6 +85,29 @@ pub struct Extra {
     /// A chord's callback that does not take the members' results.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub immutable: bool,
+    /// For a chord's callback: one bit per member (in header order), set when it succeeded, in the commit of its
+    /// `ack`. The callback is released when all are set.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub succeeded: Vec<u8>,
+}
+
+impl Extra {
+    /// Notes that member `index` of this chord callback succeeded; returns whether every member has.
+    pub fn member_succeeded(&mut self, index: usize) -> bool {
+        let bytes = self.members.len().div_ceil(8);
+        if self.succeeded.len() < bytes {
+            self.succeeded.resize(bytes, 0);
+        }
+        if let Some(byte) = self.succeeded.get_mut(index / 8) {
+            *byte |= 1 << (index % 8);
+        }
+        self.all_succeeded()
+    }
+
+    /// Whether every member of this chord callback succeeded.
+    pub fn all_succeeded(&self) -> bool {
+        (0..self.members.len()).all(|i| self.succeeded.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+    }
 }
 
 impl TaskRecord {

@@ -27,6 +27,8 @@ pub const TICK_PREFIX: &str = "sched:";
 pub const MAX_NAME: usize = 150;
 /// The shortest `every_ms`.
 pub const MIN_EVERY_MS: u64 = 1000;
+/// The longest `every_ms` (about ten years): beyond it, tick times would overflow.
+pub const MAX_EVERY_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
 
 /// One schedule as the control file keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -70,13 +72,13 @@ impl Timing {
                     .map_err(|_| invalid(format!("time zone `{zone}`: use an IANA name such as Europe/Paris")))?;
                 Ok(Timing::Cron(Box::new(parsed), tz))
             }
-            (None, Some(every)) if every >= MIN_EVERY_MS => {
+            (None, Some(every)) if (MIN_EVERY_MS..=MAX_EVERY_MS).contains(&every) => {
                 if schedule.timezone.is_some() {
                     return Err(invalid("`timezone` goes with `cron`, not `every_ms`".into()));
                 }
                 Ok(Timing::Every { every, anchor: schedule.anchor_ms })
             }
-            (None, Some(_)) => Err(invalid(format!("`every_ms` must be at least {MIN_EVERY_MS}"))),
+            (None, Some(_)) => Err(invalid(format!("`every_ms` must be {MIN_EVERY_MS} to {MAX_EVERY_MS}"))),
             _ => Err(invalid("give `cron` or `every_ms`, one of them".into())),
         }
     }
@@ -85,7 +87,7 @@ impl Timing {
     fn next_after(&self, t: u64) -> Option<u64> {
         match self {
             Timing::Every { every, anchor } if t < *anchor => Some(*anchor),
-            Timing::Every { every, anchor } => Some(anchor + ((t - anchor) / every + 1) * every),
+            Timing::Every { every, anchor } => anchor.checked_add(((t - anchor) / every + 1).checked_mul(*every)?),
             Timing::Cron(cron, tz) => {
                 let at = tz.timestamp_millis_opt(i64::try_from(t).ok()?).single()?;
                 let next = cron.find_next_occurrence(&at, false).ok()?;
@@ -98,7 +100,7 @@ impl Timing {
     fn latest_until(&self, t: u64) -> Option<u64> {
         match self {
             Timing::Every { anchor, .. } if t < *anchor => None,
-            Timing::Every { every, anchor } => Some(anchor + (t - anchor) / every * every),
+            Timing::Every { every, anchor } => Some(anchor + (t - anchor) / every * every), // at most t
             Timing::Cron(cron, tz) => {
                 let at = tz.timestamp_millis_opt(i64::try_from(t).ok()?).single()?;
                 let previous = cron.find_previous_occurrence(&at, true).ok()?;
@@ -145,8 +147,11 @@ impl Store {
         if new.name.is_empty() || new.name.len() > MAX_NAME || new.name.contains('\0') {
             return Err(StoreError::Invalid(format!("`name` must be 1 to {MAX_NAME} bytes with no NUL")));
         }
-        if new.task.id.is_some() {
-            return Err(StoreError::Invalid("a schedule's task has no `id`: each tick gets its own".into()));
+        if new.task.id.is_some() || new.task.chain.iter().any(|link| link.id.is_some()) {
+            // Every tick would reuse them: from the second tick on, the chain would find its links done.
+            return Err(StoreError::Invalid(
+                "a schedule's task (and its chain's links) has no `id`: each tick gets its own".into(),
+            ));
         }
         let catch_up = new.catch_up.unwrap_or_else(|| "once".into());
         if catch_up != "once" && catch_up != "skip" {
@@ -238,7 +243,8 @@ impl Store {
             let ids = st.live.keys().chain(st.done.keys());
             for id in ids.filter(|id| id.starts_with(TICK_PREFIX)) {
                 if let Some((name, tick)) = id[TICK_PREFIX.len()..].rsplit_once(':') {
-                    if let Ok(tick) = tick.parse::<u64>() {
+                    // A tick in the future is no tick fired (the clock went back, or a forged id).
+                    if let Some(tick) = tick.parse::<u64>().ok().filter(|tick| *tick <= now) {
                         let latest = fired.entry(name.to_string()).or_default();
                         *latest = (*latest).max(tick);
                     }
@@ -305,7 +311,7 @@ impl Store {
             let tick = timing.latest_until(now).filter(|t| *t >= next).unwrap_or(next);
             let spec = TaskSpec { id: Some(tick_id(&name, tick)), ..schedule.task.clone() };
             schedule.next_ms = timing.next_after(tick.max(now));
-            match self.enqueue(vec![NewTask::from(spec)]) {
+            match self.enqueue_checked(vec![NewTask::from(spec)]) {
                 Ok(_) => {
                     let round = self.durable_round();
                     schedule.unconfirmed.push((tick, round));
