@@ -261,6 +261,7 @@ fn write_round(core: &Core, notes: &Map<Id, Dirty>, batch: &mut LogBatch, wal: &
             }
         }
     }
+    batch.end_round()?;
     wal.append(batch.bytes())
 }
 

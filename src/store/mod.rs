@@ -883,25 +883,47 @@ impl Store {
                     "log segment replayed up to the first record that fails its checks"
                 );
             }
+            // A round's records wait here for its commit record (segments with rounds); a round whose commit
+            // record is missing (its write torn by a crash) is dropped whole.
+            let mut round: Vec<Entry<'_>> = Vec::new();
             for payload in segment.payloads() {
-                let entries = disk::entries(segment.number, payload)?;
-                let [entry] = &entries[..] else {
-                    return Err(StoreError::Corrupt {
-                        id: format!("log segment {:016x}", segment.number),
-                        message: format!("a record holds {} entries, not one", entries.len()),
-                    });
-                };
-                match entry {
-                    Entry::Put { id, body, .. } => {
-                        bodies.insert(id, (true, body));
-                        to_checkpoint.insert(Id::from(*id), Dirty::Put);
+                let mut entries = disk::entries(segment.number, payload)?;
+                let entry = match entries.pop() {
+                    Some(entry) if entries.is_empty() => entry,
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            id: format!("log segment {:016x}", segment.number),
+                            message: format!("a record holds {} entries, not one", entries.len() + 1),
+                        })
                     }
-                    Entry::Delete { id } => {
-                        bodies.remove(id);
-                        to_checkpoint.insert(Id::from(*id), Dirty::Delete);
+                };
+                let commit = matches!(entry, Entry::Delete { id } if id == wal::COMMIT_ID);
+                if !commit {
+                    round.push(entry);
+                    if segment.rounds {
+                        continue;
                     }
                 }
-                logged += 1;
+                for entry in round.drain(..) {
+                    match entry {
+                        Entry::Put { id, body, .. } => {
+                            bodies.insert(id, (true, body));
+                            to_checkpoint.insert(Id::from(id), Dirty::Put);
+                        }
+                        Entry::Delete { id } => {
+                            bodies.remove(id);
+                            to_checkpoint.insert(Id::from(id), Dirty::Delete);
+                        }
+                    }
+                    logged += 1;
+                }
+            }
+            if !round.is_empty() {
+                tracing::warn!(
+                    segment = segment.number,
+                    records = round.len(),
+                    "log round without its commit record (a write torn by a crash): dropped whole"
+                );
             }
         }
         let mut records = Vec::with_capacity(bodies.len());
@@ -911,16 +933,11 @@ impl Store {
         // FIFO within a priority is `seq` order, which the records keep.
         records.sort_by_key(|(r, _)| r.seq);
         let mut requeued = 0;
-        let mut unfinished_chains = Vec::new();
         for (mut record, from_log) in records {
             // One allocation of the id for both the journal's account and the record.
             journal.share_id(&record.id);
             st.next_seq = st.next_seq.max(record.seq);
             st.hold_unique(&record, now);
-            if record.state == TaskState::Success && record.extra.as_ref().is_some_and(|e| !e.chain.is_empty()) {
-                // Its ack was logged without its next link (a torn log round): take the step now.
-                unfinished_chains.push(record.clone());
-            }
             if record.state.is_terminal() {
                 let meta = DoneMeta::of(&record);
                 st.expiry.insert((meta.expires_at_ms, record.id.clone()));
@@ -967,15 +984,6 @@ impl Store {
                 }
             }
             st.live.insert(record.id.clone(), Arc::new(record));
-        }
-        for mut done in unfinished_chains {
-            self.follow_up(&mut st, &done, now);
-            // Stored again without its chain, so the step is taken once.
-            done.extra_mut().chain.clear();
-            st.generation += 1;
-            let generation = st.generation;
-            st.touch(&done.id);
-            st.finished.insert(done.id.clone(), (generation, Arc::new(done)));
         }
         self.recount_chords(&mut st);
         // What recovery changed goes to sled with what the log held, in the checkpoint that follows.
@@ -1902,8 +1910,8 @@ impl Store {
         let workflow = record.extra.as_ref().is_some_and(|e| !e.chain.is_empty() || e.chord.is_some());
         let mut done = workflow.then(|| record.clone());
         if record.state == TaskState::Success {
-            // The chain moves on to the next link: a succeeded task keeps none, so a stored success with a chain
-            // is one whose next link a crash lost (see `recover`).
+            // The chain moves on to the next link (in this commit: a log round is all or nothing), so a
+            // succeeded task keeps none.
             if let Some(extra) = record.extra.as_deref_mut() {
                 extra.chain.clear();
             }

@@ -9,7 +9,10 @@
 //! where `crc` is the CRC32C of the segment's number (8 bytes, little-endian), the four `len` bytes and the
 //! payload, and the payload is one journal entry in the chunk layout of [`super::disk`] (its format byte, then a
 //! put with the task's whole record, or a tombstone). Each record carries the latest state of one task, so
-//! replaying segments in order and keeping the last entry of each id gives the state they hold.
+//! replaying segments in order and keeping the last entry of each id gives the state they hold. A log round (one
+//! append, the changes of every request handled since the last) ends with a commit record, a tombstone for the
+//! empty id: replay applies a round's records only once it reaches its commit record, so the changes one request
+//! made to several tasks (an ack and the next link of its chain) come back together or not at all.
 //!
 //! Segments are recycled, as PostgreSQL recycles its WAL files: a segment a checkpoint no longer needs becomes
 //! the spare (`wal/spare`), and the next segment is the spare renamed, its header rewritten. Appending then
@@ -30,10 +33,16 @@ use super::disk::{io_error, sync_dir};
 use super::record::TaskRecord;
 use super::StoreError;
 
-/// The first bytes of every segment: the format of what follows.
-pub const MAGIC: &[u8; 8] = b"BRKWAL01";
+/// The first bytes of every segment: the format of what follows. In `BRKWAL02` segments every log round ends
+/// with a commit record ([`LogBatch::end_round`]); recovery applies a round only when its commit record is there,
+/// so a round is all or nothing, however a crash tore its write.
+pub const MAGIC: &[u8; 8] = b"BRKWAL02";
+/// Segments written before rounds had commit records: each record stands alone.
+pub const MAGIC_V1: &[u8; 8] = b"BRKWAL01";
 /// Bytes before a record's payload.
 const HEADER: usize = 8;
+/// The id of a round's commit record (a tombstone; task ids are never empty).
+pub const COMMIT_ID: &str = "";
 /// The name of the recycled segment waiting to be used next.
 const SPARE: &str = "spare";
 
@@ -94,6 +103,12 @@ impl LogBatch {
             return Err(e);
         }
         self.seal(start)
+    }
+
+    /// Ends a log round: the commit record (a tombstone for the empty id, which no task has). Every record
+    /// since the previous one belongs to the round.
+    pub fn end_round(&mut self) -> Result<(), StoreError> {
+        self.delete(COMMIT_ID)
     }
 
     /// Its bytes.
@@ -250,6 +265,8 @@ pub struct Segment {
     pub records: Vec<(usize, usize)>,
     /// Bytes after the last valid record (a torn or garbage tail), dropped.
     pub dropped: usize,
+    /// Whether its rounds end with commit records ([`MAGIC`]), or each record stands alone ([`MAGIC_V1`]).
+    pub rounds: bool,
 }
 
 impl Segment {
@@ -269,13 +286,14 @@ pub fn read(dir: &Path, number: u64) -> Result<Segment, StoreError> {
     }
     let bytes = std::fs::read(&path).map_err(|e| io_error("cannot read", &path, e))?;
     let (records, dropped) = scan(number, &bytes);
-    Ok(Segment { number, bytes, records, dropped })
+    let rounds = bytes.starts_with(MAGIC);
+    Ok(Segment { number, bytes, records, dropped, rounds })
 }
 
 /// The valid records of a segment's bytes, and how many bytes follow the last of them.
 fn scan(number: u64, bytes: &[u8]) -> (Vec<(usize, usize)>, usize) {
     let mut records = Vec::new();
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+    if !bytes.starts_with(MAGIC) && !bytes.starts_with(MAGIC_V1) {
         // Created but its header never reached the disk: it holds nothing.
         return (records, bytes.len());
     }
@@ -324,6 +342,27 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn segments_from_before_rounds_read_record_by_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), 5).unwrap();
+        let mut round = batch(5, &["a", "b"]);
+        round.end_round().unwrap();
+        wal.append(round.bytes()).unwrap();
+        wal.sync().unwrap();
+        let segment = read(dir.path(), 5).unwrap();
+        assert!(segment.rounds);
+        assert_eq!(ids(&segment), ["a", "b", "-"], "the commit record: a tombstone for the empty id");
+        // The same records under the old header: no rounds, each record on its own.
+        let path = segment_path(dir.path(), 5);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..MAGIC_V1.len()].copy_from_slice(MAGIC_V1);
+        std::fs::write(&path, &bytes).unwrap();
+        let old = read(dir.path(), 5).unwrap();
+        assert!(!old.rounds);
+        assert_eq!(ids(&old).len(), 3);
     }
 
     #[test]
