@@ -258,15 +258,19 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::DEAD_LIST => Outcome::Reply(reply(id, dead_list(shared, request)), None),
         op::DEAD_REQUEUE => durable_reply(id, dead_requeue(shared, request)),
         op::EVENTS => events(shared, session, id, request),
-        op::PAUSE => Outcome::Reply(reply(id, pause(shared, request, true)), None),
-        op::RESUME => Outcome::Reply(reply(id, pause(shared, request, false)), None),
-        op::SET_LIMIT => Outcome::Reply(reply(id, set_limit(shared, request)), None),
+        op::PAUSE => on_control_thread(shared, id, request, |shared, request| pause(shared, request, true)),
+        op::RESUME => on_control_thread(shared, id, request, |shared, request| pause(shared, request, false)),
+        op::SET_LIMIT => on_control_thread(shared, id, request, set_limit),
         op::LIMITS => Outcome::Reply(reply(id, Ok::<_, Refusal>(limits(shared))), None),
         op::PROGRESS => Outcome::Reply(reply(id, progress(shared, request)), None),
-        op::SCHEDULE_ADD => Outcome::Reply(reply(id, schedule_add(shared, request)), None),
-        op::SCHEDULE_REMOVE => Outcome::Reply(reply(id, schedule_remove(shared, request)), None),
-        op::SCHEDULE_PAUSE => Outcome::Reply(reply(id, schedule_pause(shared, request, true)), None),
-        op::SCHEDULE_RESUME => Outcome::Reply(reply(id, schedule_pause(shared, request, false)), None),
+        op::SCHEDULE_ADD => on_control_thread(shared, id, request, schedule_add),
+        op::SCHEDULE_REMOVE => on_control_thread(shared, id, request, schedule_remove),
+        op::SCHEDULE_PAUSE => {
+            on_control_thread(shared, id, request, |shared, request| schedule_pause(shared, request, true))
+        }
+        op::SCHEDULE_RESUME => {
+            on_control_thread(shared, id, request, |shared, request| schedule_pause(shared, request, false))
+        }
         op::SCHEDULES => {
             Outcome::Reply(reply(id, Ok::<_, Refusal>(Schedules { schedules: shared.store.schedules() })), None)
         }
@@ -759,6 +763,24 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
         })
         .await;
         reply(id, Ok::<_, Refusal>(found.unwrap_or(EventList { events: Vec::new(), next: first.next, missed: 0 })))
+    }))
+}
+
+/// Runs an op that rewrites (and syncs) the control file on a blocking thread, so the connection's runtime thread
+/// never waits for the disk; the reply comes when it is done.
+fn on_control_thread<T: Serialize + Send + 'static>(
+    shared: &Arc<Shared>,
+    id: u64,
+    request: &[u8],
+    op: fn(&Shared, &[u8]) -> Result<T, Refusal>,
+) -> Outcome {
+    let shared = shared.clone();
+    let request = request.to_vec();
+    Outcome::Wait(Box::pin(async move {
+        match tokio::task::spawn_blocking(move || op(&shared, &request)).await {
+            Ok(result) => reply(id, result),
+            Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("the control file write failed: {e}")),
+        }
     }))
 }
 

@@ -583,9 +583,13 @@ async fn pause(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(form): Fo
         return turned_away;
     }
     let paused = form.paused == "1";
-    match dash.shared.store.set_paused(&form.queue, paused) {
-        Ok(_) => {}
-        Err(e @ StoreError::Invalid(_)) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    // The control file is written and synced on a blocking thread, not the runtime's.
+    let store = dash.shared.store.clone();
+    let queue = form.queue.clone();
+    match tokio::task::spawn_blocking(move || store.set_paused(&queue, paused)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e @ StoreError::Invalid(_))) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
     tracing::info!(queue = %form.queue, paused, "queue paused or resumed from the dashboard");

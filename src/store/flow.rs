@@ -71,6 +71,14 @@ impl Bucket {
         self.refill(now);
         self.tokens >= 1.0
     }
+
+    /// When it will hold a token again (now, if it does).
+    fn refilled_at(&self, now: u64) -> u64 {
+        if self.tokens >= 1.0 {
+            return now;
+        }
+        now.saturating_add(((1.0 - self.tokens) / self.per_ms).ceil() as u64)
+    }
 }
 
 /// One limit as leasing applies it.
@@ -88,8 +96,14 @@ impl Gate {
         Ok(Gate { bucket, concurrency: limit.concurrency, running: 0 })
     }
 
-    fn open(&mut self, now: u64) -> bool {
-        self.concurrency.is_none_or(|n| self.running < n) && self.bucket.as_mut().is_none_or(|b| b.has(now))
+    /// `None` if a task may start now; else until when it may not: the bucket's refill, or `u64::MAX` while
+    /// the concurrency is reached (a slot freed wakes waiting leases then).
+    fn held_until(&mut self, now: u64) -> Option<u64> {
+        if self.concurrency.is_some_and(|n| self.running >= n) {
+            return Some(u64::MAX);
+        }
+        let bucket = self.bucket.as_mut()?;
+        (!bucket.has(now)).then(|| bucket.refilled_at(now))
     }
 
     fn take(&mut self) {
@@ -110,9 +124,10 @@ pub(super) struct Flow {
     paused: Map<String, ()>,
     tasks: Map<String, Gate>,
     queues: Map<String, Gate>,
-    /// A lease passed over a task a limit held back since the last tick (which then wakes waiting leases).
-    pub(super) held_back: bool,
-    /// A lease ended under a concurrency limit: waiting leases look again at once (not at the next tick).
+    /// The earliest time a rate limit that held a task back refills: the tick then wakes waiting leases (a
+    /// concurrency limit wakes them when a slot frees, see `freed`).
+    pub(super) wake_at: Option<u64>,
+    /// A lease ended under a concurrency limit: waiting leases look again at once.
     pub(super) freed: bool,
 }
 
@@ -128,12 +143,26 @@ impl Flow {
 
     /// Whether the queue's own limit lets one more task of it start now.
     pub(super) fn queue_open(&mut self, queue: &str, now: u64) -> bool {
-        self.queues.get_mut(queue).is_none_or(|gate| gate.open(now))
+        let held = self.queues.get_mut(queue).and_then(|gate| gate.held_until(now));
+        self.note_held(held)
     }
 
     /// Whether a task named `task` may start now (the queue's limit already checked).
     pub(super) fn task_open(&mut self, task: &str, now: u64) -> bool {
-        self.tasks.get_mut(task).is_none_or(|gate| gate.open(now))
+        let held = self.tasks.get_mut(task).and_then(|gate| gate.held_until(now));
+        self.note_held(held)
+    }
+
+    /// Notes until when a limit holds tasks back; returns whether none does.
+    fn note_held(&mut self, held: Option<u64>) -> bool {
+        match held {
+            None => true,
+            Some(u64::MAX) => false,
+            Some(at) => {
+                self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+                false
+            }
+        }
     }
 
     /// A task of `queue` named `task` starts: it takes a token and a slot from each limit on it.
@@ -306,9 +335,6 @@ pub(super) fn take_limited(
     let State { queues, live, flow, .. } = st;
     let q = queues.get_mut(queue)?;
     if !flow.queue_open(queue, now) {
-        if !q.ready.is_empty() {
-            flow.held_back = true;
-        }
         return None;
     }
     let from = match cursor {
@@ -327,7 +353,6 @@ pub(super) fn take_limited(
             found = Some(*key);
             break;
         }
-        flow.held_back = true;
         *cursor = Some(*key);
         *skipped += 1;
         if *skipped >= MAX_SKIP {

@@ -1462,8 +1462,14 @@ impl Store {
         let id = st.leases.get_key_value(id).expect("checked lease").0.clone();
         let record = Arc::make_mut(st.live.get_mut(&id).expect("checked lease"));
         let revoked = record.revoked;
-        record.extra_mut().progress = Some(progress);
-        st.touch(&id);
+        let extra = record.extra_mut();
+        // Logged at most once a second per task: each log record holds the whole task, arguments included, and
+        // a task may report many times a second. A report in between is logged with the task's next change.
+        let log = extra.progress.as_ref().is_none_or(|last| progress.at_ms.saturating_sub(last.at_ms) >= 1000);
+        extra.progress = Some(progress);
+        if log {
+            st.touch(&id);
+        }
         Ok(revoked)
     }
 
@@ -1561,8 +1567,11 @@ impl Store {
                 st.unique.remove(&key);
             }
         }
-        // Tokens refill and slots free up with time: leases waiting on limited tasks look again.
-        woke |= std::mem::take(&mut st.flow.held_back);
+        // A rate limit that held tasks back has a token again: leases waiting on them look again.
+        if st.flow.wake_at.is_some_and(|at| at <= now) {
+            st.flow.wake_at = None;
+            woke = true;
+        }
         while st.deadlines.first().is_some_and(|(deadline, _)| *deadline <= now) {
             let (_, id) = st.deadlines.pop_first().expect("just checked");
             self.lose_lease(&mut st, &id, now, "lease deadline passed", true);
