@@ -150,14 +150,6 @@ fn body<T: DeserializeOwned>(request: &[u8]) -> Result<T, Refusal> {
     rmp_serde::from_slice(request).map_err(|e| Refusal::new(ErrorCode::BadRequest, format!("invalid request: {e}")))
 }
 
-/// The envelope of a request, read without building the rest of it.
-#[derive(serde::Deserialize)]
-struct Head<'a> {
-    id: Option<u64>,
-    #[serde(borrow)]
-    op: Option<&'a str>,
-}
-
 /// Why a frame that is not a well-formed request envelope is refused.
 fn refuse_envelope(frame: &[u8]) -> ReplyFrame {
     let request: Value = match rmp_serde::from_slice(frame) {
@@ -213,21 +205,58 @@ fn check_keys(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A well-formed request's `id` and `op`, read in the one walk that also checks the whole frame (what
+/// `check_msgpack` and `check_keys` check): a map with str keys, each once, `op` a str, `id` an unsigned integer,
+/// nothing after it. `None` for anything else: the slower path ([`refuse_envelope`]) then says what is wrong.
+fn read_envelope(frame: &[u8]) -> Option<(u64, &str)> {
+    let mut rest = frame;
+    let count = rmp::decode::read_map_len(&mut rest).ok()? as usize;
+    // Walked one level down, each key and value is checked as deep as the whole frame would be.
+    let depth = MAX_DEPTH - 1;
+    let (mut id, mut op) = (None, None);
+    // Requests have a handful of keys: each is compared with the ones before it, without allocating; a map with
+    // more (a hostile one can have millions) goes through a hash set, not quadratic comparisons.
+    let mut seen: [&str; 24] = [""; 24];
+    let mut spill: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for i in 0..count {
+        let key_len = value_len(rest, depth).ok()?;
+        let (key, after) = rest.split_at(key_len);
+        let name = key_str(key)?;
+        let earlier = if i < seen.len() { &seen[..i] } else { &seen[..] };
+        if earlier.contains(&name) || spill.contains(name) {
+            return None;
+        }
+        match seen.get_mut(i) {
+            Some(slot) => *slot = name,
+            None => {
+                spill.insert(name);
+            }
+        }
+        let value_len = value_len(after, depth).ok()?;
+        let (value, after) = after.split_at(value_len);
+        match name {
+            "id" => id = Some(rmp::decode::read_int::<u64, _>(&mut &value[..]).ok()?),
+            "op" => op = Some(key_str(value)?),
+            _ => {}
+        }
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    Some((id?, op?))
+}
+
 /// Handles one frame's payload.
 pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outcome {
-    if let Err(e) = check_msgpack(frame, MAX_DEPTH) {
-        return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, &format!("not valid MessagePack: {e}")), None);
-    }
-    // A map whose `id` and `op` read as they should; anything else is refused by the slower path that says why.
-    let is_map = frame.first().is_some_and(|b| matches!(b, 0x80..=0x8f | 0xde | 0xdf));
-    let (id, op_name) = match is_map.then(|| rmp_serde::from_slice::<Head>(frame)) {
-        Some(Ok(Head { id: Some(id), op: Some(op) })) => (id, op),
-        _ => return Outcome::Reply(refuse_envelope(frame), None),
+    let Some((id, op_name)) = read_envelope(frame) else {
+        if let Err(e) = check_msgpack(frame, MAX_DEPTH) {
+            let message = format!("not valid MessagePack: {e}");
+            return Outcome::Reply(error_frame(None, ErrorCode::BadFrame, &message), None);
+        }
+        return Outcome::Reply(refuse_envelope(frame), None);
     };
     let request = frame;
-    if let Err(message) = check_keys(frame) {
-        return Outcome::Reply(error_frame(Some(id), ErrorCode::BadRequest, &message), None);
-    }
     if shared.shutdown.is_cancelled() {
         return Outcome::Reply(error_frame(Some(id), ErrorCode::ShuttingDown, "the daemon is shutting down"), None);
     }
