@@ -41,6 +41,8 @@ pub const MAGIC: &[u8; 8] = b"BRKWAL02";
 pub const MAGIC_V1: &[u8; 8] = b"BRKWAL01";
 /// Bytes before a record's payload.
 const HEADER: usize = 8;
+/// The most a log batch's buffer keeps between rounds.
+const KEEP_BYTES: usize = 1 << 20;
 /// The id of a round's commit record (a tombstone; task ids are never empty).
 pub const COMMIT_ID: &str = "";
 /// The name of the recycled segment waiting to be used next.
@@ -116,9 +118,13 @@ impl LogBatch {
         &self.buf
     }
 
-    /// Empties it (keeping its buffer) for records that go to segment `segment`.
+    /// Empties it for records that go to segment `segment`, keeping its buffer up to [`KEEP_BYTES`]: a round of
+    /// large tasks would otherwise hold their size in memory for as long as the daemon runs.
     pub fn clear(&mut self, segment: u64) {
         self.buf.clear();
+        if self.buf.capacity() > KEEP_BYTES {
+            self.buf = Vec::with_capacity(KEEP_BYTES);
+        }
         self.segment = segment;
     }
 }
