@@ -403,7 +403,8 @@ async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: He
     }
     match dash.shared.store.get(&id) {
         Ok(info) => {
-            page(&format!("Task {id}"), "", &task_body(&info, dash.shared.store.now_ms()), false).into_response()
+            let dead = dash.shared.store.in_dead_set(&id);
+            page(&format!("Task {id}"), "", &task_body(&info, dead, dash.shared.store.now_ms()), false).into_response()
         }
         Err(StoreError::NotFound(_)) => {
             let body = format!(
@@ -416,7 +417,7 @@ async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: He
     }
 }
 
-fn task_body(info: &TaskInfo, now: u64) -> String {
+fn task_body(info: &TaskInfo, dead: bool, now: u64) -> String {
     let json = |v: serde_json::Value| esc(&serde_json::to_string_pretty(&v).unwrap_or_default());
     let mut out = format!(
         r#"<section class="card"><div class="title"><h2 id="task-id">{id}</h2><span class="badge {state}" id="task-state">{state}</span></div>
@@ -433,7 +434,7 @@ fn task_body(info: &TaskInfo, now: u64) -> String {
     let finished = matches!(info.state, TaskState::Success | TaskState::Failure | TaskState::Revoked);
     if finished {
         let _ = write!(out, r#"<div class="actions">"#);
-        if info.state == TaskState::Failure {
+        if dead {
             let _ = write!(
                 out,
                 r#"<form method="post" action="/dead/requeue"><input type="hidden" name="id" value="{id}"><button class="requeue">Requeue</button></form>"#,

@@ -1845,6 +1845,12 @@ impl Store {
         Ok(count)
     }
 
+    /// Whether the task is in the dead set (`FAILURE` after running; not a task failed by the one it depended
+    /// on, which `dead_requeue` skips).
+    pub fn in_dead_set(&self, id: &str) -> bool {
+        self.lock().done.get(id).is_some_and(|meta| meta.dead_queue.is_some())
+    }
+
     /// Counts for `stats`.
     pub fn stats(&self) -> StoreStats {
         let st = self.lock();
