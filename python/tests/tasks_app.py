@@ -1,6 +1,6 @@
 """The app the tests enqueue into and the test workers run: a Flask app bound to a Broker, with tasks that
 exercise results, failures, retries, blocking, bad results, the Flask request context, limits, unique keys,
-progress reports and time limits."""
+progress reports, time limits and workflows."""
 
 import asyncio
 import os
@@ -47,6 +47,17 @@ class PaymentDeclined(Exception):
 @broker.task
 def add(x, y):
     return x + y
+
+
+@broker.task
+def mul(x, y):
+    return x * y
+
+
+@broker.task
+def tsum(numbers, extra=0):
+    """A chord's callback: the sum of its members' results."""
+    return sum(numbers) + extra
 
 
 @broker.task

@@ -8,12 +8,16 @@
         return x + y
 
     add.delay(2, 3).get(timeout=10)                # run a worker: python -m broker_client worker myapp:broker
+    (add.s(2, 3) | add.s(4)).delay()               # workflows: chain, group, chord
+    @broker.periodic_task(every=30)                # periodic tasks, kept by the daemon
 """
 
 from .app import AsyncResult, Broker, Task, TaskRequest
+from .canvas import GroupResult, Signature, chain, chord, group, signature
 from .connection import Connection
 from .errors import (
     BrokerError,
+    ChordError,
     ConnectionLost,
     MaxRetriesExceededError,
     NotFound,
@@ -26,11 +30,13 @@ from .errors import (
     TimeLimitExceeded,
     TimeoutError,
 )
+from .schedules import crontab
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncResult", "Broker", "BrokerError", "Connection", "ConnectionLost", "MaxRetriesExceededError", "NotFound",
-    "NotRegistered", "Retry", "SerializationError", "SoftTimeLimitExceeded", "Task", "TaskFailed", "TaskRequest",
-    "TaskRevokedError", "TimeLimitExceeded", "TimeoutError",
+    "AsyncResult", "Broker", "BrokerError", "ChordError", "Connection", "ConnectionLost", "GroupResult",
+    "MaxRetriesExceededError", "NotFound", "NotRegistered", "Retry", "SerializationError", "Signature",
+    "SoftTimeLimitExceeded", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError", "TimeLimitExceeded",
+    "TimeoutError", "chain", "chord", "crontab", "group", "signature",
 ]

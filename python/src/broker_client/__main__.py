@@ -1,4 +1,5 @@
-"""The command line: ``python -m broker_client worker myapp:broker --queues a,b --concurrency 4``."""
+"""The command line: ``python -m broker_client worker myapp:broker --queues a,b --concurrency 4``, and
+``python -m broker_client schedules myapp:broker`` (sync the app's periodic tasks to the daemon and list them)."""
 
 import argparse
 import logging
@@ -32,12 +33,19 @@ def main(argv=None):
                         help="seconds after which a running task is stopped and fails with TimeLimitExceeded, for "
                         "tasks that set no time_limit (default: none)")
     worker.add_argument("--loglevel", "-l", default=os.environ.get("BROKER_LOGLEVEL", "info"))
+    listing = commands.add_parser("schedules", help="add or update the app's periodic tasks in the daemon (as a "
+                                  "worker does at start) and list every schedule the daemon keeps")
+    listing.add_argument("app", help="where the Broker is: module:attr")
+    listing.add_argument("--url", default=None, help="daemon URL, overriding the app's (an admin token: listing "
+                         "schedules is an admin op)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=args.loglevel.upper(), stream=sys.stderr,
-                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if args.command == "schedules":
+        return _schedules(args.app, args.url)
+    logging.basicConfig(level=args.loglevel.upper(), stream=sys.stderr,
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     from .errors import BrokerError, ConnectionLost
     from .worker import Worker
 
@@ -50,6 +58,28 @@ def main(argv=None):
     except (BrokerError, ConnectionLost) as e:
         logging.getLogger("broker_client.worker").error("cannot start: %s", e)
         return 1
+
+
+def _schedules(app_spec, url):
+    """Syncs the app's schedules and prints every schedule the daemon keeps, marking those the app does not
+    declare (they are never removed automatically)."""
+    from .errors import BrokerError, ConnectionLost
+    from .execution import load_broker
+    from .schedules import describe
+
+    broker = load_broker(app_spec)
+    if url:
+        broker.url = url
+    try:
+        declared = {info["name"] for info in broker.sync_schedules()}
+        kept = broker.schedules()
+    except (BrokerError, ConnectionLost) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for info in kept:
+        note = "" if info["name"] in declared else f"  [not declared by {app_spec}: remove_schedule() removes it]"
+        print(describe(info) + note)
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 and ``AsyncResult``.
 
 ``Broker`` owns the task registry, the settings (from its arguments, or from a Flask ``app.config`` via
-``init_app``) and one lazily opened :class:`~broker_client.connection.Connection` per process. A ``Task`` turns a
-call into a protocol ``TaskSpec`` (checking first that every argument is plain data) and sends ``enqueue``; it
-never runs anything itself except when called directly, like a plain function. Running tasks is the worker's job
-(:mod:`broker_client.worker`).
+``init_app``), the periodic tasks it declares (:mod:`broker_client.schedules`) and one lazily opened
+:class:`~broker_client.connection.Connection` per process. A ``Task`` turns a call into a protocol ``TaskSpec``
+(checking first that every argument is plain data) and sends ``enqueue``; it never runs anything itself except when
+called directly, like a plain function. Running tasks is the worker's job (:mod:`broker_client.worker`); workflows
+(``task.s()``, chains, groups, chords) are :mod:`broker_client.canvas`'s.
 """
 
 import asyncio
@@ -18,12 +19,13 @@ import threading
 import time
 import warnings
 
-from . import flask_context, tracing
+from . import canvas, flask_context, schedules, tracing
 from .connection import DEFAULT_URL, Connection
 from .errors import (
     BrokerError,
     ConnectionLost,
     MaxRetriesExceededError,
+    NotFound,
     Retry,
     SerializationError,
     TaskRevokedError,
@@ -52,6 +54,21 @@ def _is_flask_app(obj):
     return hasattr(obj, "config") and hasattr(obj, "extensions") and hasattr(obj, "test_request_context")
 
 
+class Settings(dict):
+    """``broker.conf``, shaped like Celery's ``app.conf``: a dict whose keys also read and write as attributes. The
+    broker reads ``beat_schedule`` (periodic tasks, see ``Broker.sync_schedules``) and ``timezone`` (the one
+    their cron schedules are read in when they name none; UTC if None)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"conf has no {key!r}") from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
 class Broker:
     """The app object: ``broker = Broker("tcp://127.0.0.1:7420")`` or ``Broker(flask_app)`` / ``init_app``.
 
@@ -69,6 +86,8 @@ class Broker:
         self.context_settings = flask_context.ContextSettings()
         self.g_dumpers = {}
         self.g_loaders = {}
+        self.conf = Settings(beat_schedule={}, timezone=None)
+        self._periodic = {}  # schedule name → (signature, schedule, timezone, catch_up), from the code
         self._url = url
         self._connection = None
         self._connection_lock = threading.Lock()
@@ -154,9 +173,18 @@ class Broker:
         """Enqueues a task by name (it need not be registered in this process), like Celery's ``send_task``."""
         return Task(self, None, name=name).apply_async(args, kwargs, **options)
 
-    def AsyncResult(self, task_id):  # noqa: N802 - Celery's spelling
-        """A handle on an existing task."""
-        return AsyncResult(task_id, self)
+    def signature(self, name, args=None, kwargs=None, options=None, **extra_options):
+        """A signature of the task `name` (it need not be registered in this process), for workflows: Celery's
+        ``app.signature("tasks.add", args=(2, 2), countdown=10)``."""
+        return canvas.signature(name, args, kwargs, options, app=self, **extra_options)
+
+    def _task_for(self, name):
+        """The task registered under `name`, else one that only knows its name (as ``send_task`` uses)."""
+        return self.tasks.get(name) or Task(self, None, name=name)
+
+    def AsyncResult(self, task_id, parent=None, task_name=None):  # noqa: N802 - Celery's spelling
+        """A handle on an existing task (`parent`: the result of the task it follows in a chain, if known)."""
+        return AsyncResult(task_id, self, task_name=task_name, parent=parent)
 
     def stats(self):
         """The daemon's counters (the ``stats`` op)."""
@@ -194,6 +222,103 @@ class Broker:
         """The limits the daemon holds: dicts with ``scope`` (``"task"`` or ``"queue"``), ``name``, ``rate`` and
         ``concurrency`` (absent when not set) and ``running`` (leases they cover now)."""
         return self.connection().call("limits")["limits"]
+
+    # -- periodic tasks --------------------------------------------------------------------------------------
+
+    def periodic_task(self, *, cron=None, every=None, timezone=None, args=(), kwargs=None, catch_up=None,
+                      **options):
+        """``@broker.periodic_task(every=30)`` or ``@broker.periodic_task(cron="*/5 * * * *",
+        timezone="Europe/Paris")``: registers the function as ``@broker.task(**options)`` does (``name=``,
+        ``queue=``, ``bind=``...) and declares a schedule named after the task, which enqueues it with `args` and
+        `kwargs` every `every` seconds (a number or a timedelta) or at the times of `cron`. `catch_up`: the ticks
+        missed while the daemon was down fire "once" (the default) or are skipped ("skip")."""
+        if (cron is None) == (every is None):
+            raise ValueError("periodic_task: give cron= or every=, one of them")
+
+        def register(fn):
+            task = self._register(fn, options)
+            self.add_periodic_task(every if cron is None else cron, task.s(*args, **(kwargs or {})), name=task.name,
+                                   timezone=timezone, catch_up=catch_up)
+            return task
+        return register
+
+    def add_periodic_task(self, schedule, sig, name=None, *, timezone=None, catch_up=None):
+        """Declares a periodic task, as Celery's ``app.add_periodic_task(10.0, add.s(2, 3), name="add every 10")``:
+        `schedule` is seconds (a number or a timedelta), a ``crontab(...)`` or a cron string; `sig` a signature
+        (``task.s(...)``, or ``broker.signature("name", ...)`` for a task registered elsewhere), whose options
+        (queue, priority, expires...) every tick's task takes. `name` names the schedule (default: the task's
+        name). `timezone` is the one cron fields are read in (default ``conf.timezone``, else UTC); `catch_up` is
+        "once" (the default) or "skip". The daemon has it once it is synced (``sync_schedules``: every worker does
+        it at start)."""
+        name = name or sig.name
+        entry = (sig, schedule, timezone, catch_up)
+        if self._periodic.get(name, entry) != entry:
+            raise ValueError(f"two periodic tasks are named {name!r}: give each its own name=")
+        self._periodic[name] = entry
+
+    def sync_schedules(self):
+        """Sends the daemon every schedule the app declares (``periodic_task``, ``add_periodic_task`` and
+        ``conf.beat_schedule``), adding or changing it (``schedule_add``). The same definition again changes
+        nothing there (its ticks go on), so every worker does this at start. Schedules the app no longer declares
+        are left in the daemon: remove them with ``remove_schedule``. Every schedule is checked before any is sent;
+        returns the daemon's view of each (as ``schedules()``)."""
+        definitions = [self._schedule_definition(name, *entry) for name, entry in self._declared_schedules().items()]
+        return [self._add_schedule(definition) for definition in definitions]
+
+    def schedules(self):
+        """Every schedule the daemon keeps, by name: dicts with ``name``, ``task`` (the spec each tick enqueues),
+        ``cron`` and ``timezone`` or ``every_ms``, ``catch_up``, ``paused``, ``next_ms`` (absent while paused) and
+        ``last_ms`` (the latest tick fired; absent before the first). Needs an ``admin`` token."""
+        return self.connection().call("schedules")["schedules"]
+
+    def remove_schedule(self, name):
+        """Deletes a schedule from the daemon (the tasks it enqueued stay); returns whether there was one. A worker
+        whose app still declares it adds it back when it starts."""
+        return self.connection().call("schedule_remove", name=name)["removed"]
+
+    def pause_schedule(self, name):
+        """Stops a schedule's ticks until ``resume_schedule`` (ticks that fall meanwhile never fire); returns the
+        schedule. Raises NotFound if the daemon has none of that name."""
+        return self.connection().call("schedule_pause", name=name)
+
+    def resume_schedule(self, name):
+        """Lets a paused schedule tick again, from its next tick after now; returns the schedule."""
+        return self.connection().call("schedule_resume", name=name)
+
+    def _declared_schedules(self):
+        """Name → (signature, schedule, timezone, catch_up) of every schedule the app declares."""
+        declared = dict(self._periodic)
+        for name, entry in (self.conf.get("beat_schedule") or {}).items():
+            if name in declared:
+                raise ValueError(f"schedule {name!r} is declared twice: in conf.beat_schedule and by "
+                                 f"periodic_task/add_periodic_task")
+            entry = schedules.beat_entry(name, entry)
+            sig = self.signature(entry["task"], entry["args"], entry["kwargs"], entry["options"])
+            declared[name] = (sig, entry["schedule"], entry["timezone"], entry["catch_up"])
+        return declared
+
+    def _schedule_definition(self, name, sig, schedule, timezone, catch_up):
+        """The ``schedule_add`` request of one declared schedule."""
+        try:
+            spec = sig._spec(self, {}, False)
+            if "id" in spec:
+                raise ValueError("a periodic task takes no task_id: each tick's task is named sched:<name>:<tick>")
+            fields = schedules.timing(schedule, timezone, self.conf.get("timezone"))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"schedule {name!r}: {e}") from None
+        # A tick comes from no request and no trace; and a context captured now would make every sync a new
+        # definition, restarting the schedule.
+        spec.pop("context", None)
+        definition = {"name": name, "task": spec, **fields}
+        if catch_up is not None:
+            definition["catch_up"] = catch_up
+        return definition
+
+    def _add_schedule(self, definition):
+        try:
+            return self.connection().call("schedule_add", **definition)
+        except BrokerError as e:
+            raise BrokerError(e.code, f"schedule {definition['name']!r}: {e.message}", e.op) from None
 
 
 class TaskRequest:
@@ -285,6 +410,16 @@ class Task:
         """Enqueues the task with these arguments; returns an AsyncResult."""
         return self.apply_async(args, kwargs)
 
+    def s(self, *args, **kwargs):
+        """A signature of this call, as Celery's ``task.s()``: for chains, groups and chords, or to enqueue later.
+        As a chain's link or a chord's callback it receives the previous result as its first argument."""
+        return canvas.Signature(self, args, kwargs)
+
+    def si(self, *args, **kwargs):
+        """An immutable signature, as Celery's ``task.si()``: as a chain's link or a chord's callback it does not
+        receive the previous result."""
+        return canvas.Signature(self, args, kwargs, immutable=True)
+
     def apply_async(self, args=None, kwargs=None, **options):
         """Enqueues the task. Options: ``countdown`` in seconds; ``eta`` a datetime (naive = local time) or Unix
         seconds; ``expires`` seconds from now or a datetime; ``priority``, ``task_id``, ``queue``,
@@ -318,16 +453,17 @@ class Task:
             results.extend(AsyncResult(t["id"], self.broker, task_name=self.name) for t in reply["tasks"])
         return results
 
-    def _spec(self, args, kwargs, *, countdown=None, eta=None, priority=None, task_id=None, queue=None,
-              expires=None, max_retries=None, lease_timeout=None, result_ttl=None, unique_key=None,
+    def _spec(self, args, kwargs, *, receives_result=False, countdown=None, eta=None, priority=None, task_id=None,
+              queue=None, expires=None, max_retries=None, lease_timeout=None, result_ttl=None, unique_key=None,
               unique_for=None):
-        """The enqueue spec of one call (see ``apply_async``)."""
+        """The enqueue spec of one call (see ``apply_async``); `receives_result`: it is a chain's link or a chord's
+        callback, which the daemon calls with the previous result first."""
         args = list(args or ())
         kwargs = dict(kwargs or {})
         check_arguments(self.name, args, kwargs)
         spec = {"task": self.name, "args": args, "kwargs": kwargs}
         if self.fn is not None:
-            self._check_signature(args, kwargs)
+            self._check_signature(args, kwargs, receives_result)
         queue = queue or self.queue or self.broker.default_queue
         if queue:
             spec["queue"] = queue
@@ -390,20 +526,21 @@ class Task:
         if unique_for is not None:
             spec["unique_for_ms"] = max(0, int(unique_for * 1000))
 
-    def _check_signature(self, args, kwargs):
-        """Fails at enqueue, not in the worker, when the arguments cannot bind to the function."""
+    def _check_signature(self, args, kwargs, receives_result=False):
+        """Fails at enqueue, not in the worker, when the arguments cannot bind to the function (with a stand-in for
+        the previous result, first, if it `receives_result`)."""
         try:
             signature = getattr(self, "_signature", None) or inspect.signature(self.fn)
             self._signature = signature
         except (TypeError, ValueError):
             return
+        first = ((self,) if self.bind else ()) + ((None,) if receives_result else ())
         try:
-            if self.bind:
-                signature.bind(self, *args, **kwargs)
-            else:
-                signature.bind(*args, **kwargs)
+            signature.bind(*first, *args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{self.name}: {e}") from None
+            why = (" (its first argument is the previous task's result; use .si() for a task that takes none)"
+                   if receives_result else "")
+            raise TypeError(f"{self.name}: {e}{why}") from None
 
     def retry(self, exc=None, countdown=None, max_retries=None):
         """Inside a bound task: schedule another attempt in `countdown` seconds (default
@@ -479,13 +616,18 @@ def _progress(info):
 class AsyncResult:
     """A handle on a task by id: its state, result or error, waiting for it, revoking it.
 
-    Unlike Celery, an id the daemon does not know raises NotFound instead of reading as PENDING forever.
+    Unlike Celery, an id the daemon does not know raises NotFound instead of reading as PENDING forever. The
+    exception is a chain's link that is not enqueued yet (the daemon enqueues it when the link before it ends): one
+    whose ``parent`` is known (the AsyncResults a chain's ``apply_async`` returns) reads ``PENDING`` until then,
+    and waiting for it waits for the links before it.
     """
 
-    def __init__(self, id, broker, task_name=None):
+    def __init__(self, id, broker, task_name=None, parent=None):
         self.id = id
         self.broker = broker
         self.task_name = task_name
+        #: The result of the task this one follows in a workflow (a chain's previous link, a chord's GroupResult).
+        self.parent = parent
         self._info = None
 
     def __repr__(self):
@@ -494,11 +636,33 @@ class AsyncResult:
     def __str__(self):
         return self.id
 
-    def _fetch(self, wait_ms=0):
-        if self._info is not None and self._info["state"] in TERMINAL_STATES:
-            return self._info
+    def _ended(self):
+        return self._info is not None and self._info["state"] in TERMINAL_STATES
+
+    def _get(self, wait_ms):
         self._info = self.broker.connection().call("get", task_id=self.id, wait_ms=int(wait_ms))
         return self._info
+
+    def _fetch(self, wait_ms=0):
+        if self._ended():
+            return self._info
+        try:
+            return self._get(wait_ms)
+        except NotFound:
+            if not isinstance(self.parent, AsyncResult):
+                raise
+        # A chain's link exists from its turn on: wait for the earliest link not known to have ended instead. When
+        # it ends, the daemon has enqueued (or ended) the next one in the same commit, so this walks down to self.
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            link = self
+            while isinstance(link.parent, AsyncResult) and not link.parent._ended():
+                link = link.parent
+            info = link._get(max(0, int((deadline - time.monotonic()) * 1000)))
+            if link is self:
+                return info
+            if info["state"] not in TERMINAL_STATES:
+                return {"id": self.id, "task": self.task_name, "state": "PENDING"}
 
     @property
     def info_raw(self):

@@ -80,6 +80,12 @@ class TimeLimitExceeded(Exception):
         super().__init__(message)
 
 
+class ChordError(Exception):
+    """A chord's callback did not run because one of its members ended FAILURE or REVOKED (as Celery's
+    ``celery.exceptions.ChordError``). The daemon fails the callback, and the links chained after it, with this
+    type and a message naming the member and its error; ``AsyncResult.get()`` raises it."""
+
+
 class TaskFailed(Exception):
     """A task failed in a worker. ``type_name``, ``message`` and ``traceback`` are what the worker reported.
 
@@ -102,9 +108,9 @@ class TaskFailed(Exception):
 
 _remote_classes = {}
 
-#: Error types the worker itself reports by their bare name (as ``WorkerLostError``), mapped to this package's
-#: classes so that ``except TimeLimitExceeded:`` catches them from ``get()``.
-_WORKER_ERRORS = {"TimeLimitExceeded": TimeLimitExceeded}
+#: Error types the worker or the daemon reports by their bare name (as ``WorkerLostError``), mapped to this
+#: package's classes so that ``except TimeLimitExceeded:`` catches them from ``get()``.
+_WORKER_ERRORS = {"TimeLimitExceeded": TimeLimitExceeded, "ChordError": ChordError}
 
 
 def _local_class(type_name):

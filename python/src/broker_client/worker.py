@@ -20,7 +20,8 @@ Shape (prefork: one parent, ``concurrency`` children, one connection for leases 
 With the threads and solo pools, slot threads run the tasks in this process and ack them pipelined; a **reply
 thread** reads the replies; the heartbeat thread raises time limits in the tasks' threads.
 
-At start the worker declares the rate and concurrency limits its tasks carry to the daemon (``set_limit``).
+At start the worker declares the rate and concurrency limits its tasks carry to the daemon (``set_limit``), and
+the app's periodic tasks (``schedule_add``, see ``Broker.sync_schedules``).
 
 The parent never runs task code. A child that dies mid-task fails its task with ``WorkerLostError`` (retried within
 its budget), the tasks it held but had not started go back to their queue unrun, and the child is replaced. If the
@@ -49,7 +50,7 @@ import threading
 import time
 from multiprocessing.connection import wait as wait_for
 
-from . import outcomes, serialization
+from . import outcomes, schedules, serialization
 from .connection import Connection, redact
 from .errors import BrokerError, ConnectionLost, SoftTimeLimitExceeded, TimeLimitExceeded
 from .execution import (
@@ -678,6 +679,7 @@ class Worker:
         conn = self.broker.connection()
         conn.open()  # fail fast, with the URL in the message, if the daemon is not there or refuses the token
         self._declare_limits()
+        self._declare_schedules()
         # Leases on a connection of their own: replies on one connection keep request order, so a lease that
         # could be answered at once would otherwise wait behind the acks' disk flushes.
         self.lease_connection = Connection(self.broker.url, client_name=self.broker.client_name)
@@ -737,6 +739,13 @@ class Worker:
                                   f"{task.concurrency_limit!r}: {e.message}", e.op) from None
             log.info("task %s: rate limit %s, concurrency limit %s (for every worker together)", name,
                      task.rate_limit or "none", task.concurrency_limit or "none")
+
+    def _declare_schedules(self):
+        """Adds the app's periodic tasks to the daemon, or updates them. The same definition again changes nothing
+        there, so every worker does it at every start and each tick still runs once. Schedules the app no longer
+        declares are left alone (``Broker.remove_schedule`` removes one)."""
+        for info in self.broker.sync_schedules():
+            log.info("schedule %s", schedules.describe(info))
 
     def stop(self, cold=False):
         """Asks the worker to shut down (what SIGTERM does; `cold` skips the grace period)."""
