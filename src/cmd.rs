@@ -100,7 +100,7 @@ impl Refusal {
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         let code = match &e {
-            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::NotFound(_) | StoreError::NoSchedule(_) => ErrorCode::NotFound,
             StoreError::LeaseLost { .. } => ErrorCode::LeaseLost,
             StoreError::Revoked(_) => ErrorCode::Revoked,
             StoreError::Invalid(_) => ErrorCode::BadRequest,

@@ -257,3 +257,20 @@ async fn workflows_refuse_what_would_break_them() {
     assert_eq!((callback.state, callback.error.unwrap().kind.as_str()), (TaskState::Failure, "ChordError"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_chord_callbacks_countdown_counts_from_its_release() {
+    let server = TestServer::start_manual().await;
+    let client = server.client().await;
+    let callback = TaskSpec { countdown_ms: Some(60_000), ..spec("whole", vec![]) };
+    let chord = client.enqueue_chord(vec![spec("part", vec![])], callback).await.unwrap();
+    server.clock().advance(std::time::Duration::from_secs(120));
+    run_one(&client, 1.into()).await;
+    server.tick();
+    assert_eq!(client.get(&chord.callback.id).await.unwrap().state, TaskState::Scheduled);
+    assert!(lease_one(&client).await.is_none(), "a minute after its release, not after the chord's enqueue");
+    server.clock().advance(std::time::Duration::from_secs(60));
+    server.tick();
+    assert_eq!(lease_one(&client).await.expect("the callback").id, chord.callback.id);
+    server.stop().await;
+}

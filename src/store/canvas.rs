@@ -65,6 +65,7 @@ impl Store {
             members: members.unwrap_or_default(),
             waiting,
             immutable: waiting && spec.immutable,
+            countdown_ms: spec.countdown_ms.filter(|_| waiting),
             ..Extra::default()
         };
         let seq = st.take_seq(now);
@@ -84,7 +85,8 @@ impl Store {
             state: if eta_ms.is_some() && !waiting { TaskState::Scheduled } else { TaskState::Pending },
             seq,
             created_at_ms: now,
-            eta_ms: eta_ms.filter(|_| !waiting),
+            // A waiting callback's `eta_ms` holds until its release; its countdown counts from the release.
+            eta_ms: if waiting { spec.eta_ms } else { eta_ms },
             extra: (extra != Extra::default()).then(|| Box::new(extra)),
             // Not yet leased, run or finished.
             ..TaskRecord::default()
@@ -364,12 +366,17 @@ impl Store {
         let mut record = st.take_live(callback).expect("live");
         let extra = record.extra_mut();
         extra.waiting = false;
+        let countdown = extra.countdown_ms;
         if !extra.immutable {
             let (mut args, kwargs, context) = record.payload.decode();
             args.insert(0, Value::Array(results));
             record.payload = super::Payload::from_values(&args, &kwargs, &context);
         }
-        self.schedule(&mut st, record, now, now);
+        let at = countdown.map(|c| now.saturating_add(c)).or(record.eta_ms).unwrap_or(now).max(now);
+        if at > now {
+            record.state = TaskState::Scheduled;
+        }
+        self.schedule(&mut st, record, at, now);
         drop(st);
         self.ready_notify.notify_waiters();
         Ok(())

@@ -70,6 +70,9 @@ pub enum StoreError {
     /// No task has that id.
     #[error("no task with id {0:?}")]
     NotFound(String),
+    /// No schedule has that name.
+    #[error("no schedule named {0:?}")]
+    NoSchedule(String),
     /// The lease is no longer held.
     #[error("lease {lease_id} on task {id:?} is not held (expired, released, or the task finished)")]
     LeaseLost {

@@ -89,6 +89,9 @@ pub struct Extra {
     /// `ack`. The callback is released when all are set.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub succeeded: Vec<u8>,
+    /// For a chord's callback: its `countdown_ms`, counted from its release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub countdown_ms: Option<u64>,
 }
 
 impl Extra {

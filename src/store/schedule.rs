@@ -209,7 +209,7 @@ impl Store {
         let now = self.now_ms();
         let mut control = self.control();
         let Some(old) = control.schedules.get(name) else {
-            return Err(StoreError::NotFound(format!("schedule {name}")));
+            return Err(StoreError::NoSchedule(name.to_string()));
         };
         if old.paused == paused {
             return Ok(info(name, old));
