@@ -473,16 +473,11 @@ fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal
 /// Encodes a `lease` reply ([`Leased`] in an [`OkEnvelope`], as `ok_frame` would) writing each task's arguments
 /// as the bytes they were enqueued as.
 fn leased_frame(id: u64, tasks: &[Grant]) -> ReplyFrame {
-    use rmp::encode::{write_array_len, write_bool, write_map_len, write_str, write_uint};
+    use rmp::encode::{write_array_len, write_map_len, write_str, write_uint};
     let mut out = Vec::with_capacity(32 + tasks.iter().map(|t| 160 + t.payload.bytes().len()).sum::<usize>());
     // Writing to a Vec cannot fail.
     let o = &mut out;
-    let _ = write_map_len(o, 3);
-    let _ = write_str(o, "id");
-    let _ = write_uint(o, id);
-    let _ = write_str(o, "ok");
-    let _ = write_bool(o, true);
-    let _ = write_str(o, "body");
+    ok_envelope_head(o, id);
     let _ = write_map_len(o, 1);
     let _ = write_str(o, "tasks");
     let _ = write_array_len(o, tasks.len() as u32);
@@ -684,22 +679,26 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outc
 
 /// A `get` reply around a `TaskInfo` encoded already ([`Store::get_encoded`]): what `reply` would write.
 fn info_reply(id: u64, result: Result<(TaskState, Vec<u8>), Refusal>) -> ReplyFrame {
-    use rmp::encode::{write_bool, write_map_len, write_str, write_uint};
     let body = match result {
         Ok((_, body)) => body,
         Err(refusal) => return error_frame(Some(id), refusal.code, &refusal.message),
     };
     let mut out = Vec::with_capacity(body.len() + 24);
-    // Writing to a Vec cannot fail.
-    let o = &mut out;
-    let _ = write_map_len(o, 3);
-    let _ = write_str(o, "id");
-    let _ = write_uint(o, id);
-    let _ = write_str(o, "ok");
-    let _ = write_bool(o, true);
-    let _ = write_str(o, "body");
-    o.extend_from_slice(&body);
+    ok_envelope_head(&mut out, id);
+    out.extend_from_slice(&body);
     out
+}
+
+/// Writes what [`OkEnvelope`] encodes before its body: `{id, ok: true, body: ` (the body follows).
+fn ok_envelope_head(out: &mut Vec<u8>, id: u64) {
+    use rmp::encode::{write_bool, write_map_len, write_str, write_uint};
+    // Writing to a Vec cannot fail.
+    let _ = write_map_len(out, 3);
+    let _ = write_str(out, "id");
+    let _ = write_uint(out, id);
+    let _ = write_str(out, "ok");
+    let _ = write_bool(out, true);
+    let _ = write_str(out, "body");
 }
 
 fn revoke(shared: &Shared, request: &[u8]) -> Result<Revoked, Refusal> {

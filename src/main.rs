@@ -371,15 +371,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Enqueue { task, args, kwargs, context, queue, countdown, priority, max_retries, id, client } => {
             let mut spec = TaskSpec::new(task);
-            if let Some(args) = args {
-                match json_to_value(&parse_json("ARGS", &args)?) {
-                    Value::Array(items) => spec.args = items,
-                    _ => bail!("ARGS must be a JSON array, e.g. '[2, 3]'"),
-                }
-            }
-            if let Some(kwargs) = kwargs {
-                spec.kwargs = json_object("--kwargs", &kwargs)?;
-            }
+            set_arguments(&mut spec, args, kwargs)?;
             if let Some(context) = context {
                 spec.context = json_object("--context", &context)?;
             }
@@ -501,19 +493,25 @@ async fn run(command: Command) -> Result<()> {
     }
 }
 
+/// The task's arguments from the command line: ARGS a JSON array, --kwargs a JSON object.
+fn set_arguments(spec: &mut TaskSpec, args: Option<String>, kwargs: Option<String>) -> Result<()> {
+    if let Some(args) = args {
+        match json_to_value(&parse_json("ARGS", &args)?) {
+            Value::Array(items) => spec.args = items,
+            _ => bail!("ARGS must be a JSON array, e.g. '[2, 3]'"),
+        }
+    }
+    if let Some(kwargs) = kwargs {
+        spec.kwargs = json_object("--kwargs", &kwargs)?;
+    }
+    Ok(())
+}
+
 async fn schedule_command(command: ScheduleCommand) -> Result<()> {
     match command {
         ScheduleCommand::Add { name, task, args, kwargs, queue, cron, tz, every, catch_up, client } => {
             let mut spec = TaskSpec { queue, ..TaskSpec::new(task) };
-            if let Some(args) = args {
-                match json_to_value(&parse_json("ARGS", &args)?) {
-                    Value::Array(items) => spec.args = items,
-                    _ => bail!("ARGS must be a JSON array, e.g. '[2, 3]'"),
-                }
-            }
-            if let Some(kwargs) = kwargs {
-                spec.kwargs = json_object("--kwargs", &kwargs)?;
-            }
+            set_arguments(&mut spec, args, kwargs)?;
             let every_ms = every.map(|s| (s * 1000.0).max(0.0) as u64);
             let request = ScheduleAdd { name, task: spec, cron, timezone: tz, every_ms, catch_up };
             let info = connect(&client).await?.schedule_add(&request).await.context("cannot add the schedule")?;

@@ -129,15 +129,18 @@ async fn escape_sequences_from_producers_never_reach_the_terminal() {
     server.stop().await;
 }
 
+/// Runs `broker ARGS --addr ADDR`: whether it succeeded, and what it printed (stdout, then stderr).
+fn broker_at(addr: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_broker")).args(args).args(["--addr", addr]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_resume_and_limits_from_the_command_line() {
     let server = TestServer::start().await;
     let addr = server.addr();
-    let run = move |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_broker")).args(args).args(["--addr", &addr]).output().unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-        (output.status.success(), text)
-    };
+    let run = move |args: &[&str]| broker_at(&addr, args);
     let steps = tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
         for args in [
@@ -173,11 +176,7 @@ async fn pause_resume_and_limits_from_the_command_line() {
 async fn schedules_from_the_command_line() {
     let server = TestServer::start().await;
     let addr = server.addr();
-    let run = move |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_broker")).args(args).args(["--addr", &addr]).output().unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-        (output.status.success(), text)
-    };
+    let run = move |args: &[&str]| broker_at(&addr, args);
     let steps = tokio::task::spawn_blocking(move || {
         [
             &["schedule", "add", "nightly", "cleanup", "[1]", "--cron", "30 2 * * *", "--tz", "Europe/Paris"][..],
