@@ -479,6 +479,41 @@ fn task_body(info: &TaskInfo, dead: bool, now: u64) -> String {
         json(map(&info.kwargs)),
         json(map(&info.context))
     );
+    if let Some(progress) = &info.progress {
+        let _ = write!(
+            out,
+            r#"<section class="card"><h3>Progress</h3><p><span class="badge STARTED" id="task-progress-state">{}</span> <span class="muted">{}</span></p><pre id="task-progress">{}</pre></section>"#,
+            esc(&progress.state),
+            when(now, progress.at_ms),
+            json(value_to_json(&progress.meta))
+        );
+    }
+    // The workflow it belongs to: links still to come, its chord.
+    let mut links = String::new();
+    for (label, ids) in [("Then", &info.chain), ("Members", &info.members)] {
+        if ids.is_empty() {
+            continue;
+        }
+        let chips: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"<a class="chip" href="/task/{}">{}</a>"#, url_escape(id), esc(id)))
+            .collect();
+        let _ = write!(links, r#"<tr><th>{label}</th><td>{}</td></tr>"#, chips.join(" "));
+    }
+    if let Some(callback) = &info.chord {
+        let _ = write!(
+            links,
+            r#"<tr><th>Chord callback</th><td><a class="chip" href="/task/{}">{}</a></td></tr>"#,
+            url_escape(callback),
+            esc(callback)
+        );
+    }
+    if !links.is_empty() {
+        let _ = write!(
+            out,
+            r#"<section class="card"><h3>Workflow</h3><table class="fields" id="task-workflow">{links}</table></section>"#
+        );
+    }
     if let Some(result) = &info.result {
         let _ = write!(
             out,

@@ -182,3 +182,27 @@ async fn the_dashboard_pauses_and_resumes_a_queue_and_lists_schedules_and_limits
     assert!(client.stats().await.unwrap().queues.iter().any(|q| q.name == "mail" && q.paused));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_task_page_shows_progress_and_the_workflow() {
+    let server = with_http(Vec::new()).await;
+    let http = server.handle.as_ref().unwrap().http_addr().unwrap();
+    let client = server.client().await;
+    let chord = client.enqueue_chord(vec![TaskSpec::new("part")], TaskSpec::new("whole")).await.unwrap();
+    let lease = broker_client::proto::Lease { queues: vec!["default".into()], max: 1, wait_ms: 0, lease_ms: None };
+    let member = client.lease(&lease).await.unwrap().pop().unwrap();
+    let meta = broker_client::proto::Value::Map(vec![("current".into(), 3.into()), ("total".into(), 10.into())]);
+    client.progress(&member.id, member.lease_id, "PROGRESS", meta).await.unwrap();
+    let (member_id, callback_id) = (member.id.clone(), chord.callback.id.clone());
+    let (member_page, callback_page) = tokio::task::spawn_blocking(move || {
+        (get(http, &format!("/task/{member_id}"), None).1, get(http, &format!("/task/{callback_id}"), None).1)
+    })
+    .await
+    .unwrap();
+    assert!(
+        member_page.contains(r#"id="task-progress-state">PROGRESS"#) && member_page.contains("&quot;current&quot;: 3")
+    );
+    assert!(member_page.contains("Chord callback") && member_page.contains(&chord.callback.id));
+    assert!(callback_page.contains("Members") && callback_page.contains(&member.id));
+    server.stop().await;
+}
