@@ -34,7 +34,14 @@ async fn a_chain_passes_each_result_on_and_an_immutable_link_takes_none() {
     assert_eq!(enqueued.chain.len(), 2, "the links' ids come back");
     let (double, notify) = (enqueued.chain[0].clone(), enqueued.chain[1].clone());
     assert_eq!(client.get(&enqueued.id).await.unwrap().chain, enqueued.chain);
-    assert!(client.get(&double).await.is_err(), "a link exists only once its turn comes");
+    // A link not enqueued yet reads PENDING, with its own arguments (the result before it not added yet).
+    let pending = client.get(&double).await.unwrap();
+    assert_eq!((pending.state, pending.task.as_str(), pending.attempts), (TaskState::Pending, "double", 0));
+    let waiting = {
+        let client = server.client().await;
+        let notify = notify.clone();
+        tokio::spawn(async move { client.wait(&notify, std::time::Duration::from_secs(10)).await.unwrap() })
+    };
     let add = run_one(&client, 5.into()).await;
     assert_eq!(add.id, enqueued.id);
     let task = run_one(&client, 10.into()).await;
@@ -42,6 +49,7 @@ async fn a_chain_passes_each_result_on_and_an_immutable_link_takes_none() {
     let task = run_one(&client, Value::Nil).await;
     assert_eq!((task.id.as_str(), task.args.as_slice()), (notify.as_str(), &[Value::from("done")][..]));
     assert_eq!(client.get(&notify).await.unwrap().state, TaskState::Success);
+    assert_eq!(waiting.await.unwrap().state, TaskState::Success, "a get waiting on the last link from the start");
     assert!(lease_one(&client).await.is_none());
     // A link with a chain of its own is refused.
     let nested =

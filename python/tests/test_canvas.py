@@ -8,7 +8,6 @@ import pytest
 from broker_client import (
     ChordError,
     GroupResult,
-    NotFound,
     SerializationError,
     TaskFailed,
     TaskRevokedError,
@@ -45,10 +44,12 @@ def test_a_link_not_enqueued_yet_reads_pending_and_waits_for_the_links_before_it
     result = (tasks.block.si(gate["started"], gate["release"], 7) | tasks.add.s(1) | tasks.mul.s(2)).delay()
     poll(lambda: pathlib.Path(gate["started"]).exists(), what="the first link to start")
     assert result.state == "PENDING" and not result.ready()
-    with pytest.raises(NotFound):  # the daemon makes a link at its turn: only the chain's result knows to wait
-        tasks.broker.AsyncResult(result.id).state
+    # The daemon knows the links to come: the last one's id alone reads PENDING too, and can be waited on.
+    alone = tasks.broker.AsyncResult(result.id)
+    assert alone.state == "PENDING"
     pathlib.Path(gate["release"]).touch()
     assert result.get(timeout=20) == 16
+    assert alone.get(timeout=20) == 16
 
 
 def test_a_group_gives_its_results_in_order(tasks, worker):

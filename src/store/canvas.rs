@@ -96,6 +96,7 @@ impl Store {
         self.happened(st, &record.id, &record.queue, &record.task, Outcome::enqueued, now);
         let created = |state| Enqueued { id: id.to_string(), created: true, state, chain: chain_ids.clone() };
         if waiting {
+            st.index_links(&record);
             st.touch(&id);
             st.live.insert(id.clone(), Arc::new(record));
             return (created(TaskState::Pending), false);
@@ -116,6 +117,7 @@ impl Store {
             }
         }
         let reply = created(record.state);
+        st.index_links(&record);
         st.touch(&id);
         st.live.insert(id, Arc::new(record));
         (reply, ready)
@@ -251,6 +253,7 @@ impl Store {
         if st.done.get(id.as_str()).is_some_and(|meta| meta.by_parent) {
             st.delete(&Id::from(id.as_str()));
         }
+        st.links.remove(id.as_str());
         let (_, ready) = self.insert(st, NewTask::from(next), now, None);
         st.readied |= ready;
     }
@@ -259,6 +262,7 @@ impl Store {
     fn fail_links(&self, st: &mut State, done: &TaskRecord, chain: &[TaskSpec], now: u64) {
         for link in chain {
             let Some(id) = link.id.as_deref() else { continue };
+            st.links.remove(id);
             if st.state_of(id).is_some() {
                 continue;
             }

@@ -403,6 +403,9 @@ struct State {
     unique: Map<String, (Id, Option<u64>)>,
     /// (until, key) of the keys held for a time, for the tick to let go.
     unique_expiry: BTreeSet<(u64, String)>,
+    /// Chain links not enqueued yet → the task whose chain holds them, so `get` can show them `PENDING`
+    /// ([`canvas`]).
+    links: Map<Id, Id>,
     /// Chord callbacks whose members all succeeded, to release outside the lock ([`canvas`]).
     chords_ready: Vec<Id>,
     /// A task became ready during the current operation (a chain's next link): waiting leases look again.
@@ -534,10 +537,39 @@ impl State {
         holds.then(|| (id.clone(), state))
     }
 
+    /// Notes that `record` carries its chain's links (not enqueued yet).
+    fn index_links(&mut self, record: &TaskRecord) {
+        for link in record.extra.iter().flat_map(|e| &e.chain).filter_map(|l| l.id.as_deref()) {
+            self.links.insert(Id::from(link), record.id.clone());
+        }
+    }
+
+    /// A chain link not enqueued yet, as `get` shows it: `PENDING`, its spec's arguments (the result of the task
+    /// before it not added yet), the time the task carrying it was enqueued.
+    fn pending_link(&self, id: &str) -> Option<TaskRecord> {
+        let carrier = self.live.get(self.links.get(id)?)?;
+        let link = carrier.extra.as_ref()?.chain.iter().find(|l| l.id.as_deref() == Some(id))?;
+        Some(TaskRecord {
+            id: Id::from(id),
+            queue: link.queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
+            task: link.task.clone(),
+            payload: Payload::from_values(&link.args, &link.kwargs, &link.context),
+            priority: link.priority,
+            max_retries: link.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+            state: TaskState::Pending,
+            created_at_ms: carrier.created_at_ms,
+            ..TaskRecord::default()
+        })
+    }
+
     /// Forgets a task entirely and notes it.
     fn delete(&mut self, id: &Id) {
         if let Some(record) = self.live.get(id).cloned() {
             self.release_unique(&record);
+            // Its chain's links will never be enqueued now.
+            for link in record.extra.iter().flat_map(|e| &e.chain).filter_map(|l| l.id.as_deref()) {
+                self.links.remove(link);
+            }
         }
         self.live.remove(id);
         self.forget_done(id);
@@ -956,6 +988,7 @@ impl Store {
             }
             if record.extra.as_ref().is_some_and(|e| e.waiting) {
                 // A chord's callback waiting for its members: in no queue ([`canvas`]).
+                st.index_links(&record);
                 st.live.insert(record.id.clone(), Arc::new(record));
                 continue;
             }
@@ -986,6 +1019,7 @@ impl Store {
                     st.queue(&record.queue).ready.insert(key, record.id.clone());
                 }
             }
+            st.index_links(&record);
             st.live.insert(record.id.clone(), Arc::new(record));
         }
         self.recount_chords(&mut st);
@@ -1679,8 +1713,13 @@ impl Store {
 
     /// Reads a task as the `get` reply's body (see [`TaskRecord::info_bytes`]), with its state.
     pub fn get_encoded(&self, id: &str) -> Result<(TaskState, Vec<u8>), StoreError> {
-        let encoded =
-            self.with_record(id, |r| (r.state, r.info_bytes()))?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        let encoded = match self.with_record(id, |r| (r.state, r.info_bytes()))? {
+            Some(encoded) => encoded,
+            None => {
+                let link = self.lock().pending_link(id).map(|r| (r.state, r.info_bytes()));
+                link.ok_or_else(|| StoreError::NotFound(id.to_string()))?
+            }
+        };
         let (state, bytes) = encoded;
         let bytes = bytes.map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
         Ok((state, bytes))
@@ -1688,7 +1727,10 @@ impl Store {
 
     /// Reads a task.
     pub fn get(&self, id: &str) -> Result<TaskInfo, StoreError> {
-        self.with_record(id, TaskRecord::info)?.ok_or_else(|| StoreError::NotFound(id.to_string()))
+        match self.with_record(id, TaskRecord::info)? {
+            Some(info) => Ok(info),
+            None => self.lock().pending_link(id).map(|r| r.info()).ok_or_else(|| StoreError::NotFound(id.to_string())),
+        }
     }
 
     /// Revokes a task; returns its state afterwards.
