@@ -59,6 +59,7 @@ pub struct ConnInfo {
 }
 
 /// One connection's protocol state.
+#[derive(Clone)]
 pub struct Session {
     /// The connection's id.
     pub conn: ConnId,

@@ -519,7 +519,7 @@ async fn serve_frame(
     durable: &mut Vec<(u64, ReplyFrame)>,
 ) -> bool {
     match frame {
-        Some(Ok(Request::Message(bytes))) => match cmd::handle(shared, session, &bytes) {
+        Some(Ok(Request::Message(bytes))) => match handle(shared, session, bytes).await {
             Outcome::Reply(frame, None) => out.feed(frame).await,
             Outcome::Reply(frame, Some(id)) => durable.push((id, frame)),
             Outcome::Wait(waiting) => pending.push(1, Box::pin(waiting.map(|frame| vec![frame]))),
@@ -543,6 +543,32 @@ async fn serve_frame(
         None => return false,
     }
     true
+}
+
+/// Requests at least this large are checked and applied on a blocking thread.
+const LARGE_REQUEST: usize = 1 << 20;
+
+/// Handles a request. A large one (its every byte is walked, several times, and a hostile one can take a
+/// third of a second) runs on a blocking thread: this connection waits for it, the runtime's threads serve the
+/// others meanwhile.
+async fn handle(shared: &Arc<Shared>, session: &mut Session, bytes: bytes::Bytes) -> Outcome {
+    if bytes.len() < LARGE_REQUEST {
+        return cmd::handle(shared, session, &bytes);
+    }
+    let (shared_, mut copy) = (shared.clone(), session.clone());
+    let ran = tokio::task::spawn_blocking(move || {
+        let outcome = cmd::handle(&shared_, &mut copy, &bytes);
+        (outcome, copy)
+    })
+    .await;
+    match ran {
+        Ok((outcome, copy)) => {
+            // What the request changed of the session (a `hello`).
+            *session = copy;
+            outcome
+        }
+        Err(e) => Outcome::Reply(cmd::error_frame(None, ErrorCode::Internal, &format!("request failed: {e}")), None),
+    }
 }
 
 /// The replies, once the changes they report are durable; if that fails, an error for each request instead.
