@@ -49,8 +49,18 @@ impl Control {
         }
     }
 
+    /// Applies `change` to a copy, saves the copy in `dir`, and only then takes it: a change the disk refused
+    /// changes nothing.
+    pub fn update(&mut self, dir: &Path, change: impl FnOnce(&mut Control)) -> Result<(), StoreError> {
+        let mut changed = self.clone();
+        change(&mut changed);
+        changed.save(dir)?;
+        *self = changed;
+        Ok(())
+    }
+
     /// Replaces the file in `dir` with this control, durably.
-    pub fn save(&self, dir: &Path) -> Result<(), StoreError> {
+    fn save(&self, dir: &Path) -> Result<(), StoreError> {
         let bytes = rmp_serde::to_vec_named(self)
             .map_err(|e| StoreError::Corrupt { id: FILE.into(), message: format!("cannot encode: {e}") })?;
         let path = dir.join(FILE);

@@ -224,14 +224,13 @@ impl Store {
         let mut control = self.control();
         let was = control.paused.contains(queue);
         if was != paused {
-            let mut changed = control.clone();
-            if paused {
-                changed.paused.insert(queue.to_string());
-            } else {
-                changed.paused.remove(queue);
-            }
-            changed.save(&self.control_path)?;
-            *control = changed;
+            control.update(&self.control_path, |c| {
+                if paused {
+                    c.paused.insert(queue.to_string());
+                } else {
+                    c.paused.remove(queue);
+                }
+            })?;
         }
         {
             let mut st = self.lock();
@@ -268,18 +267,17 @@ impl Store {
             // restart would allow another burst.
             return Ok(());
         }
-        let mut changed = control.clone();
-        let limits = match scope {
-            Scope::Task => &mut changed.task_limits,
-            Scope::Queue => &mut changed.queue_limits,
-        };
-        if remove {
-            limits.remove(name);
-        } else {
-            limits.insert(name.to_string(), limit);
-        }
-        changed.save(&self.control_path)?;
-        *control = changed;
+        control.update(&self.control_path, |c| {
+            let limits = match scope {
+                Scope::Task => &mut c.task_limits,
+                Scope::Queue => &mut c.queue_limits,
+            };
+            if remove {
+                limits.remove(name);
+            } else {
+                limits.insert(name.to_string(), limit);
+            }
+        })?;
         let mut st = self.lock();
         if remove {
             match scope {

@@ -184,10 +184,9 @@ impl Store {
         if !schedule.paused {
             schedule.next_ms = timing.next_after(now);
         }
-        let mut changed = control.clone();
-        changed.schedules.insert(new.name.clone(), schedule);
-        changed.save(&self.control_path)?;
-        *control = changed;
+        control.update(&self.control_path, |c| {
+            c.schedules.insert(new.name.clone(), schedule);
+        })?;
         Ok(info(&new.name, &control.schedules[&new.name]))
     }
 
@@ -197,10 +196,9 @@ impl Store {
         if !control.schedules.contains_key(name) {
             return Ok(false);
         }
-        let mut changed = control.clone();
-        changed.schedules.remove(name);
-        changed.save(&self.control_path)?;
-        *control = changed;
+        control.update(&self.control_path, |c| {
+            c.schedules.remove(name);
+        })?;
         Ok(true)
     }
 
@@ -221,10 +219,9 @@ impl Store {
             schedule.not_before_ms = now;
             schedule.next_ms = Timing::of(&schedule)?.next_after(now);
         }
-        let mut changed = control.clone();
-        changed.schedules.insert(name.to_string(), schedule);
-        changed.save(&self.control_path)?;
-        *control = changed;
+        control.update(&self.control_path, |c| {
+            c.schedules.insert(name.to_string(), schedule);
+        })?;
         Ok(info(name, &control.schedules[name]))
     }
 
@@ -285,17 +282,16 @@ impl Store {
         let mut control = self.control();
         let confirmed = control.schedules.values().any(|s| s.unconfirmed.iter().any(|(_, round)| *round <= durable));
         if confirmed {
-            let mut changed = control.clone();
-            for schedule in changed.schedules.values_mut() {
-                let (done, waiting) = schedule.unconfirmed.iter().partition(|(_, round)| *round <= durable);
-                let done: Vec<(u64, u64)> = done;
-                schedule.unconfirmed = waiting;
-                if let Some(tick) = done.iter().map(|(tick, _)| *tick).max() {
-                    schedule.last_ms = schedule.last_ms.max(Some(tick));
+            control.update(&self.control_path, |c| {
+                for schedule in c.schedules.values_mut() {
+                    let (done, waiting) = schedule.unconfirmed.iter().partition(|(_, round)| *round <= durable);
+                    let done: Vec<(u64, u64)> = done;
+                    schedule.unconfirmed = waiting;
+                    if let Some(tick) = done.iter().map(|(tick, _)| *tick).max() {
+                        schedule.last_ms = schedule.last_ms.max(Some(tick));
+                    }
                 }
-            }
-            changed.save(&self.control_path)?;
-            *control = changed;
+            })?;
         }
         let due: Vec<String> = control
             .schedules
