@@ -605,17 +605,25 @@ fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
 
 fn ack(shared: &Shared, frame: &[u8]) -> Result<Empty, Refusal> {
     let request: Ack = body(frame)?;
-    let size = field(frame, "result").map_or(0, <[u8]>::len);
-    let limit = shared.config.max_result_bytes;
-    if size > limit {
+    if let Err(message) = check_stored_size(shared, frame, "result") {
         // The task ends FAILURE (not retried: it would produce the same result) and the worker is told why.
-        let message = format!("the result is {size} bytes; the daemon keeps at most {limit} (max_result_bytes)");
         let error = TaskError { kind: "ResultTooLarge".into(), message: message.clone(), traceback: None };
         shared.store.fail(&request.task_id, request.lease_id, error, false, None)?;
         return Err(Refusal::new(ErrorCode::ResultTooLarge, message));
     }
     shared.store.ack(&request.task_id, request.lease_id, request.result)?;
     Ok(Empty {})
+}
+
+/// Refuses a value the worker wants stored with the task (`result`, progress `meta`) larger than
+/// `max_result_bytes`, saying why.
+fn check_stored_size(shared: &Shared, frame: &[u8], key: &str) -> Result<(), String> {
+    let size = field(frame, key).map_or(0, <[u8]>::len);
+    let limit = shared.config.max_result_bytes;
+    if size > limit {
+        return Err(format!("the {key} is {size} bytes; the daemon keeps at most {limit} (max_result_bytes)"));
+    }
+    Ok(())
 }
 
 fn fail(shared: &Shared, request: &[u8]) -> Result<Failed, Refusal> {
@@ -636,12 +644,7 @@ fn extend(shared: &Shared, request: &[u8]) -> Result<Extended, Refusal> {
 
 fn progress(shared: &Shared, frame: &[u8]) -> Result<Extended, Refusal> {
     let request: ProgressRequest = body(frame)?;
-    let size = field(frame, "meta").map_or(0, <[u8]>::len);
-    let limit = shared.config.max_result_bytes;
-    if size > limit {
-        let message = format!("the progress meta is {size} bytes; the daemon keeps at most {limit} (max_result_bytes)");
-        return Err(Refusal::new(ErrorCode::ResultTooLarge, message));
-    }
+    check_stored_size(shared, frame, "meta").map_err(|message| Refusal::new(ErrorCode::ResultTooLarge, message))?;
     let at_ms = shared.store.now_ms();
     let progress = Progress { state: request.state, meta: request.meta, at_ms };
     let revoked = shared.store.progress(&request.task_id, request.lease_id, progress)?;

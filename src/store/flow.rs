@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Map, State, Store, StoreError};
+use super::{Map, Set, State, Store, StoreError};
 use crate::store::control::Limit;
 
 /// How many held-back tasks one lease passes over in a queue before it stops looking there.
@@ -121,7 +121,7 @@ impl Gate {
 /// Paused queues and the limits in force, in the store's state.
 #[derive(Debug, Default)]
 pub(super) struct Flow {
-    paused: Map<String, ()>,
+    paused: Set<String>,
     tasks: Map<String, Gate>,
     queues: Map<String, Gate>,
     /// The earliest time a rate limit that held a task back refills: the tick then wakes waiting leases (a
@@ -138,7 +138,7 @@ impl Flow {
     }
 
     pub(super) fn paused(&self, queue: &str) -> bool {
-        !self.paused.is_empty() && self.paused.contains_key(queue)
+        !self.paused.is_empty() && self.paused.contains(queue)
     }
 
     /// Whether the queue's own limit lets one more task of it start now.
@@ -182,7 +182,7 @@ impl Flow {
 
     fn set_paused(&mut self, queue: &str, paused: bool) {
         if paused {
-            self.paused.insert(queue.to_string(), ());
+            self.paused.insert(queue.to_string());
         } else {
             self.paused.remove(queue);
         }
