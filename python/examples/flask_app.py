@@ -162,13 +162,12 @@ def export_page(task_id):
 def export_status(task_id):
     """What the page polls: the state and, while the task runs, how far it got (its last progress report)."""
     result = broker.AsyncResult(task_id)
-    info = result.info  # read before the state: each is a request, and the task may move on in between
-    state = result.state
+    state, info = result.state_and_info()  # one request: .state then .info would be two, and the task moves on
     status = {"task_id": task_id, "state": state, "current": 0, "total": 0, "result": None, "error": None}
     if state == "PROGRESS" and isinstance(info, dict):
         status.update(current=info["current"], total=info["total"])
     elif state == "SUCCESS":
-        status.update(current=1, total=1, result=result.result)
+        status.update(current=1, total=1, result=info)
     elif state == "FAILURE":
-        status["error"] = f"{result.info.type_name}: {result.info}"
+        status["error"] = f"{info.type_name}: {info}"
     return jsonify(status)

@@ -14,12 +14,14 @@ def test_update_state_shows_in_state_and_info_while_the_task_runs(tasks, worker,
     poll(lambda: pathlib.Path(gate["started"]).exists(), what="the task to report and start waiting")
     assert result.state == "PROGRESS"
     assert result.info == {"current": 3, "total": 10}
+    assert result.state_and_info() == ("PROGRESS", {"current": 3, "total": 10})
     assert result.info_raw["state"] == "STARTED"
     assert not result.ready()
     pathlib.Path(gate["release"]).touch()
     assert result.get(timeout=20) == "reported"
     assert result.state == "SUCCESS"
     assert result.info == result.result == "reported"
+    assert result.state_and_info() == ("SUCCESS", "reported")
 
 
 def test_info_is_the_exception_of_a_failed_task(tasks, worker):

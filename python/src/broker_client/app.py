@@ -673,9 +673,7 @@ class AsyncResult:
     def state(self):
         """The task's state; while it runs, the state of its latest progress report if it made one
         (``update_state``, e.g. ``"PROGRESS"``), as Celery's."""
-        info = self._fetch()
-        progress = _progress(info)
-        return progress["state"] if progress is not None else info["state"]
+        return self._state_of(self._fetch())
 
     status = state
 
@@ -683,15 +681,29 @@ class AsyncResult:
     def result(self):
         """As Celery's: the return value for SUCCESS, the exception for FAILURE (and RETRY), the meta of the latest
         progress report while the task runs, else None."""
+        return self._result_of(self._fetch())
+
+    info = result
+
+    def state_and_info(self):
+        """``(state, info)`` read in one request. Reading ``.state`` and then ``.info`` makes two, and the task may
+        move on in between (a status route could see ``"PROGRESS"`` with the meta of no report, or the final
+        result); this pair always describes the same moment."""
         info = self._fetch()
+        return self._state_of(info), self._result_of(info)
+
+    @staticmethod
+    def _state_of(info):
+        progress = _progress(info)
+        return progress["state"] if progress is not None else info["state"]
+
+    def _result_of(self, info):
         if info["state"] == "SUCCESS":
             return info.get("result")
         if info["state"] in ("FAILURE", "RETRY") and info.get("error"):
             return self._exception(info)
         progress = _progress(info)
         return progress.get("meta") if progress is not None else None
-
-    info = result
 
     @property
     def traceback(self):
