@@ -134,6 +134,12 @@ pub enum ErrorCode {
     QueueFull,
     /// The `ack`'s result is larger than `max_result_bytes`; the task was failed (`ResultTooLarge`) instead.
     ResultTooLarge,
+    /// The daemon's shared store (PostgreSQL) cannot be reached, or refused the request; the request may or may
+    /// not have taken effect. Retry, on this daemon or another one.
+    StoreUnavailable,
+    /// The op is not available with this daemon's store (e.g. schedules on the PostgreSQL store). Nothing was
+    /// changed.
+    Unsupported,
 }
 
 impl ErrorCode {
@@ -156,13 +162,15 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::ResultTooLarge => "result_too_large",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::Unsupported => "unsupported",
         }
     }
 }
 
 impl ErrorCode {
     /// Every code, in the order proto.md lists them.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadRequest,
@@ -179,6 +187,8 @@ impl ErrorCode {
         ErrorCode::QueueFull,
         ErrorCode::ResultTooLarge,
         ErrorCode::Busy,
+        ErrorCode::StoreUnavailable,
+        ErrorCode::Unsupported,
     ];
 
     /// The code for a wire name, or `None` for a name this crate does not know.
