@@ -6,9 +6,13 @@
 //!
 //! The client never retries on its own: a request whose connection died fails with [`ErrorKind::Closed`], and
 //! the caller decides (enqueue with a client-chosen id is safe to retry: the daemon returns the existing task).
+//!
+//! Several addresses: [`ConnectOptions`] may hold a list (`tcp://a:7420,b:7420`), for stateless daemons that
+//! serve one shared store. A connect tries them in turn, starting where the last one left off, and stops at the
+//! first that says hello; the worker runtime moves to the next address when it reconnects.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,10 +42,17 @@ fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
     pending.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How to connect: the daemon's address, the token, the name shown by `broker stat`, and the bounds.
+/// How to connect: the daemon's address (or several), the token, the name shown by `broker stat`, and the bounds.
+///
+/// Clones share the place in the address list where the next connect starts ([`ConnectOptions::move_past`]).
 #[derive(Clone)]
 pub struct ConnectOptions {
+    /// The addresses as given, comma-separated, without the scheme and token (for messages and logs).
     addr: String,
+    /// Each `HOST:PORT` of the list, in order; one for a single address.
+    addrs: Vec<String>,
+    /// The index in `addrs` the next connect tries first: past the last address that failed.
+    cursor: Arc<AtomicUsize>,
     token: Option<String>,
     /// `tls://`: speak TLS, trusting the Mozilla roots and `tls_ca`.
     tls: bool,
@@ -66,6 +77,8 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             addr: DEFAULT_ADDR.to_string(),
+            addrs: vec![DEFAULT_ADDR.to_string()],
+            cursor: Arc::new(AtomicUsize::new(0)),
             token: None,
             tls: false,
             tls_ca: None,
@@ -74,6 +87,16 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// `tcp://[[USER]:TOKEN@]HOST:PORT[,HOST:PORT...]` or `HOST:PORT[,...]` → (the addresses, token). The token is
+/// the URL's password, or its user part when there is no password; given once, it applies to every address.
+fn split_url_list(url: &str) -> (Vec<String>, Option<String>) {
+    let (hosts, token) = split_url(url);
+    let addrs: Vec<String> = hosts.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect();
+    // Nothing but commas and spaces: keep the text as it was, so the connect error shows what was given.
+    let addrs = if addrs.is_empty() { vec![hosts] } else { addrs };
+    (addrs, token)
 }
 
 /// `tcp://[[USER]:TOKEN@]HOST:PORT` or `HOST:PORT` → (`HOST:PORT`, token). The token is the URL's password, or its
@@ -128,13 +151,19 @@ impl ConnectOptions {
     ///
     /// `tls://HOST:PORT` speaks TLS: the daemon's certificate must chain to a Mozilla root or to the CA file in
     /// `BROKER_TLS_CA` (or [`ConnectOptions::tls_ca`]) and name HOST.
+    ///
+    /// Several daemons serving one shared store: a comma-separated list, `HOST:PORT,HOST:PORT`, with the scheme
+    /// and the token given once for all (`tcp://:TOKEN@a:7420,b:7420`, `tls://a:7420,b:7420`). [`connect`]
+    /// tries them in order, starting after the last that failed, and takes the first that says hello.
+    ///
+    /// [`connect`]: ConnectOptions::connect
     pub fn new(addr: impl Into<String>) -> Self {
         let url = addr.into();
         let tls = url.starts_with("tls://");
-        let (addr, token) = split_url(&url);
+        let (addrs, token) = split_url_list(&url);
         let token = token.or_else(|| std::env::var("BROKER_TOKEN").ok().filter(|t| !t.is_empty()));
         let tls_ca = std::env::var_os("BROKER_TLS_CA").filter(|p| !p.is_empty()).map(Into::into);
-        ConnectOptions { addr, token, tls, tls_ca, ..Default::default() }
+        ConnectOptions { addr: addrs.join(","), addrs, token, tls, tls_ca, ..Default::default() }
     }
 
     /// Trusts the certificates in this PEM file for `tls://` (besides the Mozilla roots).
@@ -175,20 +204,79 @@ impl ConnectOptions {
         self
     }
 
-    /// The address these options connect to.
+    /// The address these options connect to (the addresses, comma-separated, for a list).
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
+    /// Each address of the list, in the order given (one for a single address).
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// Makes the next connect (of these options or any clone) start with the address after `addr`: call it when
+    /// a connection to `addr` failed after it was made (lost, or its daemon cannot reach the shared store). The
+    /// worker runtime does. No effect with a single address, or an address not in the list.
+    pub fn move_past(&self, addr: &str) {
+        if let Some(index) = self.addrs.iter().position(|a| a == addr) {
+            self.cursor.store((index + 1) % self.addrs.len(), Ordering::Relaxed);
+        }
+    }
+
     /// Connects and says hello.
+    ///
+    /// With several addresses, tries each in turn (each within the connect timeout), starting with the one after
+    /// the last that failed, and returns the first connection made. A daemon that refuses the hello for a reason
+    /// another would share (`unauthorized`, `unsupported_version`) ends the attempt with that error; when every
+    /// address fails, the [`ErrorKind::Connect`] error names each one and why.
     pub async fn connect(self) -> Result<Client, Error> {
-        let timeout = self.connect_timeout;
-        match tokio::time::timeout(timeout, Client::connect_inner(self.clone())).await {
-            Ok(result) => result,
-            Err(_) => {
-                Err(Error::new(ErrorKind::Connect, format!("connect to {}: timed out after {timeout:?}", self.addr)))
+        if self.addrs.len() <= 1 {
+            let addr = self.addrs.first().cloned().unwrap_or_default();
+            return self.connect_to(&addr).await;
+        }
+        let count = self.addrs.len();
+        let start = self.cursor.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::with_capacity(count);
+        for index in (start..count).chain(0..start) {
+            let addr = &self.addrs[index];
+            match self.connect_to(addr).await {
+                Ok(client) => {
+                    self.cursor.store(index, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(e) if !worth_trying_next(&e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(addr = %addr, error = %e, "cannot connect; trying the next address");
+                    self.cursor.store((index + 1) % count, Ordering::Relaxed);
+                    let message = e.to_string();
+                    failures.push(if message.contains(addr.as_str()) { message } else { format!("{addr}: {message}") });
+                }
             }
         }
+        Err(Error::new(
+            ErrorKind::Connect,
+            format!("cannot connect to any of {}: {}", self.addrs.join(", "), failures.join("; ")),
+        ))
+    }
+
+    /// Connects to one address of the list, within the connect timeout.
+    async fn connect_to(&self, addr: &str) -> Result<Client, Error> {
+        let timeout = self.connect_timeout;
+        match tokio::time::timeout(timeout, Client::connect_inner(self.clone(), addr.to_string())).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(ErrorKind::Connect, format!("connect to {addr}: timed out after {timeout:?}"))),
+        }
+    }
+}
+
+/// Whether a failed connect to one address of a list is worth trying on the next: a daemon that is not there,
+/// drops the connection, shuts down or cannot reach its store, yes; one that refuses the token or the protocol
+/// version, no (the others share its configuration and would say the same).
+fn worth_trying_next(error: &Error) -> bool {
+    match error.kind() {
+        ErrorKind::Server => error.is(ErrorCode::ShuttingDown) || error.is(ErrorCode::StoreUnavailable),
+        ErrorKind::Encode => false,
+        ErrorKind::Connect | ErrorKind::Closed | ErrorKind::Protocol => true,
     }
 }
 
@@ -199,6 +287,8 @@ struct Outgoing {
 }
 
 struct Shared {
+    /// The `HOST:PORT` this connection went to (one of the options' list).
+    addr: String,
     next_id: AtomicU64,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     pending: Pending,
@@ -223,22 +313,22 @@ impl Client {
         ConnectOptions::new(addr).connect().await
     }
 
-    async fn connect_inner(options: ConnectOptions) -> Result<Client, Error> {
-        let stream = TcpStream::connect(&options.addr)
+    async fn connect_inner(options: ConnectOptions, addr: String) -> Result<Client, Error> {
+        let stream = TcpStream::connect(&addr)
             .await
-            .map_err(|e| Error::new(ErrorKind::Connect, format!("connect to {}: {e}", options.addr)))?;
+            .map_err(|e| Error::new(ErrorKind::Connect, format!("connect to {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let pending: Pending = Arc::new(Mutex::new(PendingState::default()));
         let (tx, rx) = mpsc::unbounded_channel();
         if options.tls {
-            let host = options.addr.rsplit_once(':').map_or(options.addr.as_str(), |(host, _)| host);
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let name = rustls_pki_types::ServerName::try_from(host.to_string())
-                .map_err(|e| Error::new(ErrorKind::Connect, format!("tls://{}: {e}", options.addr)))?;
+                .map_err(|e| Error::new(ErrorKind::Connect, format!("tls://{addr}: {e}")))?;
             let stream = tls_connector(options.tls_ca.as_deref())?
                 .connect(name, stream)
                 .await
-                .map_err(|e| Error::new(ErrorKind::Connect, format!("TLS with {}: {e}", options.addr)))?;
+                .map_err(|e| Error::new(ErrorKind::Connect, format!("TLS with {addr}: {e}")))?;
             let (read, write) = tokio::io::split(stream);
             tokio::spawn(write_loop(FramedWrite::new(write, FrameCodec::new(usize::MAX)), rx, pending.clone()));
             tokio::spawn(read_loop(FramedRead::new(read, FrameCodec::new(options.max_frame)), pending.clone()));
@@ -255,7 +345,12 @@ impl Client {
         tx.send(Outgoing { id: 0, frame, reply: reply_tx }).map_err(|_| Error::closed())?;
         let reply = reply_rx.await.map_err(|_| Error::closed())??;
         let server = decode_body::<TypedReply<HelloReply>>(&reply)?.body;
-        Ok(Client { shared: Arc::new(Shared { next_id: AtomicU64::new(1), outgoing: tx, pending, server }) })
+        Ok(Client { shared: Arc::new(Shared { addr, next_id: AtomicU64::new(1), outgoing: tx, pending, server }) })
+    }
+
+    /// The `HOST:PORT` this connection went to (with several addresses, the one that answered).
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
     }
 
     /// What the daemon said in its hello reply.
@@ -577,7 +672,7 @@ fn fail_all(pending: &Pending, error: Error) {
 
 #[cfg(test)]
 mod tests {
-    use super::split_url;
+    use super::{split_url, split_url_list, ConnectOptions};
 
     #[test]
     fn urls_carry_the_token_in_their_password_or_user_part() {
@@ -593,6 +688,60 @@ mod tests {
         for (url, (addr, token)) in cases {
             assert_eq!(split_url(url), (addr.to_string(), token.map(str::to_string)), "{url}");
         }
+    }
+
+    #[test]
+    fn a_list_of_addresses_shares_one_scheme_and_one_token() {
+        let cases: [(&str, &[&str], Option<&str>); 8] = [
+            ("a:7420,b:7420", &["a:7420", "b:7420"], None),
+            ("tcp://a:7420,b:7420", &["a:7420", "b:7420"], None),
+            ("tcp://:s3cret@a:7420,b:7420", &["a:7420", "b:7420"], Some("s3cret")),
+            ("tls://:s3cret@a:7420,b:7421,c:7422/", &["a:7420", "b:7421", "c:7422"], Some("s3cret")),
+            ("tcp://[::1]:7420,[::2]:7420", &["[::1]:7420", "[::2]:7420"], None),
+            // Spaces and empty items (a trailing comma) are ignored.
+            (" a:1 , b:2,", &["a:1", "b:2"], None),
+            ("127.0.0.1:7420", &["127.0.0.1:7420"], None),
+            ("", &[""], None),
+        ];
+        for (url, addrs, token) in cases {
+            let expected = (addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), token.map(str::to_string));
+            assert_eq!(split_url_list(url), expected, "{url}");
+        }
+        let options = ConnectOptions::new("tls://:s3cret@a:7420,b:7420");
+        assert_eq!(options.addrs(), ["a:7420", "b:7420"]);
+        assert_eq!(options.addr(), "a:7420,b:7420");
+        assert!(options.tls);
+        assert_eq!(options.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn move_past_makes_the_next_connect_start_after_that_address_in_every_clone() {
+        let options = ConnectOptions::new("a:1,b:2,c:3");
+        let clone = options.clone();
+        let start = |o: &ConnectOptions| o.cursor.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(start(&options), 0);
+        options.move_past("b:2");
+        assert_eq!(start(&clone), 2);
+        clone.move_past("c:3");
+        assert_eq!(start(&options), 0, "round-robin: after the last comes the first");
+        options.move_past("elsewhere:9");
+        assert_eq!(start(&options), 0, "an address not in the list changes nothing");
+        let single = ConnectOptions::new("a:1");
+        single.move_past("a:1");
+        assert_eq!(start(&single), 0);
+    }
+
+    #[tokio::test]
+    async fn when_every_address_fails_the_error_names_each_one() {
+        // Two ports that were just free: nothing listens there.
+        let closed = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let (first, second) = (closed(), closed());
+        let options = ConnectOptions::new(format!("{first},{second}"));
+        let error = options.clone().connect().await.unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Connect);
+        let message = error.to_string();
+        assert!(message.contains(&format!("connect to {first}:")), "{message}");
+        assert!(message.contains(&format!("connect to {second}:")), "{message}");
     }
 
     #[test]

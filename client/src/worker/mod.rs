@@ -67,6 +67,12 @@
 //! queue), then reconnects with exponential backoff and jitter. A result is only ever acked on the lease that
 //! ran it, so a task is never acked twice: an ack after the lease is gone is refused (`lease_lost`) and logged.
 //!
+//! With several addresses ([`ConnectOptions::new`] with `a:7420,b:7420`: daemons over one shared store), the
+//! reconnect starts with the address after the one whose connection broke, and a lease refused with
+//! `store_unavailable` (that daemon cannot reach the store) counts as a broken connection: the worker leaves that
+//! daemon, in the same way, for the next address. With a single address, `store_unavailable` is retried on the
+//! same connection after a backoff, like any other refused lease.
+//!
 //! # Shutdown
 //!
 //! On the first SIGINT/SIGTERM (or when `run_until`'s future resolves, or [`ShutdownHandle::graceful`]) the
@@ -402,8 +408,9 @@ impl Worker {
                     permit = held.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                     _ = graceful.cancelled() => break 'connection,
                     _ = closed(&client) => {
-                        tracing::warn!("connection to the daemon lost; reconnecting");
+                        tracing::warn!(addr = client.addr(), "connection to the daemon lost; reconnecting");
                         connection_lost.cancel();
+                        inner.connect.move_past(client.addr());
                         continue 'connection;
                     }
                 };
@@ -465,8 +472,17 @@ impl Worker {
                         break 'connection;
                     }
                     Err(e) if e.kind() == ErrorKind::Closed || e.is(ErrorCode::ShuttingDown) || client.is_closed() => {
-                        tracing::warn!(error = %e, "connection to the daemon lost; reconnecting");
+                        tracing::warn!(addr = client.addr(), error = %e, "connection to the daemon lost; reconnecting");
                         connection_lost.cancel();
+                        inner.connect.move_past(client.addr());
+                        continue 'connection;
+                    }
+                    Err(e) if e.is(ErrorCode::StoreUnavailable) && inner.connect.addrs().len() > 1 => {
+                        // Another daemon of the list may reach the store: leave this one as if its connection
+                        // broke (the leases it holds go back with it), and reconnect after the backoff.
+                        tracing::warn!(addr = client.addr(), error = %e, "the daemon cannot reach its store; trying the next address");
+                        connection_lost.cancel();
+                        inner.connect.move_past(client.addr());
                         continue 'connection;
                     }
                     Err(e) => {
@@ -515,7 +531,7 @@ async fn connect(options: &ConnectOptions, graceful: &CancellationToken, backoff
         };
         match attempt {
             Ok(client) => {
-                tracing::info!(addr = options.addr(), server = %client.server().server, "connected");
+                tracing::info!(addr = client.addr(), server = %client.server().server, "connected");
                 return Some(client);
             }
             Err(e) => {
