@@ -31,7 +31,9 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct ClientArgs {
-    /// The daemon's address: HOST:PORT, or tcp://:TOKEN@HOST:PORT with a token (else BROKER_TOKEN is used).
+    /// The daemon's address: HOST:PORT, or tcp://:TOKEN@HOST:PORT with a token (else BROKER_TOKEN is used),
+    /// tls://HOST:PORT for TLS. Several daemons over one shared store: a comma-separated list, the scheme and token
+    /// given once (tcp://:TOKEN@a:7420,b:7420); each is tried in turn until one answers.
     #[arg(long, env = "BROKER_ADDR", default_value = broker_client::proto::DEFAULT_ADDR, global = true)]
     addr: String,
 }
