@@ -224,3 +224,30 @@ async fn with_a_single_address_store_unavailable_is_retried_on_the_same_connecti
     stop.graceful();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn the_cli_takes_a_list_in_addr() {
+    let server = TestServer::start().await;
+    let (dead, other_dead) = (closed_port(), closed_port());
+    let cli = |addr: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(["enqueue", "noop", "--queue", "multi", "--addr", &addr])
+            .env_remove("BROKER_TOKEN")
+            .output()
+            .await
+            .unwrap()
+    };
+    let output = cli(format!("tcp://{dead},{}", server.addr())).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let id = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    assert_eq!(server.client().await.get(&id).await.expect("get").state, TaskState::Pending);
+
+    let output = cli(format!("{dead},{other_dead}")).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("connect to {dead}:")) && stderr.contains(&format!("connect to {other_dead}:")),
+        "{stderr}"
+    );
+    server.stop().await;
+}
