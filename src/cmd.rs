@@ -20,19 +20,20 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
+use crate::engine::{Engine, Op, TaskStore};
 use crate::store::control::Limit;
 use crate::store::flow::Scope;
 use crate::store::record::{key_str, map_entries};
 use crate::store::schedule::NewSchedule;
-use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError};
+use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError, StoreStats};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
 pub const MAX_DEAD_LIST: u32 = 1000;
 
 /// What every connection shares: the store, the settings, and who is connected.
 pub struct Shared {
-    /// The store.
-    pub store: Arc<Store>,
+    /// The store: the single node's, or a shared one.
+    pub engine: Engine,
     /// The daemon's settings.
     pub config: Config,
     /// When the daemon started.
@@ -41,6 +42,18 @@ pub struct Shared {
     pub connections: Mutex<HashMap<ConnId, ConnInfo>>,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The broker's operations, on whichever store the daemon runs.
+    pub fn tasks(&self) -> &dyn TaskStore {
+        self.engine.tasks()
+    }
+
+    /// The single node's store, for an op only it has (`what`); `unsupported` over a shared store.
+    fn local(&self, what: &'static str) -> Result<&Arc<Store>, Refusal> {
+        Ok(self.engine.local(what)?)
+    }
 }
 
 /// One open connection as `stats` shows it.
@@ -106,7 +119,13 @@ impl From<StoreError> for Refusal {
             StoreError::Revoked(_) => ErrorCode::Revoked,
             StoreError::Invalid(_) => ErrorCode::BadRequest,
             StoreError::QueueFull { .. } => ErrorCode::QueueFull,
-            StoreError::Storage(_) | StoreError::Corrupt { .. } | StoreError::Flush(_) => {
+            StoreError::TooLarge(_) => ErrorCode::ResultTooLarge,
+            StoreError::Unsupported(_) => ErrorCode::Unsupported,
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ErrorCode::StoreUnavailable
+            }
+            StoreError::Storage(_) | StoreError::Corrupt { .. } | StoreError::Flush(_) | StoreError::Shared(_) => {
                 tracing::error!(error = %e, "store error");
                 ErrorCode::Internal
             }
@@ -144,6 +163,17 @@ fn durable_reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> Outcome {
         Err(refusal) => matches!(refusal.code, ErrorCode::Revoked | ErrorCode::ResultTooLarge),
     };
     Outcome::Reply(reply(id, result), changed.then_some(id))
+}
+
+/// Replies to a store call: at once when it is done already (after the flush its change needs, if `durable`),
+/// else on its own task once it is (a shared store's statement: durable when it committed).
+fn answer<T: Serialize + Send + 'static>(id: u64, op: Result<Op<T>, Refusal>, durable: bool) -> Outcome {
+    match op {
+        Err(refusal) => Outcome::Reply(reply::<T>(id, Err(refusal)), None),
+        Ok(Op::Now(result)) if durable => durable_reply(id, result.map_err(Refusal::from)),
+        Ok(Op::Now(result)) => Outcome::Reply(reply(id, result.map_err(Refusal::from)), None),
+        Ok(Op::Later(future)) => Outcome::Wait(Box::pin(async move { reply(id, future.await.map_err(Refusal::from)) })),
+    }
 }
 
 /// Decodes a request's op fields straight from its frame (the envelope keys `id` and `op` are ignored).
@@ -273,26 +303,26 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
     }
     match op_name {
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
-        op::ENQUEUE => durable_reply(id, enqueue(shared, request)),
-        op::ENQUEUE_BATCH => durable_reply(id, enqueue_batch(shared, request)),
+        op::ENQUEUE => answer(id, enqueue(shared, request), true),
+        op::ENQUEUE_BATCH => answer(id, enqueue_batch(shared, request), true),
         op::ENQUEUE_CHORD => durable_reply(id, enqueue_chord(shared, request)),
         op::LEASE => lease(shared, session, id, request),
-        op::ACK => durable_reply(id, ack(shared, request)),
-        op::FAIL => durable_reply(id, fail(shared, request)),
-        op::EXTEND => Outcome::Reply(reply(id, extend(shared, request)), None),
-        op::RELEASE => durable_reply(id, release(shared, request)),
+        op::ACK => answer(id, ack(shared, request), true),
+        op::FAIL => answer(id, fail(shared, request), true),
+        op::EXTEND => answer(id, extend(shared, request), false),
+        op::RELEASE => answer(id, release(shared, request), true),
         op::GET => get(shared, session, id, request),
-        op::REVOKE => durable_reply(id, revoke(shared, request)),
-        op::STATS => Outcome::Reply(reply(id, Ok::<_, Refusal>(stats(shared))), None),
-        op::PURGE => durable_reply(id, purge(shared, request)),
-        op::DEAD_LIST => Outcome::Reply(reply(id, dead_list(shared, request)), None),
-        op::DEAD_REQUEUE => durable_reply(id, dead_requeue(shared, request)),
+        op::REVOKE => answer(id, revoke(shared, request), true),
+        op::STATS => answer(id, stats(shared), false),
+        op::PURGE => answer(id, purge(shared, request), true),
+        op::DEAD_LIST => answer(id, dead_list(shared, request), false),
+        op::DEAD_REQUEUE => answer(id, dead_requeue(shared, request), true),
         op::EVENTS => events(shared, session, id, request),
         op::PAUSE => on_control_thread(shared, id, request, |shared, request| pause(shared, request, true)),
         op::RESUME => on_control_thread(shared, id, request, |shared, request| pause(shared, request, false)),
         op::SET_LIMIT => on_control_thread(shared, id, request, set_limit),
-        op::LIMITS => Outcome::Reply(reply(id, Ok::<_, Refusal>(limits(shared))), None),
-        op::PROGRESS => Outcome::Reply(reply(id, progress(shared, request)), None),
+        op::LIMITS => Outcome::Reply(reply(id, shared.local("limits").map(|store| limits_of(store))), None),
+        op::PROGRESS => answer(id, progress(shared, request), false),
         op::SCHEDULE_ADD => on_control_thread(shared, id, request, schedule_add),
         op::SCHEDULE_REMOVE => on_control_thread(shared, id, request, schedule_remove),
         op::SCHEDULE_PAUSE => {
@@ -301,9 +331,10 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::SCHEDULE_RESUME => {
             on_control_thread(shared, id, request, |shared, request| schedule_pause(shared, request, false))
         }
-        op::SCHEDULES => {
-            Outcome::Reply(reply(id, Ok::<_, Refusal>(Schedules { schedules: shared.store.schedules() })), None)
-        }
+        op::SCHEDULES => Outcome::Reply(
+            reply(id, shared.local("schedules").map(|store| Schedules { schedules: store.schedules() })),
+            None,
+        ),
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -398,12 +429,14 @@ fn take_payloads(tasks: &mut [NewTask], specs: &[u8], batch: bool) -> Result<(),
     Ok(())
 }
 
-fn enqueue(shared: &Shared, request: &[u8]) -> Result<Enqueued, Refusal> {
+fn enqueue(shared: &Shared, request: &[u8]) -> Result<Op<Enqueued>, Refusal> {
     let mut decoded: EnqueueRequest = body(request)?;
     let spec = field(request, "task").ok_or_else(|| Refusal::new(ErrorCode::BadRequest, NAMED_BY_STR))?;
     take_payloads(std::slice::from_mut(&mut decoded.task), spec, false)?;
-    let mut done = shared.store.enqueue(vec![decoded.task])?;
-    done.pop().ok_or_else(|| Refusal::new(ErrorCode::Internal, "enqueue stored nothing"))
+    Ok(shared
+        .tasks()
+        .enqueue(vec![decoded.task])
+        .and_then(|mut done| done.pop().ok_or_else(|| StoreError::Shared("enqueue stored nothing".into()))))
 }
 
 /// The task specs of the array under `key` in `frame`, with their arguments as bytes; a spec that does not
@@ -438,11 +471,11 @@ fn enqueue_chord(shared: &Shared, frame: &[u8]) -> Result<EnqueuedChord, Refusal
     let invalid = |e: String| Refusal::new(ErrorCode::BadRequest, format!("callback: {e}"));
     let mut callback: NewTask = rmp_serde::from_slice(spec).map_err(|e| invalid(format!("invalid request: {e}")))?;
     callback.payload = Payload::of_spec(spec).map_err(invalid)?;
-    let (header, callback) = shared.store.enqueue_chord(header, callback)?;
+    let (header, callback) = shared.local("enqueue_chord")?.enqueue_chord(header, callback)?;
     Ok(EnqueuedChord { header, callback })
 }
 
-fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal> {
+fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<Op<EnqueuedBatch>, Refusal> {
     let missing = || Refusal::new(ErrorCode::BadRequest, "invalid request: missing field `tasks` (an array)");
     let specs = field(frame, "tasks").ok_or_else(missing)?;
     let count = rmp::decode::read_array_len(&mut &specs[..]).map_err(|_| missing())? as usize;
@@ -468,7 +501,7 @@ fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<EnqueuedBatch, Refusal
         rest = after;
     }
     take_payloads(&mut tasks, specs, true)?;
-    Ok(EnqueuedBatch { tasks: shared.store.enqueue(tasks)? })
+    Ok(shared.tasks().enqueue(tasks).map(|tasks| EnqueuedBatch { tasks }))
 }
 
 /// Encodes a `lease` reply ([`Leased`] in an [`OkEnvelope`], as `ok_frame` would) writing each task's arguments
@@ -526,30 +559,48 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
     }
     let conn = session.conn;
     let max = request.max as usize;
-    let (first, unflushed) = shared.store.lease(conn, &request.queues, max, request.lease_ms);
-    if request.wait_ms == 0 || !first.is_empty() {
+    match shared.tasks().lease(conn, &request.queues, max, request.lease_ms) {
         // Tasks go out only once what made them leasable (their enqueue) is durable: a worker never runs a task
         // that a crash could then un-enqueue. Most tasks have waited in their queue past a flush already.
-        return Outcome::Reply(leased_frame(id, &first), unflushed.then_some(id));
+        Op::Now(Ok((first, unflushed))) if request.wait_ms == 0 || !first.is_empty() => {
+            return Outcome::Reply(leased_frame(id, &first), unflushed.then_some(id));
+        }
+        Op::Now(Err(e)) => return Outcome::Reply(reply::<Leased>(id, Err(e.into())), None),
+        Op::Later(first) if request.wait_ms == 0 => {
+            return Outcome::Wait(Box::pin(async move {
+                match first.await {
+                    Ok((tasks, _)) => leased_frame(id, &tasks),
+                    Err(e) => reply::<Leased>(id, Err(e.into())),
+                }
+            }));
+        }
+        // Nothing yet: wait (a shared store's first look, not started, is made again by the waiting loop).
+        _ => {}
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
-        let store = &shared.store;
-        let leased = wait_for(&shared, store.ready_notify(), &closing, wait, || {
+        let tasks = shared.tasks();
+        let leased = wait_for(&shared, tasks.ready_notify(), &closing, wait, || {
             // A connection that began closing takes nothing more: its leases would be lost at once.
-            if closing.is_cancelled() || shared.shutdown.is_cancelled() {
-                return None;
+            let look = (!closing.is_cancelled() && !shared.shutdown.is_cancelled())
+                .then(|| tasks.lease(conn, &request.queues, max, request.lease_ms));
+            async move {
+                match look?.resolve().await {
+                    Ok((tasks, _)) if tasks.is_empty() => None,
+                    found => Some(found),
+                }
             }
-            Some(store.lease(conn, &request.queues, max, request.lease_ms)).filter(|(tasks, _)| !tasks.is_empty())
         })
         .await;
-        let Some((tasks, unflushed)) = leased else { return leased_frame(id, &[]) };
+        let (tasks, unflushed) = match leased {
+            None => return leased_frame(id, &[]),
+            Some(Err(e)) => return reply::<Leased>(id, Err(e.into())),
+            Some(Ok(found)) => found,
+        };
         let frame = leased_frame(id, &tasks);
-        if !unflushed {
-            return frame;
-        }
+        let Some(store) = shared.engine.as_local().filter(|_| unflushed) else { return frame };
         match store.durable().wait().await {
             Ok(()) => frame,
             Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("not durable: {e}")),
@@ -559,12 +610,12 @@ fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Ou
 
 /// Runs `attempt` now and again each time `notify` fires, until it gives a value, `wait` passes, the connection
 /// begins closing, or the daemon shuts down (then `None`).
-async fn wait_for<T>(
+async fn wait_for<T, F: Future<Output = Option<T>>>(
     shared: &Shared,
     notify: &tokio::sync::Notify,
     closing: &CancellationToken,
     wait: Duration,
-    mut attempt: impl FnMut() -> Option<T>,
+    mut attempt: impl FnMut() -> F,
 ) -> Option<T> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -572,7 +623,7 @@ async fn wait_for<T>(
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(value) = attempt() {
+        if let Some(value) = attempt().await {
             return Some(value);
         }
         tokio::select! {
@@ -603,16 +654,15 @@ fn check_lease(shared: &Shared, request: &Lease) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn ack(shared: &Shared, frame: &[u8]) -> Result<Empty, Refusal> {
+fn ack(shared: &Shared, frame: &[u8]) -> Result<Op<Empty>, Refusal> {
     let request: Ack = body(frame)?;
     if let Err(message) = check_stored_size(shared, frame, "result") {
         // The task ends FAILURE (not retried: it would produce the same result) and the worker is told why.
         let error = TaskError { kind: "ResultTooLarge".into(), message: message.clone(), traceback: None };
-        shared.store.fail(&request.task_id, request.lease_id, error, false, None)?;
-        return Err(Refusal::new(ErrorCode::ResultTooLarge, message));
+        let failed = shared.tasks().fail(&request.task_id, request.lease_id, error, false, None);
+        return Ok(failed.and_then(|_| Err(StoreError::TooLarge(message))));
     }
-    shared.store.ack(&request.task_id, request.lease_id, request.result)?;
-    Ok(Empty {})
+    Ok(shared.tasks().ack(&request.task_id, request.lease_id, request.result).map(|()| Empty {}))
 }
 
 /// Refuses a value the worker wants stored with the task (`result`, progress `meta`) larger than
@@ -626,35 +676,34 @@ fn check_stored_size(shared: &Shared, frame: &[u8], key: &str) -> Result<(), Str
     Ok(())
 }
 
-fn fail(shared: &Shared, request: &[u8]) -> Result<Failed, Refusal> {
+fn fail(shared: &Shared, request: &[u8]) -> Result<Op<Failed>, Refusal> {
     let request: Fail = body(request)?;
     let outcome =
-        shared.store.fail(&request.task_id, request.lease_id, request.error, request.retry, request.countdown_ms)?;
-    Ok(Failed { state: outcome.state, retry_at_ms: outcome.retry_at_ms })
+        shared.tasks().fail(&request.task_id, request.lease_id, request.error, request.retry, request.countdown_ms);
+    Ok(outcome.map(|outcome| Failed { state: outcome.state, retry_at_ms: outcome.retry_at_ms }))
 }
 
-fn extend(shared: &Shared, request: &[u8]) -> Result<Extended, Refusal> {
+fn extend(shared: &Shared, request: &[u8]) -> Result<Op<Extended>, Refusal> {
     let request: Extend = body(request)?;
     if request.lease_ms == Some(0) {
         return Err(Refusal::new(ErrorCode::BadRequest, "`lease_ms` must be positive"));
     }
-    let (deadline_ms, revoked) = shared.store.extend(&request.task_id, request.lease_id, request.lease_ms)?;
-    Ok(Extended { deadline_ms, revoked })
+    let extended = shared.tasks().extend(&request.task_id, request.lease_id, request.lease_ms);
+    Ok(extended.map(|(deadline_ms, revoked)| Extended { deadline_ms, revoked }))
 }
 
-fn progress(shared: &Shared, frame: &[u8]) -> Result<Extended, Refusal> {
+fn progress(shared: &Shared, frame: &[u8]) -> Result<Op<Extended>, Refusal> {
     let request: ProgressRequest = body(frame)?;
     check_stored_size(shared, frame, "meta").map_err(|message| Refusal::new(ErrorCode::ResultTooLarge, message))?;
-    let at_ms = shared.store.now_ms();
+    let at_ms = shared.tasks().now_ms();
     let progress = Progress { state: request.state, meta: request.meta, at_ms };
-    let revoked = shared.store.progress(&request.task_id, request.lease_id, progress)?;
-    Ok(Extended { deadline_ms: 0, revoked })
+    let revoked = shared.tasks().progress(&request.task_id, request.lease_id, progress);
+    Ok(revoked.map(|revoked| Extended { deadline_ms: 0, revoked }))
 }
 
-fn release(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
+fn release(shared: &Shared, request: &[u8]) -> Result<Op<Empty>, Refusal> {
     let request: Release = body(request)?;
-    shared.store.release(&request.task_id, request.lease_id)?;
-    Ok(Empty {})
+    Ok(shared.tasks().release(&request.task_id, request.lease_id).map(|()| Empty {}))
 }
 
 fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
@@ -662,22 +711,42 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outc
         Ok(r) => r,
         Err(refusal) => return Outcome::Reply(reply::<TaskInfo>(id, Err(refusal)), None),
     };
-    let first = shared.store.get_encoded(&request.task_id).map_err(Refusal::from);
-    if request.wait_ms == 0 || !matches!(&first, Ok((state, _)) if !state.is_terminal()) {
-        return Outcome::Reply(info_reply(id, first), None);
+    // Found and not finished: the only answer a waiting `get` waits past.
+    let running =
+        |found: &Result<(TaskState, Vec<u8>), Refusal>| matches!(found, Ok((state, _)) if !state.is_terminal());
+    match shared.tasks().get_encoded(&request.task_id) {
+        Op::Now(first) => {
+            let first = first.map_err(Refusal::from);
+            if request.wait_ms == 0 || !running(&first) {
+                return Outcome::Reply(info_reply(id, first), None);
+            }
+        }
+        Op::Later(first) if request.wait_ms == 0 => {
+            return Outcome::Wait(Box::pin(async move { info_reply(id, first.await.map_err(Refusal::from)) }));
+        }
+        // A shared store's first look, not started, is made again by the waiting loop.
+        Op::Later(_) => {}
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
-        let store = &shared.store;
-        let finished = wait_for(&shared, store.finished_notify(), &closing, wait, || {
-            let result = store.get_encoded(&request.task_id).map_err(Refusal::from);
-            (!matches!(&result, Ok((state, _)) if !state.is_terminal())).then_some(result)
+        let tasks = shared.tasks();
+        let look = || {
+            let found = tasks.get_encoded(&request.task_id);
+            async move { found.resolve().await.map_err(Refusal::from) }
+        };
+        let finished = wait_for(&shared, tasks.finished_notify(), &closing, wait, || {
+            let found = look();
+            async move { Some(found.await).filter(|found| !running(found)) }
         })
         .await;
         // Time up (or closing): the task as it is now.
-        info_reply(id, finished.unwrap_or_else(|| store.get_encoded(&request.task_id).map_err(Refusal::from)))
+        let found = match finished {
+            Some(found) => found,
+            None => look().await,
+        };
+        info_reply(id, found)
     }))
 }
 
@@ -705,14 +774,19 @@ fn ok_envelope_head(out: &mut Vec<u8>, id: u64) {
     let _ = write_str(out, "body");
 }
 
-fn revoke(shared: &Shared, request: &[u8]) -> Result<Revoked, Refusal> {
+fn revoke(shared: &Shared, request: &[u8]) -> Result<Op<Revoked>, Refusal> {
     let request: Revoke = body(request)?;
-    Ok(Revoked { state: shared.store.revoke(&request.task_id)? })
+    Ok(shared.tasks().revoke(&request.task_id).map(|state| Revoked { state }))
 }
 
-/// The `stats` reply: queues, workers, totals.
-pub fn stats(shared: &Shared) -> Stats {
-    let store = shared.store.stats();
+/// The `stats` reply, once the store counted.
+fn stats(shared: &Arc<Shared>) -> Result<Op<Stats>, Refusal> {
+    let of = shared.clone();
+    Ok(shared.tasks().stats().map(move |store| stats_of(&of, store)))
+}
+
+/// The `stats` reply from the store's counts: queues, workers, totals.
+pub fn stats_of(shared: &Shared, store: StoreStats) -> Stats {
     let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
     let mut workers: Vec<(ConnId, WorkerInfo)> = connections
         .iter()
@@ -738,14 +812,14 @@ pub fn stats(shared: &Shared) -> Stats {
         queues: store.queues,
         totals: store.totals,
         results_stored: store.results_stored,
-        fsync: shared.store.fsync_policy().as_str().to_string(),
+        fsync: shared.tasks().durability(),
     }
 }
 
-fn purge(shared: &Shared, request: &[u8]) -> Result<Purged, Refusal> {
+fn purge(shared: &Shared, request: &[u8]) -> Result<Op<Purged>, Refusal> {
     let request: Purge = body(request)?;
     validate_queue(&request.queue)?;
-    Ok(Purged { purged: shared.store.purge(&request.queue) })
+    Ok(shared.tasks().purge(&request.queue).map(|purged| Purged { purged }))
 }
 
 fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
@@ -758,13 +832,17 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
             return Outcome::Reply(reply::<EventList>(id, Err(e.into())), None);
         }
     }
+    let store = match shared.local("events") {
+        Ok(store) => store.clone(),
+        Err(refusal) => return Outcome::Reply(reply::<EventList>(id, Err(refusal)), None),
+    };
     let max = request.max.clamp(1, MAX_DEAD_LIST) as usize;
     let read = {
-        let shared = shared.clone();
+        let store = store.clone();
         let request = request.clone();
         let wait_ms = request.wait_ms.min(shared.config.max_wait_ms);
         move |after: Option<u64>| {
-            let (events, next, missed) = shared.store.events(after, max, request.queue.as_deref(), wait_ms);
+            let (events, next, missed) = store.events(after, max, request.queue.as_deref(), wait_ms);
             let events = events
                 .into_iter()
                 .map(|e| TaskEvent {
@@ -789,9 +867,8 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
-        let store = &shared.store;
         let found = wait_for(&shared, store.events_notify(), &closing, wait, || {
-            Some(read(cursor)).filter(|list| !list.events.is_empty())
+            std::future::ready(Some(read(cursor)).filter(|list| !list.events.is_empty()))
         })
         .await;
         reply(id, Ok::<_, Refusal>(found.unwrap_or(EventList { events: Vec::new(), next: first.next, missed: 0 })))
@@ -818,7 +895,7 @@ fn on_control_thread<T: Serialize + Send + 'static>(
 
 fn pause(shared: &Shared, request: &[u8], paused: bool) -> Result<PauseState, Refusal> {
     let request: QueueName = body(request)?;
-    let was_paused = shared.store.set_paused(&request.queue, paused)?;
+    let was_paused = shared.local("pause")?.set_paused(&request.queue, paused)?;
     Ok(PauseState { queue: request.queue, paused, was_paused })
 }
 
@@ -832,14 +909,15 @@ fn set_limit(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
             return Err(Refusal::new(ErrorCode::BadRequest, message));
         }
     };
-    shared.store.set_limit(scope, &request.name, Limit { rate: request.rate, concurrency: request.concurrency })?;
+    let limit = Limit { rate: request.rate, concurrency: request.concurrency };
+    shared.local("set_limit")?.set_limit(scope, &request.name, limit)?;
     Ok(Empty {})
 }
 
 /// The `limits` reply.
-pub fn limits(shared: &Shared) -> Limits {
-    let (tasks, queues) = shared.store.limits();
-    let (running_tasks, running_queues) = shared.store.limited_running();
+pub fn limits_of(store: &Store) -> Limits {
+    let (tasks, queues) = store.limits();
+    let (running_tasks, running_queues) = store.limited_running();
     let list = |scope: &str, limits: BTreeMap<String, Limit>, running: &BTreeMap<String, u32>| {
         limits
             .into_iter()
@@ -867,29 +945,29 @@ fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<ScheduleInfo, Refusal> 
         every_ms: request.every_ms,
         catch_up: request.catch_up,
     };
-    Ok(shared.store.add_schedule(new)?)
+    Ok(shared.local("schedule_add")?.add_schedule(new)?)
 }
 
 fn schedule_remove(shared: &Shared, frame: &[u8]) -> Result<ScheduleRemoved, Refusal> {
     let request: ScheduleName = body(frame)?;
-    Ok(ScheduleRemoved { removed: shared.store.remove_schedule(&request.name)? })
+    Ok(ScheduleRemoved { removed: shared.local("schedule_remove")?.remove_schedule(&request.name)? })
 }
 
 fn schedule_pause(shared: &Shared, frame: &[u8], paused: bool) -> Result<ScheduleInfo, Refusal> {
     let request: ScheduleName = body(frame)?;
-    Ok(shared.store.set_schedule_paused(&request.name, paused)?)
+    Ok(shared.local("schedule_pause")?.set_schedule_paused(&request.name, paused)?)
 }
 
-fn dead_list(shared: &Shared, request: &[u8]) -> Result<DeadTasks, Refusal> {
+fn dead_list(shared: &Shared, request: &[u8]) -> Result<Op<DeadTasks>, Refusal> {
     let request: DeadList = body(request)?;
     if let Some(queue) = &request.queue {
         validate_name("queue", queue)?;
     }
     let limit = request.limit.min(MAX_DEAD_LIST) as usize;
-    Ok(DeadTasks { tasks: shared.store.dead_list(request.queue.as_deref(), limit)? })
+    Ok(shared.tasks().dead_list(request.queue.as_deref(), limit).map(|tasks| DeadTasks { tasks }))
 }
 
-fn dead_requeue(shared: &Shared, request: &[u8]) -> Result<Requeued, Refusal> {
+fn dead_requeue(shared: &Shared, request: &[u8]) -> Result<Op<Requeued>, Refusal> {
     let request: DeadRequeue = body(request)?;
     for id in &request.ids {
         validate_name("ids", id)?;
@@ -897,7 +975,7 @@ fn dead_requeue(shared: &Shared, request: &[u8]) -> Result<Requeued, Refusal> {
     if let Some(queue) = request.queue.as_deref().filter(|q| *q != "*") {
         validate_name("queue", queue)?;
     }
-    Ok(Requeued { requeued: shared.store.dead_requeue(&request)? })
+    Ok(shared.tasks().dead_requeue(&request).map(|requeued| Requeued { requeued }))
 }
 
 #[cfg(test)]

@@ -107,6 +107,9 @@ pub struct Config {
     pub http_listen: Option<String>,
     /// Where sled keeps its files.
     pub data_dir: PathBuf,
+    /// Where tasks are kept: unset (or `"local"`) for the single node's store in `data_dir`; a
+    /// `postgres://...` URL (libpq's form, several hosts allowed) for many daemons over one PostgreSQL.
+    pub store: Option<String>,
     /// `always` or `interval`.
     pub fsync: FsyncPolicy,
     /// The period of the log's `fdatasync` under `fsync = "interval"`.
@@ -184,6 +187,7 @@ impl Default for Config {
             listen: "127.0.0.1:7420".parse().expect("valid default address"),
             http_listen: None,
             data_dir: PathBuf::from("broker-data"),
+            store: None,
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: 100,
             checkpoint_interval_ms: 1000,
@@ -328,6 +332,7 @@ pub const SETTINGS: &[&str] = &[
     "listen",
     "http_listen",
     "data_dir",
+    "store",
     "fsync",
     "fsync_interval_ms",
     "checkpoint_interval_ms",

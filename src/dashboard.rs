@@ -33,6 +33,8 @@ const SAMPLES: usize = 300;
 /// The dashboard's state: the daemon, and the recent samples of its counters for the graph.
 pub struct Dash {
     shared: Arc<Shared>,
+    /// The single node's store (the dashboard is not served over a shared store yet).
+    store: Arc<crate::store::Store>,
     /// The listener's address: on a daemon without tokens, requests must name it (or localhost) as their Host.
     addr: std::net::SocketAddr,
     samples: Mutex<VecDeque<Sample>>,
@@ -46,8 +48,8 @@ struct Sample {
 }
 
 /// The dashboard's routes, and the task that samples the counters until the daemon stops.
-pub fn routes(shared: Arc<Shared>, addr: std::net::SocketAddr) -> Router {
-    let dash = Arc::new(Dash { shared, addr, samples: Mutex::new(VecDeque::new()) });
+pub fn routes(shared: Arc<Shared>, store: Arc<crate::store::Store>, addr: std::net::SocketAddr) -> Router {
+    let dash = Arc::new(Dash { shared, store, addr, samples: Mutex::new(VecDeque::new()) });
     tokio::spawn(sample(dash.clone()));
     Router::new()
         .route("/", get(overview))
@@ -70,8 +72,8 @@ async fn sample(dash: Arc<Dash>) {
             _ = every.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let totals = dash.shared.store.stats().totals;
-        let sample = Sample { at_ms: dash.shared.store.now_ms(), succeeded: totals.succeeded, failed: totals.failed };
+        let totals = dash.store.stats().totals;
+        let sample = Sample { at_ms: dash.store.now_ms(), succeeded: totals.succeeded, failed: totals.failed };
         let mut samples = dash.samples.lock().unwrap_or_else(|p| p.into_inner());
         samples.push_back(sample);
         while samples.len() > SAMPLES {
@@ -190,14 +192,14 @@ async fn metrics(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response 
     if let Some(refused) = refuse(&dash, &headers, false) {
         return refused;
     }
-    crate::http::metrics(&dash.shared, &headers)
+    crate::http::metrics(&dash.shared, &dash.store, &headers)
 }
 
 async fn overview(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response {
     if let Some(turned_away) = gate(&dash, &headers, false) {
         return turned_away;
     }
-    let stats = cmd::stats(&dash.shared);
+    let stats = cmd::stats_of(&dash.shared, dash.store.stats());
     let body = overview_body(&dash, &stats);
     if headers.contains_key("x-partial") {
         return Html(body).into_response();
@@ -269,9 +271,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
     }
     out.push_str("</tbody></table></section>");
 
-    let schedules = dash.shared.store.schedules();
+    let schedules = dash.store.schedules();
     if !schedules.is_empty() {
-        let now = dash.shared.store.now_ms();
+        let now = dash.store.now_ms();
         out.push_str(r#"<section class="card"><h2>Schedules</h2><table id="schedules"><thead><tr><th>Schedule</th><th>Task</th><th>When</th><th>Next</th><th>Last</th></tr></thead><tbody>"#);
         for s in &schedules {
             let timing = match (&s.cron, s.every_ms) {
@@ -295,7 +297,7 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         }
         out.push_str("</tbody></table></section>");
     }
-    let limits = crate::cmd::limits(&dash.shared).limits;
+    let limits = crate::cmd::limits_of(&dash.store).limits;
     if !limits.is_empty() {
         out.push_str(r#"<section class="card"><h2>Limits</h2><table id="limits"><thead><tr><th>On</th><th>Name</th><th>Rate</th><th class="n">Concurrency</th><th class="n">Running</th></tr></thead><tbody>"#);
         for l in &limits {
@@ -312,9 +314,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         out.push_str("</tbody></table></section>");
     }
 
-    let running = dash.shared.store.running_by_conn(5);
+    let running = dash.store.running_by_conn(5);
     let connections = dash.shared.connections.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let now = dash.shared.store.now_ms();
+    let now = dash.store.now_ms();
     out.push_str(r#"<section class="card"><h2>Workers</h2><table id="workers"><thead><tr><th>Worker</th><th>Queues</th><th>Address</th><th>Connected</th><th class="n">Leased</th><th>Running now</th></tr></thead><tbody>"#);
     if stats.workers.is_empty() {
         out.push_str(r#"<tr><td colspan="6" class="empty">No worker has connected.</td></tr>"#);
@@ -401,10 +403,10 @@ async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: He
     if let Some(turned_away) = gate(&dash, &headers, false) {
         return turned_away;
     }
-    match dash.shared.store.get(&id) {
+    match dash.store.get(&id) {
         Ok(info) => {
-            let dead = dash.shared.store.in_dead_set(&id);
-            page(&format!("Task {id}"), "", &task_body(&info, dead, dash.shared.store.now_ms()), false).into_response()
+            let dead = dash.store.in_dead_set(&id);
+            page(&format!("Task {id}"), "", &task_body(&info, dead, dash.store.now_ms()), false).into_response()
         }
         Err(StoreError::NotFound(_)) => {
             let body = format!(
@@ -546,11 +548,11 @@ async fn dead(State(dash): State<Arc<Dash>>, Query(query): Query<DeadQuery>, hea
     if let Some(turned_away) = gate(&dash, &headers, false) {
         return turned_away;
     }
-    let tasks = match dash.shared.store.dead_list(query.queue.as_deref(), 200) {
+    let tasks = match dash.store.dead_list(query.queue.as_deref(), 200) {
         Ok(tasks) => tasks,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
-    let now = dash.shared.store.now_ms();
+    let now = dash.store.now_ms();
     let mut out = String::from(r#"<section class="card"><h2>Dead tasks"#);
     if let Some(queue) = &query.queue {
         let _ = write!(
@@ -597,10 +599,10 @@ async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target)
         return turned_away;
     }
     let request = DeadRequeue { ids: vec![target.id.clone()], queue: None };
-    if let Err(e) = dash.shared.store.dead_requeue(&request) {
+    if let Err(e) = dash.store.dead_requeue(&request) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
-    if let Err(e) = dash.shared.store.durable().wait().await {
+    if let Err(e) = dash.store.durable().wait().await {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("not durable: {e}")).into_response();
     }
     tracing::info!(task = %target.id, "requeued from the dashboard");
@@ -620,7 +622,7 @@ async fn pause(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(form): Fo
     }
     let paused = form.paused == "1";
     // The control file is written and synced on a blocking thread, not the runtime's.
-    let store = dash.shared.store.clone();
+    let store = dash.store.clone();
     let queue = form.queue.clone();
     match tokio::task::spawn_blocking(move || store.set_paused(&queue, paused)).await {
         Ok(Ok(_)) => {}
@@ -636,13 +638,13 @@ async fn delete(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(Target {
     if let Some(turned_away) = gate(&dash, &headers, true) {
         return turned_away;
     }
-    match dash.shared.store.delete_finished(&id) {
+    match dash.store.delete_finished(&id) {
         Ok(()) => {}
         Err(StoreError::NotFound(_)) => return Redirect::to("/dead").into_response(),
         Err(e @ StoreError::Invalid(_)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
-    if let Err(e) = dash.shared.store.durable().wait().await {
+    if let Err(e) = dash.store.durable().wait().await {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("not durable: {e}")).into_response();
     }
     tracing::info!(task = %id, "deleted from the dashboard");

@@ -29,11 +29,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         Ok(addr) => addr,
         Err(e) => return tracing::error!(error = %e, "the HTTP listener has no address"),
     };
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(shared.clone())
-        .merge(crate::dashboard::routes(shared, addr));
+    let mut app =
+        Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(shared.clone());
+    // The dashboard and /metrics read the single node's store; over a shared store only the probes are served.
+    if let Some(store) = shared.engine.as_local().cloned() {
+        app = app.merge(crate::dashboard::routes(shared, store, addr));
+    }
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
         tracing::error!(error = %e, "the HTTP listener failed");
     }
@@ -52,7 +53,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    if shared.store.log_failed() {
+    if shared.engine.as_local().is_some_and(|store| store.log_failed()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "the write-ahead log failed: nothing is acknowledged as durable\n")
             .into_response();
     }
@@ -67,18 +68,18 @@ fn unauthorized() -> Response {
 }
 
 /// `/metrics` (routed with the dashboard, whose Host check it shares): an admin's only, when tokens exist.
-pub fn metrics(shared: &Shared, headers: &HeaderMap) -> Response {
+pub fn metrics(shared: &Shared, store: &crate::store::Store, headers: &HeaderMap) -> Response {
     if !crate::dashboard::is_admin(shared, headers) {
         return unauthorized();
     }
-    let stats = cmd::stats(shared);
+    let stats = cmd::stats_of(shared, store.stats());
     let snapshot = Snapshot {
         queues: stats.queues.iter().map(|q| (q.name.clone(), [q.ready, q.scheduled, q.leased, q.dead])).collect(),
         connections: stats.connections,
         workers: stats.workers.len() as u64,
         uptime_secs: stats.uptime_ms / 1000,
     };
-    let body = shared.store.metrics().encode(&snapshot);
+    let body = store.metrics().encode(&snapshot);
     // prometheus-client writes OpenMetrics text, which Prometheus reads.
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }

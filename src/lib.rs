@@ -8,6 +8,7 @@ pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod dashboard;
+pub mod engine;
 pub mod framing;
 pub mod http;
 pub mod json;

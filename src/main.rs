@@ -51,6 +51,10 @@ enum Command {
         /// Data directory, overriding the config.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Where tasks are kept, overriding the config: a postgres://... URL for several daemons over one
+        /// PostgreSQL (README, "Running on several machines"), or "local" for the data directory.
+        #[arg(long)]
+        store: Option<String>,
         /// Flush policy (always | interval), overriding the config.
         #[arg(long, value_parser = parse_fsync)]
         fsync: Option<FsyncPolicy>,
@@ -368,8 +372,8 @@ fn real_main() -> Result<()> {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config, listen, data_dir, fsync, insecure_no_auth, http } => {
-            serve(config, listen, data_dir, fsync, insecure_no_auth, http).await
+        Command::Serve { config, listen, data_dir, store, fsync, insecure_no_auth, http } => {
+            serve(config, listen, data_dir, store, fsync, insecure_no_auth, http).await
         }
         Command::Enqueue { task, args, kwargs, context, queue, countdown, priority, max_retries, id, client } => {
             let mut spec = TaskSpec::new(task);
@@ -578,6 +582,7 @@ async fn serve(
     config_path: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
     data_dir: Option<PathBuf>,
+    store: Option<String>,
     fsync: Option<FsyncPolicy>,
     insecure_no_auth: bool,
     http: Option<String>,
@@ -593,6 +598,9 @@ async fn serve(
     }
     if let Some(dir) = data_dir {
         config.data_dir = dir;
+    }
+    if store.is_some() {
+        config.store = store;
     }
     if let Some(fsync) = fsync {
         config.fsync = fsync;

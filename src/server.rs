@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::cmd::{self, ConnInfo, Outcome, ReplyFrame, Session, Shared};
 use crate::config::{Config, Role};
+use crate::engine::Engine;
 use crate::framing::{Budget, Request, RequestCodec};
 use crate::store::commit::Durable;
 use crate::store::{Store, StoreError};
@@ -89,9 +90,15 @@ impl ServerHandle {
         self.http_addr
     }
 
-    /// The store, for in-process callers (tests drive [`Store::tick`] after moving a manual clock).
+    /// The single node's store, for in-process callers (tests drive [`Store::tick`] after moving a manual
+    /// clock). Panics on a daemon over a shared store.
     pub fn store(&self) -> &Arc<Store> {
-        &self.shared.store
+        self.shared.engine.as_local().expect("the daemon runs the single node's store")
+    }
+
+    /// The daemon's store, whichever it is.
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
     }
 
     /// A token that stops the server when cancelled (signal handlers use it).
@@ -112,7 +119,10 @@ impl ServerHandle {
         if let Some(http) = self.http {
             let _ = http.await;
         }
-        self.shared.store.close().await?;
+        match &self.shared.engine {
+            Engine::Local(store) => store.close().await?,
+            Engine::Postgres(store) => store.close(),
+        }
         tracing::info!("shut down cleanly");
         Ok(())
     }
@@ -144,10 +154,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<ServerHandle
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
     let tls = crate::tls::acceptor(&config).map_err(ServerError::Tls)?;
-    let store = Store::open(&config, clock)
-        .map_err(|source| ServerError::Store { dir: config.data_dir.display().to_string(), source })?;
+    let engine = match config.store.as_deref().filter(|store| *store != "local") {
+        None => Engine::Local(Arc::new(
+            Store::open(&config, clock)
+                .map_err(|source| ServerError::Store { dir: config.data_dir.display().to_string(), source })?,
+        )),
+        Some(url) => Engine::Postgres(Arc::new(
+            crate::store::pg::PgStore::open(url, &config, clock)
+                .await
+                .map_err(|source| ServerError::Store { dir: crate::store::pg::redact(url), source })?,
+        )),
+    };
     let shared = Arc::new(Shared {
-        store: Arc::new(store),
+        engine,
         config,
         started: Instant::now(),
         connections: Mutex::new(HashMap::new()),
@@ -186,15 +205,24 @@ async fn run_ticker(shared: Arc<Shared>) {
             _ = interval.tick() => {}
             _ = shared.shutdown.cancelled() => break,
         }
-        let store = shared.store.clone();
-        match tokio::task::spawn_blocking(move || store.tick()).await {
+        let store = match &shared.engine {
+            Engine::Local(store) => store.clone(),
+            Engine::Postgres(store) => {
+                if let Err(e) = store.tick().await {
+                    tracing::warn!(error = %e, "maintenance tick failed");
+                }
+                continue;
+            }
+        };
+        let ticked = store.clone();
+        match tokio::task::spawn_blocking(move || ticked.tick()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "maintenance tick failed"),
             Err(e) => tracing::error!(error = %e, "maintenance tick panicked"),
         }
         if checked.elapsed() >= DISK_CHECK_EVERY && disk_check.as_ref().is_none_or(|check| check.is_finished()) {
             checked = tokio::time::Instant::now();
-            let store = shared.store.clone();
+            let store = store.clone();
             disk_check = Some(tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.shrink_if_bloated() {
                     tracing::error!(error = %e, "data directory rewrite failed");
@@ -387,7 +415,7 @@ async fn run_connection<R, W>(
         ConnInfo {
             client: String::new(),
             addr: peer.to_string(),
-            connected_at_ms: shared.store.now_ms(),
+            connected_at_ms: shared.tasks().now_ms(),
             leases: false,
             queues: Vec::new(),
         },
@@ -433,7 +461,7 @@ async fn run_connection<R, W>(
         if matches!(first, Ready::Check) {
             check.as_mut().reset(next_check(&shared, &session, frames.decoder(), opened, last_active));
             // A worker that holds leases is busy with them, however silent.
-            let idle = pending.is_empty() && !shared.store.holds_leases(conn);
+            let idle = pending.is_empty() && !shared.tasks().holds_leases(conn);
             if let Some(why) = overdue(&shared, &session, frames.decoder(), opened, last_active, idle) {
                 tracing::info!(conn, %peer, why, "closing the connection");
                 break 'serve;
@@ -466,7 +494,9 @@ async fn run_connection<R, W>(
             }
             // One ticket covers every change made by the requests handled above.
             if !durable.is_empty() {
-                pending.push(durable.len(), Box::pin(after_flush(durable, shared.store.durable())));
+                // Only the single node's ops ask for a flush (a shared store's replies wait for their commit).
+                let flushed = shared.engine.as_local().map_or_else(Durable::ready, |store| store.durable());
+                pending.push(durable.len(), Box::pin(after_flush(durable, flushed)));
             }
             out.flush().await;
             // A peer that does not take its replies within write_timeout_ms is dropped.
@@ -500,7 +530,14 @@ async fn run_connection<R, W>(
     if tokio::time::timeout_at(deadline, drain).await.is_err() {
         tracing::warn!(conn, "peer is not reading its replies; closing without them");
     }
-    let released = shared.store.release_connection(conn, shared.shutdown.is_cancelled());
+    let released = match shared.tasks().release_connection(conn, shared.shutdown.is_cancelled()).resolve().await {
+        Ok(released) => released,
+        Err(e) => {
+            // Their deadlines pass, and the tick (of any daemon) puts them back.
+            tracing::warn!(conn, error = %e, "could not release a closed connection's leases now");
+            0
+        }
+    };
     if released > 0 {
         tracing::info!(conn, released, "connection closed; its leases went back to their queues");
     }

@@ -16,13 +16,10 @@
 
 use std::sync::Arc;
 
-use broker_client::proto::{Enqueued, TaskError, TaskSpec, TaskState, Value, DEFAULT_QUEUE};
+use broker_client::proto::{Enqueued, TaskError, TaskSpec, TaskState, Value};
 
 use super::record::{Extra, TaskRecord};
-use super::{
-    expired_error, Id, NewTask, Outcome, State, Store, StoreError, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MAX_MS,
-    DEFAULT_RETRY_DELAY_MS,
-};
+use super::{expired_error, Id, NewTask, Outcome, State, Store, StoreError};
 
 /// What a chord callback is stored with: its members' ids, in order.
 pub(super) type Members = Vec<String>;
@@ -69,28 +66,13 @@ impl Store {
             ..Extra::default()
         };
         let seq = st.take_seq(now);
-        let record = TaskRecord {
-            id: id.clone(),
-            queue: spec.queue.take().unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
-            task: std::mem::take(&mut spec.task),
-            payload: std::mem::take(&mut spec.payload),
-            priority: spec.priority,
-            max_retries: spec.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
-            retry_delay_ms: spec.retry_delay_ms.unwrap_or(DEFAULT_RETRY_DELAY_MS),
-            retry_backoff: spec.retry_backoff.unwrap_or(true),
-            retry_delay_max_ms: spec.retry_delay_max_ms.unwrap_or(DEFAULT_RETRY_DELAY_MAX_MS),
-            lease_ms: spec.lease_ms.unwrap_or(self.options.default_lease_ms).min(self.options.max_lease_ms),
-            expires_at_ms: spec.expires_at_ms.or(spec.expires_in_ms.map(|e| now.saturating_add(e))),
-            result_ttl_ms: spec.result_ttl_ms.unwrap_or(self.options.result_ttl_ms),
-            state: if eta_ms.is_some() && !waiting { TaskState::Scheduled } else { TaskState::Pending },
-            seq,
-            created_at_ms: now,
-            // A waiting callback's `eta_ms` holds until its release; its countdown counts from the release.
-            eta_ms: if waiting { spec.eta_ms } else { eta_ms },
-            extra: (extra != Extra::default()).then(|| Box::new(extra)),
-            // Not yet leased, run or finished.
-            ..TaskRecord::default()
-        };
+        let mut record = super::new_record(&mut spec, id.clone(), seq, now, &self.options);
+        if eta_ms.is_some() && !waiting {
+            record.state = TaskState::Scheduled;
+        }
+        // A waiting callback's `eta_ms` holds until its release; its countdown counts from the release.
+        record.eta_ms = if waiting { spec.eta_ms } else { eta_ms };
+        record.extra = (extra != Extra::default()).then(|| Box::new(extra));
         st.hold_unique(&record, now);
         st.totals.enqueued += 1;
         self.happened(st, &record.id, &record.queue, &record.task, Outcome::enqueued, now);
@@ -139,7 +121,7 @@ impl Store {
         for (i, member) in header.iter().enumerate() {
             let invalid = |m: &str| StoreError::Invalid(format!("header {i}: {m}"));
             super::check_client_ids(member)
-                .and_then(|()| self.validate(member))
+                .and_then(|()| Self::validate(member))
                 .map_err(|e| invalid(&e.to_string()))?;
             if !member.chain.is_empty() || member.unique_key.is_some() {
                 return Err(invalid("a chord's member has no chain and no unique key"));
@@ -150,7 +132,7 @@ impl Store {
             }
         }
         super::check_client_ids(&callback)
-            .and_then(|()| self.validate(&callback))
+            .and_then(|()| Self::validate(&callback))
             .map_err(|e| StoreError::Invalid(format!("callback: {e}")))?;
         if callback.unique_key.is_some() {
             return Err(StoreError::Invalid("callback: a chord's callback has no unique key".into()));

@@ -26,6 +26,7 @@ pub mod control;
 pub mod disk;
 pub mod flow;
 pub mod journal;
+pub mod pg;
 pub mod record;
 pub mod schedule;
 pub mod wal;
@@ -111,6 +112,19 @@ pub enum StoreError {
     /// A background flush failed or could not run.
     #[error("flush failed: {0}")]
     Flush(String),
+    /// A value to keep with the task (a result, a progress meta) is larger than `max_result_bytes`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The shared store (PostgreSQL) cannot be reached or refused the request; it may or may not have taken
+    /// effect.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// The shared store failed otherwise (a statement it refused for a reason other than its availability).
+    #[error("store error: {0}")]
+    Shared(String),
+    /// The op exists, but not with this store.
+    #[error("{0} is not available with the PostgreSQL store yet")]
+    Unsupported(&'static str),
 }
 
 /// The most links one chain may have: each step copies the rest of the chain into the next link's record.
@@ -207,6 +221,29 @@ impl From<&Config> for StoreOptions {
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_DELAY_MAX_MS: u64 = 3_600_000;
+
+/// A new task's record from its spec, as every store makes it: the spec's settings or their defaults, created
+/// now, waiting (`PENDING`), not yet leased, run or finished. The caller sets its state, eta and extras.
+pub(crate) fn new_record(spec: &mut NewTask, id: Id, seq: u64, now: u64, options: &StoreOptions) -> TaskRecord {
+    TaskRecord {
+        id,
+        queue: spec.queue.take().unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
+        task: std::mem::take(&mut spec.task),
+        payload: std::mem::take(&mut spec.payload),
+        priority: spec.priority,
+        max_retries: spec.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+        retry_delay_ms: spec.retry_delay_ms.unwrap_or(DEFAULT_RETRY_DELAY_MS),
+        retry_backoff: spec.retry_backoff.unwrap_or(true),
+        retry_delay_max_ms: spec.retry_delay_max_ms.unwrap_or(DEFAULT_RETRY_DELAY_MAX_MS),
+        lease_ms: spec.lease_ms.unwrap_or(options.default_lease_ms).min(options.max_lease_ms),
+        expires_at_ms: spec.expires_at_ms.or(spec.expires_in_ms.map(|e| now.saturating_add(e))),
+        result_ttl_ms: spec.result_ttl_ms.unwrap_or(options.result_ttl_ms),
+        state: TaskState::Pending,
+        seq,
+        created_at_ms: now,
+        ..TaskRecord::default()
+    }
+}
 /// How many tasks a write-out handles per hold of the state lock, so requests never wait long for it.
 const LOCK_BATCH: usize = 512;
 /// How many expired results one tick removes at most, so a tick never stalls the daemon.
@@ -1058,7 +1095,8 @@ impl Store {
         }
     }
 
-    fn validate(&self, spec: &NewTask) -> Result<(), StoreError> {
+    /// Checks a task spec's fields (the same for every store).
+    pub(crate) fn validate(spec: &NewTask) -> Result<(), StoreError> {
         if let Some(id) = &spec.id {
             validate_name("id", id)?;
         }
@@ -1096,7 +1134,7 @@ impl Store {
             {
                 return Err(invalid("two tasks of the chain have the same id"));
             }
-            self.validate(&NewTask::from(link.clone())).map_err(|e| invalid(&e.to_string()))?;
+            Self::validate(&NewTask::from(link.clone())).map_err(|e| invalid(&e.to_string()))?;
         }
         Ok(())
     }
@@ -1115,7 +1153,7 @@ impl Store {
     /// [`Store::enqueue`] for specs whose ids the daemon chose (a schedule's tick).
     fn enqueue_checked(&self, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
         for (i, spec) in specs.iter().enumerate() {
-            self.validate(spec).map_err(|e| match e {
+            Self::validate(spec).map_err(|e| match e {
                 StoreError::Invalid(m) if specs.len() > 1 => StoreError::Invalid(format!("task {i}: {m}")),
                 other => other,
             })?;
@@ -2017,13 +2055,13 @@ impl Drop for Store {
     }
 }
 
-fn expired_error() -> TaskError {
+pub(crate) fn expired_error() -> TaskError {
     TaskError { kind: "Expired".into(), message: "task expired before it started".into(), traceback: None }
 }
 
 /// Refuses the ids a client may not choose: a schedule tick's (`sched:`), for the task and its chain's links. A
 /// client taking a tick's id would take the tick over, and a far-future one would stop the schedule.
-fn check_client_ids(spec: &NewTask) -> Result<(), StoreError> {
+pub(crate) fn check_client_ids(spec: &NewTask) -> Result<(), StoreError> {
     let ids = spec.id.iter().chain(spec.chain.iter().filter_map(|link| link.id.as_ref()));
     for id in ids {
         if id.starts_with(schedule::TICK_PREFIX) {

@@ -157,7 +157,7 @@ impl Store {
         if catch_up != "once" && catch_up != "skip" {
             return Err(StoreError::Invalid(format!("`catch_up` must be \"once\" or \"skip\" (got {catch_up:?})")));
         }
-        self.validate(&NewTask::from(new.task.clone()))?;
+        Self::validate(&NewTask::from(new.task.clone()))?;
         let now = self.now_ms();
         let mut schedule = Schedule {
             cron: new.cron,

@@ -2,6 +2,8 @@
 //! poll for a condition with a deadline (never a bare sleep).
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,227 @@
+//! The `TaskStore` seam: the broker's operations, whatever keeps the tasks.
+//!
+//! [`cmd`](crate::cmd) turns a request into one call of this trait. Two stores implement it:
+//! - [`Store`], the single node's (memory, the write-ahead log and sled). Its calls finish at once
+//!   ([`Op::Now`]): the reply then waits for the log round that makes the change durable, as before the seam.
+//! - [`PgStore`](crate::store::pg::PgStore), many stateless daemons over one PostgreSQL. Its calls are
+//!   statements ([`Op::Later`]): the reply goes out when the transaction committed (on the primary and, with
+//!   synchronous standbys, on one of them).
+//!
+//! The ops that only the single node has so far (schedules, pause and limits, chords and chains, unique tasks,
+//! `events`, the dashboard) are reached through [`Engine::local`] and refused with `unsupported` otherwise.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use broker_client::proto::{DeadRequeue, Enqueued, Progress, TaskError, TaskInfo, TaskState, Value};
+use tokio::sync::Notify;
+
+use crate::store::{ConnId, FailOutcome, Grant, NewTask, Store, StoreError, StoreStats};
+
+/// A store call that finishes later (a statement on a shared store).
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// What a store call gives: its outcome now, or a future of it.
+pub enum Op<T> {
+    /// Done (the single node: in memory; durable with the log round the reply waits for).
+    Now(Result<T, StoreError>),
+    /// Done when the future is (the shared store: committed when it resolves).
+    Later(StoreFuture<T>),
+}
+
+impl<T: Send + 'static> Op<T> {
+    /// The outcome, waiting for it if it is not there yet.
+    pub async fn resolve(self) -> Result<T, StoreError> {
+        match self {
+            Op::Now(result) => result,
+            Op::Later(future) => future.await,
+        }
+    }
+
+    /// Maps the value, now or once it is there.
+    pub fn map<U: Send + 'static>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Op<U> {
+        match self {
+            Op::Now(result) => Op::Now(result.map(f)),
+            Op::Later(future) => Op::Later(Box::pin(async move { future.await.map(f) })),
+        }
+    }
+
+    /// Follows the value with a step that may fail, now or once it is there.
+    pub fn and_then<U: Send + 'static>(self, f: impl FnOnce(T) -> Result<U, StoreError> + Send + 'static) -> Op<U> {
+        match self {
+            Op::Now(result) => Op::Now(result.and_then(f)),
+            Op::Later(future) => Op::Later(Box::pin(async move { future.await.and_then(f) })),
+        }
+    }
+}
+
+/// The broker's operations on tasks (proto.md §7), as the daemon's request handling calls them.
+pub trait TaskStore: Send + Sync + 'static {
+    /// Stores new tasks (or finds existing ones by id); all are validated before any is stored.
+    fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>>;
+    /// Leases up to `max` ready tasks from `queues`, in queue order, for connection `conn`; and whether the
+    /// reply must wait for a flush (the single node: a task not on disk yet).
+    fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)>;
+    /// Completes a leased task with its result.
+    fn ack(&self, id: &str, lease_id: u64, result: Value) -> Op<()>;
+    /// Fails a leased task: it retries while retries are left and `retry`, else dies.
+    fn fail(
+        &self,
+        id: &str,
+        lease_id: u64,
+        error: TaskError,
+        retry: bool,
+        countdown_ms: Option<u64>,
+    ) -> Op<FailOutcome>;
+    /// Pushes a lease's deadline; says whether the task was revoked.
+    fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)>;
+    /// Stores a running task's progress report; says whether the task was revoked.
+    fn progress(&self, id: &str, lease_id: u64, progress: Progress) -> Op<bool>;
+    /// Gives a leased task back unrun.
+    fn release(&self, id: &str, lease_id: u64) -> Op<()>;
+    /// Ends every lease a closed connection held; how many.
+    fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Op<usize>;
+    /// Whether the connection holds leases now.
+    fn holds_leases(&self, conn: ConnId) -> bool;
+    /// A task's state and its `TaskInfo`, encoded.
+    fn get_encoded(&self, id: &str) -> Op<(TaskState, Vec<u8>)>;
+    /// Revokes a task; its state afterwards.
+    fn revoke(&self, id: &str) -> Op<TaskState>;
+    /// Deletes every waiting task of `queue`; how many.
+    fn purge(&self, queue: &str) -> Op<u64>;
+    /// The dead set, oldest first.
+    fn dead_list(&self, queue: Option<&str>, limit: usize) -> Op<Vec<TaskInfo>>;
+    /// Puts dead tasks back in their queues; how many.
+    fn dead_requeue(&self, request: &DeadRequeue) -> Op<u64>;
+    /// Counts for `stats`.
+    fn stats(&self) -> Op<StoreStats>;
+    /// Rung when tasks may have become ready (waiting leases look again).
+    fn ready_notify(&self) -> &Notify;
+    /// Rung when tasks may have finished (waiting gets look again).
+    fn finished_notify(&self) -> &Notify;
+    /// The store's clock (Unix ms).
+    fn now_ms(&self) -> u64;
+    /// What `stats` shows as the durability policy.
+    fn durability(&self) -> String;
+}
+
+impl TaskStore for Store {
+    fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
+        Op::Now(Store::enqueue(self, specs))
+    }
+
+    fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)> {
+        Op::Now(Ok(Store::lease(self, conn, queues, max, lease_ms)))
+    }
+
+    fn ack(&self, id: &str, lease_id: u64, result: Value) -> Op<()> {
+        Op::Now(Store::ack(self, id, lease_id, result))
+    }
+
+    fn fail(
+        &self,
+        id: &str,
+        lease_id: u64,
+        error: TaskError,
+        retry: bool,
+        countdown_ms: Option<u64>,
+    ) -> Op<FailOutcome> {
+        Op::Now(Store::fail(self, id, lease_id, error, retry, countdown_ms))
+    }
+
+    fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)> {
+        Op::Now(Store::extend(self, id, lease_id, lease_ms))
+    }
+
+    fn progress(&self, id: &str, lease_id: u64, progress: Progress) -> Op<bool> {
+        Op::Now(Store::progress(self, id, lease_id, progress))
+    }
+
+    fn release(&self, id: &str, lease_id: u64) -> Op<()> {
+        Op::Now(Store::release(self, id, lease_id))
+    }
+
+    fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Op<usize> {
+        Op::Now(Ok(Store::release_connection(self, conn, shutting_down)))
+    }
+
+    fn holds_leases(&self, conn: ConnId) -> bool {
+        Store::holds_leases(self, conn)
+    }
+
+    fn get_encoded(&self, id: &str) -> Op<(TaskState, Vec<u8>)> {
+        Op::Now(Store::get_encoded(self, id))
+    }
+
+    fn revoke(&self, id: &str) -> Op<TaskState> {
+        Op::Now(Store::revoke(self, id))
+    }
+
+    fn purge(&self, queue: &str) -> Op<u64> {
+        Op::Now(Ok(Store::purge(self, queue)))
+    }
+
+    fn dead_list(&self, queue: Option<&str>, limit: usize) -> Op<Vec<TaskInfo>> {
+        Op::Now(Store::dead_list(self, queue, limit))
+    }
+
+    fn dead_requeue(&self, request: &DeadRequeue) -> Op<u64> {
+        Op::Now(Store::dead_requeue(self, request))
+    }
+
+    fn stats(&self) -> Op<StoreStats> {
+        Op::Now(Ok(Store::stats(self)))
+    }
+
+    fn ready_notify(&self) -> &Notify {
+        Store::ready_notify(self)
+    }
+
+    fn finished_notify(&self) -> &Notify {
+        Store::finished_notify(self)
+    }
+
+    fn now_ms(&self) -> u64 {
+        Store::now_ms(self)
+    }
+
+    fn durability(&self) -> String {
+        self.fsync_policy().as_str().to_string()
+    }
+}
+
+/// The daemon's store: the single node's, or a shared one.
+#[derive(Clone)]
+pub enum Engine {
+    /// Memory, the write-ahead log and sled, in this process.
+    Local(Arc<Store>),
+    /// Many daemons over one PostgreSQL.
+    Postgres(Arc<crate::store::pg::PgStore>),
+}
+
+impl Engine {
+    /// The operations.
+    pub fn tasks(&self) -> &dyn TaskStore {
+        match self {
+            Engine::Local(store) => &**store,
+            Engine::Postgres(store) => &**store,
+        }
+    }
+
+    /// The single node's store, for the ops only it has; `unsupported` on a shared store.
+    pub fn local(&self, what: &'static str) -> Result<&Arc<Store>, StoreError> {
+        match self {
+            Engine::Local(store) => Ok(store),
+            Engine::Postgres(_) => Err(StoreError::Unsupported(what)),
+        }
+    }
+
+    /// The single node's store, if that is what the daemon runs.
+    pub fn as_local(&self) -> Option<&Arc<Store>> {
+        match self {
+            Engine::Local(store) => Some(store),
+            Engine::Postgres(_) => None,
+        }
+    }
+}

@@ -1,0 +1,1140 @@
+//! The PostgreSQL store: many stateless daemons over one database ([`TaskStore`] over SQL).
+//!
+//! Every task is one row of `broker_tasks`: the columns an operation reads or changes (state, the lease and its
+//! fencing token, attempts, times, result, error) and, in `spec`, the task as it was enqueued (a [`TaskRecord`]
+//! encoded as the single node encodes it). Each operation is one statement, or one short transaction, so a reply
+//! goes out once its change committed (on the primary and, with synchronous standbys, on one of them).
+//!
+//! - **Leases** take rows with `FOR UPDATE SKIP LOCKED`, highest priority first, then in enqueue order (`seq`);
+//!   each lease gets a new `lease_id` from one sequence, which fences stale workers: an `ack`, `fail`, `extend`
+//!   or `release` names it and changes nothing if the row holds another.
+//! - **Waiting** (`lease` and `get` with `wait_ms`): a daemon listens on the channels `broker_ready` and
+//!   `broker_finished`, which the statements that make a task ready or finish it notify in their transaction;
+//!   its waiting requests look again when one arrives, whichever daemon made the change.
+//! - **Maintenance** (lapsed leases, due retries and countdowns, expired tasks and results) runs on every daemon's
+//!   tick as conditional updates: a row one daemon changed no longer matches another's, so nothing is done twice.
+//!
+//! What it does not do yet (refused with `unsupported`): chains and chords, unique tasks, schedules, pause and
+//! limits, `events`, the dashboard and `/metrics`.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use broker_client::proto::{DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::try_join_all;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_util::sync::CancellationToken;
+
+use super::record::TaskRecord;
+use super::{check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Store, StoreError};
+use super::{StoreOptions, StoreStats};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::engine::{Op, TaskStore};
+
+/// The schema, one migration per version; applied in order, each once, under an advisory lock (daemons may
+/// start together).
+const MIGRATIONS: &[&str] = &[
+    // 1: tasks.
+    "CREATE TABLE broker_tasks (
+        id text PRIMARY KEY,
+        queue text NOT NULL,
+        task text NOT NULL,
+        state text NOT NULL,
+        priority integer NOT NULL,
+        seq bigserial NOT NULL,
+        due_ms bigint NOT NULL,
+        lease_id bigint,
+        deadline_ms bigint,
+        lease_ms bigint NOT NULL,
+        cur_lease_ms bigint,
+        attempts integer NOT NULL DEFAULT 0,
+        max_retries bigint NOT NULL,
+        lease_losses integer NOT NULL DEFAULT 0,
+        created_at_ms bigint NOT NULL,
+        eta_ms bigint,
+        started_at_ms bigint,
+        finished_at_ms bigint,
+        expires_at_ms bigint,
+        result_ttl_ms bigint NOT NULL,
+        result_expires_at_ms bigint,
+        revoked boolean NOT NULL DEFAULT false,
+        result bytea,
+        error bytea,
+        progress bytea,
+        spec bytea NOT NULL
+    );
+    CREATE INDEX broker_tasks_waiting ON broker_tasks (queue, priority DESC, seq)
+        WHERE state IN ('PENDING', 'SCHEDULED', 'RETRY');
+    CREATE INDEX broker_tasks_due ON broker_tasks (due_ms) WHERE state IN ('SCHEDULED', 'RETRY');
+    CREATE INDEX broker_tasks_leased ON broker_tasks (deadline_ms) WHERE state = 'STARTED';
+    CREATE INDEX broker_tasks_results ON broker_tasks (result_expires_at_ms) WHERE result_expires_at_ms IS NOT NULL;
+    CREATE INDEX broker_tasks_dead ON broker_tasks (queue, finished_at_ms) WHERE state = 'FAILURE';
+    CREATE INDEX broker_tasks_expiring ON broker_tasks (expires_at_ms)
+        WHERE expires_at_ms IS NOT NULL AND state IN ('PENDING', 'SCHEDULED', 'RETRY');
+    CREATE SEQUENCE broker_lease_ids;",
+];
+
+/// The states a task waits in (leasable once due).
+const WAITING: &str = "('PENDING', 'SCHEDULED', 'RETRY')";
+/// The columns [`PgStore::record_of`] reads.
+const COLUMNS: &str = "id, state, attempts, lease_losses, eta_ms, started_at_ms, finished_at_ms, \
+    result_expires_at_ms, revoked, result, error, progress, spec";
+/// Longest any one statement (or transaction) may take before the request fails with `store_unavailable`: a
+/// primary that vanished, or synchronous standbys that stopped confirming, must not hold requests for ever.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many expired results one tick removes at most.
+const EXPIRY_BATCH: i64 = 10_000;
+/// The advisory lock key migrations run under.
+const MIGRATION_LOCK: i64 = 0x6272_6f6b_6572;
+
+/// A URL with its password hidden, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = &url[scheme + 3..at];
+            let user = user.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What went wrong talking to PostgreSQL: the engine unreachable, shutting down, read-only (a standby, or a
+/// primary being demoted) are `Unavailable` (the client may retry elsewhere); anything else is an error.
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    let Some(db) = e.as_db_error() else {
+        // No reply from the server: the connection broke or could not be made.
+        return StoreError::Unavailable(e.to_string());
+    };
+    let code = db.code().code();
+    let unavailable = code.starts_with("08") // connection exception
+        || code.starts_with("57P") // operator intervention: shutdown, cannot connect now
+        || code == "25006" // read-only transaction (a standby)
+        || code == "53300" // too many connections
+        || code == "40001"; // serialization failure: retry
+    if unavailable {
+        StoreError::Unavailable(format!("{}: {}", code, db.message()))
+    } else {
+        StoreError::Shared(format!("{}: {}", code, db.message()))
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn state_of(name: &str) -> Result<TaskState, String> {
+    TaskState::try_from(name.to_string())
+}
+
+fn ms(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn opt_ms(value: Option<u64>) -> Option<i64> {
+    value.map(ms)
+}
+
+fn unms(value: Option<i64>) -> Option<u64> {
+    value.map(|v| u64::try_from(v).unwrap_or(0))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    broker_client::proto::encode(value).map_err(|e| StoreError::Shared(format!("cannot encode: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(id: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })
+}
+
+/// The leases this daemon's connections hold, so a closed connection's can be given back at once (the others'
+/// deadlines pass; any daemon's tick puts those back).
+#[derive(Default)]
+struct Held {
+    by_conn: HashMap<ConnId, HashSet<String>>,
+    by_id: HashMap<String, (ConnId, u64)>,
+}
+
+impl Held {
+    fn add(&mut self, conn: ConnId, id: &str, lease_id: u64) {
+        self.by_conn.entry(conn).or_default().insert(id.to_string());
+        if let Some((old, _)) = self.by_id.insert(id.to_string(), (conn, lease_id)) {
+            if old != conn {
+                self.by_conn.get_mut(&old).map(|ids| ids.remove(id));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some((conn, _)) = self.by_id.remove(id) {
+            if let Some(ids) = self.by_conn.get_mut(&conn) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_conn.remove(&conn);
+                }
+            }
+        }
+    }
+
+    fn take_conn(&mut self, conn: ConnId) -> Vec<(String, u64)> {
+        let ids = self.by_conn.remove(&conn).unwrap_or_default();
+        ids.into_iter().filter_map(|id| self.by_id.remove(&id).map(|(_, lease_id)| (id, lease_id))).collect()
+    }
+}
+
+/// Counts since this daemon started (`stats` totals; per queue, succeeded and failed).
+#[derive(Default)]
+struct Counts {
+    totals: broker_client::proto::Totals,
+    per_queue: HashMap<String, (u64, u64)>,
+}
+
+/// What the store's operations share with their futures.
+struct Inner {
+    pool: Pool,
+    options: StoreOptions,
+    clock: Arc<dyn Clock>,
+    ready: Notify,
+    finished: Notify,
+    held: Mutex<Held>,
+    counts: Mutex<Counts>,
+    /// Makes this daemon's task ids unique among its own (random bits tell daemons apart).
+    next_id: AtomicU64,
+}
+
+/// Many daemons over one PostgreSQL.
+pub struct PgStore {
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+impl PgStore {
+    /// Connects (several hosts may be named; the read-write one is used), creates or migrates the schema, and
+    /// starts listening for other daemons' changes.
+    pub async fn open(url: &str, config: &Config, clock: Arc<dyn Clock>) -> Result<PgStore, StoreError> {
+        let mut pg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Invalid(format!("store URL {}: {e}", redact(url))))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(2));
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("broker");
+        }
+        // Writes go to the primary: a host list finds it (and finds the new one after a failover).
+        if pg.get_hosts().len() > 1 {
+            pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        let manager =
+            Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(32)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(3)))
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("store URL {}: {e}", redact(url))))?;
+        let inner = Arc::new(Inner {
+            pool,
+            options: StoreOptions::from(config),
+            clock,
+            ready: Notify::new(),
+            finished: Notify::new(),
+            held: Mutex::new(Held::default()),
+            counts: Mutex::new(Counts::default()),
+            next_id: AtomicU64::new(rand::random::<u16>().into()),
+        });
+        inner.migrate().await?;
+        let stop = CancellationToken::new();
+        tokio::spawn(listen(pg, inner.clone(), stop.clone()));
+        tracing::info!(store = %redact(url), "PostgreSQL store ready");
+        Ok(PgStore { inner, stop })
+    }
+
+    /// Stops listening. Nothing is buffered: every acknowledged change committed already.
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+
+    /// Periodic work: lapsed leases go back (or die), due tasks become ready, expired tasks and results go.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        self.inner.tick().await
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Listens on `broker_ready` and `broker_finished` on a connection of its own (to the primary), reconnecting
+/// when it breaks; wakes the waiting requests at each notification, and after each reconnect (what changed while
+/// it was away was not heard).
+async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: CancellationToken) {
+    use futures_util::StreamExt;
+    while !stop.is_cancelled() {
+        let (client, mut connection) = match pg.connect(NoTls).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for other daemons' changes; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let driver = {
+            let inner = inner.clone();
+            async move {
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(AsyncMessage::Notification(n)) if n.channel() == "broker_ready" => {
+                            inner.ready.notify_waiters()
+                        }
+                        Ok(AsyncMessage::Notification(_)) => inner.finished.notify_waiters(),
+                        Ok(_) => {}
+                        Err(e) => return tracing::warn!(error = %e, "the listening connection broke"),
+                    }
+                }
+            }
+        };
+        let subscribe = async {
+            if let Err(e) = client.batch_execute("LISTEN broker_ready; LISTEN broker_finished").await {
+                tracing::warn!(error = %e, "LISTEN failed");
+                return;
+            }
+            inner.ready.notify_waiters();
+            inner.finished.notify_waiters();
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = driver => {}
+            _ = subscribe => {}
+            _ = stop.cancelled() => return,
+        }
+        drop(client);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg_error)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS broker_schema (version integer NOT NULL)")
+            .await
+            .map_err(pg_error)?;
+        let row = tx.query_one("SELECT coalesce(max(version), 0) FROM broker_schema", &[]).await.map_err(pg_error)?;
+        let version: i32 = row.get(0);
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError::Invalid(format!(
+                "the database's schema is version {version}, newer than this daemon's {}: upgrade the daemon",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(migration).await.map_err(pg_error)?;
+            tx.execute("INSERT INTO broker_schema (version) VALUES ($1)", &[&(i as i32 + 1)])
+                .await
+                .map_err(pg_error)?;
+            tracing::info!(version = i + 1, "store schema migrated");
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+
+    fn new_id(&self, now: u64) -> String {
+        let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:012x}{:04x}{:08x}", now & 0xffff_ffff_ffff, counter & 0xffff, rand::random::<u32>())
+    }
+
+    /// A task's record from its row ([`COLUMNS`]): the spec as enqueued, with what changed since.
+    fn record_of(row: &Row) -> Result<TaskRecord, StoreError> {
+        let id: &str = row.get("id");
+        let mut record = TaskRecord::decode(row.get("spec"))
+            .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })?;
+        let state: &str = row.get("state");
+        record.state = state_of(state).map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
+        record.attempts = u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0);
+        record.lease_losses = u32::try_from(row.get::<_, i32>("lease_losses")).unwrap_or(0);
+        record.eta_ms = unms(row.get("eta_ms"));
+        record.started_at_ms = unms(row.get("started_at_ms"));
+        record.finished_at_ms = unms(row.get("finished_at_ms"));
+        record.result_expires_at_ms = unms(row.get("result_expires_at_ms"));
+        record.revoked = row.get("revoked");
+        record.result = row.get::<_, Option<&[u8]>>("result").map(|b| decode(id, b)).transpose()?.map(Box::new);
+        record.error = row.get::<_, Option<&[u8]>>("error").map(|b| decode(id, b)).transpose()?.map(Box::new);
+        if let Some(progress) = row.get::<_, Option<&[u8]>>("progress") {
+            record.extra_mut().progress = Some(decode(id, progress)?);
+        }
+        Ok(record)
+    }
+
+    async fn enqueue(&self, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
+        let now = self.now();
+        let mut rows = Vec::with_capacity(specs.len());
+        for mut spec in specs {
+            let id = spec.id.take().unwrap_or_else(|| self.new_id(now));
+            let eta = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
+            let mut record = new_record(&mut spec, id.as_str().into(), 0, now, &self.options);
+            record.eta_ms = eta;
+            let mut due = eta.unwrap_or(now);
+            if eta.is_some() {
+                record.state = TaskState::Scheduled;
+            }
+            let mut finished = None;
+            if record.expires_at_ms.is_some_and(|e| e <= now) {
+                // Expired on arrival: kept findable, never run (as the single node does).
+                record.state = TaskState::Revoked;
+                record.revoked = true;
+                record.error = Some(Box::new(expired_error()));
+                finished = Some(now);
+                due = now;
+            }
+            let mut spec_bytes = Vec::with_capacity(128 + record.payload.len());
+            record
+                .encode(&mut spec_bytes)
+                .map_err(|e| StoreError::Corrupt { id: id.clone(), message: e.to_string() })?;
+            let error = record.error.as_deref().map(encode).transpose()?;
+            rows.push((record, spec_bytes, due, finished, error));
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO broker_tasks (id, queue, task, state, priority, due_ms, lease_ms, max_retries, \
+                 created_at_ms, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, \
+                 result_expires_at_ms, spec) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                 ON CONFLICT (id) DO NOTHING RETURNING seq",
+            )
+            .await
+            .map_err(pg_error)?;
+        let inserts = rows.iter().map(|(record, spec, due, finished, error)| {
+            let state = record.state.as_str();
+            let result_expires = finished.map(|f| ms(f.saturating_add(record.result_ttl_ms)));
+            let (id, queue, task) = (&*record.id, record.queue.as_str(), record.task.as_str());
+            let (due, lease_ms, retries) = (ms(*due), ms(record.lease_ms), i64::from(record.max_retries));
+            let (created, eta, expires) = (ms(now), opt_ms(record.eta_ms), opt_ms(record.expires_at_ms));
+            let (ttl, finished) = (ms(record.result_ttl_ms), opt_ms(*finished));
+            let tx = &tx;
+            let insert = &insert;
+            async move {
+                tx.query_opt(
+                    insert,
+                    &[
+                        &id,
+                        &queue,
+                        &task,
+                        &state,
+                        &record.priority,
+                        &due,
+                        &lease_ms,
+                        &retries,
+                        &created,
+                        &eta,
+                        &expires,
+                        &ttl,
+                        &record.revoked,
+                        &error.as_deref(),
+                        &finished,
+                        &result_expires,
+                        &spec.as_slice(),
+                    ],
+                )
+                .await
+            }
+        });
+        // Pipelined on the one connection: one round trip for the batch.
+        let inserted = try_join_all(inserts).await.map_err(pg_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut created = 0;
+        for ((record, ..), inserted) in rows.iter().zip(inserted) {
+            let state = if inserted.is_some() {
+                created += 1;
+                record.state
+            } else {
+                let row = tx
+                    .query_one("SELECT state FROM broker_tasks WHERE id = $1", &[&&*record.id])
+                    .await
+                    .map_err(pg_error)?;
+                state_of(row.get(0)).map_err(|message| StoreError::Corrupt { id: record.id.to_string(), message })?
+            };
+            out.push(Enqueued { id: record.id.to_string(), created: inserted.is_some(), state, chain: Vec::new() });
+        }
+        if created > 0 {
+            tx.execute("SELECT pg_notify('broker_ready', '')", &[]).await.map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)?;
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.enqueued += created;
+        if created > 0 {
+            self.ready.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn lease(
+        &self,
+        conn: ConnId,
+        queues: Vec<String>,
+        max: usize,
+        lease_ms: Option<u64>,
+    ) -> Result<Vec<Grant>, StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "WITH picked AS (
+                    SELECT id FROM broker_tasks
+                    WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
+                      AND (expires_at_ms IS NULL OR expires_at_ms > $2)
+                    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 UPDATE broker_tasks t SET state = 'STARTED', lease_id = nextval('broker_lease_ids'),
+                    cur_lease_ms = least(coalesce($4, t.lease_ms), $5),
+                    deadline_ms = $2 + least(coalesce($4, t.lease_ms), $5),
+                    attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
+                 FROM picked WHERE t.id = picked.id
+                 RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
+                    t.seq, t.spec"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let mut grants = Vec::new();
+        for queue in &queues {
+            let left = max.saturating_sub(grants.len());
+            if left == 0 {
+                break;
+            }
+            let rows = client
+                .query(
+                    &statement,
+                    &[&queue.as_str(), &ms(now), &(left as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)],
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut taken = Vec::with_capacity(rows.len());
+            for row in rows {
+                let id: String = row.get("id");
+                let record = TaskRecord::decode(row.get("spec"))
+                    .map_err(|e| StoreError::Corrupt { id: id.clone(), message: e.to_string() })?;
+                let priority: i32 = row.get("priority");
+                let seq: i64 = row.get("seq");
+                let grant = Grant {
+                    lease_id: u64::try_from(row.get::<_, i64>("lease_id")).unwrap_or(0),
+                    queue: queue.clone(),
+                    task: record.task,
+                    payload: record.payload,
+                    attempt: u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0),
+                    max_retries: u32::try_from(row.get::<_, i64>("max_retries")).unwrap_or(0),
+                    deadline_ms: u64::try_from(row.get::<_, i64>("deadline_ms")).unwrap_or(0),
+                    lease_ms: u64::try_from(row.get::<_, i64>("cur_lease_ms")).unwrap_or(0),
+                    id,
+                };
+                taken.push(((std::cmp::Reverse(priority), seq), grant));
+            }
+            // RETURNING keeps no order: priority, then enqueue order, as the lease picked them.
+            taken.sort_by_key(|(key, _)| *key);
+            grants.extend(taken.into_iter().map(|(_, grant)| grant));
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for grant in &grants {
+            held.add(conn, &grant.id, grant.lease_id);
+        }
+        Ok(grants)
+    }
+
+    /// Why an outcome for a lease changed nothing: the task was revoked while it ran (it is finished `REVOKED`
+    /// now, and the outcome dropped), or the lease is not held.
+    async fn refused(&self, id: &str, lease_id: u64) -> Result<StoreError, StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        let revoked = client
+            .query_opt(
+                "WITH done AS (
+                    UPDATE broker_tasks SET state = 'REVOKED', lease_id = NULL, deadline_ms = NULL,
+                        finished_at_ms = $3, result_expires_at_ms = $3 + result_ttl_ms
+                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND revoked RETURNING id)
+                 SELECT id, pg_notify('broker_finished', '') FROM done",
+                &[&id, &(lease_id as i64), &ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if revoked.is_some() {
+            self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
+            self.finished.notify_waiters();
+            return Ok(StoreError::Revoked(id.to_string()));
+        }
+        Ok(StoreError::LeaseLost { id: id.to_string(), lease_id })
+    }
+
+    async fn ack(&self, id: &str, lease_id: u64, result: Value) -> Result<(), StoreError> {
+        let now = self.now();
+        let result = encode(&result)?;
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH done AS (
+                    UPDATE broker_tasks SET state = 'SUCCESS', result = $3, error = NULL, lease_id = NULL,
+                        deadline_ms = NULL, finished_at_ms = $4, result_expires_at_ms = $4 + result_ttl_ms
+                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND NOT revoked RETURNING queue)
+                 SELECT queue, pg_notify('broker_finished', '') FROM done",
+            )
+            .await
+            .map_err(pg_error)?;
+        let done =
+            client.query_opt(&statement, &[&id, &(lease_id as i64), &result, &ms(now)]).await.map_err(pg_error)?;
+        drop(client);
+        let Some(row) = done else { return Err(self.refused(id, lease_id).await?) };
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let queue: String = row.get(0);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.totals.succeeded += 1;
+        counts.per_queue.entry(queue).or_default().0 += 1;
+        drop(counts);
+        self.finished.notify_waiters();
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        id: &str,
+        lease_id: u64,
+        error: TaskError,
+        retry: bool,
+        countdown_ms: Option<u64>,
+    ) -> Result<FailOutcome, StoreError> {
+        let now = self.now();
+        let error_bytes = encode(&error)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let row = tx
+            .query_opt(
+                "SELECT attempts, queue, spec FROM broker_tasks
+                 WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND NOT revoked FOR UPDATE",
+                &[&id, &(lease_id as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = row else {
+            drop(tx);
+            drop(client);
+            return Err(self.refused(id, lease_id).await?);
+        };
+        let mut record = TaskRecord::decode(row.get("spec"))
+            .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })?;
+        record.attempts = u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0);
+        let queue: String = row.get("queue");
+        let outcome = if retry && record.attempts <= record.max_retries {
+            let retry_at = now.saturating_add(countdown_ms.unwrap_or_else(|| record.backoff_ms()));
+            tx.execute(
+                "UPDATE broker_tasks SET state = 'RETRY', error = $2, lease_id = NULL, deadline_ms = NULL,
+                    due_ms = $3, eta_ms = $3 WHERE id = $1",
+                &[&id, &error_bytes, &ms(retry_at)],
+            )
+            .await
+            .map_err(pg_error)?;
+            FailOutcome { state: TaskState::Retry, retry_at_ms: Some(retry_at) }
+        } else {
+            let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
+            tx.execute(
+                "UPDATE broker_tasks SET state = 'FAILURE', error = $2, lease_id = NULL, deadline_ms = NULL,
+                    finished_at_ms = $3, result_expires_at_ms = $4 WHERE id = $1",
+                &[&id, &error_bytes, &ms(now), &ms(now.saturating_add(ttl))],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute("SELECT pg_notify('broker_finished', '')", &[]).await.map_err(pg_error)?;
+            FailOutcome { state: TaskState::Failure, retry_at_ms: None }
+        };
+        tx.commit().await.map_err(pg_error)?;
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.totals.failed += 1;
+        counts.per_queue.entry(queue).or_default().1 += 1;
+        if outcome.state == TaskState::Retry {
+            counts.totals.retried += 1;
+        } else {
+            counts.totals.dead += 1;
+            drop(counts);
+            self.finished.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
+    async fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Result<(u64, bool), StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE broker_tasks SET cur_lease_ms = least(coalesce($3, cur_lease_ms), $4),
+                    deadline_ms = $5 + least(coalesce($3, cur_lease_ms), $4)
+                 WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' RETURNING deadline_ms, revoked",
+                &[&id, &(lease_id as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms), &ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let row = row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
+        Ok((u64::try_from(row.get::<_, i64>(0)).unwrap_or(0), row.get(1)))
+    }
+
+    async fn progress(&self, id: &str, lease_id: u64, progress: Progress) -> Result<bool, StoreError> {
+        super::validate_name("state", &progress.state)?;
+        let progress = encode(&progress)?;
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE broker_tasks SET progress = $3
+                 WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' RETURNING revoked",
+                &[&id, &(lease_id as i64), &progress],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?.get(0))
+    }
+
+    async fn release(&self, id: &str, lease_id: u64) -> Result<(), StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        // The attempt does not count; a revoked task is finished instead.
+        let row = client
+            .query_opt(
+                "WITH done AS (
+                    UPDATE broker_tasks SET lease_id = NULL, deadline_ms = NULL, started_at_ms = NULL,
+                        state = CASE WHEN revoked THEN 'REVOKED' ELSE 'PENDING' END,
+                        attempts = CASE WHEN revoked THEN attempts ELSE greatest(attempts - 1, 0) END,
+                        due_ms = $3::bigint,
+                        finished_at_ms = CASE WHEN revoked THEN $3::bigint END,
+                        result_expires_at_ms = CASE WHEN revoked THEN $3::bigint + result_ttl_ms END
+                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' RETURNING state)
+                 SELECT state, pg_notify(CASE WHEN state = 'REVOKED' THEN 'broker_finished' ELSE 'broker_ready' END, '')
+                 FROM done",
+                &[&id, &(lease_id as i64), &ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
+        self.ready.notify_waiters();
+        self.finished.notify_waiters();
+        Ok(())
+    }
+
+    /// Ends leases without an outcome (`pairs` of task and lease, or every lapsed one when `None`): each task
+    /// goes back to its queue with the attempt counted, or is finished `REVOKED` if it was revoked, or dies once
+    /// it lost `max_lease_losses` leases. `count`: whether the loss counts towards that (not at shutdown).
+    async fn lose_leases(&self, pairs: Option<Vec<(String, u64)>>, why: &str, count: bool) -> Result<u64, StoreError> {
+        let now = self.now();
+        let max_losses = i32::try_from(self.options.max_lease_losses).unwrap_or(i32::MAX);
+        let lost = encode(&TaskError {
+            kind: "LeaseLost".into(),
+            message: format!("lease lost {max_losses} times ({why}); giving up"),
+            traceback: None,
+        })?;
+        let set = format!(
+            "lease_losses = t.lease_losses + $2,
+             state = CASE WHEN t.revoked THEN 'REVOKED' WHEN t.lease_losses + $2 >= $3 THEN 'FAILURE'
+                ELSE 'PENDING' END,
+             error = CASE WHEN NOT t.revoked AND t.lease_losses + $2 >= $3 THEN $4 ELSE t.error END,
+             finished_at_ms = CASE WHEN t.revoked OR t.lease_losses + $2 >= $3 THEN $1::bigint END,
+             result_expires_at_ms = CASE WHEN t.revoked THEN $1::bigint + t.result_ttl_ms
+                WHEN t.lease_losses + $2 >= $3 THEN $1::bigint + greatest(t.result_ttl_ms, {dead_ttl}) END,
+             lease_id = NULL, deadline_ms = NULL, started_at_ms = NULL, due_ms = $1",
+            dead_ttl = ms(self.options.dead_ttl_ms)
+        );
+        let client = self.client().await?;
+        let counted = i32::from(count);
+        let rows = match pairs {
+            None => {
+                client
+                    .query(
+                        &format!(
+                            "WITH lost AS (UPDATE broker_tasks t SET {set}
+                                WHERE t.state = 'STARTED' AND t.deadline_ms < $1 RETURNING t.state)
+                             SELECT state FROM lost"
+                        ),
+                        &[&ms(now), &counted, &max_losses, &lost],
+                    )
+                    .await
+            }
+            Some(pairs) => {
+                let (ids, lease_ids): (Vec<String>, Vec<i64>) =
+                    pairs.into_iter().map(|(id, lease_id)| (id, lease_id as i64)).unzip();
+                client
+                    .query(
+                        &format!(
+                            "WITH lost AS (UPDATE broker_tasks t SET {set}
+                                FROM unnest($5::text[], $6::bigint[]) AS l(id, lease_id)
+                                WHERE t.id = l.id AND t.lease_id = l.lease_id AND t.state = 'STARTED'
+                                RETURNING t.state)
+                             SELECT state FROM lost"
+                        ),
+                        &[&ms(now), &counted, &max_losses, &lost, &ids, &lease_ids],
+                    )
+                    .await
+            }
+        }
+        .map_err(pg_error)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let finished = rows.iter().any(|row| row.get::<_, &str>(0) != "PENDING");
+        client
+            .execute(
+                if finished {
+                    "SELECT pg_notify('broker_ready', ''), pg_notify('broker_finished', '')"
+                } else {
+                    "SELECT pg_notify('broker_ready', '')"
+                },
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.totals.lease_lost += rows.len() as u64;
+        drop(counts);
+        self.ready.notify_waiters();
+        self.finished.notify_waiters();
+        Ok(rows.len() as u64)
+    }
+
+    async fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Result<usize, StoreError> {
+        let pairs = self.held.lock().unwrap_or_else(|p| p.into_inner()).take_conn(conn);
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let why = if shutting_down { "daemon shutting down" } else { "worker disconnected" };
+        Ok(self.lose_leases(Some(pairs), why, !shutting_down).await? as usize)
+    }
+
+    async fn get(&self, id: &str) -> Result<TaskRecord, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM broker_tasks WHERE id = $1"))
+            .await
+            .map_err(pg_error)?;
+        let row = client.query_opt(&statement, &[&id]).await.map_err(pg_error)?;
+        Self::record_of(&row.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
+    }
+
+    async fn revoke(&self, id: &str) -> Result<TaskState, StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "WITH waiting AS (
+                        UPDATE broker_tasks SET state = 'REVOKED', revoked = true, finished_at_ms = $2::bigint,
+                            result_expires_at_ms = $2::bigint + result_ttl_ms
+                        WHERE id = $1 AND state IN {WAITING} RETURNING id),
+                     running AS (
+                        UPDATE broker_tasks SET revoked = true WHERE id = $1 AND state = 'STARTED' RETURNING id)
+                     SELECT (SELECT count(*) FROM waiting), (SELECT count(*) FROM running),
+                        (SELECT state FROM broker_tasks WHERE id = $1),
+                        (SELECT pg_notify('broker_finished', '') FROM waiting)"
+                ),
+                &[&id, &ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let (waiting, running): (i64, i64) = (row.get(0), row.get(1));
+        if waiting > 0 {
+            self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
+            self.finished.notify_waiters();
+            return Ok(TaskState::Revoked);
+        }
+        if running > 0 {
+            return Ok(TaskState::Started);
+        }
+        let state: Option<&str> = row.get(2);
+        let state = state.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        state_of(state).map_err(|message| StoreError::Corrupt { id: id.to_string(), message })
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(&format!("DELETE FROM broker_tasks WHERE queue = $1 AND state IN {WAITING}"), &[&queue])
+            .await
+            .map_err(pg_error)
+    }
+
+    async fn dead_list(&self, queue: Option<String>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM broker_tasks WHERE state = 'FAILURE' AND ($1::text IS NULL OR queue = $1)
+                     ORDER BY finished_at_ms, id LIMIT $2"
+                ),
+                &[&queue, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|row| Self::record_of(row).map(|record| record.info())).collect()
+    }
+
+    async fn dead_requeue(&self, request: DeadRequeue) -> Result<u64, StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "WITH back AS (
+                    UPDATE broker_tasks SET state = 'PENDING', attempts = 0, lease_losses = 0, error = NULL,
+                        finished_at_ms = NULL, result_expires_at_ms = NULL, eta_ms = NULL, due_ms = $3
+                    WHERE state = 'FAILURE' AND (id = ANY($1) OR $2 = '*' OR queue = $2) RETURNING id)
+                 SELECT count(*), (SELECT pg_notify('broker_ready', '') FROM back LIMIT 1) FROM back",
+                &[&request.ids, &request.queue, &ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let count: i64 = rows.first().map_or(0, |row| row.get(0));
+        if count > 0 {
+            self.ready.notify_waiters();
+        }
+        Ok(count as u64)
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT queue, state, due_ms <= $1 AS due, count(*) FROM broker_tasks GROUP BY 1, 2, 3 ORDER BY 1",
+                &[&ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queues: Vec<QueueStats> = Vec::new();
+        let mut results_stored = 0;
+        for row in rows {
+            let (queue, state, due, count): (String, &str, bool, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let count = count as u64;
+            if queues.last().is_none_or(|q| q.name != queue) {
+                let (succeeded, failed) = counts.per_queue.get(&queue).copied().unwrap_or_default();
+                queues.push(QueueStats { name: queue, succeeded, failed, ..QueueStats::default() });
+            }
+            let q = queues.last_mut().expect("just pushed");
+            match state {
+                "PENDING" => q.ready += count,
+                "SCHEDULED" | "RETRY" if due => q.ready += count,
+                "SCHEDULED" | "RETRY" => q.scheduled += count,
+                "STARTED" => q.leased += count,
+                "FAILURE" => {
+                    q.dead += count;
+                    results_stored += count;
+                }
+                _ => results_stored += count,
+            }
+        }
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let leases_by_conn = held.by_conn.iter().map(|(conn, ids)| (*conn, ids.len() as u64)).collect();
+        Ok(StoreStats { queues, totals: counts.totals.clone(), results_stored, leases_by_conn })
+    }
+
+    async fn tick(&self) -> Result<(), StoreError> {
+        let now = self.now();
+        self.lose_leases(None, "lease expired", true).await?;
+        let client = self.client().await?;
+        // Countdowns and retry delays that came due: ready (and waiting leases hear of it).
+        let due = client
+            .query(
+                "WITH due AS (UPDATE broker_tasks SET state = 'PENDING'
+                    WHERE state IN ('SCHEDULED', 'RETRY') AND due_ms <= $1 RETURNING id)
+                 SELECT (SELECT pg_notify('broker_ready', '') FROM due LIMIT 1) FROM due LIMIT 1",
+                &[&ms(now)],
+            )
+            .await
+            .map_err(pg_error)?;
+        if !due.is_empty() {
+            self.ready.notify_waiters();
+        }
+        let expired = encode(&expired_error())?;
+        let expired = client
+            .execute(
+                &format!(
+                    "UPDATE broker_tasks SET state = 'REVOKED', revoked = true, error = $2, finished_at_ms = $1,
+                        result_expires_at_ms = $1 + result_ttl_ms
+                     WHERE state IN {WAITING} AND expires_at_ms <= $1"
+                ),
+                &[&ms(now), &expired],
+            )
+            .await
+            .map_err(pg_error)?;
+        let removed = client
+            .execute(
+                "DELETE FROM broker_tasks WHERE id IN (SELECT id FROM broker_tasks
+                    WHERE result_expires_at_ms <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                &[&ms(now), &EXPIRY_BATCH],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.totals.revoked += expired;
+        counts.totals.expired_results += removed;
+        Ok(())
+    }
+}
+
+/// Bounds a statement's time: past [`STATEMENT_TIMEOUT`], the store is unavailable for this request.
+fn later<T: Send + 'static>(
+    future: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Op<T> {
+    Op::Later(Box::pin(async move {
+        match tokio::time::timeout(STATEMENT_TIMEOUT, future).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer from PostgreSQL within {} s",
+                STATEMENT_TIMEOUT.as_secs()
+            ))),
+        }
+    }))
+}
+
+/// The ops only the single node has, refused on this store before anything is stored.
+fn check_supported(spec: &NewTask) -> Result<(), StoreError> {
+    if !spec.chain.is_empty() {
+        return Err(StoreError::Unsupported("a chain (`chain`)"));
+    }
+    if spec.unique_key.is_some() {
+        return Err(StoreError::Unsupported("a unique task (`unique_key`)"));
+    }
+    Ok(())
+}
+
+impl TaskStore for PgStore {
+    fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
+        let numbered = specs.len() > 1;
+        for (i, spec) in specs.iter().enumerate() {
+            let checked =
+                check_client_ids(spec).and_then(|()| Store::validate(spec)).and_then(|()| check_supported(spec));
+            if let Err(e) = checked {
+                return Op::Now(Err(match e {
+                    StoreError::Invalid(m) if numbered => StoreError::Invalid(format!("task {i}: {m}")),
+                    other => other,
+                }));
+            }
+        }
+        let inner = self.inner.clone();
+        later(async move { inner.enqueue(specs).await })
+    }
+
+    fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)> {
+        let (inner, queues) = (self.inner.clone(), queues.to_vec());
+        later(async move { Ok((inner.lease(conn, queues, max, lease_ms).await?, false)) })
+    }
+
+    fn ack(&self, id: &str, lease_id: u64, result: Value) -> Op<()> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move { inner.ack(&id, lease_id, result).await })
+    }
+
+    fn fail(
+        &self,
+        id: &str,
+        lease_id: u64,
+        error: TaskError,
+        retry: bool,
+        countdown_ms: Option<u64>,
+    ) -> Op<FailOutcome> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move { inner.fail(&id, lease_id, error, retry, countdown_ms).await })
+    }
+
+    fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move { inner.extend(&id, lease_id, lease_ms).await })
+    }
+
+    fn progress(&self, id: &str, lease_id: u64, progress: Progress) -> Op<bool> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move { inner.progress(&id, lease_id, progress).await })
+    }
+
+    fn release(&self, id: &str, lease_id: u64) -> Op<()> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move { inner.release(&id, lease_id).await })
+    }
+
+    fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Op<usize> {
+        let inner = self.inner.clone();
+        later(async move { inner.release_connection(conn, shutting_down).await })
+    }
+
+    fn holds_leases(&self, conn: ConnId) -> bool {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).by_conn.contains_key(&conn)
+    }
+
+    fn get_encoded(&self, id: &str) -> Op<(TaskState, Vec<u8>)> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move {
+            let record = inner.get(&id).await?;
+            let bytes = record.info_bytes().map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
+            Ok((record.state, bytes))
+        })
+    }
+
+    fn revoke(&self, id: &str) -> Op<TaskState> {
+        let (inner, id) = (self.inner.clone(), id.to_string());
+        later(async move { inner.revoke(&id).await })
+    }
+
+    fn purge(&self, queue: &str) -> Op<u64> {
+        let (inner, queue) = (self.inner.clone(), queue.to_string());
+        later(async move { inner.purge(&queue).await })
+    }
+
+    fn dead_list(&self, queue: Option<&str>, limit: usize) -> Op<Vec<TaskInfo>> {
+        let (inner, queue) = (self.inner.clone(), queue.map(str::to_string));
+        later(async move { inner.dead_list(queue, limit).await })
+    }
+
+    fn dead_requeue(&self, request: &DeadRequeue) -> Op<u64> {
+        let (inner, request) = (self.inner.clone(), request.clone());
+        later(async move { inner.dead_requeue(request).await })
+    }
+
+    fn stats(&self) -> Op<StoreStats> {
+        let inner = self.inner.clone();
+        later(async move { inner.stats().await })
+    }
+
+    fn ready_notify(&self) -> &Notify {
+        &self.inner.ready
+    }
+
+    fn finished_notify(&self) -> &Notify {
+        &self.inner.finished
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.now()
+    }
+
+    fn durability(&self) -> String {
+        "postgres".to_string()
+    }
+}

@@ -1,0 +1,279 @@
+//! Several daemons over one PostgreSQL (`--store postgres://...`): a real primary with two synchronous standbys
+//! (`scripts/pg-cluster`), real daemons over it. Enqueue, lease, ack and read through different daemons; waits
+//! that wake across daemons; fencing of stale workers; a daemon killed with a lease; a failover of the primary.
+//!
+//! Skipped, with the script's message, only where PostgreSQL 15 is missing and cannot be installed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use broker_client::proto::{DeadRequeue, ErrorCode, Fail, Lease, ScheduleAdd, TaskError, TaskSpec, TaskState, Value};
+use broker_client::{Client, ConnectOptions};
+use common::pg::PgCluster;
+use common::{eventually, Daemon, TestServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The cluster, or `None` (the test is skipped, saying why) where PostgreSQL cannot be had.
+fn cluster() -> Option<PgCluster> {
+    match PgCluster::start() {
+        Ok(cluster) => Some(cluster),
+        Err(why) => {
+            eprintln!("SKIPPED: PostgreSQL is not available here: {why}");
+            None
+        }
+    }
+}
+
+/// A daemon in this process over the cluster's store.
+async fn daemon(url: &str) -> TestServer {
+    let url = url.to_string();
+    TestServer::start_with(move |config| config.store = Some(url), false).await
+}
+
+fn lease(queue: &str, max: u32, wait_ms: u64, lease_ms: Option<u64>) -> Lease {
+    Lease { queues: vec![queue.to_string()], max, wait_ms, lease_ms }
+}
+
+fn spec(task: &str, queue: &str, args: Vec<Value>) -> TaskSpec {
+    TaskSpec { args, queue: Some(queue.to_string()), ..TaskSpec::new(task) }
+}
+
+fn code(e: broker_client::Error) -> Option<ErrorCode> {
+    e.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_serve_one_store_and_wake_each_other() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.multi_host_url();
+    let (a, b, c) = (daemon(&url).await, daemon(&url).await, daemon(&url).await);
+    let (ca, cb, cc) = (a.client().await, b.client().await, c.client().await);
+
+    // Enqueue through A, lease through B, ack through C, read through A.
+    let mut task = spec("add", "q1", vec![Value::from(2), Value::from(3)]);
+    task.context.insert("user".into(), Value::from("ada"));
+    let enqueued = ca.enqueue(task.clone()).await.unwrap();
+    assert!(enqueued.created);
+    assert_eq!(enqueued.state, TaskState::Pending);
+    let leased = cb.lease(&lease("q1", 10, 0, None)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!((leased[0].id.as_str(), leased[0].attempt), (enqueued.id.as_str(), 1));
+    assert_eq!(leased[0].args, task.args);
+    assert_eq!(leased[0].context, task.context);
+    assert_eq!(ca.get(&enqueued.id).await.unwrap().state, TaskState::Started);
+    cc.ack(&leased[0].id, leased[0].lease_id, Value::from(5)).await.unwrap();
+    let info = ca.get(&enqueued.id).await.unwrap();
+    assert_eq!((info.state, info.result.clone(), info.attempts), (TaskState::Success, Some(Value::from(5)), 1));
+    assert_eq!(info.context, task.context);
+    // Enqueue by id is idempotent across daemons.
+    let again = cb.enqueue(TaskSpec { id: Some(enqueued.id.clone()), ..task.clone() }).await.unwrap();
+    assert_eq!((again.created, again.state), (false, TaskState::Success));
+
+    // A lease waiting on B wakes when A enqueues (NOTIFY), well before its wait ends.
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let tasks = cb.lease(&lease("q2", 1, 15_000, None)).await.unwrap();
+        (tasks, started.elapsed(), cb)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = ca.enqueue(spec("mul", "q2", vec![Value::from(4)])).await.unwrap();
+    let (tasks, took, cb) = tokio::time::timeout(WAIT, waiting).await.expect("the waiting lease ends").unwrap();
+    assert_eq!(tasks.len(), 1, "the waiting lease on B got the task enqueued through A");
+    assert_eq!(tasks[0].id, second.id);
+    assert!(took < Duration::from_secs(10), "woken by the enqueue, not by its wait ending: {took:?}");
+
+    // A get waiting on C wakes when B acks.
+    let id = second.id.clone();
+    let waiter = tokio::spawn(async move { cc.wait(&id, Duration::from_secs(15)).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cb.ack(&tasks[0].id, tasks[0].lease_id, Value::from(8)).await.unwrap();
+    let info = tokio::time::timeout(WAIT, waiter).await.expect("the waiting get ends").unwrap();
+    assert_eq!((info.state, info.result), (TaskState::Success, Some(Value::from(8))));
+
+    // Stats see the store, not the daemon: one queue's tasks through any daemon.
+    let stats = ca.stats().await.unwrap();
+    assert_eq!(stats.fsync, "postgres");
+    assert!(stats.results_stored >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_worker_is_fenced_and_a_killed_daemons_lease_comes_back_once() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.multi_host_url();
+    let dir = tempfile::tempdir().unwrap();
+    // A daemon in a process of its own, to kill -9 while its worker holds a lease.
+    let doomed = Daemon::spawn_with(dir.path(), &["--store", &url]);
+    let survivor = daemon(&url).await;
+    let producer = survivor.client().await;
+    let enqueued = producer.enqueue(spec("slow", "fence", vec![])).await.unwrap();
+
+    let worker = doomed.client().await;
+    let first = worker.lease(&lease("fence", 1, 0, Some(1_000))).await.unwrap();
+    assert_eq!(first.len(), 1);
+    doomed.kill_9();
+
+    // Its lease lapses; any daemon's tick puts the task back, and a second worker gets it with a new lease.
+    let second_worker = survivor.client().await;
+    let second = eventually("the task to come back after its lease lapsed", WAIT, || async {
+        let tasks = second_worker.lease(&lease("fence", 1, 0, Some(30_000))).await.unwrap();
+        (!tasks.is_empty()).then_some(tasks)
+    })
+    .await;
+    assert_eq!(second[0].id, enqueued.id);
+    assert_eq!(second[0].attempt, 2);
+    assert_ne!(second[0].lease_id, first[0].lease_id);
+
+    // The first worker's ack (its daemon came back, say) names the old lease: refused, nothing recorded.
+    let stale = producer.ack(&first[0].id, first[0].lease_id, Value::from("stale")).await.unwrap_err();
+    assert_eq!(code(stale), Some(ErrorCode::LeaseLost));
+    assert_eq!(producer.get(&enqueued.id).await.unwrap().state, TaskState::Started);
+    second_worker.ack(&second[0].id, second[0].lease_id, Value::from("fresh")).await.unwrap();
+    let late = producer.ack(&first[0].id, first[0].lease_id, Value::from("late")).await.unwrap_err();
+    assert_eq!(code(late), Some(ErrorCode::LeaseLost));
+    let info = producer.get(&enqueued.id).await.unwrap();
+    assert_eq!((info.state, info.result, info.attempts), (TaskState::Success, Some(Value::from("fresh")), 2));
+    let rows = pg.psql(0, "SELECT count(*) FROM broker_tasks WHERE queue = 'fence'").unwrap();
+    assert_eq!(rows.trim(), "1", "exactly one task, with one result");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_dead_set_revoke_purge_and_unsupported_ops() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let server = daemon(&url).await;
+    let client = server.client().await;
+
+    // A failure retries after its countdown, then dies; the dead set lists it; requeue brings it back.
+    let task = TaskSpec { max_retries: Some(1), ..spec("flaky", "r", vec![]) };
+    let id = client.enqueue(task).await.unwrap().id;
+    let error = TaskError { kind: "ValueError".into(), message: "no".into(), traceback: None };
+    let fail =
+        |lease_id, retry| Fail { task_id: id.clone(), lease_id, error: error.clone(), retry, countdown_ms: Some(50) };
+    let t = client.lease(&lease("r", 1, 0, None)).await.unwrap().remove(0);
+    let failed = client.fail(&fail(t.lease_id, true)).await.unwrap();
+    assert_eq!(failed.state, TaskState::Retry);
+    assert_eq!(client.get(&id).await.unwrap().state, TaskState::Retry);
+    let t = eventually("the retry to come due", WAIT, || async {
+        client.lease(&lease("r", 1, 0, None)).await.unwrap().pop()
+    })
+    .await;
+    assert_eq!(t.attempt, 2);
+    let failed = client.fail(&fail(t.lease_id, true)).await.unwrap();
+    assert_eq!(failed.state, TaskState::Failure, "no retries left");
+    let info = client.get(&id).await.unwrap();
+    assert_eq!((info.state, info.error.as_ref().map(|e| e.kind.as_str())), (TaskState::Failure, Some("ValueError")));
+    let dead = client.dead_list(Some("r"), 10).await.unwrap();
+    assert_eq!(dead.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    let requeued = client.dead_requeue(DeadRequeue { ids: vec![id.clone()], queue: None }).await.unwrap();
+    assert_eq!(requeued, 1);
+    assert_eq!(client.get(&id).await.unwrap().state, TaskState::Pending);
+    assert!(client.dead_list(Some("r"), 10).await.unwrap().is_empty());
+
+    // Revoke: a waiting task is finished at once; a running one is marked, and its ack refused with `revoked`.
+    let waiting = client.enqueue(spec("w", "v", vec![])).await.unwrap().id;
+    assert_eq!(client.revoke(&waiting).await.unwrap(), TaskState::Revoked);
+    let running = client.enqueue(spec("w", "v", vec![])).await.unwrap().id;
+    let t = client.lease(&lease("v", 1, 0, None)).await.unwrap().remove(0);
+    assert_eq!(t.id, running);
+    assert_eq!(client.revoke(&running).await.unwrap(), TaskState::Started);
+    assert!(client.extend(&t.id, t.lease_id, None).await.unwrap().revoked);
+    let refused = client.ack(&t.id, t.lease_id, Value::Nil).await.unwrap_err();
+    assert_eq!(code(refused), Some(ErrorCode::Revoked));
+    assert_eq!(client.get(&running).await.unwrap().state, TaskState::Revoked);
+    let unknown = client.get("no-such-task").await.unwrap_err();
+    assert_eq!(code(unknown), Some(ErrorCode::NotFound));
+
+    // Release gives the task back unrun; purge removes what waits; priority before order.
+    client.enqueue(TaskSpec { priority: 0, ..spec("low", "p", vec![]) }).await.unwrap();
+    let high = client.enqueue(TaskSpec { priority: 9, ..spec("high", "p", vec![]) }).await.unwrap().id;
+    let t = client.lease(&lease("p", 1, 0, None)).await.unwrap().remove(0);
+    assert_eq!(t.id, high, "the higher priority first");
+    client.release(&t.id, t.lease_id).await.unwrap();
+    assert_eq!(client.get(&high).await.unwrap().attempts, 0, "a release does not count the attempt");
+    assert_eq!(client.purge("p").await.unwrap(), 2);
+    assert!(client.lease(&lease("p", 5, 0, None)).await.unwrap().is_empty());
+
+    // What only the single node has yet is refused with a code, and the connection goes on.
+    let chained = TaskSpec { chain: vec![TaskSpec::new("next")], ..spec("first", "c", vec![]) };
+    assert_eq!(code(client.enqueue(chained).await.unwrap_err()), Some(ErrorCode::Unsupported));
+    let schedule =
+        ScheduleAdd { name: "s".into(), task: TaskSpec::new("t"), every_ms: Some(1000), ..Default::default() };
+    assert_eq!(code(client.schedule_add(&schedule).await.unwrap_err()), Some(ErrorCode::Unsupported));
+    assert_eq!(client.stats().await.unwrap().fsync, "postgres");
+}
+
+/// Enqueues through `client` until one succeeds; how long that took.
+async fn until_answered(client: &Client, queue: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        match client.enqueue(spec("probe", queue, vec![])).await {
+            Ok(_) => return started.elapsed(),
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(60), "no answer 60 s after the failover: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_keeps_every_acknowledged_enqueue_and_result() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.multi_host_url();
+    let (a, b) = (daemon(&url).await, daemon(&url).await);
+    let producer = ConnectOptions::new(a.addr()).connect().await.unwrap();
+    let worker = ConnectOptions::new(b.addr()).connect().await.unwrap();
+
+    // Acknowledged work: 200 enqueues, half of them run to a result.
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(producer.enqueue(spec("job", "f", vec![Value::from(i)])).await.unwrap().id);
+    }
+    let mut done = Vec::new();
+    while done.len() < 100 {
+        for t in worker.lease(&lease("f", 50, 0, None)).await.unwrap() {
+            if done.len() < 100 {
+                worker.ack(&t.id, t.lease_id, Value::from(t.args[0].as_i64().unwrap() * 2)).await.unwrap();
+                done.push(t.id);
+            } else {
+                worker.release(&t.id, t.lease_id).await.unwrap();
+            }
+        }
+    }
+
+    // The primary crashes; a synchronous standby is promoted (it holds every acknowledged commit).
+    let crashed = Instant::now();
+    pg.stop_primary();
+    // Meanwhile a request fails with a coded error, not a hang or a closed connection.
+    let during = producer.enqueue(spec("during", "f", vec![])).await;
+    if let Err(e) = &during {
+        assert_eq!(e.code(), Some(ErrorCode::StoreUnavailable), "{e}");
+    }
+    let promoted = pg.promote_most_advanced();
+    let promote_took = crashed.elapsed();
+    let answered = until_answered(&producer, "f-probe").await;
+    let worker_answered = until_answered(&worker, "f-probe").await;
+    eprintln!(
+        "failover: standby{promoted} promoted {promote_took:?} after the crash; daemons answered {answered:?} and \
+         {worker_answered:?} after that"
+    );
+    assert!(answered < Duration::from_secs(15), "daemon A answered {answered:?} after the promotion");
+
+    for (i, id) in ids.iter().enumerate() {
+        let info = producer.get(id).await.unwrap();
+        if done.contains(id) {
+            assert_eq!((info.state, info.result), (TaskState::Success, Some(Value::from(i as i64 * 2))), "{id}");
+        } else {
+            assert!(matches!(info.state, TaskState::Pending), "{id}: {:?}", info.state);
+        }
+    }
+    // And the rest can still run, through the other daemon.
+    let mut left = 0;
+    while let Some(t) = worker.lease(&lease("f", 1, 0, None)).await.unwrap().pop() {
+        worker.ack(&t.id, t.lease_id, Value::Nil).await.unwrap();
+        left += 1;
+    }
+    assert!(left >= 100, "the 100 waiting tasks (and the one enqueued during the failover, if it took) ran: {left}");
+}
