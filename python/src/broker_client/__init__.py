@@ -25,6 +25,7 @@ from .errors import (
     Retry,
     SerializationError,
     SoftTimeLimitExceeded,
+    StoreUnavailable,
     TaskFailed,
     TaskRevokedError,
     TimeLimitExceeded,
@@ -37,6 +38,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncResult", "Broker", "BrokerError", "ChordError", "Connection", "ConnectionLost", "GroupResult",
     "MaxRetriesExceededError", "NotFound", "NotRegistered", "Retry", "SerializationError", "Signature",
-    "SoftTimeLimitExceeded", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError", "TimeLimitExceeded",
+    "SoftTimeLimitExceeded", "StoreUnavailable", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError", "TimeLimitExceeded",
     "TimeoutError", "chain", "chord", "crontab", "group", "signature",
 ]

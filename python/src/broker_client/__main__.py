@@ -23,7 +23,8 @@ def main(argv=None):
                         help="leased tasks held beyond the running ones, started as children free up (default: "
                         "--concurrency; 0 for long tasks, so none waits behind a busy child)")
     worker.add_argument("--url", default=None, help="daemon URL, overriding the app's (e.g. tcp://127.0.0.1:7420, or "
-                        "tcp://:TOKEN@host:7420 with a token; else BROKER_TOKEN is used)")
+                        "tcp://:TOKEN@host:7420 with a token; else BROKER_TOKEN is used; several daemons over one "
+                        "shared store: tcp://:TOKEN@a:7420,b:7420, tried in turn)")
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running tasks get to finish after SIGTERM before they are released")
     worker.add_argument("--soft-time-limit", type=float, default=None,

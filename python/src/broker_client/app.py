@@ -73,7 +73,9 @@ class Broker:
     """The app object: ``broker = Broker("tcp://127.0.0.1:7420")`` or ``Broker(flask_app)`` / ``init_app``.
 
     The URL is looked up when the first connection opens: the ``url`` given here, else the Flask app's
-    ``BROKER_URL``, else the ``BROKER_URL`` environment variable, else ``tcp://127.0.0.1:7420``.
+    ``BROKER_URL``, else the ``BROKER_URL`` environment variable, else ``tcp://127.0.0.1:7420``. Several daemons
+    over one shared store: a comma-separated list, ``tcp://:TOKEN@a:7420,b:7420`` (the scheme and token once),
+    tried in turn; a call after one of them stopped or answered ``store_unavailable`` goes to the next.
     ``include`` lists modules the worker imports so their tasks are registered.
     """
 

@@ -14,6 +14,12 @@ way, so a child's next task never waits for the previous ack).
 
 A connection belongs to the process that opened it: after a fork the child opens its own (the pid is checked).
 It reconnects on the next call after a failure; requests in flight when it broke raise :class:`ConnectionLost`.
+
+Several addresses (``tcp://:TOKEN@a:7420,b:7420``: stateless daemons over one shared store): opening tries them in
+turn, starting with the one after the last that failed, and takes the first that says hello. A connection that
+breaks, or that gets ``store_unavailable`` (:class:`StoreUnavailable`: that daemon cannot reach the store), makes
+the next call start with the next address; and an idle connection the daemon has closed (it stopped) is noticed
+before a request is written to it, so that request goes to the next daemon instead of failing.
 """
 
 import itertools
@@ -26,7 +32,7 @@ import time
 from urllib.parse import urlparse
 
 from . import serialization
-from .errors import BrokerError, ConnectionLost, NotFound
+from .errors import BrokerError, ConnectionLost, NotFound, StoreUnavailable
 
 PROTOCOL_VERSION = 1
 DEFAULT_URL = "tcp://127.0.0.1:7420"
@@ -36,14 +42,31 @@ _LENGTH = struct.Struct(">I")
 def parse_url(url):
     """``tcp://[:TOKEN@]host:port`` (or ``host:port``, or ``tls://...``) → (host, port, token, tls). The token is
     the URL's password (or its user part when there is none); without one, ``BROKER_TOKEN`` from the environment,
-    else None."""
+    else None. For a list of addresses, the first (see :func:`parse_addresses`)."""
+    addresses, token, tls = parse_addresses(url)
+    host, port = addresses[0]
+    return host, port, token, tls
+
+
+def parse_addresses(url):
+    """``tcp://[:TOKEN@]a:7420,b:7420`` (or ``a:7420,b:7420``, or ``tls://...``) → ([(host, port), ...], token,
+    tls): several daemons over one shared store, the scheme and the token given once for all of them. A single
+    address gives a list of one; spaces and empty items are ignored."""
     if "://" not in url:
         url = "tcp://" + url
-    parsed = urlparse(url)
-    if parsed.scheme not in ("tcp", "broker", "tls"):
-        raise ValueError(f"broker URL {redact(url)!r}: the scheme must be tcp:// or tls://")
-    token = parsed.password or parsed.username or os.environ.get("BROKER_TOKEN") or None
-    return parsed.hostname or "127.0.0.1", parsed.port or 7420, token, parsed.scheme == "tls"
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hosts = rest.rstrip("/").rpartition("@")
+    items = [item.strip() for item in hosts.split(",") if item.strip()] or [""]
+    addresses = []
+    token = None
+    for item in items:
+        parsed = urlparse(f"{scheme}://{userinfo}{at}{item}")
+        if parsed.scheme not in ("tcp", "broker", "tls"):
+            raise ValueError(f"broker URL {redact(url)!r}: the scheme must be tcp:// or tls://")
+        token = parsed.password or parsed.username or None
+        addresses.append((parsed.hostname or "127.0.0.1", parsed.port or 7420))
+    token = token or os.environ.get("BROKER_TOKEN") or None
+    return addresses, token, scheme == "tls"
 
 
 def _tls_context():
@@ -66,7 +89,11 @@ class Connection:
 
     def __init__(self, url=DEFAULT_URL, client_name=None, connect_timeout=10.0):
         self.url = url
-        self.host, self.port, self._token, self._tls = parse_url(url)
+        self.addresses, self._token, self._tls = parse_addresses(url)
+        self._next = 0  # the index in `addresses` the next open tries first
+        self._current = 0  # the index of the address of the open socket
+        #: The address connected to (with several, the one that answered; before the first open, the first).
+        self.host, self.port = self.addresses[0]
         self.client_name = client_name or f"python-{socket.gethostname()}-{os.getpid()}"
         self.connect_timeout = connect_timeout
         self.server_info = None
@@ -85,33 +112,31 @@ class Connection:
     def _ensure_open(self):
         """Opens the socket and says hello if this process has none. Called with `_state` held."""
         if self._sock is not None and self._pid == os.getpid():
-            return self._generation
+            if len(self.addresses) == 1 or not self._closed_by_daemon():
+                return self._generation
+            self._broken(self._generation, ConnectionLost("the broker closed the connection"))
         self._sock = None
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except OSError as e:
-            raise ConnectionLost(f"cannot connect to the broker at {self.host}:{self.port}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._tls:
+        count = len(self.addresses)
+        failures = []
+        for index in [(self._next + i) % count for i in range(count)]:
+            host, port = self.addresses[index]
             try:
-                sock = _tls_context().wrap_socket(sock, server_hostname=self.host)
-            except OSError as e:  # ssl.SSLError included: an untrusted or mismatched certificate
-                sock.close()
-                raise ConnectionLost(f"TLS with the broker at {self.host}:{self.port}: {e}") from e
-        sock.settimeout(None)
-        hello = {"id": 0, "op": "hello", "version": PROTOCOL_VERSION, "client": self.client_name}
-        if self._token:
-            hello["token"] = self._token
-        try:
-            _write_frame(sock, serialization.packb(hello))
-            reply = serialization.unpackb(_read_frame(sock))
-        except OSError as e:
-            sock.close()
-            raise ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection during hello") from e
-        if not reply.get("ok"):
-            sock.close()
-            error = reply.get("error") or {}
-            raise BrokerError(error.get("code", "internal"), error.get("message", "hello refused"), "hello")
+                sock, reply = self._open(host, port)
+            except (ConnectionLost, BrokerError) as e:
+                # With several addresses, try the next one when this daemon is not there, is going away or cannot
+                # reach the store; a refused token or version the others would refuse too.
+                retry = isinstance(e, ConnectionLost) or e.code == "shutting_down"
+                if count == 1 or not retry:
+                    raise
+                self._next = (index + 1) % count
+                failures.append(str(e))
+                continue
+            self._next = self._current = index
+            self.host, self.port = host, port
+            break
+        else:
+            tried = ", ".join(f"{host}:{port}" for host, port in self.addresses)
+            raise ConnectionLost(f"cannot connect to any of the broker's addresses ({tried}): {'; '.join(failures)}")
         self.server_info = reply.get("body")
         self._sock = sock
         self._pid = os.getpid()
@@ -121,10 +146,53 @@ class Connection:
         self._callbacks = {}
         return self._generation
 
-    def _broken(self, generation, cause):
-        """Marks the connection of `generation` dead and wakes every waiter. Called with `_state` held."""
+    def _open(self, host, port):
+        """Connects to one address and says hello; returns the socket and the hello reply."""
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to the broker at {host}:{port}: {e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls:
+            try:
+                sock = _tls_context().wrap_socket(sock, server_hostname=host)
+            except OSError as e:  # ssl.SSLError included: an untrusted or mismatched certificate
+                sock.close()
+                raise ConnectionLost(f"TLS with the broker at {host}:{port}: {e}") from e
+        sock.settimeout(None)
+        hello = {"id": 0, "op": "hello", "version": PROTOCOL_VERSION, "client": self.client_name}
+        if self._token:
+            hello["token"] = self._token
+        try:
+            _write_frame(sock, serialization.packb(hello))
+            reply = serialization.unpackb(_read_frame(sock))
+        except OSError as e:
+            sock.close()
+            raise ConnectionLost(f"the broker at {host}:{port} closed the connection during hello") from e
+        if not reply.get("ok"):
+            sock.close()
+            error = reply.get("error") or {}
+            raise _error(error.get("code", "internal"), error.get("message", "hello refused"), "hello")
+        return sock, reply
+
+    def _closed_by_daemon(self):
+        """Whether the open socket, idle (nothing asked and unanswered, nobody reading), has become readable: the
+        daemon closed it (it stopped), since it sends nothing unasked. Called with `_state` held."""
+        if self._reading or self._callbacks or self._replies:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _broken(self, generation, cause, move_on=True):
+        """Marks the connection of `generation` dead and wakes every waiter; unless `move_on` is false (a `close`),
+        the next open starts with the next address. Called with `_state` held."""
         if generation != self._generation or self._sock is None:
             return
+        if move_on:
+            self._next = (self._current + 1) % len(self.addresses)
         try:
             # shutdown() first: it wakes a thread blocked reading this socket, which close() alone does not.
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -152,7 +220,7 @@ class Connection:
         orphans = None
         with self._state:
             if self._sock is not None and self._pid == os.getpid():
-                orphans = self._broken(self._generation, ConnectionLost("closed"))
+                orphans = self._broken(self._generation, ConnectionLost("closed"), move_on=False)
             self._sock = None
         _orphaned(orphans, ConnectionLost("closed"))
 
@@ -182,9 +250,20 @@ class Connection:
         return request_id, generation
 
     def call(self, op, **fields):
-        """Sends one request and returns its reply body; raises BrokerError (NotFound for `not_found`)."""
+        """Sends one request and returns its reply body; raises BrokerError (NotFound for `not_found`,
+        StoreUnavailable for `store_unavailable`). With several addresses, `store_unavailable` also drops the
+        connection, so that the next call goes to the next daemon."""
         request_id, generation = self._request(op, fields)
-        return _body(self._await(request_id, generation, op), op)
+        reply = self._await(request_id, generation, op)
+        self._leave_if_storeless(reply, generation)
+        return _body(reply, op)
+
+    def _leave_if_storeless(self, reply, generation):
+        """With several addresses, drops the connection of `generation` if `reply` says its daemon cannot reach
+        the store (`store_unavailable`): the next call goes to the next address."""
+        if len(self.addresses) > 1 and not reply.get("ok") and (reply.get("error") or {}).get("code") == \
+                "store_unavailable":
+            self._break(generation, f"the broker at {self.host}:{self.port} cannot reach its store")
 
     def send(self, op, on_reply, **fields):
         """Sends one request without waiting for its reply: ``on_reply(body, error)`` is called later, with the reply
@@ -281,6 +360,7 @@ class Connection:
                 self._state.notify_all()
             if callback is not None:
                 _deliver(callback, reply)
+                self._leave_if_storeless(reply, generation)
             elif reply_id == request_id:
                 return reply
             if request_id is None:
@@ -292,9 +372,16 @@ def _body(reply, op):
     if reply.get("ok"):
         return reply.get("body") or {}
     error = reply.get("error") or {}
-    code = error.get("code", "internal")
-    cls = NotFound if code == "not_found" else BrokerError
-    raise cls(code, error.get("message", ""), op)
+    raise _error(error.get("code", "internal"), error.get("message", ""), op)
+
+
+#: The error codes with a class of their own; the others are plain BrokerErrors.
+_ERROR_CLASSES = {"not_found": NotFound, "store_unavailable": StoreUnavailable}
+
+
+def _error(code, message, op):
+    """The exception for a daemon's error reply."""
+    return _ERROR_CLASSES.get(code, BrokerError)(code, message, op)
 
 
 def _deliver(callback, reply):

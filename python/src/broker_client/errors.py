@@ -29,6 +29,13 @@ class ConnectionLost(ConnectionError):
     """The connection to the daemon closed or could not be opened. The request may or may not have taken effect."""
 
 
+class StoreUnavailable(BrokerError, ConnectionLost):
+    """The daemon answered ``store_unavailable``: it cannot reach its shared store (PostgreSQL). The request may or
+    may not have taken effect. Both a :class:`BrokerError` (``code`` is ``"store_unavailable"``) and a
+    :class:`ConnectionLost`, so code that retries a lost connection retries this too. With several addresses in
+    the URL, the connection is dropped when it comes, and the next call goes to the next daemon of the list."""
+
+
 class SerializationError(TypeError):
     """A task argument or result cannot be encoded as MessagePack (plain data: None, bool, int, float, str,
     bytes, list, tuple, dict)."""

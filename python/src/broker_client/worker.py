@@ -678,8 +678,7 @@ class Worker:
         """Runs until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
         conn = self.broker.connection()
         conn.open()  # fail fast, with the URL in the message, if the daemon is not there or refuses the token
-        self._declare_limits()
-        self._declare_schedules()
+        self._declare(conn)
         # Leases on a connection of their own: replies on one connection keep request order, so a lease that
         # could be answered at once would otherwise wait behind the acks' disk flushes.
         self.lease_connection = Connection(self.broker.url, client_name=self.broker.client_name)
@@ -725,6 +724,20 @@ class Worker:
         log.info("worker stopped")
         return 0
 
+    def _declare(self, conn):
+        """Declares the limits and schedules. Both are idempotent, so with several addresses a daemon that goes away
+        or cannot reach its store meanwhile (StoreUnavailable is a ConnectionLost) is left for the next address and
+        the declarations made again there, once per address at most."""
+        for attempt in range(1, len(conn.addresses) + 1):
+            try:
+                self._declare_limits()
+                self._declare_schedules()
+                return
+            except ConnectionLost as e:
+                if attempt == len(conn.addresses):
+                    raise
+                log.warning("declaring limits and schedules: %s; trying the next address", e)
+
     def _declare_limits(self):
         """Sets the rate and concurrency limits the registered tasks declare (``rate_limit``,
         ``concurrency_limit``), for every worker together: the daemon keeps them (across its restarts too) and
@@ -734,6 +747,8 @@ class Worker:
                 continue
             try:
                 self.broker.set_limit(task=name, rate=task.rate_limit, concurrency=task.concurrency_limit)
+            except ConnectionLost:
+                raise  # StoreUnavailable included: not the declaration's fault
             except BrokerError as e:
                 raise BrokerError(e.code, f"task {name}: rate_limit={task.rate_limit!r}, concurrency_limit="
                                   f"{task.concurrency_limit!r}: {e.message}", e.op) from None
