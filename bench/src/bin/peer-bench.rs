@@ -870,9 +870,12 @@ impl SyncCounter {
 async fn cycle_rate(args: &LoadArgs, queue: &str, depth: usize, run: Duration) -> Result<f64> {
     let mut producers = Vec::new();
     let mut consumers = Vec::new();
-    for _ in 0..args.connections {
-        producers.push(Conn::producer(args.system, &args.addr, queue).await?);
-        consumers.push(Conn::consumer(args.system, &args.addr, queue).await?);
+    // A comma-separated --addr (several broker daemons over one shared store) spreads the connections over them.
+    let addrs: Vec<&str> = args.addr.split(',').collect();
+    for i in 0..args.connections {
+        let (producer, consumer) = (addrs[i % addrs.len()], addrs[(i + 1) % addrs.len()]);
+        producers.push(Conn::producer(args.system, producer, queue).await?);
+        consumers.push(Conn::consumer(args.system, consumer, queue).await?);
     }
     let acked = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
