@@ -38,6 +38,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncResult", "Broker", "BrokerError", "ChordError", "Connection", "ConnectionLost", "GroupResult",
     "MaxRetriesExceededError", "NotFound", "NotRegistered", "Retry", "SerializationError", "Signature",
-    "SoftTimeLimitExceeded", "StoreUnavailable", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError", "TimeLimitExceeded",
-    "TimeoutError", "chain", "chord", "crontab", "group", "signature",
+    "SoftTimeLimitExceeded", "StoreUnavailable", "Task", "TaskFailed", "TaskRequest", "TaskRevokedError",
+    "TimeLimitExceeded", "TimeoutError", "chain", "chord", "crontab", "group", "signature",
 ]
