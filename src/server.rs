@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::cmd::{self, ConnInfo, Outcome, ReplyFrame, Session, Shared};
-use crate::config::{Config, Role};
+use crate::config::Config;
 use crate::engine::Engine;
 use crate::framing::{Budget, Request, RequestCodec};
 use crate::store::commit::Durable;
@@ -431,8 +431,7 @@ async fn run_connection<R, W>(
     // Replies not written yet (waiting for a flush, or a waiting op) count against it: past it, this socket is not
     // read until some go out (backpressure rather than buffering without bound).
     let in_flight = shared.config.max_in_flight.max(1);
-    let mut session =
-        Session { conn, greeted: false, role: Role::Producer, reserved, closing: CancellationToken::new() };
+    let mut session = Session::new(conn, reserved);
     let opened = Instant::now();
     let mut last_active = opened;
     let check = tokio::time::sleep_until(next_check(&shared, &session, frames.decoder(), opened, last_active));

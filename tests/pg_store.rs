@@ -195,6 +195,20 @@ async fn retries_dead_set_revoke_purge_and_unsupported_ops() {
     assert_eq!(client.purge("p").await.unwrap(), 2);
     assert!(client.lease(&lease("p", 5, 0, None)).await.unwrap().is_empty());
 
+    // Pipelined requests on one connection take effect in the order sent, though each is a statement of its own:
+    // a get sent right behind the enqueue of its task finds it, and enqueues keep their order in the queue.
+    let (enqueued, got) = tokio::join!(
+        client.enqueue(TaskSpec { id: Some("in-order".into()), ..spec("o", "o", vec![]) }),
+        client.get("in-order")
+    );
+    assert!(enqueued.unwrap().created);
+    assert_eq!(got.unwrap().state, TaskState::Pending);
+    let sent = futures_util::future::join_all((0..40).map(|i| client.enqueue(spec("o", "o", vec![Value::from(i)]))));
+    let ids: Vec<String> = sent.await.into_iter().map(|e| e.unwrap().id).collect();
+    let leased = client.lease(&lease("o", 41, 0, None)).await.unwrap();
+    let order: Vec<&str> = leased.iter().skip(1).map(|t| t.id.as_str()).collect();
+    assert_eq!(order, ids.iter().map(String::as_str).collect::<Vec<_>>(), "FIFO as sent");
+
     // What only the single node has yet is refused with a code, and the connection goes on.
     let chained = TaskSpec { chain: vec![TaskSpec::new("next")], ..spec("first", "c", vec![]) };
     assert_eq!(code(client.enqueue(chained).await.unwrap_err()), Some(ErrorCode::Unsupported));

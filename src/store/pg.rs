@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_client::proto::{DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::try_join_all;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
@@ -90,6 +90,9 @@ const COLUMNS: &str = "id, state, attempts, lease_losses, eta_ms, started_at_ms,
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many expired results one tick removes at most.
 const EXPIRY_BATCH: i64 = 10_000;
+/// The longest result TTL kept (a century): times are `bigint` milliseconds, and a TTL near `u64::MAX` would
+/// overflow the sums that compute expiry.
+const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 /// The advisory lock key migrations run under.
 const MIGRATION_LOCK: i64 = 0x6272_6f6b_6572;
 
@@ -109,15 +112,22 @@ pub fn redact(url: &str) -> String {
 /// primary being demoted) are `Unavailable` (the client may retry elsewhere); anything else is an error.
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
+        let text = e.to_string();
+        // A value that does not convert is a bug here, not the engine's state.
+        if text.starts_with("error serializing") || text.starts_with("error deserializing") {
+            return StoreError::Shared(text);
+        }
         // No reply from the server: the connection broke or could not be made.
-        return StoreError::Unavailable(e.to_string());
+        return StoreError::Unavailable(text);
     };
     let code = db.code().code();
     let unavailable = code.starts_with("08") // connection exception
-        || code.starts_with("57P") // operator intervention: shutdown, cannot connect now
+        || code.starts_with("57") // operator intervention: shutdown, cannot connect now, statement cancelled
         || code == "25006" // read-only transaction (a standby)
         || code == "53300" // too many connections
-        || code == "40001"; // serialization failure: retry
+        || code == "55P03" // lock not available
+        || code == "40001" // serialization failure
+        || code == "40P01"; // deadlock detected: retry
     if unavailable {
         StoreError::Unavailable(format!("{}: {}", code, db.message()))
     } else {
@@ -166,21 +176,29 @@ struct Held {
 
 impl Held {
     fn add(&mut self, conn: ConnId, id: &str, lease_id: u64) {
-        self.by_conn.entry(conn).or_default().insert(id.to_string());
         if let Some((old, _)) = self.by_id.insert(id.to_string(), (conn, lease_id)) {
             if old != conn {
-                self.by_conn.get_mut(&old).map(|ids| ids.remove(id));
+                self.forget(old, id);
+            }
+        }
+        self.by_conn.entry(conn).or_default().insert(id.to_string());
+    }
+
+    fn forget(&mut self, conn: ConnId, id: &str) {
+        if let Some(ids) = self.by_conn.get_mut(&conn) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_conn.remove(&conn);
             }
         }
     }
 
-    fn remove(&mut self, id: &str) {
-        if let Some((conn, _)) = self.by_id.remove(id) {
-            if let Some(ids) = self.by_conn.get_mut(&conn) {
-                ids.remove(id);
-                if ids.is_empty() {
-                    self.by_conn.remove(&conn);
-                }
+    /// The lease ended: only if it is the one held (a stale worker's request must not drop the current one).
+    fn remove(&mut self, id: &str, lease_id: u64) {
+        if let Some(&(conn, held)) = self.by_id.get(id) {
+            if held == lease_id {
+                self.by_id.remove(id);
+                self.forget(conn, id);
             }
         }
     }
@@ -209,6 +227,9 @@ struct Inner {
     counts: Mutex<Counts>,
     /// Makes this daemon's task ids unique among its own (random bits tell daemons apart).
     next_id: AtomicU64,
+    /// The database's clock minus this machine's (ms), measured at each tick: every daemon then reads one clock,
+    /// so a daemon whose clock runs ahead cannot take back another's leases before their deadline.
+    offset_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Many daemons over one PostgreSQL.
@@ -233,8 +254,12 @@ impl PgStore {
         if pg.get_hosts().len() > 1 {
             pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
         }
-        let manager =
-            Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        // The pool's connections give a statement up on the server too when a request gives up on it.
+        let mut pooled = pg.clone();
+        if pooled.get_options().is_none() {
+            pooled.options(format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis()));
+        }
+        let manager = Manager::from_config(pooled, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(32)
             .runtime(Runtime::Tokio1)
@@ -251,8 +276,10 @@ impl PgStore {
             held: Mutex::new(Held::default()),
             counts: Mutex::new(Counts::default()),
             next_id: AtomicU64::new(rand::random::<u16>().into()),
+            offset_ms: std::sync::atomic::AtomicI64::new(0),
         });
         inner.migrate().await?;
+        inner.measure_clock().await?;
         let stop = CancellationToken::new();
         tokio::spawn(listen(pg, inner.clone(), stop.clone()));
         tracing::info!(store = %redact(url), "PostgreSQL store ready");
@@ -332,7 +359,22 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
 
 impl Inner {
     fn now(&self) -> u64 {
-        self.clock.now_ms()
+        self.clock.now_ms().saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Measures the database's clock against this machine's (half the round trip's error at most).
+    async fn measure_clock(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let before = self.clock.now_ms();
+        let row = client
+            .query_one("SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint", &[])
+            .await
+            .map_err(pg_error)?;
+        let after = self.clock.now_ms();
+        let theirs: i64 = row.get(0);
+        let ours = ms(before / 2 + after / 2);
+        self.offset_ms.store(theirs.saturating_sub(ours), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -398,6 +440,7 @@ impl Inner {
             let id = spec.id.take().unwrap_or_else(|| self.new_id(now));
             let eta = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
             let mut record = new_record(&mut spec, id.as_str().into(), 0, now, &self.options);
+            record.result_ttl_ms = record.result_ttl_ms.min(MAX_TTL_MS);
             record.eta_ms = eta;
             let mut due = eta.unwrap_or(now);
             if eta.is_some() {
@@ -502,7 +545,38 @@ impl Inner {
         lease_ms: Option<u64>,
     ) -> Result<Vec<Grant>, StoreError> {
         let now = self.now();
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        let mut grants = Vec::new();
+        if let [queue] = queues.as_slice() {
+            grants = self.lease_from(&client, queue, max, lease_ms, now).await?;
+        } else {
+            // Several queues, in order: one transaction, so a failure half-way leaves no task leased unreturned.
+            let tx = client.transaction().await.map_err(pg_error)?;
+            for queue in &queues {
+                let left = max.saturating_sub(grants.len());
+                if left == 0 {
+                    break;
+                }
+                grants.extend(self.lease_from(&tx, queue, left, lease_ms, now).await?);
+            }
+            tx.commit().await.map_err(pg_error)?;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for grant in &grants {
+            held.add(conn, &grant.id, grant.lease_id);
+        }
+        Ok(grants)
+    }
+
+    /// Leases up to `max` ready tasks of one queue: highest priority first, then in enqueue order.
+    async fn lease_from(
+        &self,
+        client: &impl GenericClient,
+        queue: &str,
+        max: usize,
+        lease_ms: Option<u64>,
+        now: u64,
+    ) -> Result<Vec<Grant>, StoreError> {
         let statement = client
             .prepare_cached(&format!(
                 "WITH picked AS (
@@ -520,48 +594,32 @@ impl Inner {
             ))
             .await
             .map_err(pg_error)?;
-        let mut grants = Vec::new();
-        for queue in &queues {
-            let left = max.saturating_sub(grants.len());
-            if left == 0 {
-                break;
-            }
-            let rows = client
-                .query(
-                    &statement,
-                    &[&queue.as_str(), &ms(now), &(left as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)],
-                )
-                .await
-                .map_err(pg_error)?;
-            let mut taken = Vec::with_capacity(rows.len());
-            for row in rows {
-                let id: String = row.get("id");
-                let record = TaskRecord::decode(row.get("spec"))
-                    .map_err(|e| StoreError::Corrupt { id: id.clone(), message: e.to_string() })?;
-                let priority: i32 = row.get("priority");
-                let seq: i64 = row.get("seq");
-                let grant = Grant {
-                    lease_id: u64::try_from(row.get::<_, i64>("lease_id")).unwrap_or(0),
-                    queue: queue.clone(),
-                    task: record.task,
-                    payload: record.payload,
-                    attempt: u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0),
-                    max_retries: u32::try_from(row.get::<_, i64>("max_retries")).unwrap_or(0),
-                    deadline_ms: u64::try_from(row.get::<_, i64>("deadline_ms")).unwrap_or(0),
-                    lease_ms: u64::try_from(row.get::<_, i64>("cur_lease_ms")).unwrap_or(0),
-                    id,
-                };
-                taken.push(((std::cmp::Reverse(priority), seq), grant));
-            }
-            // RETURNING keeps no order: priority, then enqueue order, as the lease picked them.
-            taken.sort_by_key(|(key, _)| *key);
-            grants.extend(taken.into_iter().map(|(_, grant)| grant));
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
+        let rows = client.query(&statement, &params).await.map_err(pg_error)?;
+        let mut taken = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get("id");
+            let record = TaskRecord::decode(row.get("spec"))
+                .map_err(|e| StoreError::Corrupt { id: id.clone(), message: e.to_string() })?;
+            let priority: i32 = row.get("priority");
+            let seq: i64 = row.get("seq");
+            let grant = Grant {
+                lease_id: u64::try_from(row.get::<_, i64>("lease_id")).unwrap_or(0),
+                queue: queue.to_string(),
+                task: record.task,
+                payload: record.payload,
+                attempt: u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0),
+                max_retries: u32::try_from(row.get::<_, i64>("max_retries")).unwrap_or(0),
+                deadline_ms: u64::try_from(row.get::<_, i64>("deadline_ms")).unwrap_or(0),
+                lease_ms: u64::try_from(row.get::<_, i64>("cur_lease_ms")).unwrap_or(0),
+                id,
+            };
+            taken.push(((std::cmp::Reverse(priority), seq), grant));
         }
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for grant in &grants {
-            held.add(conn, &grant.id, grant.lease_id);
-        }
-        Ok(grants)
+        // RETURNING keeps no order: priority, then enqueue order, as the lease picked them.
+        taken.sort_by_key(|(key, _)| *key);
+        Ok(taken.into_iter().map(|(_, grant)| grant).collect())
     }
 
     /// Why an outcome for a lease changed nothing: the task was revoked while it ran (it is finished `REVOKED`
@@ -580,7 +638,7 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         if revoked.is_some() {
             self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
@@ -607,7 +665,7 @@ impl Inner {
             client.query_opt(&statement, &[&id, &(lease_id as i64), &result, &ms(now)]).await.map_err(pg_error)?;
         drop(client);
         let Some(row) = done else { return Err(self.refused(id, lease_id).await?) };
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         let queue: String = row.get(0);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.totals.succeeded += 1;
@@ -655,9 +713,12 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
+            if retry_at <= now {
+                tx.execute("SELECT pg_notify('broker_ready', '')", &[]).await.map_err(pg_error)?;
+            }
             FailOutcome { state: TaskState::Retry, retry_at_ms: Some(retry_at) }
         } else {
-            let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms);
+            let ttl = self.options.dead_ttl_ms.max(record.result_ttl_ms).min(MAX_TTL_MS);
             tx.execute(
                 "UPDATE broker_tasks SET state = 'FAILURE', error = $2, lease_id = NULL, deadline_ms = NULL,
                     finished_at_ms = $3, result_expires_at_ms = $4 WHERE id = $1",
@@ -669,12 +730,14 @@ impl Inner {
             FailOutcome { state: TaskState::Failure, retry_at_ms: None }
         };
         tx.commit().await.map_err(pg_error)?;
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.totals.failed += 1;
         counts.per_queue.entry(queue).or_default().1 += 1;
         if outcome.state == TaskState::Retry {
             counts.totals.retried += 1;
+            drop(counts);
+            self.ready.notify_waiters();
         } else {
             counts.totals.dead += 1;
             drop(counts);
@@ -734,7 +797,7 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
         self.ready.notify_waiters();
         self.finished.notify_waiters();
@@ -761,7 +824,7 @@ impl Inner {
              result_expires_at_ms = CASE WHEN t.revoked THEN $1::bigint + t.result_ttl_ms
                 WHEN t.lease_losses + $2 >= $3 THEN $1::bigint + greatest(t.result_ttl_ms, {dead_ttl}) END,
              lease_id = NULL, deadline_ms = NULL, started_at_ms = NULL, due_ms = $1",
-            dead_ttl = ms(self.options.dead_ttl_ms)
+            dead_ttl = ms(self.options.dead_ttl_ms.min(MAX_TTL_MS))
         );
         let client = self.client().await?;
         let counted = i32::from(count);
@@ -770,9 +833,11 @@ impl Inner {
                 client
                     .query(
                         &format!(
-                            "WITH lost AS (UPDATE broker_tasks t SET {set}
-                                WHERE t.state = 'STARTED' AND t.deadline_ms < $1 RETURNING t.state)
-                             SELECT state FROM lost"
+                            "WITH old AS (SELECT id, lease_id FROM broker_tasks
+                                WHERE state = 'STARTED' AND deadline_ms < $1 FOR UPDATE SKIP LOCKED),
+                             lost AS (UPDATE broker_tasks t SET {set} FROM old WHERE t.id = old.id
+                                RETURNING t.id, old.lease_id, t.state)
+                             SELECT id, lease_id, state FROM lost"
                         ),
                         &[&ms(now), &counted, &max_losses, &lost],
                     )
@@ -787,8 +852,8 @@ impl Inner {
                             "WITH lost AS (UPDATE broker_tasks t SET {set}
                                 FROM unnest($5::text[], $6::bigint[]) AS l(id, lease_id)
                                 WHERE t.id = l.id AND t.lease_id = l.lease_id AND t.state = 'STARTED'
-                                RETURNING t.state)
-                             SELECT state FROM lost"
+                                RETURNING t.id, l.lease_id, t.state)
+                             SELECT id, lease_id, state FROM lost"
                         ),
                         &[&ms(now), &counted, &max_losses, &lost, &ids, &lease_ids],
                     )
@@ -799,7 +864,13 @@ impl Inner {
         if rows.is_empty() {
             return Ok(0);
         }
-        let finished = rows.iter().any(|row| row.get::<_, &str>(0) != "PENDING");
+        let finished = rows.iter().any(|row| row.get::<_, &str>(2) != "PENDING");
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for row in &rows {
+                held.remove(row.get(0), u64::try_from(row.get::<_, i64>(1)).unwrap_or(0));
+            }
+        }
         client
             .execute(
                 if finished {
@@ -955,35 +1026,57 @@ impl Inner {
         Ok(StoreStats { queues, totals: counts.totals.clone(), results_stored, leases_by_conn })
     }
 
+    /// Periodic work, each step on its own (one failing does not hold up the others); the first error, if any.
     async fn tick(&self) -> Result<(), StoreError> {
-        let now = self.now();
-        self.lose_leases(None, "lease expired", true).await?;
+        let steps = [
+            self.measure_clock().await,
+            self.lose_leases(None, "lease expired", true).await.map(drop),
+            self.due().await,
+            self.expire().await,
+        ];
+        steps.into_iter().collect()
+    }
+
+    /// Countdowns and retry delays that came due: ready (and waiting leases hear of it).
+    async fn due(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
-        // Countdowns and retry delays that came due: ready (and waiting leases hear of it).
         let due = client
             .query(
-                "WITH due AS (UPDATE broker_tasks SET state = 'PENDING'
-                    WHERE state IN ('SCHEDULED', 'RETRY') AND due_ms <= $1 RETURNING id)
-                 SELECT (SELECT pg_notify('broker_ready', '') FROM due LIMIT 1) FROM due LIMIT 1",
-                &[&ms(now)],
+                "WITH due AS (UPDATE broker_tasks SET state = 'PENDING' WHERE id IN (SELECT id FROM broker_tasks
+                    WHERE state IN ('SCHEDULED', 'RETRY') AND due_ms <= $1 FOR UPDATE SKIP LOCKED) RETURNING id)
+                 SELECT pg_notify('broker_ready', '') FROM (SELECT 1 FROM due LIMIT 1) AS any",
+                &[&ms(self.now())],
             )
             .await
             .map_err(pg_error)?;
         if !due.is_empty() {
             self.ready.notify_waiters();
         }
+        Ok(())
+    }
+
+    /// Tasks that expired before they ran end `REVOKED`; results past their TTL go (a batch per tick).
+    async fn expire(&self) -> Result<(), StoreError> {
+        let now = self.now();
+        let client = self.client().await?;
         let expired = encode(&expired_error())?;
         let expired = client
-            .execute(
+            .query(
                 &format!(
-                    "UPDATE broker_tasks SET state = 'REVOKED', revoked = true, error = $2, finished_at_ms = $1,
-                        result_expires_at_ms = $1 + result_ttl_ms
-                     WHERE state IN {WAITING} AND expires_at_ms <= $1"
+                    "WITH gone AS (UPDATE broker_tasks SET state = 'REVOKED', revoked = true, error = $2,
+                        finished_at_ms = $1, result_expires_at_ms = $1 + result_ttl_ms
+                     WHERE id IN (SELECT id FROM broker_tasks WHERE state IN {WAITING} AND expires_at_ms <= $1
+                        FOR UPDATE SKIP LOCKED) RETURNING id)
+                     SELECT count(*), (SELECT pg_notify('broker_finished', '') FROM gone LIMIT 1) FROM gone"
                 ),
                 &[&ms(now), &expired],
             )
             .await
             .map_err(pg_error)?;
+        let expired = expired.first().map_or(0, |row| row.get::<_, i64>(0) as u64);
+        if expired > 0 {
+            self.finished.notify_waiters();
+        }
         let removed = client
             .execute(
                 "DELETE FROM broker_tasks WHERE id IN (SELECT id FROM broker_tasks
