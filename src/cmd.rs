@@ -84,30 +84,12 @@ pub struct Session {
     pub reserved: bool,
     /// Cancelled when the connection closes: ends its waiting ops.
     pub closing: CancellationToken,
-    /// Ends when this connection's latest store call that finishes later (a shared store's statement) has ended:
-    /// the next one starts after it, so a connection's requests take effect in the order it sent them (proto.md
-    /// §4) even when each is a statement of its own. `None` on the single node (its calls finish at once).
-    pub after: Option<InOrder>,
 }
-
-/// See [`Session::after`].
-pub type InOrder = futures_util::future::Shared<Pin<Box<dyn Future<Output = ()> + Send>>>;
 
 impl Session {
     /// A new connection's session.
     pub fn new(conn: ConnId, reserved: bool) -> Session {
-        Session { conn, greeted: false, role: Role::Producer, reserved, closing: CancellationToken::new(), after: None }
-    }
-
-    /// Takes this connection's next place in line: what to wait for before starting, and the sender whose drop
-    /// lets the call after it start.
-    fn next_in_line(&mut self) -> (Option<InOrder>, tokio::sync::oneshot::Sender<()>) {
-        use futures_util::FutureExt;
-        let (done, ended) = tokio::sync::oneshot::channel::<()>();
-        let ended: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            let _ = ended.await;
-        });
-        (self.after.replace(ended.shared()), done)
+        Session { conn, greeted: false, role: Role::Producer, reserved, closing: CancellationToken::new() }
     }
 }
 
@@ -192,31 +174,15 @@ fn durable_reply<T: Serialize>(id: u64, result: Result<T, Refusal>) -> Outcome {
 
 /// Replies to a store call: at once when it is done already (after the flush its change needs, if `durable`),
 /// else on its own task once it is (a shared store's statement: durable when it committed).
-fn answer<T: Serialize + Send + 'static>(
-    session: &mut Session,
-    id: u64,
-    op: Result<Op<T>, Refusal>,
-    durable: bool,
-) -> Outcome {
+fn answer<T: Serialize + Send + 'static>(id: u64, op: Result<Op<T>, Refusal>, durable: bool) -> Outcome {
     match op {
         Err(refusal) => Outcome::Reply(reply::<T>(id, Err(refusal)), None),
         Ok(Op::Now(result)) if durable => durable_reply(id, result.map_err(Refusal::from)),
         Ok(Op::Now(result)) => Outcome::Reply(reply(id, result.map_err(Refusal::from)), None),
-        Ok(Op::Later(future)) => in_line(session, async move { reply(id, future.await.map_err(Refusal::from)) }),
+        // Its effect has its place already (a shared store's call takes it when made: [`TaskStore`]), so the
+        // connection's requests take effect in the order sent; the reply waits for the commit.
+        Ok(Op::Later(future)) => Outcome::Wait(Box::pin(async move { reply(id, future.await.map_err(Refusal::from)) })),
     }
-}
-
-/// Runs `reply` (a shared store's statement, then its reply frame) once the connection's calls before it ended.
-fn in_line(session: &mut Session, reply: impl Future<Output = ReplyFrame> + Send + 'static) -> Outcome {
-    let (before, done) = session.next_in_line();
-    Outcome::Wait(Box::pin(async move {
-        if let Some(before) = before {
-            before.await;
-        }
-        let frame = reply.await;
-        drop(done);
-        frame
-    }))
 }
 
 /// Decodes a request's op fields straight from its frame (the envelope keys `id` and `op` are ignored).
@@ -346,26 +312,26 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
     }
     match op_name {
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
-        op::ENQUEUE => answer(session, id, enqueue(shared, request), true),
-        op::ENQUEUE_BATCH => answer(session, id, enqueue_batch(shared, request), true),
+        op::ENQUEUE => answer(id, enqueue(shared, request), true),
+        op::ENQUEUE_BATCH => answer(id, enqueue_batch(shared, request), true),
         op::ENQUEUE_CHORD => durable_reply(id, enqueue_chord(shared, request)),
         op::LEASE => lease(shared, session, id, request),
-        op::ACK => answer(session, id, ack(shared, request), true),
-        op::FAIL => answer(session, id, fail(shared, request), true),
-        op::EXTEND => answer(session, id, extend(shared, request), false),
-        op::RELEASE => answer(session, id, release(shared, request), true),
+        op::ACK => answer(id, ack(shared, request), true),
+        op::FAIL => answer(id, fail(shared, request), true),
+        op::EXTEND => answer(id, extend(shared, request), false),
+        op::RELEASE => answer(id, release(shared, request), true),
         op::GET => get(shared, session, id, request),
-        op::REVOKE => answer(session, id, revoke(shared, request), true),
-        op::STATS => answer(session, id, stats(shared), false),
-        op::PURGE => answer(session, id, purge(shared, request), true),
-        op::DEAD_LIST => answer(session, id, dead_list(shared, request), false),
-        op::DEAD_REQUEUE => answer(session, id, dead_requeue(shared, request), true),
+        op::REVOKE => answer(id, revoke(shared, request), true),
+        op::STATS => answer(id, stats(shared), false),
+        op::PURGE => answer(id, purge(shared, request), true),
+        op::DEAD_LIST => answer(id, dead_list(shared, request), false),
+        op::DEAD_REQUEUE => answer(id, dead_requeue(shared, request), true),
         op::EVENTS => events(shared, session, id, request),
         op::PAUSE => on_control_thread(shared, id, request, |shared, request| pause(shared, request, true)),
         op::RESUME => on_control_thread(shared, id, request, |shared, request| pause(shared, request, false)),
         op::SET_LIMIT => on_control_thread(shared, id, request, set_limit),
         op::LIMITS => Outcome::Reply(reply(id, shared.local("limits").map(|store| limits_of(store))), None),
-        op::PROGRESS => answer(session, id, progress(shared, request), false),
+        op::PROGRESS => answer(id, progress(shared, request), false),
         op::SCHEDULE_ADD => on_control_thread(shared, id, request, schedule_add),
         op::SCHEDULE_REMOVE => on_control_thread(shared, id, request, schedule_remove),
         op::SCHEDULE_PAUSE => {
@@ -602,32 +568,27 @@ fn lease(shared: &Arc<Shared>, session: &mut Session, id: u64, request: &[u8]) -
     }
     let conn = session.conn;
     let max = request.max as usize;
-    match shared.tasks().lease(conn, &request.queues, max, request.lease_ms) {
+    let first = match shared.tasks().lease(conn, &request.queues, max, request.lease_ms) {
         // Tasks go out only once what made them leasable (their enqueue) is durable: a worker never runs a task
         // that a crash could then un-enqueue. Most tasks have waited in their queue past a flush already.
         Op::Now(Ok((first, unflushed))) if request.wait_ms == 0 || !first.is_empty() => {
             return Outcome::Reply(leased_frame(id, &first), unflushed.then_some(id));
         }
         Op::Now(Err(e)) => return Outcome::Reply(reply::<Leased>(id, Err(e.into())), None),
-        Op::Later(first) if request.wait_ms == 0 => {
-            return in_line(session, async move {
-                match first.await {
-                    Ok((tasks, _)) => leased_frame(id, &tasks),
-                    Err(e) => reply::<Leased>(id, Err(e.into())),
-                }
-            });
-        }
-        // Nothing yet: wait (a shared store's first look, not started, is made again by the waiting loop).
-        _ => {}
-    }
+        Op::Now(Ok(_)) => None,
+        // A shared store's first look, made already (what it leases must reach the worker): its outcome first.
+        Op::Later(first) => Some(first),
+    };
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
     let closing = session.closing.clone();
-    // A waiting lease starts after the connection's calls before it, but does not hold up those after it.
-    let before = session.after.clone();
     Outcome::Wait(Box::pin(async move {
-        if let Some(before) = before {
-            before.await;
+        if let Some(first) = first {
+            match first.await {
+                Ok((tasks, _)) if tasks.is_empty() && request.wait_ms > 0 => {}
+                Ok((tasks, _)) => return leased_frame(id, &tasks),
+                Err(e) => return reply::<Leased>(id, Err(e.into())),
+            }
         }
         let tasks = shared.tasks();
         let leased = wait_for(&shared, tasks.ready_notify(), &closing, wait, || {
@@ -770,20 +731,15 @@ fn get(shared: &Arc<Shared>, session: &mut Session, id: u64, request: &[u8]) -> 
             }
         }
         Op::Later(first) if request.wait_ms == 0 => {
-            return in_line(session, async move { info_reply(id, first.await.map_err(Refusal::from)) });
+            return Outcome::Wait(Box::pin(async move { info_reply(id, first.await.map_err(Refusal::from)) }));
         }
-        // A shared store's first look, not started, is made again by the waiting loop.
+        // A shared store's first look is made again by the waiting loop, after this one.
         Op::Later(_) => {}
     }
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
     let closing = session.closing.clone();
-    // As a waiting lease: after the calls before it, holding up none after it.
-    let before = session.after.clone();
     Outcome::Wait(Box::pin(async move {
-        if let Some(before) = before {
-            before.await;
-        }
         let tasks = shared.tasks();
         let look = || {
             let found = tasks.get_encoded(&request.task_id);

@@ -57,6 +57,10 @@ impl<T: Send + 'static> Op<T> {
 }
 
 /// The broker's operations on tasks (proto.md §7), as the daemon's request handling calls them.
+///
+/// A call takes its place when it is made, not when its [`Op::Later`] future is first polled: calls made one
+/// after another take effect in that order, whenever their futures complete. That is how a connection's
+/// requests take effect in the order it sent them (proto.md §4) while many are in flight.
 pub trait TaskStore: Send + Sync + 'static {
     /// Stores new tasks (or finds existing ones by id); all are validated before any is stored.
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>>;

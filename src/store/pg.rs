@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use broker_client::proto::{DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use futures_util::future::try_join_all;
+use futures_util::future::{try_join_all, BoxFuture};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
@@ -79,6 +79,45 @@ const MIGRATIONS: &[&str] = &[
         WHERE expires_at_ms IS NOT NULL AND state IN ('PENDING', 'SCHEDULED', 'RETRY');
     CREATE SEQUENCE broker_lease_ids;",
 ];
+
+/// A transaction on a pooled connection whose statements are prepared once per connection: a statement sent
+/// as text would cost a round trip to prepare at every use.
+pub struct Sql<'a>(&'a deadpool_postgres::Transaction<'a>);
+
+/// A statement's parameters.
+type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl Sql<'_> {
+    async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query(&statement, params).await
+    }
+
+    async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_opt(&statement, params).await
+    }
+
+    async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_one(&statement, params).await
+    }
+
+    async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.execute(&statement, params).await
+    }
+}
+
+/// The transaction ops run in.
+type Tx<'a> = Sql<'a>;
+/// Told whether the group a request's statements ran in committed; sends the request its outcome.
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// One request's work in the daemon's line: its statements, run in the group's transaction. Gives whether they
+/// failed in the engine (the group then rolls back) and what to do once the group ended.
+type Job = Box<dyn for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, (bool, Finish)> + Send>;
+/// The most requests one group commit carries.
+const MAX_GROUP: usize = 512;
 
 /// The states a task waits in (leasable once due).
 const WAITING: &str = "('PENDING', 'SCHEDULED', 'RETRY')";
@@ -235,6 +274,8 @@ struct Inner {
 /// Many daemons over one PostgreSQL.
 pub struct PgStore {
     inner: Arc<Inner>,
+    /// The daemon's line of requests: one writer runs them in order, in group commits ([`write`]).
+    line: tokio::sync::mpsc::UnboundedSender<Job>,
     stop: CancellationToken,
 }
 
@@ -282,8 +323,10 @@ impl PgStore {
         inner.measure_clock().await?;
         let stop = CancellationToken::new();
         tokio::spawn(listen(pg, inner.clone(), stop.clone()));
+        let (line, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write(inner.clone(), requests, stop.clone()));
         tracing::info!(store = %redact(url), "PostgreSQL store ready");
-        Ok(PgStore { inner, stop })
+        Ok(PgStore { inner, line, stop })
     }
 
     /// Stops listening. Nothing is buffered: every acknowledged change committed already.
@@ -300,6 +343,35 @@ impl PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// The daemon's writer: takes the requests in the order they were made and runs them in groups, each group one
+/// transaction (its requests' statements one after another, then one commit, which PostgreSQL makes durable on
+/// the primary and a synchronous standby). The single node's group commit, over SQL: what one commit costs is
+/// shared by every request that arrived while the one before it ran, and a connection's requests take effect in
+/// the order it sent them (a later group commits after an earlier one).
+async fn write(inner: Arc<Inner>, mut requests: tokio::sync::mpsc::UnboundedReceiver<Job>, stop: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            job = requests.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        // A group that does not end in time (no primary, or standbys that stopped confirming) is dropped: its
+        // requests get `store_unavailable`, and the next group tries again.
+        if tokio::time::timeout(STATEMENT_TIMEOUT, inner.run_group(group)).await.is_err() {
+            tracing::warn!("a group commit took more than {} s; its requests failed", STATEMENT_TIMEOUT.as_secs());
+        }
     }
 }
 
@@ -381,6 +453,40 @@ impl Inner {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// Runs one group of requests in one transaction (see [`write`]). A request whose statements fail in the
+    /// engine rolls the group back: it gets its error, the others `store_unavailable`, as do the requests of a
+    /// group that could not start or commit (a request dropped unrun reads as that too).
+    async fn run_group(&self, group: Vec<Job>) {
+        let mut client = match self.client().await {
+            Ok(client) => client,
+            Err(e) => return tracing::warn!(error = %e, requests = group.len(), "no connection for a group commit"),
+        };
+        let tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return tracing::warn!(error = %e, requests = group.len(), "cannot begin a group commit"),
+        };
+        let mut finishes = Vec::with_capacity(group.len());
+        let mut broke = false;
+        for job in group {
+            if broke {
+                // Dropped unrun: its requester hears the store is unavailable.
+                continue;
+            }
+            let (failed, finish) = job(&Sql(&tx), self).await;
+            broke |= failed;
+            finishes.push(finish);
+        }
+        let committed = if broke {
+            let _ = tx.rollback().await;
+            Err("the request's group commit rolled back (another request in it failed); retry".to_string())
+        } else {
+            tx.commit().await.map_err(|e| pg_error(e).to_string())
+        };
+        for finish in finishes {
+            finish(committed.clone());
+        }
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
@@ -433,7 +539,7 @@ impl Inner {
         Ok(record)
     }
 
-    async fn enqueue(&self, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
+    async fn enqueue(&self, tx: &Tx<'_>, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
         let now = self.now();
         let mut rows = Vec::with_capacity(specs.len());
         for mut spec in specs {
@@ -462,18 +568,13 @@ impl Inner {
             let error = record.error.as_deref().map(encode).transpose()?;
             rows.push((record, spec_bytes, due, finished, error));
         }
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO broker_tasks (id, queue, task, state, priority, due_ms, lease_ms, max_retries, \
-                 created_at_ms, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, \
-                 result_expires_at_ms, spec) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-                 ON CONFLICT (id) DO NOTHING RETURNING seq",
-            )
-            .await
-            .map_err(pg_error)?;
+        // Waiting daemons hear of a new task from the insert itself (one notification per transaction).
+        let insert = "WITH new AS (INSERT INTO broker_tasks (id, queue, task, state, priority, due_ms, lease_ms, \
+            max_retries, created_at_ms, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, \
+            result_expires_at_ms, spec) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+            ON CONFLICT (id) DO NOTHING RETURNING seq) \
+            SELECT seq, pg_notify('broker_ready', '') FROM new";
         let inserts = rows.iter().map(|(record, spec, due, finished, error)| {
             let state = record.state.as_str();
             let result_expires = finished.map(|f| ms(f.saturating_add(record.result_ttl_ms)));
@@ -481,8 +582,6 @@ impl Inner {
             let (due, lease_ms, retries) = (ms(*due), ms(record.lease_ms), i64::from(record.max_retries));
             let (created, eta, expires) = (ms(now), opt_ms(record.eta_ms), opt_ms(record.expires_at_ms));
             let (ttl, finished) = (ms(record.result_ttl_ms), opt_ms(*finished));
-            let tx = &tx;
-            let insert = &insert;
             async move {
                 tx.query_opt(
                     insert,
@@ -526,10 +625,6 @@ impl Inner {
             };
             out.push(Enqueued { id: record.id.to_string(), created: inserted.is_some(), state, chain: Vec::new() });
         }
-        if created > 0 {
-            tx.execute("SELECT pg_notify('broker_ready', '')", &[]).await.map_err(pg_error)?;
-        }
-        tx.commit().await.map_err(pg_error)?;
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.enqueued += created;
         if created > 0 {
             self.ready.notify_waiters();
@@ -539,27 +634,21 @@ impl Inner {
 
     async fn lease(
         &self,
+        tx: &Tx<'_>,
         conn: ConnId,
         queues: Vec<String>,
         max: usize,
         lease_ms: Option<u64>,
     ) -> Result<Vec<Grant>, StoreError> {
         let now = self.now();
-        let mut client = self.client().await?;
         let mut grants = Vec::new();
-        if let [queue] = queues.as_slice() {
-            grants = self.lease_from(&client, queue, max, lease_ms, now).await?;
-        } else {
-            // Several queues, in order: one transaction, so a failure half-way leaves no task leased unreturned.
-            let tx = client.transaction().await.map_err(pg_error)?;
-            for queue in &queues {
-                let left = max.saturating_sub(grants.len());
-                if left == 0 {
-                    break;
-                }
-                grants.extend(self.lease_from(&tx, queue, left, lease_ms, now).await?);
+        // Several queues, in order, in the one transaction: a failure half-way leaves no task leased unreturned.
+        for queue in &queues {
+            let left = max.saturating_sub(grants.len());
+            if left == 0 {
+                break;
             }
-            tx.commit().await.map_err(pg_error)?;
+            grants.extend(self.lease_from(tx, queue, left, lease_ms, now).await?);
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for grant in &grants {
@@ -571,14 +660,13 @@ impl Inner {
     /// Leases up to `max` ready tasks of one queue: highest priority first, then in enqueue order.
     async fn lease_from(
         &self,
-        client: &impl GenericClient,
+        client: &Tx<'_>,
         queue: &str,
         max: usize,
         lease_ms: Option<u64>,
         now: u64,
     ) -> Result<Vec<Grant>, StoreError> {
-        let statement = client
-            .prepare_cached(&format!(
+        let statement = format!(
                 "WITH picked AS (
                     SELECT id FROM broker_tasks
                     WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
@@ -591,9 +679,7 @@ impl Inner {
                  FROM picked WHERE t.id = picked.id
                  RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
                     t.seq, t.spec"
-            ))
-            .await
-            .map_err(pg_error)?;
+            );
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
         let rows = client.query(&statement, &params).await.map_err(pg_error)?;
@@ -624,9 +710,8 @@ impl Inner {
 
     /// Why an outcome for a lease changed nothing: the task was revoked while it ran (it is finished `REVOKED`
     /// now, and the outcome dropped), or the lease is not held.
-    async fn refused(&self, id: &str, lease_id: u64) -> Result<StoreError, StoreError> {
+    async fn refused(&self, client: &Tx<'_>, id: &str, lease_id: u64) -> Result<StoreError, StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         let revoked = client
             .query_opt(
                 "WITH done AS (
@@ -647,24 +732,17 @@ impl Inner {
         Ok(StoreError::LeaseLost { id: id.to_string(), lease_id })
     }
 
-    async fn ack(&self, id: &str, lease_id: u64, result: Value) -> Result<(), StoreError> {
+    async fn ack(&self, client: &Tx<'_>, id: &str, lease_id: u64, result: Value) -> Result<(), StoreError> {
         let now = self.now();
         let result = encode(&result)?;
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "WITH done AS (
+        let statement = "WITH done AS (
                     UPDATE broker_tasks SET state = 'SUCCESS', result = $3, error = NULL, lease_id = NULL,
                         deadline_ms = NULL, finished_at_ms = $4, result_expires_at_ms = $4 + result_ttl_ms
                     WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND NOT revoked RETURNING queue)
-                 SELECT queue, pg_notify('broker_finished', '') FROM done",
-            )
-            .await
-            .map_err(pg_error)?;
+                 SELECT queue, pg_notify('broker_finished', '') FROM done";
         let done =
-            client.query_opt(&statement, &[&id, &(lease_id as i64), &result, &ms(now)]).await.map_err(pg_error)?;
-        drop(client);
-        let Some(row) = done else { return Err(self.refused(id, lease_id).await?) };
+            client.query_opt(statement, &[&id, &(lease_id as i64), &result, &ms(now)]).await.map_err(pg_error)?;
+        let Some(row) = done else { return Err(self.refused(client, id, lease_id).await?) };
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         let queue: String = row.get(0);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -677,6 +755,7 @@ impl Inner {
 
     async fn fail(
         &self,
+        tx: &Tx<'_>,
         id: &str,
         lease_id: u64,
         error: TaskError,
@@ -685,8 +764,6 @@ impl Inner {
     ) -> Result<FailOutcome, StoreError> {
         let now = self.now();
         let error_bytes = encode(&error)?;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
         let row = tx
             .query_opt(
                 "SELECT attempts, queue, spec FROM broker_tasks
@@ -695,11 +772,7 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        let Some(row) = row else {
-            drop(tx);
-            drop(client);
-            return Err(self.refused(id, lease_id).await?);
-        };
+        let Some(row) = row else { return Err(self.refused(tx, id, lease_id).await?) };
         let mut record = TaskRecord::decode(row.get("spec"))
             .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })?;
         record.attempts = u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0);
@@ -729,7 +802,6 @@ impl Inner {
             tx.execute("SELECT pg_notify('broker_finished', '')", &[]).await.map_err(pg_error)?;
             FailOutcome { state: TaskState::Failure, retry_at_ms: None }
         };
-        tx.commit().await.map_err(pg_error)?;
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.totals.failed += 1;
@@ -746,9 +818,14 @@ impl Inner {
         Ok(outcome)
     }
 
-    async fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Result<(u64, bool), StoreError> {
+    async fn extend(
+        &self,
+        client: &Tx<'_>,
+        id: &str,
+        lease_id: u64,
+        lease_ms: Option<u64>,
+    ) -> Result<(u64, bool), StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         let row = client
             .query_opt(
                 "UPDATE broker_tasks SET cur_lease_ms = least(coalesce($3, cur_lease_ms), $4),
@@ -762,10 +839,9 @@ impl Inner {
         Ok((u64::try_from(row.get::<_, i64>(0)).unwrap_or(0), row.get(1)))
     }
 
-    async fn progress(&self, id: &str, lease_id: u64, progress: Progress) -> Result<bool, StoreError> {
+    async fn progress(&self, client: &Tx<'_>, id: &str, lease_id: u64, progress: Progress) -> Result<bool, StoreError> {
         super::validate_name("state", &progress.state)?;
         let progress = encode(&progress)?;
-        let client = self.client().await?;
         let row = client
             .query_opt(
                 "UPDATE broker_tasks SET progress = $3
@@ -777,9 +853,8 @@ impl Inner {
         Ok(row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?.get(0))
     }
 
-    async fn release(&self, id: &str, lease_id: u64) -> Result<(), StoreError> {
+    async fn release(&self, client: &Tx<'_>, id: &str, lease_id: u64) -> Result<(), StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         // The attempt does not count; a revoked task is finished instead.
         let row = client
             .query_opt(
@@ -807,7 +882,13 @@ impl Inner {
     /// Ends leases without an outcome (`pairs` of task and lease, or every lapsed one when `None`): each task
     /// goes back to its queue with the attempt counted, or is finished `REVOKED` if it was revoked, or dies once
     /// it lost `max_lease_losses` leases. `count`: whether the loss counts towards that (not at shutdown).
-    async fn lose_leases(&self, pairs: Option<Vec<(String, u64)>>, why: &str, count: bool) -> Result<u64, StoreError> {
+    async fn lose_leases(
+        &self,
+        client: &Tx<'_>,
+        pairs: Option<Vec<(String, u64)>>,
+        why: &str,
+        count: bool,
+    ) -> Result<u64, StoreError> {
         let now = self.now();
         let max_losses = i32::try_from(self.options.max_lease_losses).unwrap_or(i32::MAX);
         let lost = encode(&TaskError {
@@ -826,7 +907,6 @@ impl Inner {
              lease_id = NULL, deadline_ms = NULL, started_at_ms = NULL, due_ms = $1",
             dead_ttl = ms(self.options.dead_ttl_ms.min(MAX_TTL_MS))
         );
-        let client = self.client().await?;
         let counted = i32::from(count);
         let rows = match pairs {
             None => {
@@ -890,28 +970,23 @@ impl Inner {
         Ok(rows.len() as u64)
     }
 
-    async fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Result<usize, StoreError> {
+    async fn release_connection(&self, tx: &Tx<'_>, conn: ConnId, shutting_down: bool) -> Result<usize, StoreError> {
         let pairs = self.held.lock().unwrap_or_else(|p| p.into_inner()).take_conn(conn);
         if pairs.is_empty() {
             return Ok(0);
         }
         let why = if shutting_down { "daemon shutting down" } else { "worker disconnected" };
-        Ok(self.lose_leases(Some(pairs), why, !shutting_down).await? as usize)
+        Ok(self.lose_leases(tx, Some(pairs), why, !shutting_down).await? as usize)
     }
 
-    async fn get(&self, id: &str) -> Result<TaskRecord, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM broker_tasks WHERE id = $1"))
-            .await
-            .map_err(pg_error)?;
+    async fn get(&self, client: &Tx<'_>, id: &str) -> Result<TaskRecord, StoreError> {
+        let statement = format!("SELECT {COLUMNS} FROM broker_tasks WHERE id = $1");
         let row = client.query_opt(&statement, &[&id]).await.map_err(pg_error)?;
         Self::record_of(&row.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
     }
 
-    async fn revoke(&self, id: &str) -> Result<TaskState, StoreError> {
+    async fn revoke(&self, client: &Tx<'_>, id: &str) -> Result<TaskState, StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         let row = client
             .query_one(
                 &format!(
@@ -943,16 +1018,14 @@ impl Inner {
         state_of(state).map_err(|message| StoreError::Corrupt { id: id.to_string(), message })
     }
 
-    async fn purge(&self, queue: &str) -> Result<u64, StoreError> {
-        let client = self.client().await?;
+    async fn purge(&self, client: &Tx<'_>, queue: &str) -> Result<u64, StoreError> {
         client
             .execute(&format!("DELETE FROM broker_tasks WHERE queue = $1 AND state IN {WAITING}"), &[&queue])
             .await
             .map_err(pg_error)
     }
 
-    async fn dead_list(&self, queue: Option<String>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
-        let client = self.client().await?;
+    async fn dead_list(&self, client: &Tx<'_>, queue: Option<String>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
         let rows = client
             .query(
                 &format!(
@@ -966,9 +1039,8 @@ impl Inner {
         rows.iter().map(|row| Self::record_of(row).map(|record| record.info())).collect()
     }
 
-    async fn dead_requeue(&self, request: DeadRequeue) -> Result<u64, StoreError> {
+    async fn dead_requeue(&self, client: &Tx<'_>, request: DeadRequeue) -> Result<u64, StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         let rows = client
             .query(
                 "WITH back AS (
@@ -987,9 +1059,8 @@ impl Inner {
         Ok(count as u64)
     }
 
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
+    async fn stats(&self, client: &Tx<'_>) -> Result<StoreStats, StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT queue, state, due_ms <= $1 AS due, count(*) FROM broker_tasks GROUP BY 1, 2, 3 ORDER BY 1",
@@ -1030,16 +1101,29 @@ impl Inner {
     async fn tick(&self) -> Result<(), StoreError> {
         let steps = [
             self.measure_clock().await,
-            self.lose_leases(None, "lease expired", true).await.map(drop),
-            self.due().await,
-            self.expire().await,
+            self.in_transaction(|tx, inner| Box::pin(inner.lose_leases(tx, None, "lease expired", true)))
+                .await
+                .map(drop),
+            self.in_transaction(|tx, inner| Box::pin(inner.due(tx))).await,
+            self.in_transaction(|tx, inner| Box::pin(inner.expire(tx))).await,
         ];
         steps.into_iter().collect()
     }
 
+    /// Runs `work` in a transaction of its own (maintenance, outside the daemon's line of requests).
+    async fn in_transaction<T>(
+        &self,
+        work: impl for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let value = work(&Sql(&tx), self).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(value)
+    }
+
     /// Countdowns and retry delays that came due: ready (and waiting leases hear of it).
-    async fn due(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
+    async fn due(&self, client: &Tx<'_>) -> Result<(), StoreError> {
         let due = client
             .query(
                 "WITH due AS (UPDATE broker_tasks SET state = 'PENDING' WHERE id IN (SELECT id FROM broker_tasks
@@ -1056,9 +1140,8 @@ impl Inner {
     }
 
     /// Tasks that expired before they ran end `REVOKED`; results past their TTL go (a batch per tick).
-    async fn expire(&self) -> Result<(), StoreError> {
+    async fn expire(&self, client: &Tx<'_>) -> Result<(), StoreError> {
         let now = self.now();
-        let client = self.client().await?;
         let expired = encode(&expired_error())?;
         let expired = client
             .query(
@@ -1118,6 +1201,38 @@ fn check_supported(spec: &NewTask) -> Result<(), StoreError> {
     Ok(())
 }
 
+impl PgStore {
+    /// Puts a request in the daemon's line now (its place is where the call is made, so a connection's requests
+    /// keep their order); its outcome once its group committed.
+    fn submit<T: Send + 'static>(
+        &self,
+        work: impl for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, Result<T, StoreError>> + Send + 'static,
+    ) -> Op<T> {
+        let (outcome, receive) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |tx, inner| {
+            Box::pin(async move {
+                let result = work(tx, inner).await;
+                let failed = matches!(result, Err(StoreError::Unavailable(_) | StoreError::Shared(_)));
+                let finish: Finish = Box::new(move |committed| {
+                    let result = match committed {
+                        Ok(()) => result,
+                        Err(_) if failed => result,
+                        Err(why) => Err(StoreError::Unavailable(why)),
+                    };
+                    let _ = outcome.send(result);
+                });
+                (failed, finish)
+            })
+        });
+        if self.line.send(job).is_err() {
+            return Op::Now(Err(StoreError::Unavailable("the store is closed".into())));
+        }
+        later(async move {
+            receive.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the request's group commit failed".into())))
+        })
+    }
+}
+
 impl TaskStore for PgStore {
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
         let numbered = specs.len() > 1;
@@ -1131,18 +1246,19 @@ impl TaskStore for PgStore {
                 }));
             }
         }
-        let inner = self.inner.clone();
-        later(async move { inner.enqueue(specs).await })
+        self.submit(move |tx, inner| Box::pin(inner.enqueue(tx, specs)))
     }
 
     fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)> {
-        let (inner, queues) = (self.inner.clone(), queues.to_vec());
-        later(async move { Ok((inner.lease(conn, queues, max, lease_ms).await?, false)) })
+        let queues = queues.to_vec();
+        self.submit(move |tx, inner| {
+            Box::pin(async move { Ok((inner.lease(tx, conn, queues, max, lease_ms).await?, false)) })
+        })
     }
 
     fn ack(&self, id: &str, lease_id: u64, result: Value) -> Op<()> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move { inner.ack(&id, lease_id, result).await })
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.ack(tx, &id, lease_id, result).await }))
     }
 
     fn fail(
@@ -1153,28 +1269,32 @@ impl TaskStore for PgStore {
         retry: bool,
         countdown_ms: Option<u64>,
     ) -> Op<FailOutcome> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move { inner.fail(&id, lease_id, error, retry, countdown_ms).await })
+        let id = id.to_string();
+        self.submit(move |tx, inner| {
+            Box::pin(async move { inner.fail(tx, &id, lease_id, error, retry, countdown_ms).await })
+        })
     }
 
     fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move { inner.extend(&id, lease_id, lease_ms).await })
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.extend(tx, &id, lease_id, lease_ms).await }))
     }
 
     fn progress(&self, id: &str, lease_id: u64, progress: Progress) -> Op<bool> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move { inner.progress(&id, lease_id, progress).await })
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.progress(tx, &id, lease_id, progress).await }))
     }
 
     fn release(&self, id: &str, lease_id: u64) -> Op<()> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move { inner.release(&id, lease_id).await })
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.release(tx, &id, lease_id).await }))
     }
 
     fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Op<usize> {
-        let inner = self.inner.clone();
-        later(async move { inner.release_connection(conn, shutting_down).await })
+        if !self.holds_leases(conn) {
+            return Op::Now(Ok(0));
+        }
+        self.submit(move |tx, inner| Box::pin(inner.release_connection(tx, conn, shutting_down)))
     }
 
     fn holds_leases(&self, conn: ConnId) -> bool {
@@ -1182,37 +1302,36 @@ impl TaskStore for PgStore {
     }
 
     fn get_encoded(&self, id: &str) -> Op<(TaskState, Vec<u8>)> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move {
-            let record = inner.get(&id).await?;
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move {
+            let record = inner.get(tx, &id).await?;
             let bytes = record.info_bytes().map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
             Ok((record.state, bytes))
-        })
+        }))
     }
 
     fn revoke(&self, id: &str) -> Op<TaskState> {
-        let (inner, id) = (self.inner.clone(), id.to_string());
-        later(async move { inner.revoke(&id).await })
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.revoke(tx, &id).await }))
     }
 
     fn purge(&self, queue: &str) -> Op<u64> {
-        let (inner, queue) = (self.inner.clone(), queue.to_string());
-        later(async move { inner.purge(&queue).await })
+        let queue = queue.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.purge(tx, &queue).await }))
     }
 
     fn dead_list(&self, queue: Option<&str>, limit: usize) -> Op<Vec<TaskInfo>> {
-        let (inner, queue) = (self.inner.clone(), queue.map(str::to_string));
-        later(async move { inner.dead_list(queue, limit).await })
+        let queue = queue.map(str::to_string);
+        self.submit(move |tx, inner| Box::pin(inner.dead_list(tx, queue, limit)))
     }
 
     fn dead_requeue(&self, request: &DeadRequeue) -> Op<u64> {
-        let (inner, request) = (self.inner.clone(), request.clone());
-        later(async move { inner.dead_requeue(request).await })
+        let request = request.clone();
+        self.submit(move |tx, inner| Box::pin(inner.dead_requeue(tx, request)))
     }
 
     fn stats(&self) -> Op<StoreStats> {
-        let inner = self.inner.clone();
-        later(async move { inner.stats().await })
+        self.submit(move |tx, inner| Box::pin(inner.stats(tx)))
     }
 
     fn ready_notify(&self) -> &Notify {
