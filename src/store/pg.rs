@@ -667,7 +667,7 @@ impl Inner {
         now: u64,
     ) -> Result<Vec<Grant>, StoreError> {
         let statement = format!(
-                "WITH picked AS (
+            "WITH picked AS (
                     SELECT id FROM broker_tasks
                     WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
                       AND (expires_at_ms IS NULL OR expires_at_ms > $2)
@@ -679,7 +679,7 @@ impl Inner {
                  FROM picked WHERE t.id = picked.id
                  RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
                     t.seq, t.spec"
-            );
+        );
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
         let rows = client.query(&statement, &params).await.map_err(pg_error)?;
@@ -1025,7 +1025,12 @@ impl Inner {
             .map_err(pg_error)
     }
 
-    async fn dead_list(&self, client: &Tx<'_>, queue: Option<String>, limit: usize) -> Result<Vec<TaskInfo>, StoreError> {
+    async fn dead_list(
+        &self,
+        client: &Tx<'_>,
+        queue: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<TaskInfo>, StoreError> {
         let rows = client
             .query(
                 &format!(
@@ -1303,11 +1308,14 @@ impl TaskStore for PgStore {
 
     fn get_encoded(&self, id: &str) -> Op<(TaskState, Vec<u8>)> {
         let id = id.to_string();
-        self.submit(move |tx, inner| Box::pin(async move {
-            let record = inner.get(tx, &id).await?;
-            let bytes = record.info_bytes().map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
-            Ok((record.state, bytes))
-        }))
+        self.submit(move |tx, inner| {
+            Box::pin(async move {
+                let record = inner.get(tx, &id).await?;
+                let bytes =
+                    record.info_bytes().map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
+                Ok((record.state, bytes))
+            })
+        })
     }
 
     fn revoke(&self, id: &str) -> Op<TaskState> {
