@@ -7,7 +7,7 @@
 //! Nothing here touches sled or the socket. Errors a client caused become error replies with a stable code;
 //! nothing a client sends can make this module panic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -327,10 +327,10 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::DEAD_LIST => answer(id, dead_list(shared, request), false),
         op::DEAD_REQUEUE => answer(id, dead_requeue(shared, request), true),
         op::EVENTS => events(shared, session, id, request),
-        op::PAUSE => on_control_thread(shared, id, request, |shared, request| pause(shared, request, true)),
-        op::RESUME => on_control_thread(shared, id, request, |shared, request| pause(shared, request, false)),
-        op::SET_LIMIT => on_control_thread(shared, id, request, set_limit),
-        op::LIMITS => Outcome::Reply(reply(id, shared.local("limits").map(|store| limits_of(store))), None),
+        op::PAUSE => flow_op(shared, id, request, |shared, request| pause(shared, request, true)),
+        op::RESUME => flow_op(shared, id, request, |shared, request| pause(shared, request, false)),
+        op::SET_LIMIT => flow_op(shared, id, request, set_limit),
+        op::LIMITS => answer(id, Ok(shared.tasks().limits().map(|limits| Limits { limits })), false),
         op::PROGRESS => answer(id, progress(shared, request), false),
         op::SCHEDULE_ADD => on_control_thread(shared, id, request, schedule_add),
         op::SCHEDULE_REMOVE => on_control_thread(shared, id, request, schedule_remove),
@@ -902,13 +902,36 @@ fn on_control_thread<T: Serialize + Send + 'static>(
     }))
 }
 
-fn pause(shared: &Shared, request: &[u8], paused: bool) -> Result<PauseState, Refusal> {
-    let request: QueueName = body(request)?;
-    let was_paused = shared.local("pause")?.set_paused(&request.queue, paused)?;
-    Ok(PauseState { queue: request.queue, paused, was_paused })
+/// A pause or limit change: the single node's rewrites and syncs its control file, so it runs on a blocking
+/// thread ([`on_control_thread`]); a shared store's is a statement.
+fn flow_op<T: Serialize + Send + 'static>(
+    shared: &Arc<Shared>,
+    id: u64,
+    request: &[u8],
+    op: fn(&Shared, &[u8]) -> Result<Op<T>, Refusal>,
+) -> Outcome {
+    if shared.engine.as_local().is_none() {
+        return answer(id, op(shared, request), false);
+    }
+    let shared = shared.clone();
+    let request = request.to_vec();
+    Outcome::Wait(Box::pin(async move {
+        match tokio::task::spawn_blocking(move || op(&shared, &request)).await {
+            Ok(Ok(changed)) => reply(id, changed.resolve().await.map_err(Refusal::from)),
+            Ok(Err(refusal)) => reply::<T>(id, Err(refusal)),
+            Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("the control file write failed: {e}")),
+        }
+    }))
 }
 
-fn set_limit(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
+fn pause(shared: &Shared, request: &[u8], paused: bool) -> Result<Op<PauseState>, Refusal> {
+    let request: QueueName = body(request)?;
+    validate_queue(&request.queue)?;
+    let changed = shared.tasks().set_paused(&request.queue, paused);
+    Ok(changed.map(move |was_paused| PauseState { queue: request.queue, paused, was_paused }))
+}
+
+fn set_limit(shared: &Shared, request: &[u8]) -> Result<Op<Empty>, Refusal> {
     let request: SetLimit = body(request)?;
     let scope = match request.scope.as_str() {
         "task" => Scope::Task,
@@ -919,29 +942,16 @@ fn set_limit(shared: &Shared, request: &[u8]) -> Result<Empty, Refusal> {
         }
     };
     let limit = Limit { rate: request.rate, concurrency: request.concurrency };
-    shared.local("set_limit")?.set_limit(scope, &request.name, limit)?;
-    Ok(Empty {})
+    Ok(shared.tasks().set_limit(scope, &request.name, limit).map(|()| Empty {}))
 }
 
-/// The `limits` reply.
+/// The `limits` reply of the single node's store.
 pub fn limits_of(store: &Store) -> Limits {
-    let (tasks, queues) = store.limits();
-    let (running_tasks, running_queues) = store.limited_running();
-    let list = |scope: &str, limits: BTreeMap<String, Limit>, running: &BTreeMap<String, u32>| {
-        limits
-            .into_iter()
-            .map(|(name, limit)| LimitInfo {
-                scope: scope.to_string(),
-                running: running.get(&name).copied().unwrap_or(0),
-                name,
-                rate: limit.rate,
-                concurrency: limit.concurrency,
-            })
-            .collect::<Vec<_>>()
+    let limits = match TaskStore::limits(store) {
+        Op::Now(Ok(limits)) => limits,
+        _ => Vec::new(),
     };
-    let mut all = list("task", tasks, &running_tasks);
-    all.extend(list("queue", queues, &running_queues));
-    Limits { limits: all }
+    Limits { limits }
 }
 
 fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<ScheduleInfo, Refusal> {

@@ -7,16 +7,20 @@
 //!   statements ([`Op::Later`]): the reply goes out when the transaction committed (on the primary and, with
 //!   synchronous standbys, on one of them).
 //!
-//! The ops that only the single node has so far (schedules, pause and limits, chords and chains, unique tasks,
-//! `events`, the dashboard) are reached through [`Engine::local`] and refused with `unsupported` otherwise.
+//! The ops that only the single node has so far (schedules, chords and chains, unique tasks, `events`, the
+//! dashboard) are reached through [`Engine::local`] and refused with `unsupported` otherwise.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use broker_client::proto::{DeadRequeue, Enqueued, Progress, TaskError, TaskInfo, TaskState, Value};
+use std::collections::BTreeMap;
+
+use broker_client::proto::{DeadRequeue, Enqueued, LimitInfo, Progress, TaskError, TaskInfo, TaskState, Value};
 use tokio::sync::Notify;
 
+use crate::store::control::Limit;
+use crate::store::flow::Scope;
 use crate::store::{ConnId, FailOutcome, Grant, NewTask, Store, StoreError, StoreStats};
 
 /// A store call that finishes later (a statement on a shared store).
@@ -108,6 +112,13 @@ pub trait TaskStore: Send + Sync + 'static {
     fn now_ms(&self) -> u64;
     /// What `stats` shows as the durability policy.
     fn durability(&self) -> String;
+    /// Pauses or resumes a queue; whether it was paused. (The single node's syncs its control file: the daemon
+    /// calls it off the runtime's threads.)
+    fn set_paused(&self, queue: &str, paused: bool) -> Op<bool>;
+    /// Sets, or with neither a rate nor a concurrency removes, the limit on a task name or a queue (same caveat).
+    fn set_limit(&self, scope: Scope, name: &str, limit: Limit) -> Op<()>;
+    /// The limits set, with how many tasks each covers run now.
+    fn limits(&self) -> Op<Vec<LimitInfo>>;
 }
 
 impl TaskStore for Store {
@@ -192,6 +203,34 @@ impl TaskStore for Store {
 
     fn durability(&self) -> String {
         self.fsync_policy().as_str().to_string()
+    }
+
+    fn set_paused(&self, queue: &str, paused: bool) -> Op<bool> {
+        Op::Now(Store::set_paused(self, queue, paused))
+    }
+
+    fn set_limit(&self, scope: Scope, name: &str, limit: Limit) -> Op<()> {
+        Op::Now(Store::set_limit(self, scope, name, limit))
+    }
+
+    fn limits(&self) -> Op<Vec<LimitInfo>> {
+        let (tasks, queues) = Store::limits(self);
+        let (running_tasks, running_queues) = self.limited_running();
+        let list = |scope: &str, limits: BTreeMap<String, Limit>, running: &BTreeMap<String, u32>| {
+            limits
+                .into_iter()
+                .map(|(name, limit)| LimitInfo {
+                    scope: scope.to_string(),
+                    running: running.get(&name).copied().unwrap_or(0),
+                    name,
+                    rate: limit.rate,
+                    concurrency: limit.concurrency,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut all = list("task", tasks, &running_tasks);
+        all.extend(list("queue", queues, &running_queues));
+        Op::Now(Ok(all))
     }
 }
 

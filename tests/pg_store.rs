@@ -291,3 +291,55 @@ async fn a_failover_keeps_every_acknowledged_enqueue_and_result() {
     }
     assert!(left >= 100, "the 100 waiting tasks (and the one enqueued during the failover, if it took) ran: {left}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_limits_hold_across_daemons() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.multi_host_url();
+    let (a, b) = (daemon(&url).await, daemon(&url).await);
+    let (ca, cb) = (a.client().await, b.client().await);
+
+    // Paused through A: B leases nothing from the queue; resumed through B: A leases.
+    ca.enqueue(spec("p", "paused", vec![])).await.unwrap();
+    assert!(!ca.set_paused("paused", true).await.unwrap());
+    assert!(cb.lease(&lease("paused", 5, 0, None)).await.unwrap().is_empty());
+    let stats = cb.stats().await.unwrap();
+    assert!(stats.queues.iter().any(|q| q.name == "paused" && q.paused && q.ready == 1), "{:?}", stats.queues);
+    assert!(cb.set_paused("paused", false).await.unwrap(), "it was paused");
+    assert_eq!(ca.lease(&lease("paused", 5, 0, None)).await.unwrap().len(), 1);
+
+    // At most 2 of task `heavy` run at once, whichever daemon leases them.
+    let limit = |concurrency, rate: Option<&str>| broker_client::proto::SetLimit {
+        scope: "task".into(),
+        name: "heavy".into(),
+        rate: rate.map(str::to_string),
+        concurrency,
+    };
+    ca.set_limit(&limit(Some(2), None)).await.unwrap();
+    for _ in 0..5 {
+        ca.enqueue(spec("heavy", "lim", vec![])).await.unwrap();
+        ca.enqueue(spec("light", "lim", vec![])).await.unwrap();
+    }
+    let first = ca.lease(&lease("lim", 10, 0, None)).await.unwrap();
+    let heavy = |tasks: &[broker_client::proto::LeasedTask]| tasks.iter().filter(|t| t.task == "heavy").count();
+    assert_eq!((heavy(&first), first.len()), (2, 7), "2 heavy (the limit) and the 5 light ones");
+    assert!(cb.lease(&lease("lim", 10, 0, None)).await.unwrap().is_empty(), "B is held back too");
+    let limits = cb.limits().await.unwrap();
+    assert_eq!(limits.len(), 1);
+    assert_eq!((limits[0].name.as_str(), limits[0].running, limits[0].concurrency), ("heavy", 2, Some(2)));
+    let done = first.iter().find(|t| t.task == "heavy").unwrap();
+    ca.ack(&done.id, done.lease_id, Value::Nil).await.unwrap();
+    let next = cb.lease(&lease("lim", 10, 0, None)).await.unwrap();
+    assert_eq!(heavy(&next), 1, "a slot freed through A lets one start through B");
+
+    // A rate of 1/h (a bucket of one) lets one start, then none, across daemons.
+    ca.set_limit(&broker_client::proto::SetLimit { name: "rated".into(), ..limit(None, Some("1/h")) }).await.unwrap();
+    for _ in 0..3 {
+        ca.enqueue(spec("rated", "rate", vec![])).await.unwrap();
+    }
+    assert_eq!(ca.lease(&lease("rate", 3, 0, None)).await.unwrap().len(), 1);
+    assert!(cb.lease(&lease("rate", 3, 0, None)).await.unwrap().is_empty());
+    // Declared again (a worker restarting): the same limit keeps its bucket.
+    cb.set_limit(&broker_client::proto::SetLimit { name: "rated".into(), ..limit(None, Some("1/h")) }).await.unwrap();
+    assert!(cb.lease(&lease("rate", 3, 0, None)).await.unwrap().is_empty());
+}

@@ -40,13 +40,44 @@ def poll(condition, timeout=20.0, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+def pg_store_url():
+    """With $BROKER_TEST_PG (a PostgreSQL URL), each daemon runs over that database, in a schema of its own (so
+    tests do not see each other's tasks); `None` for the single node."""
+    base = os.environ.get("BROKER_TEST_PG")
+    if not base:
+        return None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    subprocess.run(["psql", base, "-qc", f"CREATE SCHEMA {schema}"], check=True, capture_output=True, timeout=30)
+    return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+
+
+# What the PostgreSQL store does not have yet (proto.md §12): these modules' tests are skipped when the daemons
+# run over it ($BROKER_TEST_PG).
+SINGLE_NODE_ONLY = {
+    "test_canvas.py": "chains and chords",
+    "test_unique.py": "unique tasks",
+    "test_schedules.py": "schedules",
+    "test_dashboard.py": "the dashboard",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("BROKER_TEST_PG"):
+        return
+    for item in items:
+        what = SINGLE_NODE_ONLY.get(item.path.name)
+        if what:
+            item.add_marker(pytest.mark.skip(reason=f"the PostgreSQL store does not have {what} yet"))
+
+
 class Daemon:
     def __init__(self, data_dir, extra=()):
         self.log_path = data_dir.parent / "daemon.log"
         self.log = open(self.log_path, "wb")
+        store = pg_store_url()
         self.process = subprocess.Popen(
             [str(broker_binary()), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
-             *([] if "--http" in extra else ["--http", ""]), *extra],
+             *([] if "--http" in extra else ["--http", ""]), *(["--store", store] if store else []), *extra],
             stdout=subprocess.PIPE, stderr=self.log,
         )
         line = self._first_line(timeout=30)

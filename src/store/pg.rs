@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
+use super::control::Limit;
 use super::record::TaskRecord;
 use super::{check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Store, StoreError};
 use super::{StoreOptions, StoreStats};
@@ -78,6 +79,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX broker_tasks_expiring ON broker_tasks (expires_at_ms)
         WHERE expires_at_ms IS NOT NULL AND state IN ('PENDING', 'SCHEDULED', 'RETRY');
     CREATE SEQUENCE broker_lease_ids;",
+    // 2: flow control (pause, rate and concurrency limits), as the single node's control file holds it.
+    "CREATE TABLE broker_paused (queue text PRIMARY KEY);
+    CREATE TABLE broker_limits (
+        scope text NOT NULL,
+        name text NOT NULL,
+        rate text,
+        concurrency integer,
+        per_ms double precision,
+        burst double precision,
+        tokens double precision NOT NULL DEFAULT 0,
+        refilled_ms bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, name)
+    );
+    CREATE INDEX broker_tasks_running_task ON broker_tasks (task) WHERE state = 'STARTED';
+    CREATE INDEX broker_tasks_running_queue ON broker_tasks (queue) WHERE state = 'STARTED';",
 ];
 
 /// A transaction on a pooled connection whose statements are prepared once per connection: a statement sent
@@ -269,6 +285,9 @@ struct Inner {
     /// The database's clock minus this machine's (ms), measured at each tick: every daemon then reads one clock,
     /// so a daemon whose clock runs ahead cannot take back another's leases before their deadline.
     offset_ms: std::sync::atomic::AtomicI64,
+    /// Whether any limit is set (leases then take the slower, counting path). Read at each tick and whenever a
+    /// daemon changes a limit (`broker_flow`).
+    limited: std::sync::atomic::AtomicBool,
 }
 
 /// Many daemons over one PostgreSQL.
@@ -318,9 +337,11 @@ impl PgStore {
             counts: Mutex::new(Counts::default()),
             next_id: AtomicU64::new(rand::random::<u16>().into()),
             offset_ms: std::sync::atomic::AtomicI64::new(0),
+            limited: std::sync::atomic::AtomicBool::new(false),
         });
         inner.migrate().await?;
         inner.measure_clock().await?;
+        inner.read_limited().await?;
         let stop = CancellationToken::new();
         tokio::spawn(listen(pg, inner.clone(), stop.clone()));
         let (line, requests) = tokio::sync::mpsc::unbounded_channel();
@@ -400,6 +421,15 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
                         Ok(AsyncMessage::Notification(n)) if n.channel() == "broker_ready" => {
                             inner.ready.notify_waiters()
                         }
+                        Ok(AsyncMessage::Notification(n)) if n.channel() == "broker_flow" => {
+                            let inner = inner.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = inner.read_limited().await {
+                                    tracing::warn!(error = %e, "cannot read the limits");
+                                }
+                                inner.ready.notify_waiters();
+                            });
+                        }
                         Ok(AsyncMessage::Notification(_)) => inner.finished.notify_waiters(),
                         Ok(_) => {}
                         Err(e) => return tracing::warn!(error = %e, "the listening connection broke"),
@@ -408,7 +438,9 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
             }
         };
         let subscribe = async {
-            if let Err(e) = client.batch_execute("LISTEN broker_ready; LISTEN broker_finished").await {
+            if let Err(e) =
+                client.batch_execute("LISTEN broker_ready; LISTEN broker_finished; LISTEN broker_flow").await
+            {
                 tracing::warn!(error = %e, "LISTEN failed");
                 return;
             }
@@ -432,6 +464,19 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
 impl Inner {
     fn now(&self) -> u64 {
         self.clock.now_ms().saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Reads whether any limit is set; while one is, waiting leases look again at each tick (a bucket refills,
+    /// a slot frees, without a notification).
+    async fn read_limited(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let row = client.query_one("SELECT EXISTS (SELECT 1 FROM broker_limits)", &[]).await.map_err(pg_error)?;
+        let limited: bool = row.get(0);
+        self.limited.store(limited, Ordering::Relaxed);
+        if limited {
+            self.ready.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Measures the database's clock against this machine's (half the round trip's error at most).
@@ -671,6 +716,7 @@ impl Inner {
                     SELECT id FROM broker_tasks
                     WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
                       AND (expires_at_ms IS NULL OR expires_at_ms > $2)
+                      AND NOT EXISTS (SELECT 1 FROM broker_paused WHERE queue = $1)
                     ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED)
                  UPDATE broker_tasks t SET state = 'STARTED', lease_id = nextval('broker_lease_ids'),
                     cur_lease_ms = least(coalesce($4, t.lease_ms), $5),
@@ -680,9 +726,33 @@ impl Inner {
                  RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
                     t.seq, t.spec"
         );
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
-        let rows = client.query(&statement, &params).await.map_err(pg_error)?;
+        let rows = if self.limited.load(Ordering::Relaxed) {
+            match self.pick_limited(client, queue, max, now).await? {
+                Some(ids) if !ids.is_empty() => {
+                    let statement = format!(
+                        "UPDATE broker_tasks t SET state = 'STARTED', lease_id = nextval('broker_lease_ids'),
+                            cur_lease_ms = least(coalesce($3, t.lease_ms), $4),
+                            deadline_ms = $2 + least(coalesce($3, t.lease_ms), $4),
+                            attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
+                         WHERE t.id = ANY($1)
+                         RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms,
+                            t.priority, t.seq, t.spec"
+                    );
+                    let params: Params<'_> = &[&ids, &ms(now), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
+                    client.query(&statement, params).await.map_err(pg_error)?
+                }
+                Some(_) => Vec::new(),
+                None => {
+                    let params: Params<'_> =
+                        &[&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
+                    client.query(&statement, params).await.map_err(pg_error)?
+                }
+            }
+        } else {
+            let params: Params<'_> =
+                &[&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
+            client.query(&statement, params).await.map_err(pg_error)?
+        };
         let mut taken = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.get("id");
@@ -706,6 +776,186 @@ impl Inner {
         // RETURNING keeps no order: priority, then enqueue order, as the lease picked them.
         taken.sort_by_key(|(key, _)| *key);
         Ok(taken.into_iter().map(|(_, grant)| grant).collect())
+    }
+
+    /// With limits set: the tasks of `queue` a lease may start now (in order, passing over task names whose
+    /// limit holds them back), their buckets charged; `None` if no limit covers this queue or the tasks looked at
+    /// (the plain lease then runs). The limits' rows are locked (queue first, then task names in order), so
+    /// leases through every daemon count against the same buckets and running counts.
+    async fn pick_limited(
+        &self,
+        client: &Tx<'_>,
+        queue: &str,
+        max: usize,
+        now: u64,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        if client
+            .query_opt("SELECT 1 FROM broker_paused WHERE queue = $1", &[&queue])
+            .await
+            .map_err(pg_error)?
+            .is_some()
+        {
+            return Ok(Some(Vec::new()));
+        }
+        const LIMIT: &str = "SELECT name, concurrency, per_ms, burst, tokens, refilled_ms FROM broker_limits
+            WHERE scope = $1 AND name = ANY($2) ORDER BY name FOR UPDATE";
+        let queue_limit = client.query(LIMIT, &[&"queue", &vec![queue.to_string()]]).await.map_err(pg_error)?;
+        let candidates = client
+            .query(
+                &format!(
+                    "SELECT id, task FROM broker_tasks
+                     WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
+                       AND (expires_at_ms IS NULL OR expires_at_ms > $2)
+                     ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+                ),
+                &[&queue, &ms(now), &(max.saturating_mul(4).saturating_add(16) as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut names: Vec<String> = candidates.iter().map(|row| row.get::<_, String>(1)).collect();
+        names.sort_unstable();
+        names.dedup();
+        let task_limits = client.query(LIMIT, &[&"task", &names]).await.map_err(pg_error)?;
+        if queue_limit.is_empty() && task_limits.is_empty() {
+            return Ok(None);
+        }
+        /// A limit's room now: starts its bucket allows, and its concurrency less what runs.
+        struct Room {
+            left: u64,
+            tokens: Option<f64>,
+        }
+        let room = |row: &Row, running: i64| {
+            let concurrency: Option<i32> = row.get(1);
+            let per_ms: Option<f64> = row.get(2);
+            let (burst, tokens, at): (Option<f64>, f64, i64) = (row.get(3), row.get(4), row.get(5));
+            let tokens = per_ms
+                .map(|per_ms| (tokens + (ms(now) - at).max(0) as f64 * per_ms).min(burst.unwrap_or(1.0).max(1.0)));
+            let by_rate = tokens.map_or(u64::MAX, |t| t.max(0.0).floor() as u64);
+            let by_slots = concurrency.map_or(u64::MAX, |c| (i64::from(c) - running).max(0) as u64);
+            Room { left: by_rate.min(by_slots), tokens }
+        };
+        let running_in = |column: &'static str, name: String| async move {
+            let sql = format!("SELECT count(*) FROM broker_tasks WHERE state = 'STARTED' AND {column} = $1");
+            let row = client.query_one(&sql, &[&name]).await.map_err(pg_error)?;
+            Ok::<i64, StoreError>(row.get(0))
+        };
+        let mut queue_room = match queue_limit.first() {
+            Some(row) => Some(room(row, running_in("queue", queue.to_string()).await?)),
+            None => None,
+        };
+        let mut rooms = HashMap::new();
+        for row in &task_limits {
+            let name: String = row.get(0);
+            let running = running_in("task", name.clone()).await?;
+            rooms.insert(name, room(row, running));
+        }
+        let mut chosen = Vec::new();
+        let mut used: HashMap<String, u64> = HashMap::new();
+        for row in &candidates {
+            if chosen.len() >= max || queue_room.as_ref().is_some_and(|r| r.left == 0) {
+                break;
+            }
+            let (id, task): (String, String) = (row.get(0), row.get(1));
+            if let Some(room) = rooms.get_mut(&task) {
+                if room.left == 0 {
+                    continue;
+                }
+                room.left -= 1;
+                *used.entry(task).or_default() += 1;
+            }
+            if let Some(room) = &mut queue_room {
+                room.left -= 1;
+            }
+            chosen.push(id);
+        }
+        // Charge the buckets (the rows are locked): what they held at `now`, less the starts taken.
+        let charge = "UPDATE broker_limits SET tokens = $3, refilled_ms = $4 WHERE scope = $1 AND name = $2";
+        if let Some(tokens) = queue_room.as_ref().and_then(|r| r.tokens) {
+            let left = tokens - chosen.len() as f64;
+            client.execute(charge, &[&"queue", &queue, &left, &ms(now)]).await.map_err(pg_error)?;
+        }
+        for (name, room) in &rooms {
+            if let Some(tokens) = room.tokens {
+                let left = tokens - used.get(name).copied().unwrap_or(0) as f64;
+                client.execute(charge, &[&"task", name, &left, &ms(now)]).await.map_err(pg_error)?;
+            }
+        }
+        Ok(Some(chosen))
+    }
+
+    async fn set_paused(&self, client: &Tx<'_>, queue: &str, paused: bool) -> Result<bool, StoreError> {
+        super::validate_queue(queue)?;
+        let changed = if paused {
+            client.execute("INSERT INTO broker_paused (queue) VALUES ($1) ON CONFLICT DO NOTHING", &[&queue]).await
+        } else {
+            client.execute("DELETE FROM broker_paused WHERE queue = $1", &[&queue]).await
+        }
+        .map_err(pg_error)?;
+        if !paused && changed > 0 {
+            client.execute("SELECT pg_notify('broker_ready', '')", &[]).await.map_err(pg_error)?;
+        }
+        // Was paused: a pause that changed nothing, or a resume that did.
+        Ok((changed > 0) != paused)
+    }
+
+    async fn set_limit(&self, client: &Tx<'_>, scope: &str, name: &str, limit: Limit) -> Result<(), StoreError> {
+        match scope {
+            "task" => super::validate_name("name", name)?,
+            _ => super::validate_queue(name)?,
+        }
+        if limit.concurrency == Some(0) {
+            return Err(StoreError::Invalid("`concurrency` must be at least 1 (pause the queue to stop it)".into()));
+        }
+        let per_second = limit.rate.as_deref().map(super::flow::parse_rate).transpose()?;
+        if limit.rate.is_none() && limit.concurrency.is_none() {
+            client
+                .execute("DELETE FROM broker_limits WHERE scope = $1 AND name = $2", &[&scope, &name])
+                .await
+                .map_err(pg_error)?;
+        } else {
+            let concurrency = limit.concurrency.map(|c| i32::try_from(c).unwrap_or(i32::MAX));
+            let per_ms = per_second.map(|r| r / 1000.0);
+            let burst = per_second.map(|r| (r / 10.0).max(1.0));
+            // The same limit again (workers declare theirs at every start) keeps its bucket: a restart must not
+            // allow another burst. A new one starts full.
+            client
+                .execute(
+                    "INSERT INTO broker_limits (scope, name, rate, concurrency, per_ms, burst, tokens, refilled_ms)
+                     VALUES ($1, $2, $3::text, $4::integer, $5::float8, $6::float8, coalesce($6::float8, 0), $7)
+                     ON CONFLICT (scope, name) DO UPDATE SET rate = $3::text, concurrency = $4::integer,
+                        per_ms = $5::float8, burst = $6::float8, tokens = coalesce($6::float8, 0), refilled_ms = $7
+                     WHERE broker_limits.rate IS DISTINCT FROM $3::text
+                        OR broker_limits.concurrency IS DISTINCT FROM $4::integer",
+                    &[&scope, &name, &limit.rate, &concurrency, &per_ms, &burst, &ms(self.now())],
+                )
+                .await
+                .map_err(pg_error)?;
+        }
+        client.execute("SELECT pg_notify('broker_flow', '')", &[]).await.map_err(pg_error)?;
+        self.limited.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn limits(&self, client: &Tx<'_>) -> Result<Vec<broker_client::proto::LimitInfo>, StoreError> {
+        let rows = client
+            .query(
+                "SELECT l.scope, l.name, l.rate, l.concurrency, (SELECT count(*) FROM broker_tasks t
+                    WHERE t.state = 'STARTED' AND CASE WHEN l.scope = 'task' THEN t.task ELSE t.queue END = l.name)
+                 FROM broker_limits l ORDER BY l.scope = 'queue', l.name",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .iter()
+            .map(|row| broker_client::proto::LimitInfo {
+                scope: row.get(0),
+                name: row.get(1),
+                rate: row.get(2),
+                concurrency: row.get::<_, Option<i32>>(3).map(|c| c.max(0) as u32),
+                running: row.get::<_, i64>(4).max(0) as u32,
+            })
+            .collect())
     }
 
     /// Why an outcome for a lease changed nothing: the task was revoked while it ran (it is finished `REVOKED`
@@ -1073,6 +1323,7 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
+        let paused = client.query("SELECT queue FROM broker_paused", &[]).await.map_err(pg_error)?;
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let mut queues: Vec<QueueStats> = Vec::new();
         let mut results_stored = 0;
@@ -1097,6 +1348,14 @@ impl Inner {
                 _ => results_stored += count,
             }
         }
+        for row in &paused {
+            let queue: String = row.get(0);
+            match queues.iter_mut().find(|q| q.name == queue) {
+                Some(q) => q.paused = true,
+                None => queues.push(QueueStats { name: queue, paused: true, ..QueueStats::default() }),
+            }
+        }
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let leases_by_conn = held.by_conn.iter().map(|(conn, ids)| (*conn, ids.len() as u64)).collect();
         Ok(StoreStats { queues, totals: counts.totals.clone(), results_stored, leases_by_conn })
@@ -1106,6 +1365,7 @@ impl Inner {
     async fn tick(&self) -> Result<(), StoreError> {
         let steps = [
             self.measure_clock().await,
+            self.read_limited().await,
             self.in_transaction(|tx, inner| Box::pin(inner.lose_leases(tx, None, "lease expired", true)))
                 .await
                 .map(drop),
@@ -1356,5 +1616,23 @@ impl TaskStore for PgStore {
 
     fn durability(&self) -> String {
         "postgres".to_string()
+    }
+
+    fn set_paused(&self, queue: &str, paused: bool) -> Op<bool> {
+        let queue = queue.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.set_paused(tx, &queue, paused).await }))
+    }
+
+    fn set_limit(&self, scope: super::flow::Scope, name: &str, limit: Limit) -> Op<()> {
+        let scope = match scope {
+            super::flow::Scope::Task => "task",
+            super::flow::Scope::Queue => "queue",
+        };
+        let name = name.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.set_limit(tx, scope, &name, limit).await }))
+    }
+
+    fn limits(&self) -> Op<Vec<broker_client::proto::LimitInfo>> {
+        self.submit(move |tx, inner| Box::pin(inner.limits(tx)))
     }
 }
