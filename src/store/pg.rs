@@ -729,17 +729,16 @@ impl Inner {
         let rows = if self.limited.load(Ordering::Relaxed) {
             match self.pick_limited(client, queue, max, now).await? {
                 Some(ids) if !ids.is_empty() => {
-                    let statement = format!(
+                    let statement =
                         "UPDATE broker_tasks t SET state = 'STARTED', lease_id = nextval('broker_lease_ids'),
                             cur_lease_ms = least(coalesce($3, t.lease_ms), $4),
                             deadline_ms = $2 + least(coalesce($3, t.lease_ms), $4),
                             attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
                          WHERE t.id = ANY($1)
                          RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms,
-                            t.priority, t.seq, t.spec"
-                    );
+                            t.priority, t.seq, t.spec";
                     let params: Params<'_> = &[&ids, &ms(now), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
-                    client.query(&statement, params).await.map_err(pg_error)?
+                    client.query(statement, params).await.map_err(pg_error)?
                 }
                 Some(_) => Vec::new(),
                 None => {
