@@ -209,6 +209,36 @@ async fn retries_dead_set_revoke_purge_and_unsupported_ops() {
     let order: Vec<&str> = leased.iter().skip(1).map(|t| t.id.as_str()).collect();
     assert_eq!(order, ids.iter().map(String::as_str).collect::<Vec<_>>(), "FIFO as sent");
 
+    // Pipelined enqueues and acks share multi-row statements: the same id twice creates one task, and a stale ack
+    // among good ones is refused alone.
+    let twice = TaskSpec { id: Some("twice".into()), ..spec("t", "m", vec![]) };
+    let (first, second) = tokio::join!(client.enqueue(twice.clone()), client.enqueue(twice));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!((first.created, second.created), (true, false));
+    assert_eq!((first.state, second.state), (TaskState::Pending, TaskState::Pending));
+    for i in 0..4 {
+        client.enqueue(spec("t", "m", vec![Value::from(i)])).await.unwrap();
+    }
+    let leased = client.lease(&lease("m", 5, 0, None)).await.unwrap();
+    assert_eq!(leased.len(), 5);
+    let acks = futures_util::future::join_all(leased.iter().enumerate().map(|(i, t)| {
+        let lease_id = if i == 2 { t.lease_id + 1_000_000 } else { t.lease_id };
+        client.ack(&t.id, lease_id, Value::from(i as i64))
+    }))
+    .await;
+    for (i, ack) in acks.into_iter().enumerate() {
+        match i {
+            2 => assert_eq!(code(ack.unwrap_err()), Some(ErrorCode::LeaseLost)),
+            _ => ack.unwrap(),
+        }
+    }
+    for (i, t) in leased.iter().enumerate() {
+        let info = client.get(&t.id).await.unwrap();
+        let expected =
+            if i == 2 { (TaskState::Started, None) } else { (TaskState::Success, Some(Value::from(i as i64))) };
+        assert_eq!((info.state, info.result), expected, "task {i}");
+    }
+
     // What only the single node has yet is refused with a code, and the connection goes on.
     let chained = TaskSpec { chain: vec![TaskSpec::new("next")], ..spec("first", "c", vec![]) };
     assert_eq!(code(client.enqueue(chained).await.unwrap_err()), Some(ErrorCode::Unsupported));

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use broker_client::proto::{DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use futures_util::future::{try_join_all, BoxFuture};
+use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
@@ -129,11 +129,53 @@ impl Sql<'_> {
 type Tx<'a> = Sql<'a>;
 /// Told whether the group a request's statements ran in committed; sends the request its outcome.
 type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Where a request's outcome goes.
+type Outcome<T> = tokio::sync::oneshot::Sender<Result<T, StoreError>>;
 /// One request's work in the daemon's line: its statements, run in the group's transaction. Gives whether they
 /// failed in the engine (the group then rolls back) and what to do once the group ended.
-type Job = Box<dyn for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, (bool, Finish)> + Send>;
+type Work = Box<dyn for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, (bool, Finish)> + Send>;
+
+/// A request in the daemon's line. Enqueues and acks that follow each other in a group become one multi-row
+/// statement each (a pipelining producer's or worker's requests, or many clients' at once).
+enum Job {
+    Enqueue(Vec<NewTask>, Outcome<Vec<Enqueued>>),
+    Ack { id: String, lease_id: u64, result: Value, outcome: Outcome<()> },
+    Other(Work),
+}
+
+/// What to do with a request's outcome once its group ended: a group that did not commit turns a success into
+/// `store_unavailable` (the request's own engine error stays). Also says whether the outcome is an engine error.
+fn finish<T: Send + 'static>(outcome: Outcome<T>, result: Result<T, StoreError>) -> (bool, Finish) {
+    let failed = matches!(result, Err(StoreError::Unavailable(_) | StoreError::Shared(_)));
+    let finish: Finish = Box::new(move |committed| {
+        let result = match committed {
+            Ok(()) => result,
+            Err(_) if failed => result,
+            Err(why) => Err(StoreError::Unavailable(why)),
+        };
+        let _ = outcome.send(result);
+    });
+    (failed, finish)
+}
+
+/// The same engine error for each of several requests (the first gets it as it was).
+fn each_error(e: StoreError, count: usize) -> impl Iterator<Item = StoreError> {
+    let text = e.to_string();
+    let unavailable = matches!(e, StoreError::Unavailable(_));
+    std::iter::once(e).chain((1..count).map(move |_| {
+        if unavailable {
+            StoreError::Unavailable(text.clone())
+        } else {
+            StoreError::Shared(text.clone())
+        }
+    }))
+}
 /// The most requests one group commit carries.
 const MAX_GROUP: usize = 512;
+
+/// A task to insert: its record, the record encoded, when it is due, when it finished (expired on arrival), and
+/// its error encoded.
+type NewRow = (TaskRecord, Vec<u8>, u64, Option<u64>, Option<Vec<u8>>);
 
 /// The states a task waits in (leasable once due).
 const WAITING: &str = "('PENDING', 'SCHEDULED', 'RETRY')";
@@ -510,16 +552,69 @@ impl Inner {
             Ok(tx) => tx,
             Err(e) => return tracing::warn!(error = %e, requests = group.len(), "cannot begin a group commit"),
         };
+        let sql = Sql(&tx);
         let mut finishes = Vec::with_capacity(group.len());
         let mut broke = false;
-        for job in group {
+        let mut jobs = group.into_iter().peekable();
+        while let Some(job) = jobs.next() {
             if broke {
                 // Dropped unrun: its requester hears the store is unavailable.
                 continue;
             }
-            let (failed, finish) = job(&Sql(&tx), self).await;
-            broke |= failed;
-            finishes.push(finish);
+            match job {
+                Job::Other(work) => {
+                    let (failed, finish) = work(&sql, self).await;
+                    broke |= failed;
+                    finishes.push(finish);
+                }
+                Job::Enqueue(specs, outcome) => {
+                    let mut run = vec![(specs, outcome)];
+                    while let Some(Job::Enqueue(..)) = jobs.peek() {
+                        if let Some(Job::Enqueue(specs, outcome)) = jobs.next() {
+                            run.push((specs, outcome));
+                        }
+                    }
+                    let sizes: Vec<usize> = run.iter().map(|(specs, _)| specs.len()).collect();
+                    let (specs, outcomes): (Vec<Vec<NewTask>>, Vec<_>) = run.into_iter().unzip();
+                    match self.enqueue(&sql, specs.into_iter().flatten().collect()).await {
+                        Ok(mut done) => {
+                            for (size, outcome) in sizes.into_iter().zip(outcomes) {
+                                let rest = done.split_off(size.min(done.len()));
+                                finishes.push(finish(outcome, Ok(std::mem::replace(&mut done, rest))).1);
+                            }
+                        }
+                        Err(e) => {
+                            broke = true;
+                            for (e, outcome) in each_error(e, outcomes.len()).zip(outcomes) {
+                                finishes.push(finish(outcome, Err::<Vec<Enqueued>, _>(e)).1);
+                            }
+                        }
+                    }
+                }
+                Job::Ack { id, lease_id, result, outcome } => {
+                    let mut acks = vec![(id, lease_id, result)];
+                    let mut outcomes = vec![outcome];
+                    while let Some(Job::Ack { .. }) = jobs.peek() {
+                        if let Some(Job::Ack { id, lease_id, result, outcome }) = jobs.next() {
+                            acks.push((id, lease_id, result));
+                            outcomes.push(outcome);
+                        }
+                    }
+                    match self.ack_many(&sql, acks).await {
+                        Ok(results) => {
+                            for (result, outcome) in results.into_iter().zip(outcomes) {
+                                finishes.push(finish(outcome, result).1);
+                            }
+                        }
+                        Err(e) => {
+                            broke = true;
+                            for (e, outcome) in each_error(e, outcomes.len()).zip(outcomes) {
+                                finishes.push(finish(outcome, Err::<(), _>(e)).1);
+                            }
+                        }
+                    }
+                }
+            }
         }
         let committed = if broke {
             let _ = tx.rollback().await;
@@ -613,62 +708,87 @@ impl Inner {
             let error = record.error.as_deref().map(encode).transpose()?;
             rows.push((record, spec_bytes, due, finished, error));
         }
-        // Waiting daemons hear of a new task from the insert itself (one notification per transaction).
+        // One statement for them all, rows inserted in the order given (their `seq`, FIFO); waiting daemons hear
+        // of new tasks from the insert itself (one notification per transaction).
         let insert = "WITH new AS (INSERT INTO broker_tasks (id, queue, task, state, priority, due_ms, lease_ms, \
             max_retries, created_at_ms, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, \
             result_expires_at_ms, spec) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-            ON CONFLICT (id) DO NOTHING RETURNING seq) \
-            SELECT seq, pg_notify('broker_ready', '') FROM new";
-        let inserts = rows.iter().map(|(record, spec, due, finished, error)| {
-            let state = record.state.as_str();
-            let result_expires = finished.map(|f| ms(f.saturating_add(record.result_ttl_ms)));
-            let (id, queue, task) = (&*record.id, record.queue.as_str(), record.task.as_str());
-            let (due, lease_ms, retries) = (ms(*due), ms(record.lease_ms), i64::from(record.max_retries));
-            let (created, eta, expires) = (ms(now), opt_ms(record.eta_ms), opt_ms(record.expires_at_ms));
-            let (ttl, finished) = (ms(record.result_ttl_ms), opt_ms(*finished));
-            async move {
-                tx.query_opt(
-                    insert,
-                    &[
-                        &id,
-                        &queue,
-                        &task,
-                        &state,
-                        &record.priority,
-                        &due,
-                        &lease_ms,
-                        &retries,
-                        &created,
-                        &eta,
-                        &expires,
-                        &ttl,
-                        &record.revoked,
-                        &error.as_deref(),
-                        &finished,
-                        &result_expires,
-                        &spec.as_slice(),
-                    ],
-                )
+            SELECT id, queue, task, state, priority, due_ms, lease_ms, max_retries, $9::bigint, eta_ms, \
+                expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, result_expires_at_ms, spec \
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::bigint[], $7::bigint[], \
+                $8::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::boolean[], $14::bytea[], \
+                $15::bigint[], $16::bigint[], $17::bytea[]) WITH ORDINALITY AS r(id, queue, task, state, priority, \
+                due_ms, lease_ms, max_retries, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, \
+                finished_at_ms, result_expires_at_ms, spec, ord) \
+            ORDER BY ord \
+            ON CONFLICT (id) DO NOTHING RETURNING id) \
+            SELECT id, pg_notify('broker_ready', '') FROM new";
+        let column = |f: &dyn Fn(&NewRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+        let optional = |f: &dyn Fn(&NewRow) -> Option<i64>| rows.iter().map(f).collect::<Vec<Option<i64>>>();
+        let ids: Vec<&str> = rows.iter().map(|r| &*r.0.id).collect();
+        let queues: Vec<&str> = rows.iter().map(|r| r.0.queue.as_str()).collect();
+        let tasks: Vec<&str> = rows.iter().map(|r| r.0.task.as_str()).collect();
+        let states: Vec<&str> = rows.iter().map(|r| r.0.state.as_str()).collect();
+        let priorities: Vec<i32> = rows.iter().map(|r| r.0.priority).collect();
+        let due = column(&|r| ms(r.2));
+        let lease_ms = column(&|r| ms(r.0.lease_ms));
+        let retries = column(&|r| i64::from(r.0.max_retries));
+        let eta = optional(&|r| opt_ms(r.0.eta_ms));
+        let expires = optional(&|r| opt_ms(r.0.expires_at_ms));
+        let ttl = column(&|r| ms(r.0.result_ttl_ms));
+        let revoked: Vec<bool> = rows.iter().map(|r| r.0.revoked).collect();
+        let errors: Vec<Option<&[u8]>> = rows.iter().map(|r| r.4.as_deref()).collect();
+        let finished = optional(&|r| opt_ms(r.3));
+        let result_expires = optional(&|r| r.3.map(|f| ms(f.saturating_add(r.0.result_ttl_ms))));
+        let specs: Vec<&[u8]> = rows.iter().map(|r| r.1.as_slice()).collect();
+        let params: Params<'_> = &[
+            &ids,
+            &queues,
+            &tasks,
+            &states,
+            &priorities,
+            &due,
+            &lease_ms,
+            &retries,
+            &ms(now),
+            &eta,
+            &expires,
+            &ttl,
+            &revoked,
+            &errors,
+            &finished,
+            &result_expires,
+            &specs,
+        ];
+        let inserted: HashSet<String> =
+            tx.query(insert, params).await.map_err(pg_error)?.iter().map(|row| row.get(0)).collect();
+        // Those not inserted exist already (or came twice): their state now.
+        let existing: Vec<&str> = ids.iter().copied().filter(|id| !inserted.contains(*id)).collect();
+        let mut states_now = HashMap::new();
+        if !existing.is_empty() {
+            for row in tx
+                .query("SELECT id, state FROM broker_tasks WHERE id = ANY($1)", &[&existing])
                 .await
+                .map_err(pg_error)?
+            {
+                let (id, state): (String, &str) = (row.get(0), row.get(1));
+                let state = state_of(state).map_err(|message| StoreError::Corrupt { id: id.clone(), message })?;
+                states_now.insert(id, state);
             }
-        });
-        // Pipelined on the one connection: one round trip for the batch.
-        let inserted = try_join_all(inserts).await.map_err(pg_error)?;
+        }
         let mut out = Vec::with_capacity(rows.len());
         let mut created = 0;
-        for ((record, ..), inserted) in rows.iter().zip(inserted) {
-            let state = if inserted.is_some() {
+        let mut claimed = HashSet::new();
+        for (record, ..) in &rows {
+            // The first of the same id in this statement created it; any other found it.
+            let new = inserted.contains(&*record.id) && claimed.insert(&*record.id);
+            let state = if new {
                 created += 1;
                 record.state
             } else {
-                let row = tx
-                    .query_one("SELECT state FROM broker_tasks WHERE id = $1", &[&&*record.id])
-                    .await
-                    .map_err(pg_error)?;
-                state_of(row.get(0)).map_err(|message| StoreError::Corrupt { id: record.id.to_string(), message })?
+                states_now.get(&*record.id).copied().unwrap_or(record.state)
             };
-            out.push(Enqueued { id: record.id.to_string(), created: inserted.is_some(), state, chain: Vec::new() });
+            out.push(Enqueued { id: record.id.to_string(), created: new, state, chain: Vec::new() });
         }
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.enqueued += created;
         if created > 0 {
@@ -981,25 +1101,50 @@ impl Inner {
         Ok(StoreError::LeaseLost { id: id.to_string(), lease_id })
     }
 
-    async fn ack(&self, client: &Tx<'_>, id: &str, lease_id: u64, result: Value) -> Result<(), StoreError> {
+    /// Acks, in one statement; each one's outcome (a lease not held, or a task revoked while it ran, are that
+    /// ack's refusal).
+    async fn ack_many(
+        &self,
+        client: &Tx<'_>,
+        acks: Vec<(String, u64, Value)>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let now = self.now();
-        let result = encode(&result)?;
-        let statement = "WITH done AS (
-                    UPDATE broker_tasks SET state = 'SUCCESS', result = $3, error = NULL, lease_id = NULL,
-                        deadline_ms = NULL, finished_at_ms = $4, result_expires_at_ms = $4 + result_ttl_ms
-                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND NOT revoked RETURNING queue)
-                 SELECT queue, pg_notify('broker_finished', '') FROM done";
-        let done =
-            client.query_opt(statement, &[&id, &(lease_id as i64), &result, &ms(now)]).await.map_err(pg_error)?;
-        let Some(row) = done else { return Err(self.refused(client, id, lease_id).await?) };
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
-        let queue: String = row.get(0);
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.totals.succeeded += 1;
-        counts.per_queue.entry(queue).or_default().0 += 1;
-        drop(counts);
-        self.finished.notify_waiters();
-        Ok(())
+        let mut ids = Vec::with_capacity(acks.len());
+        let mut lease_ids = Vec::with_capacity(acks.len());
+        let mut results = Vec::with_capacity(acks.len());
+        for (id, lease_id, result) in &acks {
+            ids.push(id.as_str());
+            lease_ids.push(*lease_id as i64);
+            results.push(encode(result)?);
+        }
+        let statement =
+            "WITH a AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS a(id, lease_id, result)),
+            done AS (UPDATE broker_tasks t SET state = 'SUCCESS', result = a.result, error = NULL, lease_id = NULL,
+                    deadline_ms = NULL, finished_at_ms = $4::bigint, result_expires_at_ms = $4::bigint + t.result_ttl_ms
+                FROM a WHERE t.id = a.id AND t.lease_id = a.lease_id AND t.state = 'STARTED' AND NOT t.revoked
+                RETURNING t.id, a.lease_id, t.queue)
+            SELECT id, lease_id, queue, pg_notify('broker_finished', '') FROM done";
+        let rows = client.query(statement, &[&ids, &lease_ids, &results, &ms(now)]).await.map_err(pg_error)?;
+        let mut done: HashMap<(String, i64), String> =
+            rows.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
+        let mut outcomes = Vec::with_capacity(acks.len());
+        for (id, lease_id, _) in &acks {
+            // A task acked twice in one statement is updated once: the first ack has it, the next is refused.
+            match done.remove(&(id.clone(), *lease_id as i64)) {
+                Some(queue) => {
+                    self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, *lease_id);
+                    let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+                    counts.totals.succeeded += 1;
+                    counts.per_queue.entry(queue).or_default().0 += 1;
+                    outcomes.push(Ok(()));
+                }
+                None => outcomes.push(Err(self.refused(client, id, *lease_id).await?)),
+            }
+        }
+        if !rows.is_empty() {
+            self.finished.notify_waiters();
+        }
+        Ok(outcomes)
     }
 
     async fn fail(
@@ -1472,23 +1617,15 @@ impl PgStore {
         &self,
         work: impl for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, Result<T, StoreError>> + Send + 'static,
     ) -> Op<T> {
+        self.line_up(|outcome| {
+            Job::Other(Box::new(move |tx, inner| Box::pin(async move { finish(outcome, work(tx, inner).await) })))
+        })
+    }
+
+    /// Puts the job `make` builds around the request's outcome in the line; its outcome once its group ended.
+    fn line_up<T: Send + 'static>(&self, make: impl FnOnce(Outcome<T>) -> Job) -> Op<T> {
         let (outcome, receive) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |tx, inner| {
-            Box::pin(async move {
-                let result = work(tx, inner).await;
-                let failed = matches!(result, Err(StoreError::Unavailable(_) | StoreError::Shared(_)));
-                let finish: Finish = Box::new(move |committed| {
-                    let result = match committed {
-                        Ok(()) => result,
-                        Err(_) if failed => result,
-                        Err(why) => Err(StoreError::Unavailable(why)),
-                    };
-                    let _ = outcome.send(result);
-                });
-                (failed, finish)
-            })
-        });
-        if self.line.send(job).is_err() {
+        if self.line.send(make(outcome)).is_err() {
             return Op::Now(Err(StoreError::Unavailable("the store is closed".into())));
         }
         later(async move {
@@ -1510,7 +1647,7 @@ impl TaskStore for PgStore {
                 }));
             }
         }
-        self.submit(move |tx, inner| Box::pin(inner.enqueue(tx, specs)))
+        self.line_up(|outcome| Job::Enqueue(specs, outcome))
     }
 
     fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)> {
@@ -1522,7 +1659,7 @@ impl TaskStore for PgStore {
 
     fn ack(&self, id: &str, lease_id: u64, result: Value) -> Op<()> {
         let id = id.to_string();
-        self.submit(move |tx, inner| Box::pin(async move { inner.ack(tx, &id, lease_id, result).await }))
+        self.line_up(|outcome| Job::Ack { id, lease_id, result, outcome })
     }
 
     fn fail(

@@ -49,9 +49,15 @@ impl TestServer {
     }
 
     /// A daemon with settings changed by `tweak`, on a manual clock if `manual`.
+    ///
+    /// With `BROKER_TEST_PG` set (a PostgreSQL URL, as `scripts/test` sets it for a second run of the suites that
+    /// do not need the single node), a wall-clock daemon runs over that database, in a schema of its own.
     pub async fn start_with(tweak: impl FnOnce(&mut Config), manual: bool) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
+        if !manual {
+            config.store = pg_schema_url();
+        }
         tweak(&mut config);
         let clock = manual.then(|| ManualClock::new(1_700_000_000_000));
         let handle = launch(&config, clock.clone()).await;
@@ -105,6 +111,26 @@ impl TestServer {
             handle.shutdown().await.expect("clean shutdown");
         }
     }
+}
+
+/// With `BROKER_TEST_PG`: that database, in a new schema (tests do not see each other's tasks).
+pub fn pg_schema_url() -> Option<String> {
+    let base = std::env::var("BROKER_TEST_PG").ok().filter(|url| !url.is_empty())?;
+    let schema = format!("t_{:016x}", rand_u64());
+    let created = Command::new("psql")
+        .args([base.as_str(), "-qc", &format!("CREATE SCHEMA {schema}")])
+        .output()
+        .expect("run psql");
+    assert!(created.status.success(), "CREATE SCHEMA: {}", String::from_utf8_lossy(&created.stderr));
+    let joiner = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{joiner}options=-csearch_path%3D{schema}"))
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    hasher.finish()
 }
 
 async fn launch(config: &Config, clock: Option<ManualClock>) -> ServerHandle {
