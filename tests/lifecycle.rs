@@ -483,7 +483,9 @@ async fn stats_count_per_queue() {
     assert_eq!(reports.ready, 1);
     assert_eq!(stats.totals.enqueued, 3);
     assert_eq!(stats.connections, 1);
-    assert_eq!(stats.fsync, "always");
+    // The durability policy: the log's fsync on the single node; commits on the PostgreSQL store.
+    let policy = if server.config.store.is_some() { "postgres" } else { "always" };
+    assert_eq!(stats.fsync, policy);
 }
 
 /// Reads the manual clock through the public trait.

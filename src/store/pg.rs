@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_client::proto::{DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value};
+use broker_client::proto::{
+    DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value, DEFAULT_QUEUE,
+};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
@@ -176,6 +178,10 @@ const MAX_GROUP: usize = 512;
 /// A task to insert: its record, the record encoded, when it is due, when it finished (expired on arrival), and
 /// its error encoded.
 type NewRow = (TaskRecord, Vec<u8>, u64, Option<u64>, Option<Vec<u8>>);
+
+/// A new lease id: unique (the sequence, in the high bits) and not guessable from a neighbour's (24 random low
+/// bits), as the single node's are: quoting another worker's lease must not be a matter of counting.
+const LEASE_ID: &str = "(nextval('broker_lease_ids') * 16777216 + floor(random() * 16777216))::bigint";
 
 /// The states a task waits in (leasable once due).
 const WAITING: &str = "('PENDING', 'SCHEDULED', 'RETRY')";
@@ -574,8 +580,30 @@ impl Inner {
                             run.push((specs, outcome));
                         }
                     }
-                    let sizes: Vec<usize> = run.iter().map(|(specs, _)| specs.len()).collect();
-                    let (specs, outcomes): (Vec<Vec<NewTask>>, Vec<_>) = run.into_iter().unzip();
+                    // A request that would take a queue past max_queue_length is refused alone.
+                    let refused = match self.admit(&sql, &run).await {
+                        Ok(refused) => refused,
+                        Err(e) => {
+                            broke = true;
+                            let outcomes: Vec<_> = run.into_iter().map(|(_, outcome)| outcome).collect();
+                            for (e, outcome) in each_error(e, outcomes.len()).zip(outcomes) {
+                                finishes.push(finish(outcome, Err::<Vec<Enqueued>, _>(e)).1);
+                            }
+                            continue;
+                        }
+                    };
+                    let mut admitted = Vec::with_capacity(run.len());
+                    for ((specs, outcome), refusal) in run.into_iter().zip(refused) {
+                        match refusal {
+                            Some(e) => finishes.push(finish(outcome, Err::<Vec<Enqueued>, _>(e)).1),
+                            None => admitted.push((specs, outcome)),
+                        }
+                    }
+                    if admitted.is_empty() {
+                        continue;
+                    }
+                    let sizes: Vec<usize> = admitted.iter().map(|(specs, _)| specs.len()).collect();
+                    let (specs, outcomes): (Vec<Vec<NewTask>>, Vec<_>) = admitted.into_iter().unzip();
                     match self.enqueue(&sql, specs.into_iter().flatten().collect()).await {
                         Ok(mut done) => {
                             for (size, outcome) in sizes.into_iter().zip(outcomes) {
@@ -625,6 +653,56 @@ impl Inner {
         for finish in finishes {
             finish(committed.clone());
         }
+    }
+
+    /// With `max_queue_length`: which of these enqueue requests, taken in order, would take a queue past it
+    /// (`queue_full`, nothing of that request stored); the others count against the room left. Counted in the
+    /// group's transaction: daemons enqueuing into one queue at once may pass the limit by what they add together.
+    async fn admit(
+        &self,
+        client: &Tx<'_>,
+        run: &[(Vec<NewTask>, Outcome<Vec<Enqueued>>)],
+    ) -> Result<Vec<Option<StoreError>>, StoreError> {
+        let limit = self.options.max_queue_length;
+        if limit == 0 {
+            return Ok(run.iter().map(|_| None).collect());
+        }
+        let queue_of = |spec: &NewTask| spec.queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.to_string());
+        let mut queues: Vec<String> = run.iter().flat_map(|(specs, _)| specs.iter().map(queue_of)).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        let mut waiting: HashMap<String, u64> = HashMap::new();
+        for row in client
+            .query(
+                &format!(
+                    "SELECT queue, count(*) FROM broker_tasks WHERE queue = ANY($1) AND state IN {WAITING}
+                     GROUP BY queue"
+                ),
+                &[&queues],
+            )
+            .await
+            .map_err(pg_error)?
+        {
+            waiting.insert(row.get(0), row.get::<_, i64>(1).max(0) as u64);
+        }
+        let mut refused = Vec::with_capacity(run.len());
+        for (specs, _) in run {
+            let mut adding: HashMap<String, u64> = HashMap::new();
+            for spec in specs {
+                *adding.entry(queue_of(spec)).or_default() += 1;
+            }
+            let full = adding.iter().find_map(|(queue, n)| {
+                let now = waiting.get(queue).copied().unwrap_or(0);
+                (now + n > limit).then(|| StoreError::QueueFull { queue: queue.clone(), waiting: now, limit })
+            });
+            if full.is_none() {
+                for (queue, n) in adding {
+                    *waiting.entry(queue).or_default() += n;
+                }
+            }
+            refused.push(full);
+        }
+        Ok(refused)
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -831,45 +909,51 @@ impl Inner {
         lease_ms: Option<u64>,
         now: u64,
     ) -> Result<Vec<Grant>, StoreError> {
+        // A reply stops adding tasks once their records reach max_reply_bytes (it always carries one), so it stays
+        // deliverable; the rows locked past that are free again when the group commits.
         let statement = format!(
             "WITH picked AS (
-                    SELECT id FROM broker_tasks
+                    SELECT id, octet_length(spec) AS size, priority, seq FROM broker_tasks
                     WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
                       AND (expires_at_ms IS NULL OR expires_at_ms > $2)
                       AND NOT EXISTS (SELECT 1 FROM broker_paused WHERE queue = $1)
-                    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED)
-                 UPDATE broker_tasks t SET state = 'STARTED', lease_id = nextval('broker_lease_ids'),
+                    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED),
+                 sized AS (SELECT id, sum(size) OVER (ORDER BY priority DESC, seq ROWS UNBOUNDED PRECEDING) - size
+                    AS before FROM picked)
+                 UPDATE broker_tasks t SET state = 'STARTED', lease_id = {LEASE_ID},
                     cur_lease_ms = least(coalesce($4, t.lease_ms), $5),
                     deadline_ms = $2 + least(coalesce($4, t.lease_ms), $5),
                     attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
-                 FROM picked WHERE t.id = picked.id
+                 FROM sized WHERE t.id = sized.id AND sized.before < $6
                  RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
                     t.seq, t.spec"
         );
+        let budget = ms(self.options.max_reply_bytes as u64);
         let rows = if self.limited.load(Ordering::Relaxed) {
             match self.pick_limited(client, queue, max, now).await? {
                 Some(ids) if !ids.is_empty() => {
-                    let statement =
-                        "UPDATE broker_tasks t SET state = 'STARTED', lease_id = nextval('broker_lease_ids'),
+                    let statement = format!(
+                        "UPDATE broker_tasks t SET state = 'STARTED', lease_id = {LEASE_ID},
                             cur_lease_ms = least(coalesce($3, t.lease_ms), $4),
                             deadline_ms = $2 + least(coalesce($3, t.lease_ms), $4),
                             attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
                          WHERE t.id = ANY($1)
                          RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms,
-                            t.priority, t.seq, t.spec";
+                            t.priority, t.seq, t.spec"
+                    );
                     let params: Params<'_> = &[&ids, &ms(now), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
-                    client.query(statement, params).await.map_err(pg_error)?
+                    client.query(&statement, params).await.map_err(pg_error)?
                 }
                 Some(_) => Vec::new(),
                 None => {
                     let params: Params<'_> =
-                        &[&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
+                        &[&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms), &budget];
                     client.query(&statement, params).await.map_err(pg_error)?
                 }
             }
         } else {
             let params: Params<'_> =
-                &[&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
+                &[&queue, &ms(now), &(max as i64), &opt_ms(lease_ms), &ms(self.options.max_lease_ms), &budget];
             client.query(&statement, params).await.map_err(pg_error)?
         };
         let mut taken = Vec::with_capacity(rows.len());
@@ -922,7 +1006,7 @@ impl Inner {
         let candidates = client
             .query(
                 &format!(
-                    "SELECT id, task FROM broker_tasks
+                    "SELECT id, task, octet_length(spec) FROM broker_tasks
                      WHERE queue = $1 AND state IN {WAITING} AND due_ms <= $2
                        AND (expires_at_ms IS NULL OR expires_at_ms > $2)
                      ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
@@ -970,8 +1054,12 @@ impl Inner {
         }
         let mut chosen = Vec::new();
         let mut used: HashMap<String, u64> = HashMap::new();
+        let mut bytes = 0;
         for row in &candidates {
-            if chosen.len() >= max || queue_room.as_ref().is_some_and(|r| r.left == 0) {
+            if chosen.len() >= max
+                || queue_room.as_ref().is_some_and(|r| r.left == 0)
+                || bytes >= self.options.max_reply_bytes
+            {
                 break;
             }
             let (id, task): (String, String) = (row.get(0), row.get(1));
@@ -985,6 +1073,7 @@ impl Inner {
             if let Some(room) = &mut queue_room {
                 room.left -= 1;
             }
+            bytes += row.get::<_, i32>(2).max(0) as usize;
             chosen.push(id);
         }
         // Charge the buckets (the rows are locked): what they held at `now`, less the starts taken.
