@@ -6,8 +6,8 @@
 //! goes out once its change committed (on the primary and, with synchronous standbys, on one of them).
 //!
 //! - **Leases** take rows with `FOR UPDATE SKIP LOCKED`, highest priority first, then in enqueue order (`seq`);
-//!   each lease gets a new `lease_id` from one sequence, which fences stale workers: an `ack`, `fail`, `extend`
-//!   or `release` names it and changes nothing if the row holds another.
+//!   each lease gets a new random `lease_id`, which the row holds and which fences stale workers: an `ack`,
+//!   `fail`, `extend` or `release` names it and changes nothing if the row holds another.
 //! - **Waiting** (`lease` and `get` with `wait_ms`): a daemon listens on the channels `broker_ready` and
 //!   `broker_finished`, which the statements that make a task ready or finish it notify in their transaction;
 //!   its waiting requests look again when one arrives, whichever daemon made the change.
@@ -79,8 +79,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX broker_tasks_results ON broker_tasks (result_expires_at_ms) WHERE result_expires_at_ms IS NOT NULL;
     CREATE INDEX broker_tasks_dead ON broker_tasks (queue, finished_at_ms) WHERE state = 'FAILURE';
     CREATE INDEX broker_tasks_expiring ON broker_tasks (expires_at_ms)
-        WHERE expires_at_ms IS NOT NULL AND state IN ('PENDING', 'SCHEDULED', 'RETRY');
-    CREATE SEQUENCE broker_lease_ids;",
+        WHERE expires_at_ms IS NOT NULL AND state IN ('PENDING', 'SCHEDULED', 'RETRY');",
     // 2: flow control (pause, rate and concurrency limits), as the single node's control file holds it.
     "CREATE TABLE broker_paused (queue text PRIMARY KEY);
     CREATE TABLE broker_limits (
@@ -149,6 +148,9 @@ enum Job {
 /// `store_unavailable` (the request's own engine error stays). Also says whether the outcome is an engine error.
 fn finish<T: Send + 'static>(outcome: Outcome<T>, result: Result<T, StoreError>) -> (bool, Finish) {
     let failed = matches!(result, Err(StoreError::Unavailable(_) | StoreError::Shared(_)));
+    if let (true, Err(e)) = (failed, &result) {
+        tracing::warn!(error = %e, "a request failed in the store; its group commit rolls back");
+    }
     let finish: Finish = Box::new(move |committed| {
         let result = match committed {
             Ok(()) => result,
@@ -179,9 +181,11 @@ const MAX_GROUP: usize = 512;
 /// its error encoded.
 type NewRow = (TaskRecord, Vec<u8>, u64, Option<u64>, Option<Vec<u8>>);
 
-/// A new lease id: unique (the sequence, in the high bits) and not guessable from a neighbour's (24 random low
-/// bits), as the single node's are: quoting another worker's lease must not be a matter of counting.
-const LEASE_ID: &str = "(nextval('broker_lease_ids') * 16777216 + floor(random() * 16777216))::bigint";
+/// A new lease id: 60 bits from PostgreSQL's strong random source (`gen_random_uuid`), as the single node's are
+/// random: quoting another worker's lease must not be a matter of counting, and a task's new lease differs from its
+/// earlier ones (which is all fencing needs) but with odds of 2^-60.
+const LEASE_ID: &str = "('x' || substr(translate(gen_random_uuid()::text, '-', ''), 1, 12)
+    || substr(translate(gen_random_uuid()::text, '-', ''), 1, 3))::bit(60)::bigint";
 
 /// The states a task waits in (leasable once due).
 const WAITING: &str = "('PENDING', 'SCHEDULED', 'RETRY')";
@@ -580,6 +584,11 @@ impl Inner {
                             run.push((specs, outcome));
                         }
                     }
+                    // Requests whose requester gave up waiting are dropped unrun.
+                    run.retain(|(_, outcome)| !outcome.is_closed());
+                    if run.is_empty() {
+                        continue;
+                    }
                     // A request that would take a queue past max_queue_length is refused alone.
                     let refused = match self.admit(&sql, &run).await {
                         Ok(refused) => refused,
@@ -627,6 +636,11 @@ impl Inner {
                             acks.push((id, lease_id, result));
                             outcomes.push(outcome);
                         }
+                    }
+                    let (acks, outcomes): (Vec<_>, Vec<_>) =
+                        acks.into_iter().zip(outcomes).filter(|(_, outcome)| !outcome.is_closed()).unzip();
+                    if acks.is_empty() {
+                        continue;
                     }
                     match self.ack_many(&sql, acks).await {
                         Ok(results) => {
@@ -884,14 +898,17 @@ impl Inner {
         lease_ms: Option<u64>,
     ) -> Result<Vec<Grant>, StoreError> {
         let now = self.now();
-        let mut grants = Vec::new();
+        let mut grants: Vec<Grant> = Vec::new();
         // Several queues, in order, in the one transaction: a failure half-way leaves no task leased unreturned.
+        // One reply budget for them all (the reply carries at least one task).
         for queue in &queues {
             let left = max.saturating_sub(grants.len());
-            if left == 0 {
+            let used: usize = grants.iter().map(|g| g.payload.len() + 160).sum();
+            if left == 0 || (used > 0 && used >= self.options.max_reply_bytes) {
                 break;
             }
-            grants.extend(self.lease_from(tx, queue, left, lease_ms, now).await?);
+            let budget = if used == 0 { self.options.max_reply_bytes } else { self.options.max_reply_bytes - used };
+            grants.extend(self.lease_from(tx, queue, left, lease_ms, now, budget).await?);
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for grant in &grants {
@@ -908,6 +925,7 @@ impl Inner {
         max: usize,
         lease_ms: Option<u64>,
         now: u64,
+        budget: usize,
     ) -> Result<Vec<Grant>, StoreError> {
         // A reply stops adding tasks once their records reach max_reply_bytes (it always carries one), so it stays
         // deliverable; the rows locked past that are free again when the group commits.
@@ -928,9 +946,9 @@ impl Inner {
                  RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
                     t.seq, t.spec"
         );
-        let budget = ms(self.options.max_reply_bytes as u64);
+        let budget = ms(budget as u64);
         let rows = if self.limited.load(Ordering::Relaxed) {
-            match self.pick_limited(client, queue, max, now).await? {
+            match self.pick_limited(client, queue, max, now, budget).await? {
                 Some(ids) if !ids.is_empty() => {
                     let statement = format!(
                         "UPDATE broker_tasks t SET state = 'STARTED', lease_id = {LEASE_ID},
@@ -959,8 +977,10 @@ impl Inner {
         let mut taken = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.get("id");
+            // The rows are leased already: an error now must roll the group back (`Shared`), or they would stay
+            // leased with nobody told.
             let record = TaskRecord::decode(row.get("spec"))
-                .map_err(|e| StoreError::Corrupt { id: id.clone(), message: e.to_string() })?;
+                .map_err(|e| StoreError::Shared(format!("corrupt record {id:?}: {e}")))?;
             let priority: i32 = row.get("priority");
             let seq: i64 = row.get("seq");
             let grant = Grant {
@@ -991,6 +1011,7 @@ impl Inner {
         queue: &str,
         max: usize,
         now: u64,
+        budget: i64,
     ) -> Result<Option<Vec<String>>, StoreError> {
         if client
             .query_opt("SELECT 1 FROM broker_paused WHERE queue = $1", &[&queue])
@@ -1000,9 +1021,18 @@ impl Inner {
         {
             return Ok(Some(Vec::new()));
         }
+        // A limit row another daemon's lease holds is passed over: no room this round (its group commits soon, and
+        // waiting leases look again at each tick while limits exist). Waiting for it could deadlock two groups.
         const LIMIT: &str = "SELECT name, concurrency, per_ms, burst, tokens, refilled_ms FROM broker_limits
-            WHERE scope = $1 AND name = ANY($2) ORDER BY name FOR UPDATE";
-        let queue_limit = client.query(LIMIT, &[&"queue", &vec![queue.to_string()]]).await.map_err(pg_error)?;
+            WHERE scope = $1 AND name = ANY($2) ORDER BY name FOR UPDATE SKIP LOCKED";
+        const ANY_LIMIT: &str = "SELECT name FROM broker_limits WHERE scope = $1 AND name = ANY($2)";
+        let queue_names = vec![queue.to_string()];
+        let queue_limit = client.query(LIMIT, &[&"queue", &queue_names]).await.map_err(pg_error)?;
+        if queue_limit.is_empty()
+            && !client.query(ANY_LIMIT, &[&"queue", &queue_names]).await.map_err(pg_error)?.is_empty()
+        {
+            return Ok(Some(Vec::new()));
+        }
         let candidates = client
             .query(
                 &format!(
@@ -1019,7 +1049,13 @@ impl Inner {
         names.sort_unstable();
         names.dedup();
         let task_limits = client.query(LIMIT, &[&"task", &names]).await.map_err(pg_error)?;
-        if queue_limit.is_empty() && task_limits.is_empty() {
+        // Names whose limit row another lease holds: none of them this round.
+        let mut busy: HashSet<String> =
+            client.query(ANY_LIMIT, &[&"task", &names]).await.map_err(pg_error)?.iter().map(|r| r.get(0)).collect();
+        for row in &task_limits {
+            busy.remove(row.get::<_, &str>(0));
+        }
+        if queue_limit.is_empty() && task_limits.is_empty() && busy.is_empty() {
             return Ok(None);
         }
         /// A limit's room now: starts its bucket allows, and its concurrency less what runs.
@@ -1056,13 +1092,13 @@ impl Inner {
         let mut used: HashMap<String, u64> = HashMap::new();
         let mut bytes = 0;
         for row in &candidates {
-            if chosen.len() >= max
-                || queue_room.as_ref().is_some_and(|r| r.left == 0)
-                || bytes >= self.options.max_reply_bytes
-            {
+            if chosen.len() >= max || queue_room.as_ref().is_some_and(|r| r.left == 0) || bytes as i64 >= budget {
                 break;
             }
             let (id, task): (String, String) = (row.get(0), row.get(1));
+            if busy.contains(&task) {
+                continue;
+            }
             if let Some(room) = rooms.get_mut(&task) {
                 if room.left == 0 {
                     continue;
@@ -1201,10 +1237,14 @@ impl Inner {
         let mut ids = Vec::with_capacity(acks.len());
         let mut lease_ids = Vec::with_capacity(acks.len());
         let mut results = Vec::with_capacity(acks.len());
+        let mut seen = HashSet::new();
         for (id, lease_id, result) in &acks {
-            ids.push(id.as_str());
-            lease_ids.push(*lease_id as i64);
-            results.push(encode(result)?);
+            // The same ack twice: the first one's result is stored, the next is refused (after it).
+            if seen.insert((id.as_str(), *lease_id)) {
+                ids.push(id.as_str());
+                lease_ids.push(*lease_id as i64);
+                results.push(encode(result)?);
+            }
         }
         let statement =
             "WITH a AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS a(id, lease_id, result)),
@@ -1626,7 +1666,7 @@ impl Inner {
             .query(
                 "WITH due AS (UPDATE broker_tasks SET state = 'PENDING' WHERE id IN (SELECT id FROM broker_tasks
                     WHERE state IN ('SCHEDULED', 'RETRY') AND due_ms <= $1 FOR UPDATE SKIP LOCKED) RETURNING id)
-                 SELECT pg_notify('broker_ready', '') FROM (SELECT 1 FROM due LIMIT 1) AS any",
+                 SELECT pg_notify('broker_ready', '') FROM (SELECT 1 FROM due LIMIT 1) AS first",
                 &[&ms(self.now())],
             )
             .await
@@ -1707,7 +1747,16 @@ impl PgStore {
         work: impl for<'a> FnOnce(&'a Tx<'a>, &'a Inner) -> BoxFuture<'a, Result<T, StoreError>> + Send + 'static,
     ) -> Op<T> {
         self.line_up(|outcome| {
-            Job::Other(Box::new(move |tx, inner| Box::pin(async move { finish(outcome, work(tx, inner).await) })))
+            Job::Other(Box::new(move |tx, inner| {
+                Box::pin(async move {
+                    // Its requester gave up waiting (the store was slow): do nothing it would not hear of.
+                    if outcome.is_closed() {
+                        let nothing: Finish = Box::new(|_| {});
+                        return (false, nothing);
+                    }
+                    finish(outcome, work(tx, inner).await)
+                })
+            }))
         })
     }
 
@@ -1781,9 +1830,7 @@ impl TaskStore for PgStore {
     }
 
     fn release_connection(&self, conn: ConnId, shutting_down: bool) -> Op<usize> {
-        if !self.holds_leases(conn) {
-            return Op::Now(Ok(0));
-        }
+        // Through the line even when nothing is held now: a lease of this connection may still be in it.
         self.submit(move |tx, inner| Box::pin(inner.release_connection(tx, conn, shutting_down)))
     }
 
