@@ -552,7 +552,7 @@ fn leased_frame(id: u64, tasks: &[Grant]) -> ReplyFrame {
     out
 }
 
-fn lease(shared: &Arc<Shared>, session: &mut Session, id: u64, request: &[u8]) -> Outcome {
+fn lease(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
     let request: Lease = match body(request) {
         Ok(r) => r,
         Err(refusal) => return Outcome::Reply(reply::<Leased>(id, Err(refusal)), None),
@@ -668,7 +668,9 @@ fn ack(shared: &Shared, frame: &[u8]) -> Result<Op<Empty>, Refusal> {
     if let Err(message) = check_stored_size(shared, frame, "result") {
         // The task ends FAILURE (not retried: it would produce the same result) and the worker is told why.
         let error = TaskError { kind: "ResultTooLarge".into(), message: message.clone(), traceback: None };
-        let failed = shared.tasks().fail(&request.task_id, request.lease_id, error, false, None);
+        let fail =
+            Fail { task_id: request.task_id, lease_id: request.lease_id, error, retry: false, countdown_ms: None };
+        let failed = shared.tasks().fail(fail);
         return Ok(failed.and_then(|_| Err(StoreError::TooLarge(message))));
     }
     Ok(shared.tasks().ack(&request.task_id, request.lease_id, request.result).map(|()| Empty {}))
@@ -687,8 +689,7 @@ fn check_stored_size(shared: &Shared, frame: &[u8], key: &str) -> Result<(), Str
 
 fn fail(shared: &Shared, request: &[u8]) -> Result<Op<Failed>, Refusal> {
     let request: Fail = body(request)?;
-    let outcome =
-        shared.tasks().fail(&request.task_id, request.lease_id, request.error, request.retry, request.countdown_ms);
+    let outcome = shared.tasks().fail(request);
     Ok(outcome.map(|outcome| Failed { state: outcome.state, retry_at_ms: outcome.retry_at_ms }))
 }
 
@@ -715,7 +716,7 @@ fn release(shared: &Shared, request: &[u8]) -> Result<Op<Empty>, Refusal> {
     Ok(shared.tasks().release(&request.task_id, request.lease_id).map(|()| Empty {}))
 }
 
-fn get(shared: &Arc<Shared>, session: &mut Session, id: u64, request: &[u8]) -> Outcome {
+fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outcome {
     let request: Get = match body(request) {
         Ok(r) => r,
         Err(refusal) => return Outcome::Reply(reply::<TaskInfo>(id, Err(refusal)), None),

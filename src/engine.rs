@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use std::collections::BTreeMap;
 
-use broker_client::proto::{DeadRequeue, Enqueued, LimitInfo, Progress, TaskError, TaskInfo, TaskState, Value};
+use broker_client::proto::{DeadRequeue, Enqueued, Fail, LimitInfo, Progress, TaskInfo, TaskState, Value};
 use tokio::sync::Notify;
 
 use crate::store::control::Limit;
@@ -74,14 +74,7 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Completes a leased task with its result.
     fn ack(&self, id: &str, lease_id: u64, result: Value) -> Op<()>;
     /// Fails a leased task: it retries while retries are left and `retry`, else dies.
-    fn fail(
-        &self,
-        id: &str,
-        lease_id: u64,
-        error: TaskError,
-        retry: bool,
-        countdown_ms: Option<u64>,
-    ) -> Op<FailOutcome>;
+    fn fail(&self, request: Fail) -> Op<FailOutcome>;
     /// Pushes a lease's deadline; says whether the task was revoked.
     fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)>;
     /// Stores a running task's progress report; says whether the task was revoked.
@@ -134,15 +127,8 @@ impl TaskStore for Store {
         Op::Now(Store::ack(self, id, lease_id, result))
     }
 
-    fn fail(
-        &self,
-        id: &str,
-        lease_id: u64,
-        error: TaskError,
-        retry: bool,
-        countdown_ms: Option<u64>,
-    ) -> Op<FailOutcome> {
-        Op::Now(Store::fail(self, id, lease_id, error, retry, countdown_ms))
+    fn fail(&self, r: Fail) -> Op<FailOutcome> {
+        Op::Now(Store::fail(self, &r.task_id, r.lease_id, r.error, r.retry, r.countdown_ms))
     }
 
     fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)> {

@@ -122,13 +122,17 @@ def index():
     return render_template_string(PAGE)
 
 
+def started(result, status, page):
+    """The reply to a form that started a task: its id and status URL (JSON), or a redirect to its page."""
+    if request.accept_mimetypes.best == "application/json":
+        return jsonify(task_id=result.id, status=url_for(status, task_id=result.id, _external=True))
+    return render_template_string('<meta http-equiv=refresh content="0;url={{ u }}">',
+                                  u=url_for(page, task_id=result.id))
+
+
 @app.post("/reports")
 def start_report():
-    result = build_report.delay("sales")
-    if request.accept_mimetypes.best == "application/json":
-        return jsonify(task_id=result.id, status=url_for("report_status", task_id=result.id, _external=True))
-    return render_template_string('<meta http-equiv=refresh content="0;url={{ u }}">',
-                                  u=url_for("report_status", task_id=result.id))
+    return started(build_report.delay("sales"), "report_status", "report_status")
 
 
 @app.get("/reports/<task_id>")
@@ -146,11 +150,7 @@ def report_status(task_id):
 
 @app.post("/exports")
 def start_export():
-    result = export_rows.delay(int(request.args.get("steps", 20)))
-    if request.accept_mimetypes.best == "application/json":
-        return jsonify(task_id=result.id, status=url_for("export_status", task_id=result.id, _external=True))
-    return render_template_string('<meta http-equiv=refresh content="0;url={{ u }}">',
-                                  u=url_for("export_page", task_id=result.id))
+    return started(export_rows.delay(int(request.args.get("steps", 20))), "export_status", "export_page")
 
 
 @app.get("/exports/<task_id>")

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_client::proto::{
-    DeadRequeue, Enqueued, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value, DEFAULT_QUEUE,
+    DeadRequeue, Enqueued, Fail, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value, DEFAULT_QUEUE,
 };
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
@@ -1276,15 +1276,9 @@ impl Inner {
         Ok(outcomes)
     }
 
-    async fn fail(
-        &self,
-        tx: &Tx<'_>,
-        id: &str,
-        lease_id: u64,
-        error: TaskError,
-        retry: bool,
-        countdown_ms: Option<u64>,
-    ) -> Result<FailOutcome, StoreError> {
+    async fn fail(&self, tx: &Tx<'_>, request: Fail) -> Result<FailOutcome, StoreError> {
+        let Fail { task_id: id, lease_id, error, retry, countdown_ms } = request;
+        let id = id.as_str();
         let now = self.now();
         let error_bytes = encode(&error)?;
         let row = tx
@@ -1800,18 +1794,8 @@ impl TaskStore for PgStore {
         self.line_up(|outcome| Job::Ack { id, lease_id, result, outcome })
     }
 
-    fn fail(
-        &self,
-        id: &str,
-        lease_id: u64,
-        error: TaskError,
-        retry: bool,
-        countdown_ms: Option<u64>,
-    ) -> Op<FailOutcome> {
-        let id = id.to_string();
-        self.submit(move |tx, inner| {
-            Box::pin(async move { inner.fail(tx, &id, lease_id, error, retry, countdown_ms).await })
-        })
+    fn fail(&self, request: Fail) -> Op<FailOutcome> {
+        self.submit(move |tx, inner| Box::pin(inner.fail(tx, request)))
     }
 
     fn extend(&self, id: &str, lease_id: u64, lease_ms: Option<u64>) -> Op<(u64, bool)> {
