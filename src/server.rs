@@ -96,11 +96,6 @@ impl ServerHandle {
         self.shared.engine.as_local().expect("the daemon runs the single node's store")
     }
 
-    /// The daemon's store, whichever it is.
-    pub fn engine(&self) -> &Engine {
-        &self.shared.engine
-    }
-
     /// A token that stops the server when cancelled (signal handlers use it).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
