@@ -95,6 +95,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX broker_tasks_running_task ON broker_tasks (task) WHERE state = 'STARTED';
     CREATE INDEX broker_tasks_running_queue ON broker_tasks (queue) WHERE state = 'STARTED';",
+    // 3: unique keys; chains and chords (a link not enqueued yet and a chord's callback are rows in the state
+    // 'HELD', in no queue).
+    "CREATE TABLE broker_unique (key text PRIMARY KEY, task_id text NOT NULL, until_ms bigint);
+    ALTER TABLE broker_tasks ADD COLUMN links text[], ADD COLUMN chord_id text, ADD COLUMN pending integer,
+        ADD COLUMN by_parent boolean NOT NULL DEFAULT false;",
 ];
 
 /// A transaction on a pooled connection whose statements are prepared once per connection: a statement sent
