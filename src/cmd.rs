@@ -314,7 +314,7 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::HELLO => Outcome::Reply(reply(id, hello(shared, session, request)), None),
         op::ENQUEUE => answer(id, enqueue(shared, request), true),
         op::ENQUEUE_BATCH => answer(id, enqueue_batch(shared, request), true),
-        op::ENQUEUE_CHORD => durable_reply(id, enqueue_chord(shared, request)),
+        op::ENQUEUE_CHORD => answer(id, enqueue_chord(shared, request), true),
         op::LEASE => lease(shared, session, id, request),
         op::ACK => answer(id, ack(shared, request), true),
         op::FAIL => answer(id, fail(shared, request), true),
@@ -468,7 +468,7 @@ fn specs_of(frame: &[u8], key: &str) -> Result<Vec<NewTask>, Refusal> {
     Ok(tasks)
 }
 
-fn enqueue_chord(shared: &Shared, frame: &[u8]) -> Result<EnqueuedChord, Refusal> {
+fn enqueue_chord(shared: &Shared, frame: &[u8]) -> Result<Op<EnqueuedChord>, Refusal> {
     let header = specs_of(frame, "header")?;
     if header.len() > shared.config.max_enqueue_batch {
         let message =
@@ -480,8 +480,7 @@ fn enqueue_chord(shared: &Shared, frame: &[u8]) -> Result<EnqueuedChord, Refusal
     let invalid = |e: String| Refusal::new(ErrorCode::BadRequest, format!("callback: {e}"));
     let mut callback: NewTask = rmp_serde::from_slice(spec).map_err(|e| invalid(format!("invalid request: {e}")))?;
     callback.payload = Payload::of_spec(spec).map_err(invalid)?;
-    let (header, callback) = shared.local("enqueue_chord")?.enqueue_chord(header, callback)?;
-    Ok(EnqueuedChord { header, callback })
+    Ok(shared.tasks().enqueue_chord(header, callback).map(|(header, callback)| EnqueuedChord { header, callback }))
 }
 
 fn enqueue_batch(shared: &Shared, frame: &[u8]) -> Result<Op<EnqueuedBatch>, Refusal> {

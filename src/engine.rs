@@ -7,8 +7,7 @@
 //!   statements ([`Op::Later`]): the reply goes out when the transaction committed (on the primary and, with
 //!   synchronous standbys, on one of them).
 //!
-//! The ops that only the single node has so far (schedules, chords and chains, unique tasks, `events`, the
-//! dashboard) are reached through [`Engine::local`] and refused with `unsupported` otherwise.
+//! The ops that only the single node has so far (schedules, `events`, the dashboard) are reached through [`Engine::local`] and refused with `unsupported` otherwise.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -68,6 +67,8 @@ impl<T: Send + 'static> Op<T> {
 pub trait TaskStore: Send + Sync + 'static {
     /// Stores new tasks (or finds existing ones by id); all are validated before any is stored.
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>>;
+    /// Stores a chord: its members, and its callback waiting for them (proto.md, `enqueue_chord`).
+    fn enqueue_chord(&self, header: Vec<NewTask>, callback: NewTask) -> Op<(Vec<Enqueued>, Enqueued)>;
     /// Leases up to `max` ready tasks from `queues`, in queue order, for connection `conn`; and whether the
     /// reply must wait for a flush (the single node: a task not on disk yet).
     fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)>;
@@ -117,6 +118,10 @@ pub trait TaskStore: Send + Sync + 'static {
 impl TaskStore for Store {
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
         Op::Now(Store::enqueue(self, specs))
+    }
+
+    fn enqueue_chord(&self, header: Vec<NewTask>, callback: NewTask) -> Op<(Vec<Enqueued>, Enqueued)> {
+        Op::Now(Store::enqueue_chord(self, header, callback))
     }
 
     fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)> {

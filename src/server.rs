@@ -96,6 +96,11 @@ impl ServerHandle {
         self.shared.engine.as_local().expect("the daemon runs the single node's store")
     }
 
+    /// The single node's store, if the daemon runs it (tests that also run over a shared store).
+    pub fn local_store(&self) -> Option<&Arc<Store>> {
+        self.shared.engine.as_local()
+    }
+
     /// A token that stops the server when cancelled (signal handlers use it).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()

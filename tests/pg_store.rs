@@ -240,8 +240,6 @@ async fn retries_dead_set_revoke_purge_and_unsupported_ops() {
     }
 
     // What only the single node has yet is refused with a code, and the connection goes on.
-    let chained = TaskSpec { chain: vec![TaskSpec::new("next")], ..spec("first", "c", vec![]) };
-    assert_eq!(code(client.enqueue(chained).await.unwrap_err()), Some(ErrorCode::Unsupported));
     let schedule =
         ScheduleAdd { name: "s".into(), task: TaskSpec::new("t"), every_ms: Some(1000), ..Default::default() };
     assert_eq!(code(client.schedule_add(&schedule).await.unwrap_err()), Some(ErrorCode::Unsupported));
@@ -372,4 +370,79 @@ async fn pause_and_limits_hold_across_daemons() {
     // Declared again (a worker restarting): the same limit keeps its bucket.
     cb.set_limit(&broker_client::proto::SetLimit { name: "rated".into(), ..limit(None, Some("1/h")) }).await.unwrap();
     assert!(cb.lease(&lease("rate", 3, 0, None)).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_keys_chains_and_chords_hold_across_daemons() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let (a, b) = (daemon(&url).await, daemon(&url).await);
+    let (ca, cb) = (a.client().await, b.client().await);
+
+    // One unique key enqueued 20 times at once through two daemons: one task, which every answer names.
+    let unique = TaskSpec { unique_key: Some("report:7".into()), ..spec("report", "u", vec![]) };
+    let tries = (0..20).map(|i| {
+        let client = if i % 2 == 0 { &ca } else { &cb };
+        client.enqueue(unique.clone())
+    });
+    let answers: Vec<_> = futures_util::future::join_all(tries).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(answers.iter().filter(|e| e.created).count(), 1, "{answers:?}");
+    assert!(answers.iter().all(|e| e.id == answers[0].id && e.state == TaskState::Pending));
+    // Held until the task finishes: then the key makes a new task.
+    let t = cb.lease(&lease("u", 5, 0, None)).await.unwrap();
+    assert_eq!(t.len(), 1);
+    let running = ca.enqueue(unique.clone()).await.unwrap();
+    assert_eq!((running.created, running.state), (false, TaskState::Started), "held while it runs");
+    ca.ack(&t[0].id, t[0].lease_id, Value::Nil).await.unwrap();
+    let next = cb.enqueue(unique.clone()).await.unwrap();
+    assert!(next.created && next.id != answers[0].id);
+
+    // A chord whose members are acked through both daemons at once: its callback is released once, with the
+    // results in header order.
+    let header: Vec<TaskSpec> = (0..6).map(|i| spec("part", "parts", vec![Value::from(i)])).collect();
+    let chord = ca.enqueue_chord(header, spec("whole", "wholes", vec![])).await.unwrap();
+    assert_eq!(cb.get(&chord.callback.id).await.unwrap().state, TaskState::Pending);
+    let parts = cb.lease(&lease("parts", 6, 0, None)).await.unwrap();
+    assert_eq!(parts.len(), 6);
+    let acks = parts.iter().enumerate().map(|(i, t)| {
+        let client = if i % 2 == 0 { &ca } else { &cb };
+        client.ack(&t.id, t.lease_id, Value::from(t.args[0].as_i64().unwrap() * 10))
+    });
+    for ack in futures_util::future::join_all(acks).await {
+        ack.unwrap();
+    }
+    let whole = ca.lease(&lease("wholes", 5, 5_000, None)).await.unwrap();
+    assert_eq!(whole.len(), 1, "released once");
+    assert_eq!(whole[0].id, chord.callback.id);
+    let results: Vec<Value> = (0..6).map(|i| Value::from(i * 10)).collect();
+    assert_eq!(whole[0].args, vec![Value::Array(results)]);
+
+    // A chain: the head's result goes to the next link (leased through the other daemon); a link that fails
+    // ends the links after it with its error, and only it is in the dead set.
+    let head = TaskSpec {
+        chain: vec![
+            TaskSpec { max_retries: Some(0), ..spec("second", "chain", vec![]) },
+            spec("third", "chain", vec![]),
+        ],
+        ..spec("first", "chain", vec![])
+    };
+    let enqueued = ca.enqueue(head).await.unwrap();
+    assert_eq!(enqueued.chain.len(), 2);
+    assert_eq!(cb.get(&enqueued.chain[1]).await.unwrap().state, TaskState::Pending, "a held link");
+    let t = cb.lease(&lease("chain", 5, 0, None)).await.unwrap();
+    assert_eq!(t.len(), 1, "only the head is in the queue");
+    cb.ack(&t[0].id, t[0].lease_id, Value::from("one")).await.unwrap();
+    let t = ca.lease(&lease("chain", 5, 5_000, None)).await.unwrap();
+    assert_eq!(
+        (t.len(), t[0].id.as_str(), t[0].args.clone()),
+        (1, enqueued.chain[0].as_str(), vec![Value::from("one")])
+    );
+    let error = TaskError { kind: "KeyError".into(), message: "gone".into(), traceback: None };
+    let fail = Fail { task_id: t[0].id.clone(), lease_id: t[0].lease_id, error, retry: true, countdown_ms: None };
+    assert_eq!(cb.fail(&fail).await.unwrap().state, TaskState::Failure);
+    let third = ca.get(&enqueued.chain[1]).await.unwrap();
+    assert_eq!((third.state, third.error.map(|e| e.kind)), (TaskState::Failure, Some("KeyError".to_string())));
+    let dead = cb.dead_list(Some("chain"), 10).await.unwrap();
+    assert_eq!(dead.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [enqueued.chain[0].as_str()]);
+    assert!(ca.lease(&lease("chain", 5, 0, None)).await.unwrap().is_empty(), "the failed link never runs");
 }

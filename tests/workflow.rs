@@ -222,9 +222,11 @@ async fn requeueing_a_failed_head_resumes_its_chain_after_a_checkpoint_and_its_l
         .await
         .unwrap();
     // The finished records leave memory once sled has them.
-    let store = server.handle.as_ref().unwrap().store();
-    store.write_to_sled().unwrap();
-    store.write_to_sled().unwrap();
+    // On the single node, through a checkpoint (the dead head and its failed link written to sled).
+    if let Some(store) = server.handle.as_ref().unwrap().local_store() {
+        store.write_to_sled().unwrap();
+        store.write_to_sled().unwrap();
+    }
     // The link was failed by its head: it is not in the dead set and cannot be requeued on its own.
     let link = DeadRequeue { ids: vec![enqueued.chain[0].clone()], queue: None };
     assert_eq!(client.dead_requeue(link).await.unwrap(), 0);

@@ -112,31 +112,7 @@ impl Store {
         header: Vec<NewTask>,
         mut callback: NewTask,
     ) -> Result<(Vec<Enqueued>, Enqueued), StoreError> {
-        if header.is_empty() {
-            return Err(StoreError::Invalid("a chord needs at least one member in `header`".into()));
-        }
-        if header.len() > super::MAX_CHORD {
-            return Err(StoreError::Invalid(format!("a chord has at most {} members", super::MAX_CHORD)));
-        }
-        for (i, member) in header.iter().enumerate() {
-            let invalid = |m: &str| StoreError::Invalid(format!("header {i}: {m}"));
-            super::check_client_ids(member)
-                .and_then(|()| Self::validate(member))
-                .map_err(|e| invalid(&e.to_string()))?;
-            if !member.chain.is_empty() || member.unique_key.is_some() {
-                return Err(invalid("a chord's member has no chain and no unique key"));
-            }
-            let id = member.id.as_ref();
-            if id.is_some() && (header[..i].iter().any(|m| m.id.as_ref() == id) || callback.id.as_ref() == id) {
-                return Err(invalid("two tasks of the chord have the same id"));
-            }
-        }
-        super::check_client_ids(&callback)
-            .and_then(|()| Self::validate(&callback))
-            .map_err(|e| StoreError::Invalid(format!("callback: {e}")))?;
-        if callback.unique_key.is_some() {
-            return Err(StoreError::Invalid("callback: a chord's callback has no unique key".into()));
-        }
+        check_chord(&header, &callback)?;
         let now = self.now_ms();
         let mut st = self.lock();
         if let Some(id) = &callback.id {
@@ -381,6 +357,35 @@ impl Store {
     }
 }
 
-fn error_suffix(record: &TaskRecord) -> String {
+/// Checks a chord before anything of it is stored (both stores): its size, each member and the callback as tasks,
+/// and the ids within it.
+pub(crate) fn check_chord(header: &[NewTask], callback: &NewTask) -> Result<(), StoreError> {
+    if header.is_empty() {
+        return Err(StoreError::Invalid("a chord needs at least one member in `header`".into()));
+    }
+    if header.len() > super::MAX_CHORD {
+        return Err(StoreError::Invalid(format!("a chord has at most {} members", super::MAX_CHORD)));
+    }
+    for (i, member) in header.iter().enumerate() {
+        let invalid = |m: &str| StoreError::Invalid(format!("header {i}: {m}"));
+        super::check_client_ids(member).and_then(|()| Store::validate(member)).map_err(|e| invalid(&e.to_string()))?;
+        if !member.chain.is_empty() || member.unique_key.is_some() {
+            return Err(invalid("a chord's member has no chain and no unique key"));
+        }
+        let id = member.id.as_ref();
+        if id.is_some() && (header[..i].iter().any(|m| m.id.as_ref() == id) || callback.id.as_ref() == id) {
+            return Err(invalid("two tasks of the chord have the same id"));
+        }
+    }
+    super::check_client_ids(callback)
+        .and_then(|()| Store::validate(callback))
+        .map_err(|e| StoreError::Invalid(format!("callback: {e}")))?;
+    if callback.unique_key.is_some() {
+        return Err(StoreError::Invalid("callback: a chord's callback has no unique key".into()));
+    }
+    Ok(())
+}
+
+pub(crate) fn error_suffix(record: &TaskRecord) -> String {
     record.error.as_ref().map_or_else(String::new, |e| format!(": {}: {}", e.kind, e.message))
 }

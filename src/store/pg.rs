@@ -14,8 +14,12 @@
 //! - **Maintenance** (lapsed leases, due retries and countdowns, expired tasks and results) runs on every daemon's
 //!   tick as conditional updates: a row one daemon changed no longer matches another's, so nothing is done twice.
 //!
-//! What it does not do yet (refused with `unsupported`): chains and chords, unique tasks, schedules, pause and
-//! limits, `events`, the dashboard and `/metrics`.
+//! - **Unique keys** are rows of `broker_unique`, locked while an enqueue claims them.
+//! - **Chains and chords**: a link not enqueued yet and a chord's callback are rows in the state `HELD` (in no
+//!   queue), stored with the task that leads to them; the ack that makes the next step (or the failure that ends
+//!   them) takes it in its own transaction.
+//!
+//! What it does not do yet (refused with `unsupported`): schedules, `events`, the dashboard and `/metrics`.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -24,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_client::proto::{
-    DeadRequeue, Enqueued, Fail, Progress, QueueStats, TaskError, TaskInfo, TaskState, Value, DEFAULT_QUEUE,
+    DeadRequeue, Enqueued, Fail, Progress, QueueStats, TaskError, TaskInfo, TaskSpec, TaskState, Value, DEFAULT_QUEUE,
 };
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
@@ -33,7 +37,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::control::Limit;
-use super::record::TaskRecord;
+use super::record::{Extra, TaskRecord};
 use super::{check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Store, StoreError};
 use super::{StoreOptions, StoreStats};
 use crate::clock::Clock;
@@ -182,9 +186,61 @@ fn each_error(e: StoreError, count: usize) -> impl Iterator<Item = StoreError> {
 /// The most requests one group commit carries.
 const MAX_GROUP: usize = 512;
 
-/// A task to insert: its record, the record encoded, when it is due, when it finished (expired on arrival), and
-/// its error encoded.
-type NewRow = (TaskRecord, Vec<u8>, u64, Option<u64>, Option<Vec<u8>>);
+/// How a new row is placed, besides its spec.
+enum Shape {
+    /// A task.
+    Task,
+    /// A chord's member: its callback's id, and its place in the header.
+    Member(String, u32),
+    /// A chord's callback, held (in no queue) until its members (their ids, in order) succeeded.
+    Callback(Vec<String>),
+}
+
+/// A row to insert: the task's record and its state's name (`HELD` for a link or callback waiting in no queue),
+/// when it is due, when it finished (expired on arrival), and what the columns beside the spec hold.
+struct NewRow {
+    record: TaskRecord,
+    state: &'static str,
+    due: u64,
+    finished: Option<u64>,
+    chord_id: Option<String>,
+    /// A chord callback's members not succeeded yet.
+    pending: i32,
+    links: Option<Vec<String>>,
+    /// Its place among the tasks asked for (a link's row is none).
+    reply: Option<usize>,
+    /// The record and its error, encoded ([`NewRow::encoded`]).
+    spec: Vec<u8>,
+    error: Option<Vec<u8>>,
+}
+
+impl NewRow {
+    fn new(record: TaskRecord, now: u64, held: bool) -> Result<NewRow, StoreError> {
+        Ok(NewRow {
+            state: if held { HELD } else { record.state.as_str() },
+            record,
+            due: now,
+            finished: None,
+            chord_id: None,
+            pending: 0,
+            links: None,
+            reply: None,
+            spec: Vec::new(),
+            error: None,
+        })
+    }
+
+    /// With the record and its error encoded.
+    fn encoded(mut self) -> Result<NewRow, StoreError> {
+        let mut spec = Vec::with_capacity(128 + self.record.payload.len());
+        self.record
+            .encode(&mut spec)
+            .map_err(|e| StoreError::Corrupt { id: self.record.id.to_string(), message: e.to_string() })?;
+        self.spec = spec;
+        self.error = self.record.error.as_deref().map(encode).transpose()?;
+        Ok(self)
+    }
+}
 
 /// A new lease id: 60 bits from PostgreSQL's strong random source (`gen_random_uuid`), as the single node's are
 /// random: quoting another worker's lease must not be a matter of counting, and a task's new lease differs from its
@@ -192,6 +248,9 @@ type NewRow = (TaskRecord, Vec<u8>, u64, Option<u64>, Option<Vec<u8>>);
 const LEASE_ID: &str = "('x' || substr(translate(gen_random_uuid()::text, '-', ''), 1, 12)
     || substr(translate(gen_random_uuid()::text, '-', ''), 1, 3))::bit(60)::bigint";
 
+/// The state of a chain's link not enqueued yet, or of a chord's callback whose members have not all succeeded:
+/// stored, in no queue (`get` shows it `PENDING`).
+const HELD: &str = "HELD";
 /// The states a task waits in (leasable once due).
 const WAITING: &str = "('PENDING', 'SCHEDULED', 'RETRY')";
 /// The columns [`PgStore::record_of`] reads.
@@ -255,6 +314,9 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 }
 
 fn state_of(name: &str) -> Result<TaskState, String> {
+    if name == HELD {
+        return Ok(TaskState::Pending);
+    }
     TaskState::try_from(name.to_string())
 }
 
@@ -595,7 +657,8 @@ impl Inner {
                         continue;
                     }
                     // A request that would take a queue past max_queue_length is refused alone.
-                    let refused = match self.admit(&sql, &run).await {
+                    let specs: Vec<&[NewTask]> = run.iter().map(|(specs, _)| specs.as_slice()).collect();
+                    let refused = match self.admit(&sql, &specs).await {
                         Ok(refused) => refused,
                         Err(e) => {
                             broke = true;
@@ -677,17 +740,13 @@ impl Inner {
     /// With `max_queue_length`: which of these enqueue requests, taken in order, would take a queue past it
     /// (`queue_full`, nothing of that request stored); the others count against the room left. Counted in the
     /// group's transaction: daemons enqueuing into one queue at once may pass the limit by what they add together.
-    async fn admit(
-        &self,
-        client: &Tx<'_>,
-        run: &[(Vec<NewTask>, Outcome<Vec<Enqueued>>)],
-    ) -> Result<Vec<Option<StoreError>>, StoreError> {
+    async fn admit(&self, client: &Tx<'_>, run: &[&[NewTask]]) -> Result<Vec<Option<StoreError>>, StoreError> {
         let limit = self.options.max_queue_length;
         if limit == 0 {
             return Ok(run.iter().map(|_| None).collect());
         }
         let queue_of = |spec: &NewTask| spec.queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.to_string());
-        let mut queues: Vec<String> = run.iter().flat_map(|(specs, _)| specs.iter().map(queue_of)).collect();
+        let mut queues: Vec<String> = run.iter().flat_map(|specs| specs.iter().map(queue_of)).collect();
         queues.sort_unstable();
         queues.dedup();
         let mut waiting: HashMap<String, u64> = HashMap::new();
@@ -705,9 +764,9 @@ impl Inner {
             waiting.insert(row.get(0), row.get::<_, i64>(1).max(0) as u64);
         }
         let mut refused = Vec::with_capacity(run.len());
-        for (specs, _) in run {
+        for specs in run {
             let mut adding: HashMap<String, u64> = HashMap::new();
-            for spec in specs {
+            for spec in specs.iter() {
                 *adding.entry(queue_of(spec)).or_default() += 1;
             }
             let full = adding.iter().find_map(|(queue, n)| {
@@ -776,68 +835,128 @@ impl Inner {
         Ok(record)
     }
 
+    /// Stores new tasks, or finds those their ids (or unique keys) name: see [`PgStore::insert`].
     async fn enqueue(&self, tx: &Tx<'_>, specs: Vec<NewTask>) -> Result<Vec<Enqueued>, StoreError> {
+        self.insert(tx, specs.into_iter().map(|spec| (spec, Shape::Task)).collect()).await
+    }
+
+    /// Stores new tasks in one statement, in the order given (their `seq`, FIFO), or finds the ones their ids
+    /// name, or the task holding their unique key. A task with a chain gets its links' ids now, and each link a
+    /// row in the state `HELD` (in no queue) until the task before it succeeds; a chord's callback is held so
+    /// until its members succeeded ([`Shape`]).
+    async fn insert(&self, tx: &Tx<'_>, mut items: Vec<(NewTask, Shape)>) -> Result<Vec<Enqueued>, StoreError> {
         let now = self.now();
-        let mut rows = Vec::with_capacity(specs.len());
-        for mut spec in specs {
-            let id = spec.id.take().unwrap_or_else(|| self.new_id(now));
+        for (spec, _) in &mut items {
+            spec.id.get_or_insert_with(|| self.new_id(now));
+            // A chain's links get their ids now, so the producer can follow each.
+            for link in &mut spec.chain {
+                link.id.get_or_insert_with(|| self.new_id(now));
+            }
+        }
+        let mut found = self.claim_unique(tx, &items, now).await?;
+        let mut rows: Vec<NewRow> = Vec::with_capacity(items.len());
+        let mut chains: Vec<Vec<String>> = Vec::with_capacity(items.len());
+        for (i, (mut spec, shape)) in items.into_iter().enumerate() {
+            let chain_ids: Vec<String> = spec.chain.iter().filter_map(|link| link.id.clone()).collect();
+            chains.push(chain_ids.clone());
+            if found[i].is_some() {
+                continue;
+            }
+            let id = spec.id.take().unwrap_or_default();
+            let links = std::mem::take(&mut spec.chain);
+            let (chord_id, members) = match shape {
+                Shape::Task => (None, None),
+                Shape::Member(callback, index) => (Some((callback, index)), None),
+                Shape::Callback(members) => (None, Some(members)),
+            };
+            let held = members.is_some();
+            let pending = members.as_ref().map_or(0, |m| i32::try_from(m.len()).unwrap_or(i32::MAX));
             let eta = spec.eta_ms.or(spec.countdown_ms.map(|c| now.saturating_add(c))).filter(|eta| *eta > now);
+            let extra = Extra {
+                unique_key: spec.unique_key.take(),
+                unique_until_ms: spec.unique_for_ms.map(|w| now.saturating_add(w)),
+                chain: links.clone(),
+                chord: chord_id.clone(),
+                members: members.unwrap_or_default(),
+                waiting: held,
+                immutable: held && spec.immutable,
+                countdown_ms: spec.countdown_ms.filter(|_| held),
+                ..Extra::default()
+            };
             let mut record = new_record(&mut spec, id.as_str().into(), 0, now, &self.options);
             record.result_ttl_ms = record.result_ttl_ms.min(MAX_TTL_MS);
-            record.eta_ms = eta;
-            let mut due = eta.unwrap_or(now);
-            if eta.is_some() {
-                record.state = TaskState::Scheduled;
+            // A held callback's `eta_ms` holds until its release; its countdown counts from the release.
+            record.eta_ms = if held { spec.eta_ms } else { eta };
+            let mut row = NewRow::new(record, now, held)?;
+            if eta.is_some() && !held {
+                row.record.state = TaskState::Scheduled;
+                row.state = TaskState::Scheduled.as_str();
+                row.due = eta.unwrap_or(now);
             }
-            let mut finished = None;
-            if record.expires_at_ms.is_some_and(|e| e <= now) {
+            let expired = !held && row.record.expires_at_ms.is_some_and(|e| e <= now);
+            if expired {
                 // Expired on arrival: kept findable, never run (as the single node does).
-                record.state = TaskState::Revoked;
-                record.revoked = true;
-                record.error = Some(Box::new(expired_error()));
-                finished = Some(now);
-                due = now;
+                row.record.state = TaskState::Revoked;
+                row.state = TaskState::Revoked.as_str();
+                row.record.revoked = true;
+                row.record.error = Some(Box::new(expired_error()));
+                row.finished = Some(now);
+                row.due = now;
             }
-            let mut spec_bytes = Vec::with_capacity(128 + record.payload.len());
-            record
-                .encode(&mut spec_bytes)
-                .map_err(|e| StoreError::Corrupt { id: id.clone(), message: e.to_string() })?;
-            let error = record.error.as_deref().map(encode).transpose()?;
-            rows.push((record, spec_bytes, due, finished, error));
+            row.record.extra = (extra != Extra::default()).then(|| Box::new(extra));
+            row.chord_id = chord_id.map(|(callback, _)| callback);
+            row.pending = pending;
+            row.links = (!chain_ids.is_empty()).then(|| chain_ids.clone());
+            row.reply = Some(i);
+            rows.push(row.encoded()?);
+            // Each link, held until the task before it succeeds (its chain is the one above's: `links`).
+            for link in links {
+                let mut link = NewTask::from(TaskSpec { chain: Vec::new(), ..link });
+                let id = link.id.take().unwrap_or_default();
+                let record = new_record(&mut link, id.as_str().into(), 0, now, &self.options);
+                rows.push(NewRow::new(record, now, true)?.encoded()?);
+            }
         }
         // One statement for them all, rows inserted in the order given (their `seq`, FIFO); waiting daemons hear
         // of new tasks from the insert itself (one notification per transaction).
         let insert = "WITH new AS (INSERT INTO broker_tasks (id, queue, task, state, priority, due_ms, lease_ms, \
             max_retries, created_at_ms, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, \
-            result_expires_at_ms, spec) \
+            result_expires_at_ms, spec, chord_id, pending, links) \
             SELECT id, queue, task, state, priority, due_ms, lease_ms, max_retries, $9::bigint, eta_ms, \
-                expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, result_expires_at_ms, spec \
+                expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, result_expires_at_ms, spec, chord_id, \
+                nullif(pending, 0), CASE WHEN links = '' THEN NULL ELSE string_to_array(links, ' ') END \
             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::bigint[], $7::bigint[], \
                 $8::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::boolean[], $14::bytea[], \
-                $15::bigint[], $16::bigint[], $17::bytea[]) WITH ORDINALITY AS r(id, queue, task, state, priority, \
-                due_ms, lease_ms, max_retries, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, \
-                finished_at_ms, result_expires_at_ms, spec, ord) \
+                $15::bigint[], $16::bigint[], $17::bytea[], $18::text[], $19::integer[], $20::text[]) \
+                WITH ORDINALITY AS r(id, queue, task, state, priority, due_ms, lease_ms, max_retries, eta_ms, \
+                expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, result_expires_at_ms, spec, chord_id, \
+                pending, links, ord) \
             ORDER BY ord \
             ON CONFLICT (id) DO NOTHING RETURNING id) \
             SELECT id, pg_notify('broker_ready', '') FROM new";
         let column = |f: &dyn Fn(&NewRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
         let optional = |f: &dyn Fn(&NewRow) -> Option<i64>| rows.iter().map(f).collect::<Vec<Option<i64>>>();
-        let ids: Vec<&str> = rows.iter().map(|r| &*r.0.id).collect();
-        let queues: Vec<&str> = rows.iter().map(|r| r.0.queue.as_str()).collect();
-        let tasks: Vec<&str> = rows.iter().map(|r| r.0.task.as_str()).collect();
-        let states: Vec<&str> = rows.iter().map(|r| r.0.state.as_str()).collect();
-        let priorities: Vec<i32> = rows.iter().map(|r| r.0.priority).collect();
-        let due = column(&|r| ms(r.2));
-        let lease_ms = column(&|r| ms(r.0.lease_ms));
-        let retries = column(&|r| i64::from(r.0.max_retries));
-        let eta = optional(&|r| opt_ms(r.0.eta_ms));
-        let expires = optional(&|r| opt_ms(r.0.expires_at_ms));
-        let ttl = column(&|r| ms(r.0.result_ttl_ms));
-        let revoked: Vec<bool> = rows.iter().map(|r| r.0.revoked).collect();
-        let errors: Vec<Option<&[u8]>> = rows.iter().map(|r| r.4.as_deref()).collect();
-        let finished = optional(&|r| opt_ms(r.3));
-        let result_expires = optional(&|r| r.3.map(|f| ms(f.saturating_add(r.0.result_ttl_ms))));
-        let specs: Vec<&[u8]> = rows.iter().map(|r| r.1.as_slice()).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| &*r.record.id).collect();
+        let queues: Vec<&str> = rows.iter().map(|r| r.record.queue.as_str()).collect();
+        let tasks: Vec<&str> = rows.iter().map(|r| r.record.task.as_str()).collect();
+        let states: Vec<&str> = rows.iter().map(|r| r.state).collect();
+        let priorities: Vec<i32> = rows.iter().map(|r| r.record.priority).collect();
+        let due = column(&|r| ms(r.due));
+        let lease_ms = column(&|r| ms(r.record.lease_ms));
+        let retries = column(&|r| i64::from(r.record.max_retries));
+        let eta = optional(&|r| opt_ms(r.record.eta_ms));
+        let expires = optional(&|r| opt_ms(r.record.expires_at_ms));
+        let ttl = column(&|r| ms(r.record.result_ttl_ms));
+        let revoked: Vec<bool> = rows.iter().map(|r| r.record.revoked).collect();
+        let errors: Vec<Option<&[u8]>> = rows.iter().map(|r| r.error.as_deref()).collect();
+        let finished = optional(&|r| opt_ms(r.finished));
+        let result_expires = optional(&|r| r.finished.map(|f| ms(f.saturating_add(r.record.result_ttl_ms))));
+        let specs: Vec<&[u8]> = rows.iter().map(|r| r.spec.as_slice()).collect();
+        let chord_ids: Vec<Option<&str>> = rows.iter().map(|r| r.chord_id.as_deref()).collect();
+        let pending: Vec<i32> = rows.iter().map(|r| r.pending).collect();
+        // Task ids hold no space (validate_name): the links go as one string each (arrays of arrays must be
+        // rectangular).
+        let links: Vec<String> = rows.iter().map(|r| r.links.as_deref().unwrap_or_default().join(" ")).collect();
         let params: Params<'_> = &[
             &ids,
             &queues,
@@ -856,11 +975,19 @@ impl Inner {
             &finished,
             &result_expires,
             &specs,
+            &chord_ids,
+            &pending,
+            &links,
         ];
         let inserted: HashSet<String> =
             tx.query(insert, params).await.map_err(pg_error)?.iter().map(|row| row.get(0)).collect();
         // Those not inserted exist already (or came twice): their state now.
-        let existing: Vec<&str> = ids.iter().copied().filter(|id| !inserted.contains(*id)).collect();
+        let existing: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.reply.is_some())
+            .map(|r| &*r.record.id)
+            .filter(|id| !inserted.contains(*id))
+            .collect();
         let mut states_now = HashMap::new();
         if !existing.is_empty() {
             for row in tx
@@ -873,25 +1000,366 @@ impl Inner {
                 states_now.insert(id, state);
             }
         }
-        let mut out = Vec::with_capacity(rows.len());
         let mut created = 0;
         let mut claimed = HashSet::new();
-        for (record, ..) in &rows {
+        for row in &rows {
+            let Some(i) = row.reply else { continue };
             // The first of the same id in this statement created it; any other found it.
-            let new = inserted.contains(&*record.id) && claimed.insert(&*record.id);
+            let new = inserted.contains(&*row.record.id) && claimed.insert(&*row.record.id);
             let state = if new {
                 created += 1;
-                record.state
+                row.record.state
             } else {
-                states_now.get(&*record.id).copied().unwrap_or(record.state)
+                states_now.get(&*row.record.id).copied().unwrap_or(row.record.state)
             };
-            out.push(Enqueued { id: record.id.to_string(), created: new, state, chain: Vec::new() });
+            let chain = std::mem::take(&mut chains[i]);
+            found[i] = Some(Enqueued { id: row.record.id.to_string(), created: new, state, chain });
         }
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.enqueued += created;
         if created > 0 {
             self.ready.notify_waiters();
         }
-        Ok(out)
+        found
+            .into_iter()
+            .map(|e| e.ok_or_else(|| StoreError::Shared("a task of the enqueue was neither stored nor found".into())))
+            .collect()
+    }
+
+    /// The unique keys of `items`: for each task with one that another task holds now, that task (its answer:
+    /// it is not stored); the others claim their key, for their own id. The keys' rows are locked (in order) until
+    /// the group commits, so daemons enqueuing under one key at once take turns. A task whose own id exists
+    /// already is found by its id, and claims nothing.
+    async fn claim_unique(
+        &self,
+        tx: &Tx<'_>,
+        items: &[(NewTask, Shape)],
+        now: u64,
+    ) -> Result<Vec<Option<Enqueued>>, StoreError> {
+        let mut found: Vec<Option<Enqueued>> = items.iter().map(|_| None).collect();
+        let mut keys: Vec<&str> = items.iter().filter_map(|(spec, _)| spec.unique_key.as_deref()).collect();
+        if keys.is_empty() {
+            return Ok(found);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let ids: Vec<&str> = items.iter().filter_map(|(spec, _)| spec.id.as_deref()).collect();
+        let taken: HashSet<String> = tx
+            .query("SELECT id FROM broker_tasks WHERE id = ANY($1)", &[&ids])
+            .await
+            .map_err(pg_error)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        // The key's row, made if missing, then locked; a tick may delete a lapsed one in between (then again).
+        let mut holders: HashMap<String, (String, Option<i64>)> = HashMap::new();
+        for _ in 0..3 {
+            tx.execute(
+                "INSERT INTO broker_unique (key, task_id) SELECT k, '' FROM unnest($1::text[]) AS k ORDER BY k
+                 ON CONFLICT (key) DO NOTHING",
+                &[&keys],
+            )
+            .await
+            .map_err(pg_error)?;
+            let rows = tx
+                .query(
+                    "SELECT key, task_id, until_ms FROM broker_unique WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+                    &[&keys],
+                )
+                .await
+                .map_err(pg_error)?;
+            holders = rows.iter().map(|row| (row.get(0), (row.get(1), row.get(2)))).collect();
+            if holders.len() == keys.len() {
+                break;
+            }
+        }
+        let holder_ids: Vec<&str> = holders.values().map(|(id, _)| id.as_str()).filter(|id| !id.is_empty()).collect();
+        let mut states: HashMap<String, TaskState> = HashMap::new();
+        for row in
+            tx.query("SELECT id, state FROM broker_tasks WHERE id = ANY($1)", &[&holder_ids]).await.map_err(pg_error)?
+        {
+            let (id, state): (String, &str) = (row.get(0), row.get(1));
+            let state = state_of(state).map_err(|message| StoreError::Corrupt { id: id.clone(), message })?;
+            states.insert(id, state);
+        }
+        let mut claims: Vec<(&str, &str, Option<i64>)> = Vec::new();
+        for (i, (spec, _)) in items.iter().enumerate() {
+            let (Some(key), Some(id)) = (spec.unique_key.as_deref(), spec.id.as_deref()) else { continue };
+            if taken.contains(id) {
+                continue;
+            }
+            if let Some((holder, until)) = holders.get(key) {
+                let state = states.get(holder).copied();
+                let holds = state.is_some_and(|state| match until {
+                    Some(until) => *until > ms(now),
+                    None => !state.is_terminal(),
+                });
+                if let (true, Some(state)) = (holds, state) {
+                    found[i] = Some(Enqueued { id: holder.clone(), created: false, state, chain: Vec::new() });
+                    continue;
+                }
+            }
+            let until = spec.unique_for_ms.map(|w| ms(now.saturating_add(w)));
+            holders.insert(key.to_string(), (id.to_string(), until));
+            // Held by a task of this very statement from now on.
+            states.insert(id.to_string(), TaskState::Pending);
+            claims.push((key, id, until));
+        }
+        if !claims.is_empty() {
+            let keys: Vec<&str> = claims.iter().map(|c| c.0).collect();
+            let ids: Vec<&str> = claims.iter().map(|c| c.1).collect();
+            let until: Vec<Option<i64>> = claims.iter().map(|c| c.2).collect();
+            tx.execute(
+                "UPDATE broker_unique u SET task_id = c.id, until_ms = c.until
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(key, id, until) WHERE u.key = c.key",
+                &[&keys, &ids, &until],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        Ok(found)
+    }
+
+    /// Stores a chord: its members, and its callback held until they all succeeded, in one transaction. A
+    /// callback id that exists returns the chord as it is (a retried request).
+    async fn enqueue_chord(
+        &self,
+        tx: &Tx<'_>,
+        header: Vec<NewTask>,
+        mut callback: NewTask,
+    ) -> Result<(Vec<Enqueued>, Enqueued), StoreError> {
+        if let Some(id) = callback.id.as_deref() {
+            let row =
+                tx.query_opt("SELECT state, spec FROM broker_tasks WHERE id = $1", &[&id]).await.map_err(pg_error)?;
+            if let Some(row) = row {
+                let state =
+                    state_of(row.get(0)).map_err(|message| StoreError::Corrupt { id: id.to_string(), message })?;
+                let record = TaskRecord::decode(row.get(1))
+                    .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })?;
+                let members = record.extra.map(|e| e.members).unwrap_or_default();
+                let mut states = HashMap::new();
+                for row in tx
+                    .query("SELECT id, state FROM broker_tasks WHERE id = ANY($1)", &[&members])
+                    .await
+                    .map_err(pg_error)?
+                {
+                    states.insert(row.get::<_, String>(0), state_of(row.get(1)).unwrap_or(TaskState::Pending));
+                }
+                let header = members
+                    .into_iter()
+                    .map(|m| {
+                        let state = states.get(&m).copied().unwrap_or(TaskState::Pending);
+                        Enqueued { id: m, created: false, state, chain: Vec::new() }
+                    })
+                    .collect();
+                let callback = Enqueued { id: id.to_string(), created: false, state, chain: Vec::new() };
+                return Ok((header, callback));
+            }
+        }
+        let given: Vec<&str> = header.iter().filter_map(|m| m.id.as_deref()).collect();
+        if let Some(row) =
+            tx.query_opt("SELECT id FROM broker_tasks WHERE id = ANY($1) LIMIT 1", &[&given]).await.map_err(pg_error)?
+        {
+            let taken: &str = row.get(0);
+            return Err(StoreError::Invalid(format!("header: a task with id {taken:?} exists already")));
+        }
+        if let Some(full) = self.admit(tx, &[&header]).await?.pop().flatten() {
+            return Err(full);
+        }
+        let now = self.now();
+        let callback_id = callback.id.get_or_insert_with(|| self.new_id(now)).clone();
+        let mut items = Vec::with_capacity(header.len() + 1);
+        let mut members = Vec::with_capacity(header.len());
+        for (i, mut member) in header.into_iter().enumerate() {
+            members.push(member.id.get_or_insert_with(|| self.new_id(now)).clone());
+            items.push((member, Shape::Member(callback_id.clone(), i as u32)));
+        }
+        items.push((callback, Shape::Callback(members)));
+        let mut out = self.insert(tx, items).await?;
+        let callback = out.pop().ok_or_else(|| StoreError::Shared("the chord's callback was not stored".into()))?;
+        // A member that expired on arrival will never succeed.
+        if let Some(expired) = out.iter().find(|e| e.state.is_terminal()) {
+            let error = TaskError {
+                kind: "ChordError".into(),
+                message: format!("chord member {} ended {}: it expired before it started", expired.id, expired.state),
+                traceback: None,
+            };
+            self.fail_callback(tx, &callback.id, &error).await?;
+        }
+        Ok((out, callback))
+    }
+
+    /// After a task with a chain or in a chord succeeded: its chain's next link joins its queue, with the task's
+    /// result as its first argument (unless `immutable`); its chord's callback counts it, and once every member
+    /// has succeeded, joins its queue with their results. In the transaction of the ack.
+    async fn after_success(&self, tx: &Tx<'_>, id: &str, result: &Value) -> Result<(), StoreError> {
+        let row = tx.query_one("SELECT spec FROM broker_tasks WHERE id = $1", &[&id]).await.map_err(pg_error)?;
+        let record =
+            TaskRecord::decode(row.get(0)).map_err(|e| StoreError::Shared(format!("corrupt record {id:?}: {e}")))?;
+        let Some(mut extra) = record.extra else { return Ok(()) };
+        if let Some(first) = extra.chain.first() {
+            let mut next = first.clone();
+            next.chain = extra.chain[1..].to_vec();
+            if !next.immutable {
+                next.args.insert(0, result.clone());
+            }
+            // The links wait as held rows, or were ended by this task's earlier failure (it was requeued since):
+            // the chain resumes. A link that exists otherwise is the chain's step taken already.
+            let links: Vec<&str> = extra.chain.iter().filter_map(|link| link.id.as_deref()).collect();
+            tx.execute("DELETE FROM broker_tasks WHERE id = ANY($1) AND (state = 'HELD' OR by_parent)", &[&links])
+                .await
+                .map_err(pg_error)?;
+            self.insert(tx, vec![(NewTask::from(next), Shape::Task)]).await?;
+            // Handed on: a succeeded task keeps no chain (as on the single node).
+            extra.chain.clear();
+            let record = TaskRecord { extra: (*extra != Extra::default()).then_some(extra.clone()), ..record };
+            let mut spec = Vec::with_capacity(128 + record.payload.len());
+            record.encode(&mut spec).map_err(|e| StoreError::Shared(format!("cannot encode {id:?}: {e}")))?;
+            tx.execute("UPDATE broker_tasks SET spec = $2, links = NULL WHERE id = $1", &[&id, &spec])
+                .await
+                .map_err(pg_error)?;
+        }
+        if let Some((callback, _)) = &extra.chord {
+            // The callback's row is locked until the group commits: members acked through several daemons at
+            // once count one after another.
+            let left = tx
+                .query_opt(
+                    "UPDATE broker_tasks SET pending = pending - 1 WHERE id = $1 AND state = 'HELD' RETURNING pending",
+                    &[callback],
+                )
+                .await
+                .map_err(pg_error)?;
+            if left.and_then(|row| row.get::<_, Option<i32>>(0)) == Some(0) {
+                self.release_chord(tx, callback).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases a chord callback whose members all succeeded: it gets their results, in header order, as its
+    /// first argument (unless `immutable`) and joins its queue. If one's result is no longer stored, the
+    /// callback fails with `ChordError` instead.
+    async fn release_chord(&self, tx: &Tx<'_>, callback: &str) -> Result<(), StoreError> {
+        let row = tx.query_one("SELECT spec FROM broker_tasks WHERE id = $1", &[&callback]).await.map_err(pg_error)?;
+        let mut record = TaskRecord::decode(row.get(0))
+            .map_err(|e| StoreError::Shared(format!("corrupt record {callback:?}: {e}")))?;
+        let members = record.extra.as_ref().map(|e| e.members.clone()).unwrap_or_default();
+        let mut results: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+        for row in tx
+            .query("SELECT id, result FROM broker_tasks WHERE id = ANY($1) AND state = 'SUCCESS'", &[&members])
+            .await
+            .map_err(pg_error)?
+        {
+            results.insert(row.get(0), row.get(1));
+        }
+        let mut values = Vec::with_capacity(members.len());
+        for member in &members {
+            match results.get(member) {
+                Some(result) => {
+                    values.push(result.as_deref().map(|b| decode(member, b)).transpose()?.unwrap_or(Value::Nil))
+                }
+                None => {
+                    let error = TaskError {
+                        kind: "ChordError".into(),
+                        message: format!("the result of chord member {member} is no longer stored (its TTL passed)"),
+                        traceback: None,
+                    };
+                    self.fail_callback(tx, callback, &error).await?;
+                    return Ok(());
+                }
+            }
+        }
+        let now = self.now();
+        let extra = record.extra_mut();
+        extra.waiting = false;
+        let countdown = extra.countdown_ms;
+        if !extra.immutable {
+            let (mut args, kwargs, context) = record.payload.decode();
+            args.insert(0, Value::Array(values));
+            record.payload = super::Payload::from_values(&args, &kwargs, &context);
+        }
+        let at = countdown.map(|c| now.saturating_add(c)).or(record.eta_ms).unwrap_or(now).max(now);
+        record.state = if at > now { TaskState::Scheduled } else { TaskState::Pending };
+        record.eta_ms = (at > now).then_some(at);
+        let mut spec = Vec::with_capacity(128 + record.payload.len());
+        record.encode(&mut spec).map_err(|e| StoreError::Shared(format!("cannot encode {callback:?}: {e}")))?;
+        tx.execute(
+            "UPDATE broker_tasks SET state = $2, spec = $3, due_ms = $4, eta_ms = $5, pending = NULL WHERE id = $1",
+            &[&callback, &record.state.as_str(), &spec, &ms(at), &opt_ms(record.eta_ms)],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.execute("SELECT pg_notify('broker_ready', '')", &[]).await.map_err(pg_error)?;
+        self.ready.notify_waiters();
+        Ok(())
+    }
+
+    /// After tasks ended `FAILURE` or `REVOKED` (those of `ids` with a chain or in a chord): their chains' held
+    /// links end the same way, with their error (`by_parent`: not in the dead set, they never ran), and their
+    /// chords' callbacks fail with a `ChordError` naming them (and so on, for a callback's own chain).
+    async fn after_failure(&self, tx: &Tx<'_>, mut ids: Vec<String>) -> Result<(), StoreError> {
+        let now = self.now();
+        while !ids.is_empty() {
+            let rows = tx
+                .query(
+                    "SELECT id, state, error, spec FROM broker_tasks
+                     WHERE id = ANY($1) AND (links IS NOT NULL OR chord_id IS NOT NULL)",
+                    &[&ids],
+                )
+                .await
+                .map_err(pg_error)?;
+            ids = Vec::new();
+            for row in rows {
+                let (id, state, error): (&str, &str, Option<&[u8]>) = (row.get(0), row.get(1), row.get(2));
+                let record = TaskRecord::decode(row.get(3))
+                    .map_err(|e| StoreError::Shared(format!("corrupt record {id:?}: {e}")))?;
+                let Some(extra) = record.extra else { continue };
+                let error: Option<TaskError> = error.map(|b| decode(id, b)).transpose()?;
+                if !extra.chain.is_empty() {
+                    let links: Vec<&str> = extra.chain.iter().filter_map(|link| link.id.as_deref()).collect();
+                    let theirs = error.clone().unwrap_or_else(|| TaskError {
+                        kind: "Revoked".into(),
+                        message: format!("task {id} of its chain was revoked"),
+                        traceback: None,
+                    });
+                    tx.execute(
+                        "UPDATE broker_tasks SET state = $2, revoked = ($2 = 'REVOKED'), error = $3, by_parent = true,
+                            finished_at_ms = $4, result_expires_at_ms = $4 + result_ttl_ms
+                         WHERE id = ANY($1) AND state = 'HELD'",
+                        &[&links, &state, &encode(&theirs)?, &ms(now)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                }
+                if let Some((callback, _)) = &extra.chord {
+                    let suffix = error.as_ref().map_or_else(String::new, |e| format!(": {}: {}", e.kind, e.message));
+                    let error = TaskError {
+                        kind: "ChordError".into(),
+                        message: format!("chord member {id} ended {state}{suffix}"),
+                        traceback: None,
+                    };
+                    if self.fail_callback(tx, callback, &error).await? {
+                        ids.push(callback.clone());
+                    }
+                }
+            }
+        }
+        tx.execute("SELECT pg_notify('broker_finished', '')", &[]).await.map_err(pg_error)?;
+        self.finished.notify_waiters();
+        Ok(())
+    }
+
+    /// Fails a chord's held callback (a member failed); whether it was held.
+    async fn fail_callback(&self, tx: &Tx<'_>, callback: &str, error: &TaskError) -> Result<bool, StoreError> {
+        let failed = tx
+            .execute(
+                "UPDATE broker_tasks SET state = 'FAILURE', error = $2, by_parent = true, pending = NULL,
+                    finished_at_ms = $3, result_expires_at_ms = $3 + result_ttl_ms
+                 WHERE id = $1 AND state = 'HELD'",
+                &[&callback, &encode(error)?, &ms(self.now())],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(failed > 0)
     }
 
     async fn lease(
@@ -1224,6 +1692,7 @@ impl Inner {
             .map_err(pg_error)?;
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         if revoked.is_some() {
+            self.after_failure(client, vec![id.to_string()]).await?;
             self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
             return Ok(StoreError::Revoked(id.to_string()));
@@ -1256,16 +1725,19 @@ impl Inner {
             done AS (UPDATE broker_tasks t SET state = 'SUCCESS', result = a.result, error = NULL, lease_id = NULL,
                     deadline_ms = NULL, finished_at_ms = $4::bigint, result_expires_at_ms = $4::bigint + t.result_ttl_ms
                 FROM a WHERE t.id = a.id AND t.lease_id = a.lease_id AND t.state = 'STARTED' AND NOT t.revoked
-                RETURNING t.id, a.lease_id, t.queue)
-            SELECT id, lease_id, queue, pg_notify('broker_finished', '') FROM done";
+                RETURNING t.id, a.lease_id, t.queue, t.links IS NOT NULL OR t.chord_id IS NOT NULL AS follows)
+            SELECT id, lease_id, queue, follows, pg_notify('broker_finished', '') FROM done";
         let rows = client.query(statement, &[&ids, &lease_ids, &results, &ms(now)]).await.map_err(pg_error)?;
-        let mut done: HashMap<(String, i64), String> =
-            rows.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
+        let mut done: HashMap<(String, i64), (String, bool)> =
+            rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3)))).collect();
         let mut outcomes = Vec::with_capacity(acks.len());
-        for (id, lease_id, _) in &acks {
+        for (id, lease_id, result) in &acks {
             // A task acked twice in one statement is updated once: the first ack has it, the next is refused.
             match done.remove(&(id.clone(), *lease_id as i64)) {
-                Some(queue) => {
+                Some((queue, follows)) => {
+                    if follows {
+                        self.after_success(client, id, result).await?;
+                    }
                     self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, *lease_id);
                     let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
                     counts.totals.succeeded += 1;
@@ -1299,6 +1771,7 @@ impl Inner {
             .map_err(|e| StoreError::Corrupt { id: id.to_string(), message: e.to_string() })?;
         record.attempts = u32::try_from(row.get::<_, i32>("attempts")).unwrap_or(0);
         let queue: String = row.get("queue");
+        let follows = record.extra.as_ref().is_some_and(|e| !e.chain.is_empty() || e.chord.is_some());
         let outcome = if retry && record.attempts <= record.max_retries {
             let retry_at = now.saturating_add(countdown_ms.unwrap_or_else(|| record.backoff_ms()));
             tx.execute(
@@ -1322,6 +1795,9 @@ impl Inner {
             .await
             .map_err(pg_error)?;
             tx.execute("SELECT pg_notify('broker_finished', '')", &[]).await.map_err(pg_error)?;
+            if follows {
+                self.after_failure(tx, vec![id.to_string()]).await?;
+            }
             FailOutcome { state: TaskState::Failure, retry_at_ms: None }
         };
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
@@ -1395,7 +1871,10 @@ impl Inner {
             .await
             .map_err(pg_error)?;
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
-        row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
+        let row = row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
+        if row.get::<_, &str>(0) == "REVOKED" {
+            self.after_failure(client, vec![id.to_string()]).await?;
+        }
         self.ready.notify_waiters();
         self.finished.notify_waiters();
         Ok(())
@@ -1466,7 +1945,12 @@ impl Inner {
         if rows.is_empty() {
             return Ok(0);
         }
-        let finished = rows.iter().any(|row| row.get::<_, &str>(2) != "PENDING");
+        let ended: Vec<String> =
+            rows.iter().filter(|row| row.get::<_, &str>(2) != "PENDING").map(|row| row.get(0)).collect();
+        let finished = !ended.is_empty();
+        if finished {
+            self.after_failure(client, ended).await?;
+        }
         {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             for row in &rows {
@@ -1515,7 +1999,7 @@ impl Inner {
                     "WITH waiting AS (
                         UPDATE broker_tasks SET state = 'REVOKED', revoked = true, finished_at_ms = $2::bigint,
                             result_expires_at_ms = $2::bigint + result_ttl_ms
-                        WHERE id = $1 AND state IN {WAITING} RETURNING id),
+                        WHERE id = $1 AND state IN ('PENDING', 'SCHEDULED', 'RETRY', '{HELD}') RETURNING id),
                      running AS (
                         UPDATE broker_tasks SET revoked = true WHERE id = $1 AND state = 'STARTED' RETURNING id)
                      SELECT (SELECT count(*) FROM waiting), (SELECT count(*) FROM running),
@@ -1528,6 +2012,7 @@ impl Inner {
             .map_err(pg_error)?;
         let (waiting, running): (i64, i64) = (row.get(0), row.get(1));
         if waiting > 0 {
+            self.after_failure(client, vec![id.to_string()]).await?;
             self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
             return Ok(TaskState::Revoked);
@@ -1541,10 +2026,31 @@ impl Inner {
     }
 
     async fn purge(&self, client: &Tx<'_>, queue: &str) -> Result<u64, StoreError> {
-        client
-            .execute(&format!("DELETE FROM broker_tasks WHERE queue = $1 AND state IN {WAITING}"), &[&queue])
+        let rows = client
+            .query(
+                &format!("DELETE FROM broker_tasks WHERE queue = $1 AND state IN {WAITING} RETURNING id, chord_id"),
+                &[&queue],
+            )
             .await
-            .map_err(pg_error)
+            .map_err(pg_error)?;
+        // A purged member will never succeed: its chord fails now rather than wait for ever.
+        let mut failed = Vec::new();
+        for row in &rows {
+            let (id, callback): (&str, Option<String>) = (row.get(0), row.get(1));
+            let Some(callback) = callback else { continue };
+            let error = TaskError {
+                kind: "ChordError".into(),
+                message: format!("chord member {id} was purged"),
+                traceback: None,
+            };
+            if self.fail_callback(client, &callback, &error).await? {
+                failed.push(callback);
+            }
+        }
+        if !failed.is_empty() {
+            self.after_failure(client, failed).await?;
+        }
+        Ok(rows.len() as u64)
     }
 
     async fn dead_list(
@@ -1556,7 +2062,8 @@ impl Inner {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM broker_tasks WHERE state = 'FAILURE' AND ($1::text IS NULL OR queue = $1)
+                    "SELECT {COLUMNS} FROM broker_tasks
+                     WHERE state = 'FAILURE' AND NOT by_parent AND ($1::text IS NULL OR queue = $1)
                      ORDER BY finished_at_ms, id LIMIT $2"
                 ),
                 &[&queue, &(limit as i64)],
@@ -1573,7 +2080,7 @@ impl Inner {
                 "WITH back AS (
                     UPDATE broker_tasks SET state = 'PENDING', attempts = 0, lease_losses = 0, error = NULL,
                         finished_at_ms = NULL, result_expires_at_ms = NULL, eta_ms = NULL, due_ms = $3
-                    WHERE state = 'FAILURE' AND (id = ANY($1) OR $2 = '*' OR queue = $2) RETURNING id)
+                    WHERE state = 'FAILURE' AND NOT by_parent AND (id = ANY($1) OR $2 = '*' OR queue = $2) RETURNING id)
                  SELECT count(*), (SELECT pg_notify('broker_ready', '') FROM back LIMIT 1) FROM back",
                 &[&request.ids, &request.queue, &ms(now)],
             )
@@ -1590,7 +2097,8 @@ impl Inner {
         let now = self.now();
         let rows = client
             .query(
-                "SELECT queue, state, due_ms <= $1 AS due, count(*) FROM broker_tasks GROUP BY 1, 2, 3 ORDER BY 1",
+                "SELECT queue, CASE WHEN by_parent THEN 'BY_PARENT' ELSE state END, due_ms <= $1 AS due, count(*)
+                 FROM broker_tasks GROUP BY 1, 2, 3 ORDER BY 1",
                 &[&ms(now)],
             )
             .await
@@ -1613,6 +2121,7 @@ impl Inner {
                 "SCHEDULED" | "RETRY" if due => q.ready += count,
                 "SCHEDULED" | "RETRY" => q.scheduled += count,
                 "STARTED" => q.leased += count,
+                HELD => {}
                 "FAILURE" => {
                     q.dead += count;
                     results_stored += count;
@@ -1687,20 +2196,35 @@ impl Inner {
                         finished_at_ms = $1, result_expires_at_ms = $1 + result_ttl_ms
                      WHERE id IN (SELECT id FROM broker_tasks WHERE state IN {WAITING} AND expires_at_ms <= $1
                         FOR UPDATE SKIP LOCKED) RETURNING id)
-                     SELECT count(*), (SELECT pg_notify('broker_finished', '') FROM gone LIMIT 1) FROM gone"
+                     SELECT id FROM gone"
                 ),
                 &[&ms(now), &expired],
             )
             .await
             .map_err(pg_error)?;
-        let expired = expired.first().map_or(0, |row| row.get::<_, i64>(0) as u64);
+        let gone: Vec<String> = expired.iter().map(|row| row.get(0)).collect();
+        let expired = gone.len() as u64;
         if expired > 0 {
-            self.finished.notify_waiters();
+            // Notifies (`broker_finished`).
+            self.after_failure(client, gone).await?;
         }
         let removed = client
             .execute(
                 "DELETE FROM broker_tasks WHERE id IN (SELECT id FROM broker_tasks
                     WHERE result_expires_at_ms <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                &[&ms(now), &EXPIRY_BATCH],
+            )
+            .await
+            .map_err(pg_error)?;
+        // Unique keys no task holds any more: their time passed, or the task holding them until it finished did.
+        // A key an enqueue is claiming now is locked, and skipped.
+        client
+            .execute(
+                "DELETE FROM broker_unique WHERE key IN (SELECT u.key FROM broker_unique u
+                    LEFT JOIN broker_tasks t ON t.id = u.task_id
+                    WHERE u.until_ms <= $1 OR (u.until_ms IS NULL
+                        AND (t.id IS NULL OR t.state IN ('SUCCESS', 'FAILURE', 'REVOKED')))
+                    LIMIT $2 FOR UPDATE OF u SKIP LOCKED)",
                 &[&ms(now), &EXPIRY_BATCH],
             )
             .await
@@ -1725,17 +2249,6 @@ fn later<T: Send + 'static>(
             ))),
         }
     }))
-}
-
-/// The ops only the single node has, refused on this store before anything is stored.
-fn check_supported(spec: &NewTask) -> Result<(), StoreError> {
-    if !spec.chain.is_empty() {
-        return Err(StoreError::Unsupported("a chain (`chain`)"));
-    }
-    if spec.unique_key.is_some() {
-        return Err(StoreError::Unsupported("a unique task (`unique_key`)"));
-    }
-    Ok(())
 }
 
 impl PgStore {
@@ -1775,8 +2288,7 @@ impl TaskStore for PgStore {
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
         let numbered = specs.len() > 1;
         for (i, spec) in specs.iter().enumerate() {
-            let checked =
-                check_client_ids(spec).and_then(|()| Store::validate(spec)).and_then(|()| check_supported(spec));
+            let checked = check_client_ids(spec).and_then(|()| Store::validate(spec));
             if let Err(e) = checked {
                 return Op::Now(Err(match e {
                     StoreError::Invalid(m) if numbered => StoreError::Invalid(format!("task {i}: {m}")),
@@ -1785,6 +2297,13 @@ impl TaskStore for PgStore {
             }
         }
         self.line_up(|outcome| Job::Enqueue(specs, outcome))
+    }
+
+    fn enqueue_chord(&self, header: Vec<NewTask>, callback: NewTask) -> Op<(Vec<Enqueued>, Enqueued)> {
+        if let Err(e) = super::canvas::check_chord(&header, &callback) {
+            return Op::Now(Err(e));
+        }
+        self.submit(move |tx, inner| Box::pin(inner.enqueue_chord(tx, header, callback)))
     }
 
     fn lease(&self, conn: ConnId, queues: &[String], max: usize, lease_ms: Option<u64>) -> Op<(Vec<Grant>, bool)> {
