@@ -841,17 +841,13 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
             return Outcome::Reply(reply::<EventList>(id, Err(e.into())), None);
         }
     }
-    let store = match shared.local("events") {
-        Ok(store) => store.clone(),
-        Err(refusal) => return Outcome::Reply(reply::<EventList>(id, Err(refusal)), None),
-    };
     let max = request.max.clamp(1, MAX_DEAD_LIST) as usize;
     let read = {
-        let store = store.clone();
+        let shared = shared.clone();
         let request = request.clone();
         let wait_ms = request.wait_ms.min(shared.config.max_wait_ms);
         move |after: Option<u64>| {
-            let (events, next, missed) = store.events(after, max, request.queue.as_deref(), wait_ms);
+            let (events, next, missed) = shared.tasks().events(after, max, request.queue.as_deref(), wait_ms);
             let events = events
                 .into_iter()
                 .map(|e| TaskEvent {
@@ -876,7 +872,7 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
-        let found = wait_for(&shared, store.events_notify(), &closing, wait, || {
+        let found = wait_for(&shared, shared.tasks().events_notify(), &closing, wait, || {
             std::future::ready(Some(read(cursor)).filter(|list| !list.events.is_empty()))
         })
         .await;

@@ -192,7 +192,7 @@ async fn metrics(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response 
     if let Some(refused) = refuse(&dash, &headers, false) {
         return refused;
     }
-    crate::http::metrics(&dash.shared, &dash.store, &headers)
+    crate::http::metrics(&dash.shared, &headers).await
 }
 
 async fn overview(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response {

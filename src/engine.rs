@@ -18,9 +18,10 @@ use std::collections::BTreeMap;
 use broker_client::proto::{DeadRequeue, Enqueued, Fail, LimitInfo, Progress, TaskInfo, TaskState, Value};
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
 use crate::store::control::Limit;
 use crate::store::flow::Scope;
-use crate::store::{ConnId, FailOutcome, Grant, NewTask, Store, StoreError, StoreStats};
+use crate::store::{ConnId, FailOutcome, Grant, NewTask, Store, StoreError, StoreStats, TaskEvent};
 
 /// A store call that finishes later (a statement on a shared store).
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -104,6 +105,14 @@ pub trait TaskStore: Send + Sync + 'static {
     fn finished_notify(&self) -> &Notify;
     /// The store's clock (Unix ms).
     fn now_ms(&self) -> u64;
+    /// This daemon's metrics (`/metrics`): what happened through it, since it started.
+    fn metrics(&self) -> &Metrics;
+    /// Task events after `after` (from now when `None`), at most `max`, of `queue` only if given: (events, the
+    /// cursor to ask from next, how many were dropped before they could be read). Asking keeps events recorded
+    /// for a while (proto.md, `events`).
+    fn events(&self, after: Option<u64>, max: usize, queue: Option<&str>, wait_ms: u64) -> (Vec<TaskEvent>, u64, u64);
+    /// Rung when an event is recorded.
+    fn events_notify(&self) -> &Notify;
     /// What `stats` shows as the durability policy.
     fn durability(&self) -> String;
     /// Pauses or resumes a queue; whether it was paused. (The single node's syncs its control file: the daemon
@@ -190,6 +199,18 @@ impl TaskStore for Store {
 
     fn now_ms(&self) -> u64 {
         Store::now_ms(self)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        Store::metrics(self)
+    }
+
+    fn events(&self, after: Option<u64>, max: usize, queue: Option<&str>, wait_ms: u64) -> (Vec<TaskEvent>, u64, u64) {
+        Store::events(self, after, max, queue, wait_ms)
+    }
+
+    fn events_notify(&self) -> &Notify {
+        Store::events_notify(self)
     }
 
     fn durability(&self) -> String {

@@ -68,18 +68,21 @@ fn unauthorized() -> Response {
 }
 
 /// `/metrics` (routed with the dashboard, whose Host check it shares): an admin's only, when tokens exist.
-pub fn metrics(shared: &Shared, store: &crate::store::Store, headers: &HeaderMap) -> Response {
+pub async fn metrics(shared: &Shared, headers: &HeaderMap) -> Response {
     if !crate::dashboard::is_admin(shared, headers) {
         return unauthorized();
     }
-    let stats = cmd::stats_of(shared, store.stats());
+    let stats = match shared.tasks().stats().resolve().await {
+        Ok(stats) => cmd::stats_of(shared, stats),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    };
     let snapshot = Snapshot {
         queues: stats.queues.iter().map(|q| (q.name.clone(), [q.ready, q.scheduled, q.leased, q.dead])).collect(),
         connections: stats.connections,
         workers: stats.workers.len() as u64,
         uptime_secs: stats.uptime_ms / 1000,
     };
-    let body = store.metrics().encode(&snapshot);
+    let body = shared.tasks().metrics().encode(&snapshot);
     // prometheus-client writes OpenMetrics text, which Prometheus reads.
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }

@@ -149,6 +149,41 @@ impl Outcome {
     }
 }
 
+/// The most (queue, task name) pairs with metrics of their own; see [`Series::of`].
+const MAX_SERIES: usize = 1000;
+/// The queue and task label of the pairs past that.
+const OTHER_SERIES: &str = "_other";
+
+/// The handles of each (queue, task name) pair seen, made once and looked up by `&str` (a store keeps them under
+/// its own lock).
+#[derive(Debug, Default)]
+pub struct Series {
+    handles: std::collections::HashMap<String, std::collections::HashMap<String, Handles>>,
+    count: usize,
+}
+
+impl Series {
+    /// The metrics of a queue and task name. Past `MAX_SERIES` pairs, new ones are counted under
+    /// `queue="_other", task="_other"`: producers choose the names, and each pair is a series kept for ever.
+    pub fn of<'s>(&'s mut self, metrics: &Metrics, queue: &str, task: &str) -> &'s Handles {
+        let (queue, task) = if self.handles.get(queue).is_some_and(|tasks| tasks.contains_key(task)) {
+            (queue, task)
+        } else if self.count < MAX_SERIES {
+            let handles = metrics.handles(queue, task);
+            self.handles.entry(queue.to_string()).or_default().insert(task.to_string(), handles);
+            self.count += 1;
+            (queue, task)
+        } else {
+            if !self.handles.contains_key(OTHER_SERIES) {
+                let handles = metrics.handles(OTHER_SERIES, OTHER_SERIES);
+                self.handles.entry(OTHER_SERIES.to_string()).or_default().insert(OTHER_SERIES.to_string(), handles);
+            }
+            (OTHER_SERIES, OTHER_SERIES)
+        };
+        &self.handles[queue][task]
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -8,7 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use broker_client::proto::{DeadRequeue, ErrorCode, Fail, Lease, ScheduleAdd, TaskError, TaskSpec, TaskState, Value};
+use broker_client::proto::{
+    DeadRequeue, ErrorCode, Events, Fail, Lease, ScheduleAdd, TaskError, TaskSpec, TaskState, Value,
+};
 use broker_client::{Client, ConnectOptions};
 use common::pg::PgCluster;
 use common::{eventually, Daemon, TestServer};
@@ -445,4 +447,52 @@ async fn unique_keys_chains_and_chords_hold_across_daemons() {
     let dead = cb.dead_list(Some("chain"), 10).await.unwrap();
     assert_eq!(dead.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [enqueued.chain[0].as_str()]);
     assert!(ca.lease(&lease("chain", 5, 0, None)).await.unwrap().is_empty(), "the failed link never runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_every_daemon_reach_a_follower_in_order() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let (a, b) = (daemon(&url).await, daemon(&url).await);
+    let (ca, cb) = (a.client().await, b.client().await);
+    let follow = |after, wait_ms| Events { after, max: 100, wait_ms, queue: Some("ev".into()) };
+    // B's client follows; A hears of it (a notification) and publishes its changes' events from then on.
+    let mut cursor = cb.events(&follow(None, 0)).await.unwrap().next;
+    eventually("A to publish events", WAIT, || {
+        let (ca, cb) = (&ca, &cb);
+        async move {
+            let probe = ca.enqueue(spec("probe", "ev", vec![])).await.unwrap().id;
+            let seen = cb.events(&follow(None, 0)).await.unwrap().next;
+            let list = cb.events(&follow(Some(seen.saturating_sub(50)), 300)).await.unwrap();
+            list.events.iter().any(|e| e.task_id == probe).then_some(())
+        }
+    })
+    .await;
+    // Past the probes.
+    cursor = loop {
+        let list = cb.events(&follow(Some(cursor), 0)).await.unwrap();
+        if list.events.is_empty() {
+            break list.next;
+        }
+        cursor = list.next;
+    };
+    // Enqueued through A, leased through B, acked through A: B's follower sees the three, in that order.
+    let id = ca.enqueue(spec("watched", "ev", vec![])).await.unwrap().id;
+    let t = loop {
+        let mut leased = cb.lease(&lease("ev", 1, 1000, None)).await.unwrap();
+        let t = leased.pop().expect("a task");
+        if t.id == id {
+            break t;
+        }
+        cb.ack(&t.id, t.lease_id, Value::Nil).await.unwrap();
+    };
+    ca.ack(&t.id, t.lease_id, Value::from(1)).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 3 && Instant::now() < deadline {
+        let list = cb.events(&follow(Some(cursor), 1000)).await.unwrap();
+        cursor = list.next;
+        seen.extend(list.events.into_iter().filter(|e| e.task_id == id).map(|e| e.event));
+    }
+    assert_eq!(seen, ["enqueued", "started", "succeeded"]);
 }

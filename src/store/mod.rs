@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod commit;
 pub mod control;
 pub mod disk;
+pub mod events;
 pub mod flow;
 pub mod journal;
 pub mod pg;
@@ -31,7 +32,7 @@ pub mod record;
 pub mod schedule;
 pub mod wal;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -45,7 +46,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
-use crate::metrics::{Handles, Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome};
 use commit::{Durable, Pacing, Progress};
 use disk::{Disk, Entry, Loc};
 use journal::Journal;
@@ -132,11 +133,6 @@ const MAX_CHAIN: usize = 1000;
 /// The most members one chord may have: its callback's record keeps one bit per member.
 const MAX_CHORD: usize = 10_000;
 
-/// The most (queue, task name) pairs with metrics of their own; see `Store::metrics_of`.
-const MAX_METRIC_SERIES: usize = 1000;
-/// The queue and task label of the pairs past that.
-const OTHER_SERIES: &str = "_other";
-
 /// How long a task waited (ready to leased) or ran (leased to its outcome), in seconds, observed with the event
 /// that ends it.
 enum Took {
@@ -144,27 +140,7 @@ enum Took {
     Ran(f64),
 }
 
-/// How many task events `events` keeps.
-const EVENT_RING: usize = 10_000;
-/// Events are recorded for this long after the last `events` request (nobody pays for them otherwise).
-const EVENT_LINGER_MS: u64 = 60_000;
-
-/// Something that happened to a task, for `events`.
-#[derive(Debug, Clone)]
-pub struct TaskEvent {
-    /// Its number: events are numbered in the order they happened.
-    pub seq: u64,
-    /// When (Unix ms).
-    pub at_ms: u64,
-    /// The task.
-    pub task_id: Id,
-    /// Its queue.
-    pub queue: String,
-    /// Its name.
-    pub task: String,
-    /// What happened.
-    pub event: Outcome,
-}
+pub use events::TaskEvent;
 
 /// A running task as the dashboard shows it: id, task name, started at (Unix ms).
 pub type Running = (String, String, u64);
@@ -424,16 +400,13 @@ struct State {
     deadlines: BTreeSet<(u64, Id)>,
     by_conn: Map<ConnId, Set<Id>>,
     next_seq: u64,
-    /// Each queue's and task name's metrics (see `Store::metrics_of`), and how many pairs have their own.
-    metrics: HashMap<String, HashMap<String, Handles>>,
-    metric_series: usize,
+    /// Each queue's and task name's metrics (see [`crate::metrics::Series`]).
+    metrics: crate::metrics::Series,
     /// The latest millisecond a task id was made in (see `Store::new_id`).
     last_id_ms: u64,
     totals: Totals,
     /// Recent task events for `events`, recorded only until `events_until_ms` (someone asked lately).
-    events: VecDeque<TaskEvent>,
-    event_seq: u64,
-    events_until_ms: u64,
+    events: events::EventRing,
     /// Paused queues and limits (see [`flow`]).
     flow: flow::Flow,
     /// Unique keys held: key → (task, until when; `None`: until it finishes).
@@ -1266,27 +1239,6 @@ impl Store {
         self.happened_after(st, &record.id, &record.queue, &record.task, outcome, now, took);
     }
 
-    /// The metrics of a queue and task name, kept in the state (looked up by `&str`, made once). Past
-    /// `MAX_METRIC_SERIES` pairs, new ones are counted under `queue="_other", task="_other"`: producers choose
-    /// the names, and each pair is a series kept for ever.
-    fn metrics_of<'s>(&self, st: &'s mut State, queue: &str, task: &str) -> &'s Handles {
-        let (queue, task) = if st.metrics.get(queue).is_some_and(|tasks| tasks.contains_key(task)) {
-            (queue, task)
-        } else if st.metric_series < MAX_METRIC_SERIES {
-            let handles = self.core.metrics.handles(queue, task);
-            st.metrics.entry(queue.to_string()).or_default().insert(task.to_string(), handles);
-            st.metric_series += 1;
-            (queue, task)
-        } else {
-            if !st.metrics.contains_key(OTHER_SERIES) {
-                let handles = self.core.metrics.handles(OTHER_SERIES, OTHER_SERIES);
-                st.metrics.entry(OTHER_SERIES.to_string()).or_default().insert(OTHER_SERIES.to_string(), handles);
-            }
-            (OTHER_SERIES, OTHER_SERIES)
-        };
-        &st.metrics[queue][task]
-    }
-
     /// Something happened to a task: counted for `/metrics`, and kept for `events` while someone follows them.
     fn happened(&self, st: &mut State, id: &Id, queue: &str, task: &str, outcome: Outcome, now: u64) {
         self.happened_after(st, id, queue, task, outcome, now, None);
@@ -1304,29 +1256,17 @@ impl Store {
         now: u64,
         took: Option<Took>,
     ) {
-        let handles = self.metrics_of(st, queue, task);
+        let handles = st.metrics.of(&self.core.metrics, queue, task);
         handles.count(outcome);
         match took {
             Some(Took::Waited(secs)) => handles.queue_wait(secs),
             Some(Took::Ran(secs)) => handles.run_time(secs),
             None => {}
         }
-        if now >= st.events_until_ms {
+        if !st.events.wanted(now) {
             return;
         }
-        st.event_seq += 1;
-        let event = TaskEvent {
-            seq: st.event_seq,
-            at_ms: now,
-            task_id: id.clone(),
-            queue: queue.to_string(),
-            task: task.to_string(),
-            event: outcome,
-        };
-        st.events.push_back(event);
-        if st.events.len() > EVENT_RING {
-            st.events.pop_front();
-        }
+        st.events.push(now, id.clone(), queue.to_string(), task.to_string(), outcome);
         self.events_notify.notify_waiters();
     }
 
@@ -1341,25 +1281,7 @@ impl Store {
         wait_ms: u64,
     ) -> (Vec<TaskEvent>, u64, u64) {
         let now = self.now_ms();
-        let mut st = self.lock();
-        // Recorded for as long as this ask may wait, and a while after.
-        let until = now.saturating_add(EVENT_LINGER_MS.max(wait_ms.saturating_add(EVENT_LINGER_MS)));
-        st.events_until_ms = st.events_until_ms.max(until);
-        let after = after.unwrap_or(st.event_seq).min(st.event_seq);
-        let oldest = st.events.front().map_or(st.event_seq + 1, |e| e.seq);
-        let missed = oldest.saturating_sub(after + 1);
-        let mut next = after;
-        let mut out = Vec::new();
-        for event in st.events.iter().filter(|e| e.seq > after) {
-            if out.len() >= max {
-                break;
-            }
-            next = event.seq;
-            if queue.is_none_or(|q| q == event.queue) {
-                out.push(event.clone());
-            }
-        }
-        (out, next, missed)
+        self.lock().events.read(after, max, queue, now, wait_ms)
     }
 
     /// Woken when an event is recorded.

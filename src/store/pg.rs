@@ -19,7 +19,11 @@
 //!   queue), stored with the task that leads to them; the ack that makes the next step (or the failure that ends
 //!   them) takes it in its own transaction.
 //!
-//! What it does not do yet (refused with `unsupported`): schedules, `events`, the dashboard and `/metrics`.
+//! - **Events and metrics**: what happens to tasks in a transaction is counted in this daemon's `/metrics` once it
+//!   commits, and, while some daemon's clients follow `events`, published in it (`broker_events`): every daemon
+//!   hears every daemon's events in commit order.
+//!
+//! What it does not do yet (refused with `unsupported`): schedules, and the dashboard.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -37,12 +41,14 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::control::Limit;
+use super::events::{EventRing, TaskEvent};
 use super::record::{Extra, TaskRecord};
 use super::{check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Store, StoreError};
 use super::{StoreOptions, StoreStats};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::{Op, TaskStore};
+use crate::metrics::{Metrics, Outcome as MetricOutcome, Series};
 
 /// The schema, one migration per version; applied in order, each once, under an advisory lock (daemons may
 /// start together).
@@ -108,30 +114,52 @@ const MIGRATIONS: &[&str] = &[
 
 /// A transaction on a pooled connection whose statements are prepared once per connection: a statement sent
 /// as text would cost a round trip to prepare at every use.
-pub struct Sql<'a>(&'a deadpool_postgres::Transaction<'a>);
+pub struct Sql<'a> {
+    tx: &'a deadpool_postgres::Transaction<'a>,
+    /// What happened to tasks in this transaction: counted in `/metrics` once it commits, and published to the
+    /// daemons' `events` (in it, so only if it commits) while someone follows them.
+    happened: Mutex<Vec<Happened>>,
+}
+
+/// Something that happened to a task: when, the task, its queue and name, what.
+type Happened = (u64, String, String, String, MetricOutcome);
+
+/// The most bytes of events one notification carries (PostgreSQL takes up to 8000).
+const EVENTS_PAYLOAD: usize = 7000;
+/// How often, at most, a daemon whose clients follow events tells the others to keep publishing them.
+const EVENTS_ANNOUNCE_MS: u64 = 10_000;
 
 /// A statement's parameters.
 type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
 
-impl Sql<'_> {
+impl<'a> Sql<'a> {
+    fn new(tx: &'a deadpool_postgres::Transaction<'a>) -> Sql<'a> {
+        Sql { tx, happened: Mutex::new(Vec::new()) }
+    }
+
+    /// What happened in this transaction so far, taken.
+    fn take_happened(&self) -> Vec<Happened> {
+        std::mem::take(&mut *self.happened.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.query(&statement, params).await
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.query(&statement, params).await
     }
 
     async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.query_opt(&statement, params).await
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.query_opt(&statement, params).await
     }
 
     async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.query_one(&statement, params).await
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.query_one(&statement, params).await
     }
 
     async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.execute(&statement, params).await
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.execute(&statement, params).await
     }
 }
 
@@ -404,6 +432,16 @@ struct Inner {
     /// The database's clock minus this machine's (ms), measured at each tick: every daemon then reads one clock,
     /// so a daemon whose clock runs ahead cannot take back another's leases before their deadline.
     offset_ms: std::sync::atomic::AtomicI64,
+    /// This daemon's metrics, and the handles of each queue and task name seen.
+    metrics: Metrics,
+    series: Mutex<Series>,
+    /// The task events every daemon published (in commit order, `broker_events`), for `events`.
+    events: Mutex<EventRing>,
+    events_notify: Notify,
+    /// Until when some daemon's clients follow events: every daemon publishes its changes' events until then.
+    events_wanted_ms: AtomicU64,
+    /// Until when this daemon last told the others its clients follow events.
+    events_announced_ms: AtomicU64,
     /// Whether any limit is set (leases then take the slower, counting path). Read at each tick and whenever a
     /// daemon changes a limit (`broker_flow`).
     limited: std::sync::atomic::AtomicBool,
@@ -457,6 +495,12 @@ impl PgStore {
             next_id: AtomicU64::new(rand::random::<u16>().into()),
             offset_ms: std::sync::atomic::AtomicI64::new(0),
             limited: std::sync::atomic::AtomicBool::new(false),
+            metrics: Metrics::new(),
+            series: Mutex::new(Series::default()),
+            events: Mutex::new(EventRing::default()),
+            events_notify: Notify::new(),
+            events_wanted_ms: AtomicU64::new(0),
+            events_announced_ms: AtomicU64::new(0),
         });
         inner.migrate().await?;
         inner.measure_clock().await?;
@@ -549,6 +593,13 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
                                 inner.ready.notify_waiters();
                             });
                         }
+                        Ok(AsyncMessage::Notification(n)) if n.channel() == "broker_events" => {
+                            inner.received_events(n.payload())
+                        }
+                        Ok(AsyncMessage::Notification(n)) if n.channel() == "broker_events_wanted" => {
+                            let until = n.payload().parse().unwrap_or(0);
+                            inner.events_wanted_ms.fetch_max(until, Ordering::Relaxed);
+                        }
                         Ok(AsyncMessage::Notification(_)) => inner.finished.notify_waiters(),
                         Ok(_) => {}
                         Err(e) => return tracing::warn!(error = %e, "the listening connection broke"),
@@ -557,8 +608,12 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
             }
         };
         let subscribe = async {
-            if let Err(e) =
-                client.batch_execute("LISTEN broker_ready; LISTEN broker_finished; LISTEN broker_flow").await
+            if let Err(e) = client
+                .batch_execute(
+                    "LISTEN broker_ready; LISTEN broker_finished; LISTEN broker_flow; LISTEN broker_events;
+                     LISTEN broker_events_wanted",
+                )
+                .await
             {
                 tracing::warn!(error = %e, "LISTEN failed");
                 return;
@@ -581,6 +636,59 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
 }
 
 impl Inner {
+    /// Something happened to a task in transaction `tx` (see [`Sql`]).
+    fn happened(&self, tx: &Tx<'_>, id: &str, queue: &str, task: &str, outcome: MetricOutcome) {
+        let event = (self.now(), id.to_string(), queue.to_string(), task.to_string(), outcome);
+        tx.happened.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+    }
+
+    /// Publishes what happened in a transaction, in it, while some daemon's clients follow events: every
+    /// daemon (this one too) hears it when the transaction commits, in commit order.
+    async fn publish(&self, tx: &Tx<'_>, happened: &[Happened]) -> Result<(), StoreError> {
+        if happened.is_empty() || self.now() >= self.events_wanted_ms.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut chunk = String::new();
+        for (i, (at, id, queue, task, outcome)) in happened.iter().enumerate() {
+            let event = serde_json::to_string(&(at, id, queue, task, outcome.as_str()))
+                .map_err(|e| StoreError::Shared(format!("cannot encode an event: {e}")))?;
+            chunk.push(if chunk.is_empty() { '[' } else { ',' });
+            chunk.push_str(&event);
+            if i + 1 == happened.len() || chunk.len() > EVENTS_PAYLOAD {
+                chunk.push(']');
+                tx.execute("SELECT pg_notify('broker_events', $1)", &[&chunk]).await.map_err(pg_error)?;
+                chunk.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts what happened in a transaction that committed (`/metrics`).
+    fn count(&self, happened: &[Happened]) {
+        if happened.is_empty() {
+            return;
+        }
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, _, queue, task, outcome) in happened {
+            series.of(&self.metrics, queue, task).count(*outcome);
+        }
+    }
+
+    /// Events another daemon (or this one) published, in the order their transactions committed.
+    fn received_events(&self, payload: &str) {
+        let Ok(events) = serde_json::from_str::<Vec<(u64, String, String, String, String)>>(payload) else {
+            return tracing::warn!("a task events notification does not read");
+        };
+        let mut ring = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        for (at, id, queue, task, outcome) in events {
+            if let Some(outcome) = MetricOutcome::ALL.into_iter().find(|o| o.as_str() == outcome) {
+                ring.push(at, id.as_str().into(), queue, task, outcome);
+            }
+        }
+        drop(ring);
+        self.events_notify.notify_waiters();
+    }
+
     fn now(&self) -> u64 {
         self.clock.now_ms().saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
     }
@@ -629,7 +737,7 @@ impl Inner {
             Ok(tx) => tx,
             Err(e) => return tracing::warn!(error = %e, requests = group.len(), "cannot begin a group commit"),
         };
-        let sql = Sql(&tx);
+        let sql = Sql::new(&tx);
         let mut finishes = Vec::with_capacity(group.len());
         let mut broke = false;
         let mut jobs = group.into_iter().peekable();
@@ -726,12 +834,23 @@ impl Inner {
                 }
             }
         }
+        let happened = sql.take_happened();
+        if !broke {
+            if let Err(e) = self.publish(&sql, &happened).await {
+                tracing::warn!(error = %e, "cannot publish task events; the group commit rolls back");
+                broke = true;
+            }
+        }
+        drop(sql);
         let committed = if broke {
             let _ = tx.rollback().await;
             Err("the request's group commit rolled back (another request in it failed); retry".to_string())
         } else {
             tx.commit().await.map_err(|e| pg_error(e).to_string())
         };
+        if committed.is_ok() {
+            self.count(&happened);
+        }
         for finish in finishes {
             finish(committed.clone());
         }
@@ -1008,6 +1127,11 @@ impl Inner {
             let new = inserted.contains(&*row.record.id) && claimed.insert(&*row.record.id);
             let state = if new {
                 created += 1;
+                let record = &row.record;
+                self.happened(tx, &record.id, &record.queue, &record.task, MetricOutcome::enqueued);
+                if row.finished.is_some() {
+                    self.happened(tx, &record.id, &record.queue, &record.task, MetricOutcome::expired);
+                }
                 row.record.state
             } else {
                 states_now.get(&*row.record.id).copied().unwrap_or(row.record.state)
@@ -1467,6 +1591,7 @@ impl Inner {
                 lease_ms: u64::try_from(row.get::<_, i64>("cur_lease_ms")).unwrap_or(0),
                 id,
             };
+            self.happened(client, &grant.id, queue, &grant.task, MetricOutcome::started);
             taken.push(((std::cmp::Reverse(priority), seq), grant));
         }
         // RETURNING keeps no order: priority, then enqueue order, as the lease picked them.
@@ -1684,14 +1809,15 @@ impl Inner {
                 "WITH done AS (
                     UPDATE broker_tasks SET state = 'REVOKED', lease_id = NULL, deadline_ms = NULL,
                         finished_at_ms = $3, result_expires_at_ms = $3 + result_ttl_ms
-                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND revoked RETURNING id)
-                 SELECT id, pg_notify('broker_finished', '') FROM done",
+                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND revoked RETURNING id, queue, task)
+                 SELECT queue, task, pg_notify('broker_finished', '') FROM done",
                 &[&id, &(lease_id as i64), &ms(now)],
             )
             .await
             .map_err(pg_error)?;
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
-        if revoked.is_some() {
+        if let Some(row) = revoked {
+            self.happened(client, id, row.get(0), row.get(1), MetricOutcome::revoked);
             self.after_failure(client, vec![id.to_string()]).await?;
             self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
@@ -1725,16 +1851,17 @@ impl Inner {
             done AS (UPDATE broker_tasks t SET state = 'SUCCESS', result = a.result, error = NULL, lease_id = NULL,
                     deadline_ms = NULL, finished_at_ms = $4::bigint, result_expires_at_ms = $4::bigint + t.result_ttl_ms
                 FROM a WHERE t.id = a.id AND t.lease_id = a.lease_id AND t.state = 'STARTED' AND NOT t.revoked
-                RETURNING t.id, a.lease_id, t.queue, t.links IS NOT NULL OR t.chord_id IS NOT NULL AS follows)
-            SELECT id, lease_id, queue, follows, pg_notify('broker_finished', '') FROM done";
+                RETURNING t.id, a.lease_id, t.queue, t.links IS NOT NULL OR t.chord_id IS NOT NULL AS follows, t.task)
+            SELECT id, lease_id, queue, follows, task, pg_notify('broker_finished', '') FROM done";
         let rows = client.query(statement, &[&ids, &lease_ids, &results, &ms(now)]).await.map_err(pg_error)?;
-        let mut done: HashMap<(String, i64), (String, bool)> =
-            rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3)))).collect();
+        let mut done: HashMap<(String, i64), (String, bool, &str)> =
+            rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3), row.get(4)))).collect();
         let mut outcomes = Vec::with_capacity(acks.len());
         for (id, lease_id, result) in &acks {
             // A task acked twice in one statement is updated once: the first ack has it, the next is refused.
             match done.remove(&(id.clone(), *lease_id as i64)) {
-                Some((queue, follows)) => {
+                Some((queue, follows, task)) => {
+                    self.happened(client, id, &queue, task, MetricOutcome::succeeded);
                     if follows {
                         self.after_success(client, id, result).await?;
                     }
@@ -1801,6 +1928,9 @@ impl Inner {
             FailOutcome { state: TaskState::Failure, retry_at_ms: None }
         };
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
+        self.happened(tx, id, &queue, &record.task, MetricOutcome::failed);
+        let then = if outcome.state == TaskState::Retry { MetricOutcome::retried } else { MetricOutcome::dead };
+        self.happened(tx, id, &queue, &record.task, then);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.totals.failed += 1;
         counts.per_queue.entry(queue).or_default().1 += 1;
@@ -1863,8 +1993,8 @@ impl Inner {
                         due_ms = $3::bigint,
                         finished_at_ms = CASE WHEN revoked THEN $3::bigint END,
                         result_expires_at_ms = CASE WHEN revoked THEN $3::bigint + result_ttl_ms END
-                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' RETURNING state)
-                 SELECT state, pg_notify(CASE WHEN state = 'REVOKED' THEN 'broker_finished' ELSE 'broker_ready' END, '')
+                    WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' RETURNING state, queue, task)
+                 SELECT state, queue, task, pg_notify(CASE WHEN state = 'REVOKED' THEN 'broker_finished' ELSE 'broker_ready' END, '')
                  FROM done",
                 &[&id, &(lease_id as i64), &ms(now)],
             )
@@ -1873,6 +2003,7 @@ impl Inner {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
         let row = row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
         if row.get::<_, &str>(0) == "REVOKED" {
+            self.happened(client, id, row.get(1), row.get(2), MetricOutcome::revoked);
             self.after_failure(client, vec![id.to_string()]).await?;
         }
         self.ready.notify_waiters();
@@ -1917,8 +2048,8 @@ impl Inner {
                             "WITH old AS (SELECT id, lease_id FROM broker_tasks
                                 WHERE state = 'STARTED' AND deadline_ms < $1 FOR UPDATE SKIP LOCKED),
                              lost AS (UPDATE broker_tasks t SET {set} FROM old WHERE t.id = old.id
-                                RETURNING t.id, old.lease_id, t.state)
-                             SELECT id, lease_id, state FROM lost"
+                                RETURNING t.id, old.lease_id, t.state, t.queue, t.task)
+                             SELECT id, lease_id, state, queue, task FROM lost"
                         ),
                         &[&ms(now), &counted, &max_losses, &lost],
                     )
@@ -1933,8 +2064,8 @@ impl Inner {
                             "WITH lost AS (UPDATE broker_tasks t SET {set}
                                 FROM unnest($5::text[], $6::bigint[]) AS l(id, lease_id)
                                 WHERE t.id = l.id AND t.lease_id = l.lease_id AND t.state = 'STARTED'
-                                RETURNING t.id, l.lease_id, t.state)
-                             SELECT id, lease_id, state FROM lost"
+                                RETURNING t.id, l.lease_id, t.state, t.queue, t.task)
+                             SELECT id, lease_id, state, queue, task FROM lost"
                         ),
                         &[&ms(now), &counted, &max_losses, &lost, &ids, &lease_ids],
                     )
@@ -1944,6 +2075,15 @@ impl Inner {
         .map_err(pg_error)?;
         if rows.is_empty() {
             return Ok(0);
+        }
+        for row in &rows {
+            let (id, state, queue, task): (&str, &str, &str, &str) = (row.get(0), row.get(2), row.get(3), row.get(4));
+            self.happened(client, id, queue, task, MetricOutcome::lease_lost);
+            match state {
+                "FAILURE" => self.happened(client, id, queue, task, MetricOutcome::dead),
+                "REVOKED" => self.happened(client, id, queue, task, MetricOutcome::revoked),
+                _ => {}
+            }
         }
         let ended: Vec<String> =
             rows.iter().filter(|row| row.get::<_, &str>(2) != "PENDING").map(|row| row.get(0)).collect();
@@ -1999,12 +2139,14 @@ impl Inner {
                     "WITH waiting AS (
                         UPDATE broker_tasks SET state = 'REVOKED', revoked = true, finished_at_ms = $2::bigint,
                             result_expires_at_ms = $2::bigint + result_ttl_ms
-                        WHERE id = $1 AND state IN ('PENDING', 'SCHEDULED', 'RETRY', '{HELD}') RETURNING id),
+                        WHERE id = $1 AND state IN ('PENDING', 'SCHEDULED', 'RETRY', '{HELD}')
+                        RETURNING id, queue, task),
                      running AS (
                         UPDATE broker_tasks SET revoked = true WHERE id = $1 AND state = 'STARTED' RETURNING id)
                      SELECT (SELECT count(*) FROM waiting), (SELECT count(*) FROM running),
                         (SELECT state FROM broker_tasks WHERE id = $1),
-                        (SELECT pg_notify('broker_finished', '') FROM waiting)"
+                        (SELECT pg_notify('broker_finished', '') FROM waiting),
+                        (SELECT queue FROM waiting), (SELECT task FROM waiting)"
                 ),
                 &[&id, &ms(now)],
             )
@@ -2012,6 +2154,7 @@ impl Inner {
             .map_err(pg_error)?;
         let (waiting, running): (i64, i64) = (row.get(0), row.get(1));
         if waiting > 0 {
+            self.happened(client, id, row.get(4), row.get(5), MetricOutcome::revoked);
             self.after_failure(client, vec![id.to_string()]).await?;
             self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
@@ -2163,8 +2306,13 @@ impl Inner {
     ) -> Result<T, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let value = work(&Sql(&tx), self).await?;
+        let sql = Sql::new(&tx);
+        let value = work(&sql, self).await?;
+        let happened = sql.take_happened();
+        self.publish(&sql, &happened).await?;
+        drop(sql);
         tx.commit().await.map_err(pg_error)?;
+        self.count(&happened);
         Ok(value)
     }
 
@@ -2195,13 +2343,16 @@ impl Inner {
                     "WITH gone AS (UPDATE broker_tasks SET state = 'REVOKED', revoked = true, error = $2,
                         finished_at_ms = $1, result_expires_at_ms = $1 + result_ttl_ms
                      WHERE id IN (SELECT id FROM broker_tasks WHERE state IN {WAITING} AND expires_at_ms <= $1
-                        FOR UPDATE SKIP LOCKED) RETURNING id)
-                     SELECT id FROM gone"
+                        FOR UPDATE SKIP LOCKED) RETURNING id, queue, task)
+                     SELECT id, queue, task FROM gone"
                 ),
                 &[&ms(now), &expired],
             )
             .await
             .map_err(pg_error)?;
+        for row in &expired {
+            self.happened(client, row.get(0), row.get(1), row.get(2), MetricOutcome::expired);
+        }
         let gone: Vec<String> = expired.iter().map(|row| row.get(0)).collect();
         let expired = gone.len() as u64;
         if expired > 0 {
@@ -2285,6 +2436,45 @@ impl PgStore {
 }
 
 impl TaskStore for PgStore {
+    fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn events(&self, after: Option<u64>, max: usize, queue: Option<&str>, wait_ms: u64) -> (Vec<TaskEvent>, u64, u64) {
+        let now = self.inner.now();
+        let (read, until) = {
+            let mut ring = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+            let read = ring.read(after, max, queue, now, wait_ms);
+            (read, ring.until_ms())
+        };
+        self.inner.events_wanted_ms.fetch_max(until, Ordering::Relaxed);
+        // Every daemon publishes its changes' events while it knows someone follows them: tell them, now and
+        // then as the reader keeps asking.
+        let announced = self.inner.events_announced_ms.load(Ordering::Relaxed);
+        if until > announced.saturating_add(EVENTS_ANNOUNCE_MS) {
+            self.inner.events_announced_ms.store(until, Ordering::Relaxed);
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let told = match inner.client().await {
+                    Ok(client) => client
+                        .execute("SELECT pg_notify('broker_events_wanted', $1)", &[&until.to_string()])
+                        .await
+                        .map_err(pg_error),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = told {
+                    inner.events_announced_ms.store(0, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cannot tell the other daemons to publish task events");
+                }
+            });
+        }
+        read
+    }
+
+    fn events_notify(&self) -> &Notify {
+        &self.inner.events_notify
+    }
+
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
         let numbered = specs.len() > 1;
         for (i, spec) in specs.iter().enumerate() {
