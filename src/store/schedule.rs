@@ -90,7 +90,9 @@ impl Timing {
             Timing::Every { every, anchor } if t < *anchor => Some(*anchor),
             Timing::Every { every, anchor } => anchor.checked_add(((t - anchor) / every + 1).checked_mul(*every)?),
             Timing::Cron(cron, tz) => {
-                let at = tz.timestamp_millis_opt(i64::try_from(t).ok()?).single()?;
+                // From the whole second: croner keeps the milliseconds of the time it starts from, and a cron
+                // tick falls on a whole second (its id must not depend on when it was looked for).
+                let at = tz.timestamp_millis_opt(i64::try_from(t / 1000 * 1000).ok()?).single()?;
                 let next = cron.find_next_occurrence(&at, false).ok()?;
                 u64::try_from(next.timestamp_millis()).ok()
             }
@@ -103,7 +105,7 @@ impl Timing {
             Timing::Every { anchor, .. } if t < *anchor => None,
             Timing::Every { every, anchor } => Some(anchor + (t - anchor) / every * every), // at most t
             Timing::Cron(cron, tz) => {
-                let at = tz.timestamp_millis_opt(i64::try_from(t).ok()?).single()?;
+                let at = tz.timestamp_millis_opt(i64::try_from(t / 1000 * 1000).ok()?).single()?;
                 let previous = cron.find_previous_occurrence(&at, true).ok()?;
                 u64::try_from(previous.timestamp_millis()).ok()
             }
