@@ -56,7 +56,6 @@ def pg_store_url():
 SINGLE_NODE_ONLY = {
     "test_canvas.py": "chains and chords",
     "test_unique.py": "unique tasks",
-    "test_schedules.py": "schedules",
     "test_dashboard.py": "the dashboard",
 }
 
