@@ -14,8 +14,11 @@
 //! - **Maintenance** (lapsed leases, due retries and countdowns, expired tasks and results) runs on every daemon's
 //!   tick as conditional updates: a row one daemon changed no longer matches another's, so nothing is done twice.
 //!
-//! What it does not do yet (refused with `unsupported`): chains and chords, unique tasks, schedules, pause and
-//! limits, `events`, the dashboard and `/metrics`.
+//! - **Schedules** are rows of `broker_schedules`; every daemon's tick fires the due ones, each tick once, its task
+//!   enqueued in the transaction that records it ([`schedules`]).
+//!
+//! What it does not do yet (refused with `unsupported`): chains and chords, unique tasks, `events`, the dashboard
+//! and `/metrics`.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
