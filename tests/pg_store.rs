@@ -486,3 +486,45 @@ async fn a_tick_no_daemon_fired_in_time_fires_once_or_is_skipped() {
     assert_eq!(ticks_stored(&pg, "late-once"), [tick]);
     assert!(ticks_stored(&pg, "late-skip").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_into_a_full_queue_is_skipped_and_the_other_schedules_fire() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let server = TestServer::start_with(
+        move |config| {
+            config.store = Some(url);
+            config.max_queue_length = 1;
+        },
+        false,
+    )
+    .await;
+    let client = server.client().await;
+    client.enqueue(spec("waiting", "full", vec![])).await.unwrap();
+    let mut first_ticks = Vec::new();
+    for (name, queue) in [("into-full", "full"), ("into-room", "room")] {
+        let every = ScheduleAdd {
+            name: name.into(),
+            task: spec("ping", queue, vec![]),
+            every_ms: Some(1000),
+            ..Default::default()
+        };
+        first_ticks.push(client.schedule_add(&every).await.unwrap().next_ms.unwrap());
+    }
+    // The full queue's tick is refused alone (its savepoint rolled back), and its schedule moves on without
+    // recording it; the other one's fires (once: its queue is full after that).
+    let listed = eventually("the first tick of each schedule handled", WAIT, || async {
+        let listed = client.schedules().await.unwrap();
+        let past_first = listed.iter().zip(&first_ticks).all(|(s, first)| s.next_ms > Some(*first));
+        past_first.then_some(listed)
+    })
+    .await;
+    let room = &listed[1];
+    assert_eq!((room.name.as_str(), room.last_ms), ("into-room", Some(first_ticks[1])), "{room:?}");
+    assert_eq!(ticks_stored(&pg, "into-room").len(), 1);
+    let full = listed.iter().find(|s| s.name == "into-full").unwrap();
+    assert_eq!(full.last_ms, None, "{full:?}");
+    assert!(full.next_ms.is_some());
+    assert!(ticks_stored(&pg, "into-full").is_empty());
+    assert_eq!(client.stats().await.unwrap().queues.iter().find(|q| q.name == "full").map(|q| q.ready), Some(1));
+}
