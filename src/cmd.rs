@@ -49,11 +49,6 @@ impl Shared {
     pub fn tasks(&self) -> &dyn TaskStore {
         self.engine.tasks()
     }
-
-    /// The single node's store, for an op only it has (`what`); `unsupported` over a shared store.
-    fn local(&self, what: &'static str) -> Result<&Arc<Store>, Refusal> {
-        Ok(self.engine.local(what)?)
-    }
 }
 
 /// One open connection as `stats` shows it.
@@ -332,18 +327,11 @@ pub fn handle(shared: &Arc<Shared>, session: &mut Session, frame: &[u8]) -> Outc
         op::SET_LIMIT => flow_op(shared, id, request, set_limit),
         op::LIMITS => answer(id, Ok(shared.tasks().limits().map(|limits| Limits { limits })), false),
         op::PROGRESS => answer(id, progress(shared, request), false),
-        op::SCHEDULE_ADD => on_control_thread(shared, id, request, schedule_add),
-        op::SCHEDULE_REMOVE => on_control_thread(shared, id, request, schedule_remove),
-        op::SCHEDULE_PAUSE => {
-            on_control_thread(shared, id, request, |shared, request| schedule_pause(shared, request, true))
-        }
-        op::SCHEDULE_RESUME => {
-            on_control_thread(shared, id, request, |shared, request| schedule_pause(shared, request, false))
-        }
-        op::SCHEDULES => Outcome::Reply(
-            reply(id, shared.local("schedules").map(|store| Schedules { schedules: store.schedules() })),
-            None,
-        ),
+        op::SCHEDULE_ADD => flow_op(shared, id, request, schedule_add),
+        op::SCHEDULE_REMOVE => flow_op(shared, id, request, schedule_remove),
+        op::SCHEDULE_PAUSE => flow_op(shared, id, request, |shared, request| schedule_pause(shared, request, true)),
+        op::SCHEDULE_RESUME => flow_op(shared, id, request, |shared, request| schedule_pause(shared, request, false)),
+        op::SCHEDULES => answer(id, Ok(shared.tasks().schedules().map(|schedules| Schedules { schedules })), false),
         other => Outcome::Reply(
             error_frame(Some(id), ErrorCode::UnknownOp, &format!("unknown op {other:?}; see proto.md for the list")),
             None,
@@ -880,26 +868,9 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
     }))
 }
 
-/// Runs an op that rewrites (and syncs) the control file on a blocking thread, so the connection's runtime thread
-/// never waits for the disk; the reply comes when it is done.
-fn on_control_thread<T: Serialize + Send + 'static>(
-    shared: &Arc<Shared>,
-    id: u64,
-    request: &[u8],
-    op: fn(&Shared, &[u8]) -> Result<T, Refusal>,
-) -> Outcome {
-    let shared = shared.clone();
-    let request = request.to_vec();
-    Outcome::Wait(Box::pin(async move {
-        match tokio::task::spawn_blocking(move || op(&shared, &request)).await {
-            Ok(result) => reply(id, result),
-            Err(e) => error_frame(Some(id), ErrorCode::Internal, &format!("the control file write failed: {e}")),
-        }
-    }))
-}
-
-/// A pause or limit change: the single node's rewrites and syncs its control file, so it runs on a blocking
-/// thread ([`on_control_thread`]); a shared store's is a statement.
+/// A pause, limit or schedule change: the single node's rewrites and syncs its control file, so it runs on a
+/// blocking thread (the connection's runtime thread never waits for the disk; the reply comes when it is done); a
+/// shared store's is a statement.
 fn flow_op<T: Serialize + Send + 'static>(
     shared: &Arc<Shared>,
     id: u64,
@@ -950,7 +921,7 @@ pub fn limits_of(store: &Store) -> Limits {
     Limits { limits }
 }
 
-fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<ScheduleInfo, Refusal> {
+fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<Op<ScheduleInfo>, Refusal> {
     let request: ScheduleAdd = body(frame)?;
     let new = NewSchedule {
         name: request.name,
@@ -960,17 +931,17 @@ fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<ScheduleInfo, Refusal> 
         every_ms: request.every_ms,
         catch_up: request.catch_up,
     };
-    Ok(shared.local("schedule_add")?.add_schedule(new)?)
+    Ok(shared.tasks().schedule_add(new))
 }
 
-fn schedule_remove(shared: &Shared, frame: &[u8]) -> Result<ScheduleRemoved, Refusal> {
+fn schedule_remove(shared: &Shared, frame: &[u8]) -> Result<Op<ScheduleRemoved>, Refusal> {
     let request: ScheduleName = body(frame)?;
-    Ok(ScheduleRemoved { removed: shared.local("schedule_remove")?.remove_schedule(&request.name)? })
+    Ok(shared.tasks().schedule_remove(&request.name).map(|removed| ScheduleRemoved { removed }))
 }
 
-fn schedule_pause(shared: &Shared, frame: &[u8], paused: bool) -> Result<ScheduleInfo, Refusal> {
+fn schedule_pause(shared: &Shared, frame: &[u8], paused: bool) -> Result<Op<ScheduleInfo>, Refusal> {
     let request: ScheduleName = body(frame)?;
-    Ok(shared.local("schedule_pause")?.set_schedule_paused(&request.name, paused)?)
+    Ok(shared.tasks().schedule_set_paused(&request.name, paused))
 }
 
 fn dead_list(shared: &Shared, request: &[u8]) -> Result<Op<DeadTasks>, Refusal> {

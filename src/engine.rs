@@ -7,7 +7,8 @@
 //!   statements ([`Op::Later`]): the reply goes out when the transaction committed (on the primary and, with
 //!   synchronous standbys, on one of them).
 //!
-//! The ops that only the single node has so far (schedules, `events`, the dashboard) are reached through [`Engine::local`] and refused with `unsupported` otherwise.
+//! Every op of the protocol goes through it. The dashboard still reads the single node's store ([`Engine::as_local`]),
+//! and is served only over it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,12 +16,15 @@ use std::sync::Arc;
 
 use std::collections::BTreeMap;
 
-use broker_client::proto::{DeadRequeue, Enqueued, Fail, LimitInfo, Progress, TaskInfo, TaskState, Value};
+use broker_client::proto::{
+    DeadRequeue, Enqueued, Fail, LimitInfo, Progress, ScheduleInfo, TaskInfo, TaskState, Value,
+};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::store::control::Limit;
 use crate::store::flow::Scope;
+use crate::store::schedule::NewSchedule;
 use crate::store::{ConnId, FailOutcome, Grant, NewTask, Store, StoreError, StoreStats, TaskEvent};
 
 /// A store call that finishes later (a statement on a shared store).
@@ -122,6 +126,15 @@ pub trait TaskStore: Send + Sync + 'static {
     fn set_limit(&self, scope: Scope, name: &str, limit: Limit) -> Op<()>;
     /// The limits set, with how many tasks each covers run now.
     fn limits(&self) -> Op<Vec<LimitInfo>>;
+    /// Adds a schedule, or changes the one of that name (the same definition again changes nothing; a different
+    /// one takes effect from now on). (The single node's syncs its control file: see `set_paused`.)
+    fn schedule_add(&self, new: NewSchedule) -> Op<ScheduleInfo>;
+    /// Removes a schedule; whether there was one (same caveat).
+    fn schedule_remove(&self, name: &str) -> Op<bool>;
+    /// Pauses or resumes a schedule; ticks that fall while it is paused never fire (same caveat).
+    fn schedule_set_paused(&self, name: &str, paused: bool) -> Op<ScheduleInfo>;
+    /// Every schedule, by name.
+    fn schedules(&self) -> Op<Vec<ScheduleInfo>>;
 }
 
 impl TaskStore for Store {
@@ -244,6 +257,22 @@ impl TaskStore for Store {
         all.extend(list("queue", queues, &running_queues));
         Op::Now(Ok(all))
     }
+
+    fn schedule_add(&self, new: NewSchedule) -> Op<ScheduleInfo> {
+        Op::Now(self.add_schedule(new))
+    }
+
+    fn schedule_remove(&self, name: &str) -> Op<bool> {
+        Op::Now(self.remove_schedule(name))
+    }
+
+    fn schedule_set_paused(&self, name: &str, paused: bool) -> Op<ScheduleInfo> {
+        Op::Now(self.set_schedule_paused(name, paused))
+    }
+
+    fn schedules(&self) -> Op<Vec<ScheduleInfo>> {
+        Op::Now(Ok(Store::schedules(self)))
+    }
 }
 
 /// The daemon's store: the single node's, or a shared one.
@@ -261,14 +290,6 @@ impl Engine {
         match self {
             Engine::Local(store) => &**store,
             Engine::Postgres(store) => &**store,
-        }
-    }
-
-    /// The single node's store, for the ops only it has; `unsupported` on a shared store.
-    pub fn local(&self, what: &'static str) -> Result<&Arc<Store>, StoreError> {
-        match self {
-            Engine::Local(store) => Ok(store),
-            Engine::Postgres(_) => Err(StoreError::Unsupported(what)),
         }
     }
 

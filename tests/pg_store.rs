@@ -1,6 +1,7 @@
 //! Several daemons over one PostgreSQL (`--store postgres://...`): a real primary with two synchronous standbys
 //! (`scripts/pg-cluster`), real daemons over it. Enqueue, lease, ack and read through different daemons; waits
-//! that wake across daemons; fencing of stale workers; a daemon killed with a lease; a failover of the primary.
+//! that wake across daemons; fencing of stale workers; a daemon killed with a lease; a failover of the primary;
+//! schedules fired by whichever daemon ticks, each tick once.
 //!
 //! Skipped, with the script's message, only where PostgreSQL 15 is missing and cannot be installed.
 
@@ -141,7 +142,7 @@ async fn a_stale_worker_is_fenced_and_a_killed_daemons_lease_comes_back_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_dead_set_revoke_purge_and_unsupported_ops() {
+async fn retries_dead_set_revoke_purge_and_ordering() {
     let Some(pg) = cluster() else { return };
     let url = pg.primary_url();
     let server = daemon(&url).await;
@@ -241,10 +242,11 @@ async fn retries_dead_set_revoke_purge_and_unsupported_ops() {
         assert_eq!((info.state, info.result), expected, "task {i}");
     }
 
-    // What only the single node has yet is refused with a code, and the connection goes on.
-    let schedule =
-        ScheduleAdd { name: "s".into(), task: TaskSpec::new("t"), every_ms: Some(1000), ..Default::default() };
-    assert_eq!(code(client.schedule_add(&schedule).await.unwrap_err()), Some(ErrorCode::Unsupported));
+    // A schedule's task may carry a chain, as on the single node.
+    let chained = TaskSpec { chain: vec![TaskSpec::new("next")], ..TaskSpec::new("t") };
+    let schedule = ScheduleAdd { name: "s".into(), task: chained, every_ms: Some(60_000), ..Default::default() };
+    assert_eq!(client.schedule_add(&schedule).await.unwrap().task.chain.len(), 1);
+    assert!(client.schedule_remove("s").await.unwrap());
     assert_eq!(client.stats().await.unwrap().fsync, "postgres");
 }
 
@@ -495,4 +497,158 @@ async fn events_of_every_daemon_reach_a_follower_in_order() {
         seen.extend(list.events.into_iter().filter(|e| e.task_id == id).map(|e| e.event));
     }
     assert_eq!(seen, ["enqueued", "started", "succeeded"]);
+}
+
+/// The ticks (ms) of schedule `name` whose tasks are stored, in order.
+fn ticks_stored(pg: &PgCluster, name: &str) -> Vec<u64> {
+    let rows = pg.psql(0, &format!("SELECT id FROM broker_tasks WHERE id LIKE 'sched:{name}:%' ORDER BY id")).unwrap();
+    let mut ticks: Vec<u64> = rows.lines().map(|id| id.rsplit_once(':').unwrap().1.parse().unwrap()).collect();
+    ticks.sort_unstable();
+    ticks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_each_tick_once_whichever_daemon_ticks() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.multi_host_url();
+    let (a, b) = (daemon(&url).await, daemon(&url).await);
+    let (ca, cb) = (a.client().await, b.client().await);
+
+    // Added through A; the same definition again through B changes nothing.
+    let beat = ScheduleAdd {
+        name: "beat".into(),
+        task: spec("ping", "beat", vec![Value::from(1)]),
+        every_ms: Some(1000),
+        ..Default::default()
+    };
+    let added = ca.schedule_add(&beat).await.unwrap();
+    let first = added.next_ms.expect("a next tick");
+    assert_eq!((added.last_ms, added.catch_up.as_str(), added.paused), (None, "once", false));
+    assert_eq!(cb.schedule_add(&beat).await.unwrap(), added);
+
+    // Both daemons tick every 50 ms; each tick of the schedule is enqueued once, none lost.
+    let listed = eventually("three ticks fired", WAIT, || async {
+        let info = cb.schedules().await.unwrap().pop().unwrap();
+        (info.last_ms >= Some(first + 2000)).then_some(info)
+    })
+    .await;
+    assert_eq!(listed.name, "beat");
+    let paused = cb.schedule_set_paused("beat", true).await.unwrap();
+    assert!(paused.paused && paused.next_ms.is_none(), "{paused:?}");
+    let ticks = ticks_stored(&pg, "beat");
+    let expected: Vec<u64> = (0..ticks.len() as u64).map(|i| first + i * 1000).collect();
+    assert_eq!(ticks, expected, "every tick from the first, 1000 ms apart, each once");
+    assert!(ticks.len() >= 3);
+    assert_eq!(paused.last_ms, ticks.last().copied(), "last_ms is the latest tick stored");
+    let (sa, sb) = (ca.stats().await.unwrap(), cb.stats().await.unwrap());
+    assert_eq!(sa.totals.enqueued + sb.totals.enqueued, ticks.len() as u64, "each tick's task created once");
+    let task = ca.get(&format!("sched:beat:{first}")).await.unwrap();
+    assert_eq!((task.task.as_str(), task.queue.as_str(), task.args.clone()), ("ping", "beat", vec![Value::from(1)]));
+
+    // Paused through B: no daemon fires it (two periods pass; neither daemon's ticks add a task).
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(ticks_stored(&pg, "beat"), ticks, "no tick while paused");
+    // Resumed through A: ticks that fell while it was paused never fire; the next one after the resume does.
+    let resumed = ca.schedule_set_paused("beat", false).await.unwrap();
+    let next = resumed.next_ms.expect("a next tick");
+    assert!(!resumed.paused && next > *ticks.last().unwrap() + 2000, "{resumed:?}");
+    eventually("the tick after the resume", WAIT, || async { ticks_stored(&pg, "beat").contains(&next).then_some(()) })
+        .await;
+    let after = ticks_stored(&pg, "beat");
+    assert_eq!(after[..ticks.len()], ticks[..]);
+    assert!(after[ticks.len()..].iter().all(|t| *t >= next), "nothing from the pause: {after:?}");
+
+    // A different definition takes effect from now, keeping last_ms; removing it stops it.
+    let changed = ca.schedule_add(&ScheduleAdd { every_ms: Some(60_000), ..beat.clone() }).await.unwrap();
+    assert_eq!(changed.every_ms, Some(60_000));
+    assert!(changed.last_ms >= Some(next) && changed.next_ms > changed.last_ms.map(|t| t + 50_000), "{changed:?}");
+    assert!(cb.schedule_remove("beat").await.unwrap());
+    assert!(!ca.schedule_remove("beat").await.unwrap());
+    assert!(ca.schedules().await.unwrap().is_empty());
+    let unknown = cb.schedule_set_paused("beat", true).await.unwrap_err();
+    assert_eq!(code(unknown), Some(ErrorCode::NotFound));
+
+    // Refused as the single node refuses them.
+    let bad_cron = ScheduleAdd { cron: Some("not cron".into()), every_ms: None, ..beat.clone() };
+    assert_eq!(code(ca.schedule_add(&bad_cron).await.unwrap_err()), Some(ErrorCode::BadRequest));
+    let with_id = ScheduleAdd { task: TaskSpec { id: Some("fixed".into()), ..beat.task.clone() }, ..beat.clone() };
+    assert_eq!(code(cb.schedule_add(&with_id).await.unwrap_err()), Some(ErrorCode::BadRequest));
+    assert!(ca.schedules().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_no_daemon_fired_in_time_fires_once_or_is_skipped() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let server = daemon(&url).await;
+    let client = server.client().await;
+
+    // A daily cron tick ten minutes ago, due since then as if no daemon had run: `once` fires it, `skip` not.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let tick = (now / 60_000 - 10) * 60_000;
+    let cron = format!("{} {} * * *", tick / 60_000 % 60, tick / 3_600_000 % 24);
+    for (name, catch_up) in [("late-once", "once"), ("late-skip", "skip")] {
+        let schedule = ScheduleAdd {
+            name: name.into(),
+            task: spec("daily", "late", vec![]),
+            cron: Some(cron.clone()),
+            catch_up: Some(catch_up.into()),
+            ..Default::default()
+        };
+        let added = client.schedule_add(&schedule).await.unwrap();
+        assert_eq!(added.next_ms, Some(tick + 86_400_000), "{added:?}");
+    }
+    pg.psql(0, &format!("UPDATE broker_schedules SET next_ms = {tick}")).unwrap();
+    let listed = eventually("both late ticks handled", WAIT, || async {
+        let listed = client.schedules().await.unwrap();
+        listed.iter().all(|s| s.next_ms == Some(tick + 86_400_000)).then_some(listed)
+    })
+    .await;
+    let names: Vec<&str> = listed.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["late-once", "late-skip"]);
+    assert_eq!((listed[0].last_ms, listed[1].last_ms), (Some(tick), None));
+    assert_eq!(ticks_stored(&pg, "late-once"), [tick]);
+    assert!(ticks_stored(&pg, "late-skip").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_into_a_full_queue_is_skipped_and_the_other_schedules_fire() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let server = TestServer::start_with(
+        move |config| {
+            config.store = Some(url);
+            config.max_queue_length = 1;
+        },
+        false,
+    )
+    .await;
+    let client = server.client().await;
+    client.enqueue(spec("waiting", "full", vec![])).await.unwrap();
+    let mut first_ticks = Vec::new();
+    for (name, queue) in [("into-full", "full"), ("into-room", "room")] {
+        let every = ScheduleAdd {
+            name: name.into(),
+            task: spec("ping", queue, vec![]),
+            every_ms: Some(1000),
+            ..Default::default()
+        };
+        first_ticks.push(client.schedule_add(&every).await.unwrap().next_ms.unwrap());
+    }
+    // The full queue's tick is refused alone (its savepoint rolled back), and its schedule moves on without
+    // recording it; the other one's fires (once: its queue is full after that).
+    let listed = eventually("the first tick of each schedule handled", WAIT, || async {
+        let listed = client.schedules().await.unwrap();
+        let past_first = listed.iter().zip(&first_ticks).all(|(s, first)| s.next_ms > Some(*first));
+        past_first.then_some(listed)
+    })
+    .await;
+    let room = &listed[1];
+    assert_eq!((room.name.as_str(), room.last_ms), ("into-room", Some(first_ticks[1])), "{room:?}");
+    assert_eq!(ticks_stored(&pg, "into-room").len(), 1);
+    let full = listed.iter().find(|s| s.name == "into-full").unwrap();
+    assert_eq!(full.last_ms, None, "{full:?}");
+    assert!(full.next_ms.is_some());
+    assert!(ticks_stored(&pg, "into-full").is_empty());
+    assert_eq!(client.stats().await.unwrap().queues.iter().find(|q| q.name == "full").map(|q| q.ready), Some(1));
 }

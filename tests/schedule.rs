@@ -95,6 +95,10 @@ async fn cron_schedules_follow_their_time_zone_and_bad_ones_are_refused() {
     let seconds =
         ScheduleAdd { name: "fast".into(), cron: Some("*/15 * * * * *".into()), timezone: None, ..paris.clone() };
     assert_eq!(client.schedule_add(&seconds).await.unwrap().next_ms, Some(1_700_000_010_000)); // :20 → :30
+    server.clock().advance(Duration::from_millis(250));
+    // Cron ticks fall on whole seconds, whatever the milliseconds of the time they are looked for from.
+    let later = ScheduleAdd { name: "fast-later".into(), ..seconds.clone() };
+    assert_eq!(client.schedule_add(&later).await.unwrap().next_ms, Some(1_700_000_010_000)); // :20.250 → :30
     let bad = [
         ScheduleAdd { cron: Some("61 * * * *".into()), ..paris.clone() },
         ScheduleAdd { timezone: Some("Mars/Olympus".into()), ..paris.clone() },

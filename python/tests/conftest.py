@@ -54,7 +54,6 @@ def pg_store_url():
 # What the PostgreSQL store does not have yet (proto.md §12): these modules' tests are skipped when the daemons
 # run over it ($BROKER_TEST_PG).
 SINGLE_NODE_ONLY = {
-    "test_schedules.py": "schedules",
     "test_dashboard.py": "the dashboard",
 }
 

@@ -23,7 +23,10 @@
 //!   commits, and, while some daemon's clients follow `events`, published in it (`broker_events`): every daemon
 //!   hears every daemon's events in commit order.
 //!
-//! What it does not do yet (refused with `unsupported`): schedules, and the dashboard.
+//! - **Schedules** are rows of `broker_schedules`; every daemon's tick fires the due ones, each tick once, its task
+//!   enqueued in the transaction that records it ([`schedules`]).
+//!
+//! What it does not do yet: the dashboard (the HTTP listener serves the probes only).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -32,7 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_client::proto::{
-    DeadRequeue, Enqueued, Fail, Progress, QueueStats, TaskError, TaskInfo, TaskSpec, TaskState, Value, DEFAULT_QUEUE,
+    DeadRequeue, Enqueued, Fail, Progress, QueueStats, ScheduleInfo, TaskError, TaskInfo, TaskSpec, TaskState, Value,
+    DEFAULT_QUEUE,
 };
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
@@ -43,12 +47,15 @@ use tokio_util::sync::CancellationToken;
 use super::control::Limit;
 use super::events::{EventRing, TaskEvent};
 use super::record::{Extra, TaskRecord};
+use super::schedule::NewSchedule;
 use super::{check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Store, StoreError};
 use super::{StoreOptions, StoreStats};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::{Op, TaskStore};
 use crate::metrics::{Metrics, Outcome as MetricOutcome, Series};
+
+mod schedules;
 
 /// The schema, one migration per version; applied in order, each once, under an advisory lock (daemons may
 /// start together).
@@ -110,6 +117,15 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE broker_unique (key text PRIMARY KEY, task_id text NOT NULL, until_ms bigint);
     ALTER TABLE broker_tasks ADD COLUMN links text[], ADD COLUMN chord_id text, ADD COLUMN pending integer,
         ADD COLUMN by_parent boolean NOT NULL DEFAULT false;",
+    // 4: schedules (`schedule` is the definition; the columns its state: see the `schedules` module).
+    "CREATE TABLE broker_schedules (
+        name text PRIMARY KEY,
+        schedule bytea NOT NULL,
+        paused boolean NOT NULL DEFAULT false,
+        next_ms bigint,
+        last_ms bigint
+    );
+    CREATE INDEX broker_schedules_due ON broker_schedules (next_ms) WHERE NOT paused;",
 ];
 
 /// A transaction on a pooled connection whose statements are prepared once per connection: a statement sent
@@ -2295,6 +2311,7 @@ impl Inner {
                 .map(drop),
             self.in_transaction(|tx, inner| Box::pin(inner.due(tx))).await,
             self.in_transaction(|tx, inner| Box::pin(inner.expire(tx))).await,
+            self.in_transaction(|tx, inner| Box::pin(inner.fire_schedules(tx))).await,
         ];
         steps.into_iter().collect()
     }
@@ -2604,5 +2621,27 @@ impl TaskStore for PgStore {
 
     fn limits(&self) -> Op<Vec<broker_client::proto::LimitInfo>> {
         self.submit(move |tx, inner| Box::pin(inner.limits(tx)))
+    }
+
+    fn schedule_add(&self, new: NewSchedule) -> Op<ScheduleInfo> {
+        let (name, schedule, timing) = match new.check(self.inner.now()) {
+            Ok(checked) => checked,
+            Err(e) => return Op::Now(Err(e)),
+        };
+        self.submit(move |tx, inner| Box::pin(inner.schedule_add(tx, name, schedule, timing)))
+    }
+
+    fn schedule_remove(&self, name: &str) -> Op<bool> {
+        let name = name.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.schedule_remove(tx, &name).await }))
+    }
+
+    fn schedule_set_paused(&self, name: &str, paused: bool) -> Op<ScheduleInfo> {
+        let name = name.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.schedule_set_paused(tx, &name, paused).await }))
+    }
+
+    fn schedules(&self) -> Op<Vec<ScheduleInfo>> {
+        self.submit(move |tx, inner| Box::pin(inner.schedules(tx)))
     }
 }

@@ -56,13 +56,14 @@ pub struct Schedule {
 }
 
 /// When a schedule's ticks fall.
-enum Timing {
+pub(crate) enum Timing {
     Cron(Box<croner::Cron>, chrono_tz::Tz),
     Every { every: u64, anchor: u64 },
 }
 
 impl Timing {
-    fn of(schedule: &Schedule) -> Result<Timing, StoreError> {
+    /// A schedule's timing, or why its `cron`, `timezone` or `every_ms` cannot be read.
+    pub(crate) fn of(schedule: &Schedule) -> Result<Timing, StoreError> {
         let invalid = |m: String| StoreError::Invalid(m);
         match (&schedule.cron, schedule.every_ms) {
             (Some(cron), None) => {
@@ -84,12 +85,14 @@ impl Timing {
     }
 
     /// The first tick after `t`.
-    fn next_after(&self, t: u64) -> Option<u64> {
+    pub(crate) fn next_after(&self, t: u64) -> Option<u64> {
         match self {
             Timing::Every { every, anchor } if t < *anchor => Some(*anchor),
             Timing::Every { every, anchor } => anchor.checked_add(((t - anchor) / every + 1).checked_mul(*every)?),
             Timing::Cron(cron, tz) => {
-                let at = tz.timestamp_millis_opt(i64::try_from(t).ok()?).single()?;
+                // From the whole second: croner keeps the milliseconds of the time it starts from, and a cron
+                // tick falls on a whole second (its id must not depend on when it was looked for).
+                let at = tz.timestamp_millis_opt(i64::try_from(t / 1000 * 1000).ok()?).single()?;
                 let next = cron.find_next_occurrence(&at, false).ok()?;
                 u64::try_from(next.timestamp_millis()).ok()
             }
@@ -97,16 +100,23 @@ impl Timing {
     }
 
     /// The latest tick at or before `t`.
-    fn latest_until(&self, t: u64) -> Option<u64> {
+    pub(crate) fn latest_until(&self, t: u64) -> Option<u64> {
         match self {
             Timing::Every { anchor, .. } if t < *anchor => None,
             Timing::Every { every, anchor } => Some(anchor + (t - anchor) / every * every), // at most t
             Timing::Cron(cron, tz) => {
-                let at = tz.timestamp_millis_opt(i64::try_from(t).ok()?).single()?;
+                let at = tz.timestamp_millis_opt(i64::try_from(t / 1000 * 1000).ok()?).single()?;
                 let previous = cron.find_previous_occurrence(&at, true).ok()?;
                 u64::try_from(previous.timestamp_millis()).ok()
             }
         }
+    }
+
+    /// A schedule due at `next`, run at `now`: the tick that fires (the latest one due: ticks missed while the
+    /// daemon was held up coalesce into it) and the next one after it.
+    pub(crate) fn fire(&self, next: u64, now: u64) -> (u64, Option<u64>) {
+        let tick = self.latest_until(now).filter(|t| *t >= next).unwrap_or(next);
+        (tick, self.next_after(tick.max(now)))
     }
 }
 
@@ -121,7 +131,70 @@ pub struct NewSchedule {
     pub catch_up: Option<String>,
 }
 
-fn info(name: &str, schedule: &Schedule) -> ScheduleInfo {
+impl NewSchedule {
+    /// Checks the request (its name, its task, its catch-up policy, its timing) and makes the schedule it asks
+    /// for, taking effect from `now`; every store adds schedules through this.
+    pub(crate) fn check(self, now: u64) -> Result<(String, Schedule, Timing), StoreError> {
+        let new = self;
+        if new.name.is_empty() || new.name.len() > MAX_NAME || new.name.contains('\0') {
+            return Err(StoreError::Invalid(format!("`name` must be 1 to {MAX_NAME} bytes with no NUL")));
+        }
+        if new.task.id.is_some() || new.task.chain.iter().any(|link| link.id.is_some()) {
+            // Every tick would reuse them: from the second tick on, the chain would find its links done.
+            return Err(StoreError::Invalid(
+                "a schedule's task (and its chain's links) has no `id`: each tick gets its own".into(),
+            ));
+        }
+        let catch_up = new.catch_up.unwrap_or_else(|| "once".into());
+        if catch_up != "once" && catch_up != "skip" {
+            return Err(StoreError::Invalid(format!("`catch_up` must be \"once\" or \"skip\" (got {catch_up:?})")));
+        }
+        Store::validate(&NewTask::from(new.task.clone()))?;
+        let schedule = Schedule {
+            cron: new.cron,
+            timezone: new.timezone,
+            every_ms: new.every_ms,
+            catch_up,
+            task: new.task,
+            not_before_ms: now,
+            anchor_ms: now,
+            ..Schedule::default()
+        };
+        let timing = Timing::of(&schedule)?;
+        Ok((new.name, schedule, timing))
+    }
+}
+
+impl Schedule {
+    /// Whether `other` defines the same schedule (timing, catch-up and task), whatever their state.
+    pub(crate) fn same_definition(&self, other: &Schedule) -> bool {
+        (&self.cron, &self.timezone, self.every_ms, &self.catch_up, &self.task)
+            == (&other.cron, &other.timezone, other.every_ms, &other.catch_up, &other.task)
+    }
+
+    /// This new definition replacing `old`'s, from `now` on (`timing` is this one's): it keeps the last tick fired
+    /// and whether it is paused.
+    pub(crate) fn replace(&mut self, old: &Schedule, timing: &Timing, now: u64) {
+        self.last_ms = old.last_ms;
+        self.paused = old.paused;
+        self.unconfirmed = old.unconfirmed.clone();
+        self.next_ms = if self.paused { None } else { timing.next_after(now) };
+    }
+
+    /// Pauses or resumes it at `now`: resumed, ticks that fell while it was paused never fire.
+    pub(crate) fn set_paused(&mut self, paused: bool, now: u64) -> Result<(), StoreError> {
+        self.paused = paused;
+        self.next_ms = None;
+        if !paused {
+            self.not_before_ms = now;
+            self.next_ms = Timing::of(self)?.next_after(now);
+        }
+        Ok(())
+    }
+}
+
+/// A schedule as `schedules` lists it.
+pub(crate) fn info(name: &str, schedule: &Schedule) -> ScheduleInfo {
     ScheduleInfo {
         name: name.to_string(),
         task: schedule.task.clone(),
@@ -144,50 +217,18 @@ impl Store {
     /// Adds a schedule, or changes the one of that name. The same definition again changes nothing (workers
     /// declare their periodic tasks at each start); a different one takes effect from now on.
     pub fn add_schedule(&self, new: NewSchedule) -> Result<ScheduleInfo, StoreError> {
-        if new.name.is_empty() || new.name.len() > MAX_NAME || new.name.contains('\0') {
-            return Err(StoreError::Invalid(format!("`name` must be 1 to {MAX_NAME} bytes with no NUL")));
-        }
-        if new.task.id.is_some() || new.task.chain.iter().any(|link| link.id.is_some()) {
-            // Every tick would reuse them: from the second tick on, the chain would find its links done.
-            return Err(StoreError::Invalid(
-                "a schedule's task (and its chain's links) has no `id`: each tick gets its own".into(),
-            ));
-        }
-        let catch_up = new.catch_up.unwrap_or_else(|| "once".into());
-        if catch_up != "once" && catch_up != "skip" {
-            return Err(StoreError::Invalid(format!("`catch_up` must be \"once\" or \"skip\" (got {catch_up:?})")));
-        }
-        Self::validate(&NewTask::from(new.task.clone()))?;
         let now = self.now_ms();
-        let mut schedule = Schedule {
-            cron: new.cron,
-            timezone: new.timezone,
-            every_ms: new.every_ms,
-            catch_up,
-            task: new.task,
-            not_before_ms: now,
-            anchor_ms: now,
-            ..Schedule::default()
-        };
-        let timing = Timing::of(&schedule)?;
+        let (name, mut schedule, timing) = new.check(now)?;
         let mut control = self.control();
-        if let Some(old) = control.schedules.get(&new.name) {
-            let same = (&old.cron, &old.timezone, old.every_ms, &old.catch_up, &old.task)
-                == (&schedule.cron, &schedule.timezone, schedule.every_ms, &schedule.catch_up, &schedule.task);
-            if same {
-                return Ok(info(&new.name, old));
-            }
-            schedule.last_ms = old.last_ms;
-            schedule.paused = old.paused;
-            schedule.unconfirmed = old.unconfirmed.clone();
-        }
-        if !schedule.paused {
-            schedule.next_ms = timing.next_after(now);
+        match control.schedules.get(&name) {
+            Some(old) if old.same_definition(&schedule) => return Ok(info(&name, old)),
+            Some(old) => schedule.replace(old, &timing, now),
+            None => schedule.next_ms = timing.next_after(now),
         }
         control.update(&self.control_path, |c| {
-            c.schedules.insert(new.name.clone(), schedule);
+            c.schedules.insert(name.clone(), schedule);
         })?;
-        Ok(info(&new.name, &control.schedules[&new.name]))
+        Ok(info(&name, &control.schedules[&name]))
     }
 
     /// Removes a schedule; returns whether there was one. Tasks it enqueued stay.
@@ -213,12 +254,7 @@ impl Store {
             return Ok(info(name, old));
         }
         let mut schedule = old.clone();
-        schedule.paused = paused;
-        schedule.next_ms = None;
-        if !paused {
-            schedule.not_before_ms = now;
-            schedule.next_ms = Timing::of(&schedule)?.next_after(now);
-        }
+        schedule.set_paused(paused, now)?;
         control.update(&self.control_path, |c| {
             c.schedules.insert(name.to_string(), schedule);
         })?;
@@ -302,11 +338,9 @@ impl Store {
         for name in due {
             let schedule = control.schedules.get_mut(&name).expect("listed");
             let timing = Timing::of(schedule)?;
-            let next = schedule.next_ms.expect("due");
-            // The latest tick due (ticks missed while the daemon was held up coalesce into it).
-            let tick = timing.latest_until(now).filter(|t| *t >= next).unwrap_or(next);
+            let (tick, next) = timing.fire(schedule.next_ms.expect("due"), now);
             let spec = TaskSpec { id: Some(tick_id(&name, tick)), ..schedule.task.clone() };
-            schedule.next_ms = timing.next_after(tick.max(now));
+            schedule.next_ms = next;
             match self.enqueue_checked(vec![NewTask::from(spec)]) {
                 Ok(_) => {
                     let round = self.durable_round();
