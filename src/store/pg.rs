@@ -135,6 +135,15 @@ pub struct Sql<'a> {
     /// What happened to tasks in this transaction: counted in `/metrics` once it commits, and published to the
     /// daemons' `events` (in it, so only if it commits) while someone follows them.
     happened: Mutex<Vec<Happened>>,
+    /// Leases taken and ended in this transaction: this daemon's map of its connections' leases follows them
+    /// once it commits (and not at all if it rolls back).
+    leases: Mutex<Vec<LeaseChange>>,
+}
+
+/// A lease taken by a connection of this daemon, or a lease ended.
+enum LeaseChange {
+    Taken(ConnId, String, u64),
+    Ended(String, u64),
 }
 
 /// Something that happened to a task: when, the task, its queue and name, what.
@@ -150,7 +159,36 @@ type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
 
 impl<'a> Sql<'a> {
     fn new(tx: &'a deadpool_postgres::Transaction<'a>) -> Sql<'a> {
-        Sql { tx, happened: Mutex::new(Vec::new()) }
+        Sql { tx, happened: Mutex::new(Vec::new()), leases: Mutex::new(Vec::new()) }
+    }
+
+    /// A lease was taken by connection `conn`.
+    fn taken(&self, conn: ConnId, id: &str, lease_id: u64) {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).push(LeaseChange::Taken(conn, id.to_string(), lease_id));
+    }
+
+    /// A lease ended (whichever connection held it).
+    fn ended(&self, id: &str, lease_id: u64) {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).push(LeaseChange::Ended(id.to_string(), lease_id));
+    }
+
+    /// The leases connection `conn` took in this transaction that have not ended in it.
+    fn taken_by(&self, conn: ConnId) -> Vec<(String, u64)> {
+        let mut held = Held::default();
+        for change in self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            match change {
+                LeaseChange::Taken(by, id, lease_id) if *by == conn => held.add(conn, id, *lease_id),
+                LeaseChange::Taken(..) => {}
+                LeaseChange::Ended(id, lease_id) => held.remove(id, *lease_id),
+            }
+        }
+        held.of_conn(conn)
+    }
+
+    /// What this transaction did that the daemon follows once it commits.
+    fn take_effects(&self) -> (Vec<Happened>, Vec<LeaseChange>) {
+        let leases = std::mem::take(&mut *self.leases.lock().unwrap_or_else(|p| p.into_inner()));
+        (self.take_happened(), leases)
     }
 
     /// What happened in this transaction so far, taken.
@@ -421,9 +459,10 @@ impl Held {
         }
     }
 
-    fn take_conn(&mut self, conn: ConnId) -> Vec<(String, u64)> {
-        let ids = self.by_conn.remove(&conn).unwrap_or_default();
-        ids.into_iter().filter_map(|id| self.by_id.remove(&id).map(|(_, lease_id)| (id, lease_id))).collect()
+    /// The leases connection `conn` holds.
+    fn of_conn(&self, conn: ConnId) -> Vec<(String, u64)> {
+        let ids = self.by_conn.get(&conn).into_iter().flatten();
+        ids.filter_map(|id| self.by_id.get(id).map(|(_, lease_id)| (id.clone(), *lease_id))).collect()
     }
 }
 
@@ -679,14 +718,41 @@ impl Inner {
         Ok(())
     }
 
-    /// Counts what happened in a transaction that committed (`/metrics`).
-    fn count(&self, happened: &[Happened]) {
+    /// A transaction committed: what happened in it is counted (`stats` totals, `/metrics`), and the map of this
+    /// daemon's connections' leases follows the leases it took and ended.
+    fn committed(&self, happened: &[Happened], leases: Vec<LeaseChange>) {
+        if !leases.is_empty() {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for change in leases {
+                match change {
+                    LeaseChange::Taken(conn, id, lease_id) => held.add(conn, &id, lease_id),
+                    LeaseChange::Ended(id, lease_id) => held.remove(&id, lease_id),
+                }
+            }
+        }
         if happened.is_empty() {
             return;
         }
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         for (_, _, queue, task, outcome) in happened {
             series.of(&self.metrics, queue, task).count(*outcome);
+            let totals = &mut counts.totals;
+            match outcome {
+                MetricOutcome::enqueued => totals.enqueued += 1,
+                MetricOutcome::succeeded => totals.succeeded += 1,
+                MetricOutcome::failed => totals.failed += 1,
+                MetricOutcome::retried => totals.retried += 1,
+                MetricOutcome::dead => totals.dead += 1,
+                MetricOutcome::lease_lost => totals.lease_lost += 1,
+                MetricOutcome::revoked | MetricOutcome::expired => totals.revoked += 1,
+                MetricOutcome::started => {}
+            }
+            match outcome {
+                MetricOutcome::succeeded => counts.per_queue.entry(queue.clone()).or_default().0 += 1,
+                MetricOutcome::failed => counts.per_queue.entry(queue.clone()).or_default().1 += 1,
+                _ => {}
+            }
         }
     }
 
@@ -850,7 +916,7 @@ impl Inner {
                 }
             }
         }
-        let happened = sql.take_happened();
+        let (happened, leases) = sql.take_effects();
         if !broke {
             if let Err(e) = self.publish(&sql, &happened).await {
                 tracing::warn!(error = %e, "cannot publish task events; the group commit rolls back");
@@ -865,7 +931,7 @@ impl Inner {
             tx.commit().await.map_err(|e| pg_error(e).to_string())
         };
         if committed.is_ok() {
-            self.count(&happened);
+            self.committed(&happened, leases);
         }
         for finish in finishes {
             finish(committed.clone());
@@ -1155,7 +1221,6 @@ impl Inner {
             let chain = std::mem::take(&mut chains[i]);
             found[i] = Some(Enqueued { id: row.record.id.to_string(), created: new, state, chain });
         }
-        self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.enqueued += created;
         if created > 0 {
             self.ready.notify_waiters();
         }
@@ -1523,9 +1588,8 @@ impl Inner {
             let budget = if used == 0 { self.options.max_reply_bytes } else { self.options.max_reply_bytes - used };
             grants.extend(self.lease_from(tx, queue, left, lease_ms, now, budget).await?);
         }
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for grant in &grants {
-            held.add(conn, &grant.id, grant.lease_id);
+            tx.taken(conn, &grant.id, grant.lease_id);
         }
         Ok(grants)
     }
@@ -1831,11 +1895,10 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
+        client.ended(id, lease_id);
         if let Some(row) = revoked {
             self.happened(client, id, row.get(0), row.get(1), MetricOutcome::revoked);
             self.after_failure(client, vec![id.to_string()]).await?;
-            self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
             return Ok(StoreError::Revoked(id.to_string()));
         }
@@ -1881,10 +1944,7 @@ impl Inner {
                     if follows {
                         self.after_success(client, id, result).await?;
                     }
-                    self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, *lease_id);
-                    let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-                    counts.totals.succeeded += 1;
-                    counts.per_queue.entry(queue).or_default().0 += 1;
+                    client.ended(id, *lease_id);
                     outcomes.push(Ok(()));
                 }
                 None => outcomes.push(Err(self.refused(client, id, *lease_id).await?)),
@@ -1943,20 +2003,13 @@ impl Inner {
             }
             FailOutcome { state: TaskState::Failure, retry_at_ms: None }
         };
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
+        tx.ended(id, lease_id);
         self.happened(tx, id, &queue, &record.task, MetricOutcome::failed);
         let then = if outcome.state == TaskState::Retry { MetricOutcome::retried } else { MetricOutcome::dead };
         self.happened(tx, id, &queue, &record.task, then);
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.totals.failed += 1;
-        counts.per_queue.entry(queue).or_default().1 += 1;
         if outcome.state == TaskState::Retry {
-            counts.totals.retried += 1;
-            drop(counts);
             self.ready.notify_waiters();
         } else {
-            counts.totals.dead += 1;
-            drop(counts);
             self.finished.notify_waiters();
         }
         Ok(outcome)
@@ -2016,7 +2069,7 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id, lease_id);
+        client.ended(id, lease_id);
         let row = row.ok_or_else(|| StoreError::LeaseLost { id: id.to_string(), lease_id })?;
         if row.get::<_, &str>(0) == "REVOKED" {
             self.happened(client, id, row.get(1), row.get(2), MetricOutcome::revoked);
@@ -2107,11 +2160,8 @@ impl Inner {
         if finished {
             self.after_failure(client, ended).await?;
         }
-        {
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            for row in &rows {
-                held.remove(row.get(0), u64::try_from(row.get::<_, i64>(1)).unwrap_or(0));
-            }
+        for row in &rows {
+            client.ended(row.get(0), u64::try_from(row.get::<_, i64>(1)).unwrap_or(0));
         }
         client
             .execute(
@@ -2124,16 +2174,15 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.totals.lease_lost += rows.len() as u64;
-        drop(counts);
         self.ready.notify_waiters();
         self.finished.notify_waiters();
         Ok(rows.len() as u64)
     }
 
     async fn release_connection(&self, tx: &Tx<'_>, conn: ConnId, shutting_down: bool) -> Result<usize, StoreError> {
-        let pairs = self.held.lock().unwrap_or_else(|p| p.into_inner()).take_conn(conn);
+        // Those it held when this transaction began, and those it took in it (earlier in the group).
+        let mut pairs = self.held.lock().unwrap_or_else(|p| p.into_inner()).of_conn(conn);
+        pairs.extend(tx.taken_by(conn));
         if pairs.is_empty() {
             return Ok(0);
         }
@@ -2172,7 +2221,6 @@ impl Inner {
         if waiting > 0 {
             self.happened(client, id, row.get(4), row.get(5), MetricOutcome::revoked);
             self.after_failure(client, vec![id.to_string()]).await?;
-            self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.revoked += 1;
             self.finished.notify_waiters();
             return Ok(TaskState::Revoked);
         }
@@ -2325,11 +2373,11 @@ impl Inner {
         let tx = client.transaction().await.map_err(pg_error)?;
         let sql = Sql::new(&tx);
         let value = work(&sql, self).await?;
-        let happened = sql.take_happened();
+        let (happened, leases) = sql.take_effects();
         self.publish(&sql, &happened).await?;
         drop(sql);
         tx.commit().await.map_err(pg_error)?;
-        self.count(&happened);
+        self.committed(&happened, leases);
         Ok(value)
     }
 
@@ -2397,9 +2445,7 @@ impl Inner {
             )
             .await
             .map_err(pg_error)?;
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.totals.revoked += expired;
-        counts.totals.expired_results += removed;
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.expired_results += removed;
         Ok(())
     }
 }
