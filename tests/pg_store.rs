@@ -449,6 +449,44 @@ async fn unique_keys_chains_and_chords_hold_across_daemons() {
     let dead = cb.dead_list(Some("chain"), 10).await.unwrap();
     assert_eq!(dead.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [enqueued.chain[0].as_str()]);
     assert!(ca.lease(&lease("chain", 5, 0, None)).await.unwrap().is_empty(), "the failed link never runs");
+
+    // A link not enqueued yet is not revoked (as on the single node: it is no task yet); the chain goes on.
+    let head = TaskSpec { id: Some("h".into()), chain: vec![spec("l1", "c2", vec![])], ..spec("h", "c2", vec![]) };
+    let enqueued = ca.enqueue(head.clone()).await.unwrap();
+    assert_eq!(cb.revoke(&enqueued.chain[0]).await.unwrap(), TaskState::Pending);
+    // Enqueued again by its id (a retry): found, with no new links.
+    let again = cb.enqueue(head).await.unwrap();
+    assert_eq!((again.created, again.chain.len()), (false, 0));
+    let held = pg.psql(0, "SELECT count(*) FROM broker_tasks WHERE state = 'HELD' AND queue = 'c2'").unwrap();
+    assert_eq!(held.trim(), "1", "one link, not one per enqueue");
+    let t = ca.lease(&lease("c2", 5, 0, None)).await.unwrap();
+    ca.ack(&t[0].id, t[0].lease_id, Value::Nil).await.unwrap();
+    let t = cb.lease(&lease("c2", 5, 5_000, None)).await.unwrap();
+    assert_eq!(t[0].id, enqueued.chain[0]);
+    cb.ack(&t[0].id, t[0].lease_id, Value::Nil).await.unwrap();
+    // A purged head takes its links with it.
+    let head = TaskSpec { chain: vec![spec("l1", "c3", vec![])], ..spec("h", "c3", vec![]) };
+    let enqueued = ca.enqueue(head).await.unwrap();
+    assert_eq!(cb.purge("c3").await.unwrap(), 1);
+    assert_eq!(code(ca.get(&enqueued.chain[0]).await.unwrap_err()), Some(ErrorCode::NotFound));
+
+    // A unique task requeued from the dead set holds its key again.
+    let unique = TaskSpec { unique_key: Some("once".into()), max_retries: Some(0), ..spec("u", "u2", vec![]) };
+    let first = ca.enqueue(unique.clone()).await.unwrap();
+    let t = cb.lease(&lease("u2", 1, 0, None)).await.unwrap().remove(0);
+    let error = TaskError { kind: "E".into(), message: "no".into(), traceback: None };
+    let fail = Fail { task_id: t.id.clone(), lease_id: t.lease_id, error, retry: false, countdown_ms: None };
+    assert_eq!(cb.fail(&fail).await.unwrap().state, TaskState::Failure);
+    // The ticks free the key of the dead task.
+    eventually("the key freed", WAIT, || async {
+        let rows = pg.psql(0, "SELECT count(*) FROM broker_unique WHERE key = 'once'").unwrap();
+        (rows.trim() == "0").then_some(())
+    })
+    .await;
+    let requeue = DeadRequeue { ids: vec![first.id.clone()], queue: None };
+    assert_eq!(ca.dead_requeue(requeue).await.unwrap(), 1);
+    let found = cb.enqueue(unique).await.unwrap();
+    assert_eq!((found.created, found.id.as_str()), (false, first.id.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -297,7 +297,8 @@ struct NewRow {
 }
 
 impl NewRow {
-    fn new(record: TaskRecord, now: u64, held: bool) -> Result<NewRow, StoreError> {
+    fn new(mut record: TaskRecord, now: u64, held: bool) -> Result<NewRow, StoreError> {
+        record.result_ttl_ms = record.result_ttl_ms.min(MAX_TTL_MS);
         Ok(NewRow {
             state: if held { HELD } else { record.state.as_str() },
             record,
@@ -703,17 +704,28 @@ impl Inner {
         if happened.is_empty() || self.now() >= self.events_wanted_ms.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let mut chunks = Vec::new();
         let mut chunk = String::new();
-        for (i, (at, id, queue, task, outcome)) in happened.iter().enumerate() {
+        for (at, id, queue, task, outcome) in happened {
             let event = serde_json::to_string(&(at, id, queue, task, outcome.as_str()))
                 .map_err(|e| StoreError::Shared(format!("cannot encode an event: {e}")))?;
+            if event.len() + 2 > EVENTS_PAYLOAD {
+                // Names escaped past what one notification carries: this event is not shown.
+                continue;
+            }
+            if chunk.len() + event.len() + 2 > EVENTS_PAYLOAD {
+                chunk.push(']');
+                chunks.push(std::mem::take(&mut chunk));
+            }
             chunk.push(if chunk.is_empty() { '[' } else { ',' });
             chunk.push_str(&event);
-            if i + 1 == happened.len() || chunk.len() > EVENTS_PAYLOAD {
-                chunk.push(']');
-                tx.execute("SELECT pg_notify('broker_events', $1)", &[&chunk]).await.map_err(pg_error)?;
-                chunk.clear();
-            }
+        }
+        if !chunk.is_empty() {
+            chunk.push(']');
+            chunks.push(chunk);
+        }
+        for chunk in chunks {
+            tx.execute("SELECT pg_notify('broker_events', $1)", &[&chunk]).await.map_err(pg_error)?;
         }
         Ok(())
     }
@@ -1085,7 +1097,6 @@ impl Inner {
                 ..Extra::default()
             };
             let mut record = new_record(&mut spec, id.as_str().into(), 0, now, &self.options);
-            record.result_ttl_ms = record.result_ttl_ms.min(MAX_TTL_MS);
             // A held callback's `eta_ms` holds until its release; its countdown counts from the release.
             record.eta_ms = if held { spec.eta_ms } else { eta };
             let mut row = NewRow::new(record, now, held)?;
@@ -1122,16 +1133,16 @@ impl Inner {
         // of new tasks from the insert itself (one notification per transaction).
         let insert = "WITH new AS (INSERT INTO broker_tasks (id, queue, task, state, priority, due_ms, lease_ms, \
             max_retries, created_at_ms, eta_ms, expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, \
-            result_expires_at_ms, spec, chord_id, pending, links) \
+            result_expires_at_ms, spec, chord_id, pending) \
             SELECT id, queue, task, state, priority, due_ms, lease_ms, max_retries, $9::bigint, eta_ms, \
                 expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, result_expires_at_ms, spec, chord_id, \
-                nullif(pending, 0), CASE WHEN links = '' THEN NULL ELSE string_to_array(links, ' ') END \
+                nullif(pending, 0) \
             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::bigint[], $7::bigint[], \
                 $8::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::boolean[], $14::bytea[], \
-                $15::bigint[], $16::bigint[], $17::bytea[], $18::text[], $19::integer[], $20::text[]) \
+                $15::bigint[], $16::bigint[], $17::bytea[], $18::text[], $19::integer[]) \
                 WITH ORDINALITY AS r(id, queue, task, state, priority, due_ms, lease_ms, max_retries, eta_ms, \
                 expires_at_ms, result_ttl_ms, revoked, error, finished_at_ms, result_expires_at_ms, spec, chord_id, \
-                pending, links, ord) \
+                pending, ord) \
             ORDER BY ord \
             ON CONFLICT (id) DO NOTHING RETURNING id) \
             SELECT id, pg_notify('broker_ready', '') FROM new";
@@ -1155,9 +1166,6 @@ impl Inner {
         let specs: Vec<&[u8]> = rows.iter().map(|r| r.spec.as_slice()).collect();
         let chord_ids: Vec<Option<&str>> = rows.iter().map(|r| r.chord_id.as_deref()).collect();
         let pending: Vec<i32> = rows.iter().map(|r| r.pending).collect();
-        // Task ids hold no space (validate_name): the links go as one string each (arrays of arrays must be
-        // rectangular).
-        let links: Vec<String> = rows.iter().map(|r| r.links.as_deref().unwrap_or_default().join(" ")).collect();
         let params: Params<'_> = &[
             &ids,
             &queues,
@@ -1178,10 +1186,36 @@ impl Inner {
             &specs,
             &chord_ids,
             &pending,
-            &links,
         ];
         let inserted: HashSet<String> =
             tx.query(insert, params).await.map_err(pg_error)?.iter().map(|row| row.get(0)).collect();
+        let mut links_of_found: Vec<&str> = Vec::new();
+        let mut expired_carriers = Vec::new();
+        for row in rows.iter().filter(|r| r.reply.is_some()) {
+            let Some(links) = &row.links else { continue };
+            if inserted.contains(&*row.record.id) {
+                // The links of a task go with it (each row's own, not rows of rectangular arrays).
+                tx.execute("UPDATE broker_tasks SET links = $2 WHERE id = $1", &[&&*row.record.id, links])
+                    .await
+                    .map_err(pg_error)?;
+                if row.finished.is_some() {
+                    expired_carriers.push(row.record.id.to_string());
+                }
+            } else {
+                // Found, not made (a retried enqueue, or another daemon's of the same id at once): the link rows
+                // this statement inserted for it go again.
+                links_of_found.extend(links.iter().map(String::as_str).filter(|id| inserted.contains(*id)));
+            }
+        }
+        if !links_of_found.is_empty() {
+            tx.execute("DELETE FROM broker_tasks WHERE id = ANY($1) AND state = 'HELD'", &[&links_of_found])
+                .await
+                .map_err(pg_error)?;
+        }
+        // A task with a chain that expired on arrival ends its links.
+        if !expired_carriers.is_empty() {
+            self.after_failure(tx, expired_carriers).await?;
+        }
         // Those not inserted exist already (or came twice): their state now.
         let existing: Vec<&str> = rows
             .iter()
@@ -1218,7 +1252,7 @@ impl Inner {
             } else {
                 states_now.get(&*row.record.id).copied().unwrap_or(row.record.state)
             };
-            let chain = std::mem::take(&mut chains[i]);
+            let chain = if new { std::mem::take(&mut chains[i]) } else { Vec::new() };
             found[i] = Some(Enqueued { id: row.record.id.to_string(), created: new, state, chain });
         }
         if created > 0 {
@@ -1333,6 +1367,9 @@ impl Inner {
         mut callback: NewTask,
     ) -> Result<(Vec<Enqueued>, Enqueued), StoreError> {
         if let Some(id) = callback.id.as_deref() {
+            // The same chord sent twice at once (a retry through another daemon): one stores it, the other
+            // waits for it here and then finds it.
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&id]).await.map_err(pg_error)?;
             let row =
                 tx.query_opt("SELECT state, spec FROM broker_tasks WHERE id = $1", &[&id]).await.map_err(pg_error)?;
             if let Some(row) = row {
@@ -1381,6 +1418,11 @@ impl Inner {
         items.push((callback, Shape::Callback(members)));
         let mut out = self.insert(tx, items).await?;
         let callback = out.pop().ok_or_else(|| StoreError::Shared("the chord's callback was not stored".into()))?;
+        // A member's id taken meanwhile (another request stored a task of that id at the same moment): the chord
+        // would wait for a task that is not its member. Nothing of it is kept (the group rolls back).
+        if let Some(taken) = out.iter().chain([&callback]).find(|e| !e.created) {
+            return Err(StoreError::Shared(format!("a task with id {:?} was stored meanwhile; retry", taken.id)));
+        }
         // A member that expired on arrival will never succeed.
         if let Some(expired) = out.iter().find(|e| e.state.is_terminal()) {
             let error = TaskError {
@@ -1388,19 +1430,21 @@ impl Inner {
                 message: format!("chord member {} ended {}: it expired before it started", expired.id, expired.state),
                 traceback: None,
             };
-            self.fail_callback(tx, &callback.id, &error).await?;
+            if self.fail_callback(tx, &callback.id, &error).await? {
+                self.after_failure(tx, vec![callback.id.clone()]).await?;
+            }
         }
         Ok((out, callback))
     }
 
     /// After a task with a chain or in a chord succeeded: its chain's next link joins its queue, with the task's
-    /// result as its first argument (unless `immutable`); its chord's callback counts it, and once every member
-    /// has succeeded, joins its queue with their results. In the transaction of the ack.
-    async fn after_success(&self, tx: &Tx<'_>, id: &str, result: &Value) -> Result<(), StoreError> {
+    /// result as its first argument (unless `immutable`), in the transaction of the ack. Gives the chord callback
+    /// that counts it, if any ([`Inner::count_members`]).
+    async fn after_success(&self, tx: &Tx<'_>, id: &str, result: &Value) -> Result<Option<String>, StoreError> {
         let row = tx.query_one("SELECT spec FROM broker_tasks WHERE id = $1", &[&id]).await.map_err(pg_error)?;
         let record =
             TaskRecord::decode(row.get(0)).map_err(|e| StoreError::Shared(format!("corrupt record {id:?}: {e}")))?;
-        let Some(mut extra) = record.extra else { return Ok(()) };
+        let Some(mut extra) = record.extra else { return Ok(None) };
         if let Some(first) = extra.chain.first() {
             let mut next = first.clone();
             next.chain = extra.chain[1..].to_vec();
@@ -1423,19 +1467,23 @@ impl Inner {
                 .await
                 .map_err(pg_error)?;
         }
-        if let Some((callback, _)) = &extra.chord {
-            // The callback's row is locked until the group commits: members acked through several daemons at
-            // once count one after another.
-            let left = tx
-                .query_opt(
-                    "UPDATE broker_tasks SET pending = pending - 1 WHERE id = $1 AND state = 'HELD' RETURNING pending",
-                    &[callback],
-                )
-                .await
-                .map_err(pg_error)?;
-            if left.and_then(|row| row.get::<_, Option<i32>>(0)) == Some(0) {
-                self.release_chord(tx, callback).await?;
-            }
+        Ok(extra.chord.map(|(callback, _)| callback))
+    }
+
+    /// Members of chord `callback` succeeded (`count` of them): the callback counts them, and joins its queue once
+    /// every member has. Its row is locked until the group commits, so members acked through several daemons at
+    /// once count one after another; a group counts its callbacks in id order, so two groups never wait for each
+    /// other's.
+    async fn count_members(&self, tx: &Tx<'_>, callback: &str, count: i32) -> Result<(), StoreError> {
+        let left = tx
+            .query_opt(
+                "UPDATE broker_tasks SET pending = pending - $2 WHERE id = $1 AND state = 'HELD' RETURNING pending",
+                &[&callback, &count],
+            )
+            .await
+            .map_err(pg_error)?;
+        if left.and_then(|row| row.get::<_, Option<i32>>(0)) == Some(0) {
+            self.release_chord(tx, callback).await?;
         }
         Ok(())
     }
@@ -1460,7 +1508,8 @@ impl Inner {
         for member in &members {
             match results.get(member) {
                 Some(result) => {
-                    values.push(result.as_deref().map(|b| decode(member, b)).transpose()?.unwrap_or(Value::Nil))
+                    let value = result.as_deref().map(|b| decode(member, b)).transpose();
+                    values.push(value.map_err(|e| StoreError::Shared(e.to_string()))?.unwrap_or(Value::Nil));
                 }
                 None => {
                     let error = TaskError {
@@ -1468,7 +1517,9 @@ impl Inner {
                         message: format!("the result of chord member {member} is no longer stored (its TTL passed)"),
                         traceback: None,
                     };
-                    self.fail_callback(tx, callback, &error).await?;
+                    if self.fail_callback(tx, callback, &error).await? {
+                        self.after_failure(tx, vec![callback.to_string()]).await?;
+                    }
                     return Ok(());
                 }
             }
@@ -1488,7 +1539,8 @@ impl Inner {
         let mut spec = Vec::with_capacity(128 + record.payload.len());
         record.encode(&mut spec).map_err(|e| StoreError::Shared(format!("cannot encode {callback:?}: {e}")))?;
         tx.execute(
-            "UPDATE broker_tasks SET state = $2, spec = $3, due_ms = $4, eta_ms = $5, pending = NULL WHERE id = $1",
+            "UPDATE broker_tasks SET state = $2, spec = $3, due_ms = $4, eta_ms = $5, pending = NULL,
+                seq = nextval(pg_get_serial_sequence('broker_tasks', 'seq')) WHERE id = $1",
             &[&callback, &record.state.as_str(), &spec, &ms(at), &opt_ms(record.eta_ms)],
         )
         .await
@@ -1518,7 +1570,8 @@ impl Inner {
                 let record = TaskRecord::decode(row.get(3))
                     .map_err(|e| StoreError::Shared(format!("corrupt record {id:?}: {e}")))?;
                 let Some(extra) = record.extra else { continue };
-                let error: Option<TaskError> = error.map(|b| decode(id, b)).transpose()?;
+                let error: Option<TaskError> =
+                    error.map(|b| decode(id, b)).transpose().map_err(|e| StoreError::Shared(e.to_string()))?;
                 if !extra.chain.is_empty() {
                     let links: Vec<&str> = extra.chain.iter().filter_map(|link| link.id.as_deref()).collect();
                     let theirs = error.clone().unwrap_or_else(|| TaskError {
@@ -1936,19 +1989,26 @@ impl Inner {
         let mut done: HashMap<(String, i64), (String, bool, &str)> =
             rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3), row.get(4)))).collect();
         let mut outcomes = Vec::with_capacity(acks.len());
+        // Chord callbacks and how many of their members these acks are, counted in id order.
+        let mut members: std::collections::BTreeMap<String, i32> = std::collections::BTreeMap::new();
         for (id, lease_id, result) in &acks {
             // A task acked twice in one statement is updated once: the first ack has it, the next is refused.
             match done.remove(&(id.clone(), *lease_id as i64)) {
                 Some((queue, follows, task)) => {
                     self.happened(client, id, &queue, task, MetricOutcome::succeeded);
                     if follows {
-                        self.after_success(client, id, result).await?;
+                        if let Some(callback) = self.after_success(client, id, result).await? {
+                            *members.entry(callback).or_default() += 1;
+                        }
                     }
                     client.ended(id, *lease_id);
                     outcomes.push(Ok(()));
                 }
                 None => outcomes.push(Err(self.refused(client, id, *lease_id).await?)),
             }
+        }
+        for (callback, count) in members {
+            self.count_members(client, &callback, count).await?;
         }
         if !rows.is_empty() {
             self.finished.notify_waiters();
@@ -2204,7 +2264,7 @@ impl Inner {
                     "WITH waiting AS (
                         UPDATE broker_tasks SET state = 'REVOKED', revoked = true, finished_at_ms = $2::bigint,
                             result_expires_at_ms = $2::bigint + result_ttl_ms
-                        WHERE id = $1 AND state IN ('PENDING', 'SCHEDULED', 'RETRY', '{HELD}')
+                        WHERE id = $1 AND (state IN {WAITING} OR (state = '{HELD}' AND pending IS NOT NULL))
                         RETURNING id, queue, task),
                      running AS (
                         UPDATE broker_tasks SET revoked = true WHERE id = $1 AND state = 'STARTED' RETURNING id)
@@ -2235,11 +2295,21 @@ impl Inner {
     async fn purge(&self, client: &Tx<'_>, queue: &str) -> Result<u64, StoreError> {
         let rows = client
             .query(
-                &format!("DELETE FROM broker_tasks WHERE queue = $1 AND state IN {WAITING} RETURNING id, chord_id"),
+                &format!(
+                    "DELETE FROM broker_tasks WHERE queue = $1 AND state IN {WAITING} RETURNING id, chord_id, links"
+                ),
                 &[&queue],
             )
             .await
             .map_err(pg_error)?;
+        // A purged task's links not enqueued yet go with it.
+        let links: Vec<String> = rows.iter().filter_map(|row| row.get::<_, Option<Vec<String>>>(2)).flatten().collect();
+        if !links.is_empty() {
+            client
+                .execute("DELETE FROM broker_tasks WHERE id = ANY($1) AND state = 'HELD'", &[&links])
+                .await
+                .map_err(pg_error)?;
+        }
         // A purged member will never succeed: its chord fails now rather than wait for ever.
         let mut failed = Vec::new();
         for row in &rows {
@@ -2287,17 +2357,40 @@ impl Inner {
                 "WITH back AS (
                     UPDATE broker_tasks SET state = 'PENDING', attempts = 0, lease_losses = 0, error = NULL,
                         finished_at_ms = NULL, result_expires_at_ms = NULL, eta_ms = NULL, due_ms = $3
-                    WHERE state = 'FAILURE' AND NOT by_parent AND (id = ANY($1) OR $2 = '*' OR queue = $2) RETURNING id)
-                 SELECT count(*), (SELECT pg_notify('broker_ready', '') FROM back LIMIT 1) FROM back",
+                    WHERE state = 'FAILURE' AND NOT by_parent AND (id = ANY($1) OR $2 = '*' OR queue = $2)
+                    RETURNING id, spec)
+                 SELECT id, spec, pg_notify('broker_ready', '') FROM back",
                 &[&request.ids, &request.queue, &ms(now)],
             )
             .await
             .map_err(pg_error)?;
-        let count: i64 = rows.first().map_or(0, |row| row.get(0));
-        if count > 0 {
+        // A task back in its queue holds its unique key again (as the single node's does), if it still holds.
+        let mut claims: Vec<(String, &str, Option<i64>)> = Vec::new();
+        for row in &rows {
+            let id: &str = row.get(0);
+            let record = TaskRecord::decode(row.get(1))
+                .map_err(|e| StoreError::Shared(format!("corrupt record {id:?}: {e}")))?;
+            let Some(extra) = record.extra else { continue };
+            let Some(key) = extra.unique_key else { continue };
+            if extra.unique_until_ms.is_none_or(|until| until > now) {
+                claims.push((key, id, opt_ms(extra.unique_until_ms)));
+            }
+        }
+        claims.sort();
+        for (key, id, until) in &claims {
+            client
+                .execute(
+                    "INSERT INTO broker_unique (key, task_id, until_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id, until_ms = excluded.until_ms",
+                    &[key, id, until],
+                )
+                .await
+                .map_err(pg_error)?;
+        }
+        if !rows.is_empty() {
             self.ready.notify_waiters();
         }
-        Ok(count as u64)
+        Ok(rows.len() as u64)
     }
 
     async fn stats(&self, client: &Tx<'_>) -> Result<StoreStats, StoreError> {
@@ -2433,14 +2526,17 @@ impl Inner {
             .await
             .map_err(pg_error)?;
         // Unique keys no task holds any more: their time passed, or the task holding them until it finished did.
-        // A key an enqueue is claiming now is locked, and skipped.
+        // A key an enqueue is claiming now is locked, and skipped; one claimed by another task since it was looked
+        // at is kept.
         client
             .execute(
-                "DELETE FROM broker_unique WHERE key IN (SELECT u.key FROM broker_unique u
-                    LEFT JOIN broker_tasks t ON t.id = u.task_id
+                "WITH free AS (SELECT u.key, u.task_id FROM broker_unique u LEFT JOIN broker_tasks t ON t.id = u.task_id
                     WHERE u.until_ms <= $1 OR (u.until_ms IS NULL
                         AND (t.id IS NULL OR t.state IN ('SUCCESS', 'FAILURE', 'REVOKED')))
-                    LIMIT $2 FOR UPDATE OF u SKIP LOCKED)",
+                    LIMIT $2),
+                 taken AS (SELECT u.key FROM broker_unique u JOIN free ON u.key = free.key AND u.task_id = free.task_id
+                    FOR UPDATE OF u SKIP LOCKED)
+                 DELETE FROM broker_unique WHERE key IN (SELECT key FROM taken)",
                 &[&ms(now), &EXPIRY_BATCH],
             )
             .await

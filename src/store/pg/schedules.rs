@@ -163,6 +163,9 @@ impl Inner {
                     fired = Some(tick);
                     tracing::debug!(schedule = %name, tick_ms = tick, "schedule fired");
                 }
+                // The engine failed (a deadlock, a timeout): the tick's transaction rolls back, and a later tick
+                // tries again (the tick's task id makes that safe).
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Shared(_))) => return Err(e),
                 // A full queue, say: this tick is skipped, and said so (as the single node does).
                 Err(e) => tracing::warn!(schedule = %name, tick_ms = tick, error = %e, "schedule could not enqueue"),
             }
