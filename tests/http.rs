@@ -2,30 +2,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use broker::config::{Role, TokenConfig};
 use broker_client::proto::{Lease, TaskSpec, Value};
-use common::TestServer;
-
-/// A plain HTTP/1.1 request; returns (status, headers, body).
-fn request(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\n{host}{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len(),
-        // A test may send its own Host.
-        host = if headers.contains("Host:") { String::new() } else { format!("Host: {addr}\r\n") },
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (status, head.to_string(), body.to_string())
-}
+use common::{http_request as request, TestServer};
 
 /// A GET, with a bearer token if given; returns (status, body).
 fn get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
