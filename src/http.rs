@@ -6,6 +6,11 @@
 //! - `GET /metrics`: the Prometheus text format ([`crate::metrics`]);
 //! - the dashboard ([`crate::dashboard`]).
 //!
+//! All of them whichever store the daemon runs: the dashboard and `/metrics` read through the [`TaskStore`] seam
+//! (over PostgreSQL, `/metrics` counts what went through this daemon; the queue gauges are the database's).
+//!
+//! [`TaskStore`]: crate::engine::TaskStore
+//!
 //! With tokens configured, `/metrics` needs an admin token (`Authorization: Bearer TOKEN`, as Prometheus's
 //! `authorization` setting sends it); the probes stay open (they say nothing about tasks).
 
