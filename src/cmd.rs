@@ -25,7 +25,7 @@ use crate::store::control::Limit;
 use crate::store::flow::Scope;
 use crate::store::record::{key_str, map_entries};
 use crate::store::schedule::NewSchedule;
-use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, Store, StoreError, StoreStats};
+use crate::store::{validate_name, validate_queue, ConnId, Grant, NewTask, Payload, StoreError, StoreStats};
 
 /// The most tasks one `dead_list` returns, whatever its `limit`.
 pub const MAX_DEAD_LIST: u32 = 1000;
@@ -747,7 +747,7 @@ fn get(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> Outc
     }))
 }
 
-/// A `get` reply around a `TaskInfo` encoded already ([`Store::get_encoded`]): what `reply` would write.
+/// A `get` reply around a `TaskInfo` encoded already ([`TaskStore::get_encoded`]): what `reply` would write.
 fn info_reply(id: u64, result: Result<(TaskState, Vec<u8>), Refusal>) -> ReplyFrame {
     let body = match result {
         Ok((_, body)) => body,
@@ -910,15 +910,6 @@ fn set_limit(shared: &Shared, request: &[u8]) -> Result<Op<Empty>, Refusal> {
     };
     let limit = Limit { rate: request.rate, concurrency: request.concurrency };
     Ok(shared.tasks().set_limit(scope, &request.name, limit).map(|()| Empty {}))
-}
-
-/// The `limits` reply of the single node's store.
-pub fn limits_of(store: &Store) -> Limits {
-    let limits = match TaskStore::limits(store) {
-        Op::Now(Ok(limits)) => limits,
-        _ => Vec::new(),
-    };
-    Limits { limits }
 }
 
 fn schedule_add(shared: &Shared, frame: &[u8]) -> Result<Op<ScheduleInfo>, Refusal> {

@@ -8,6 +8,11 @@
 //! - `/dead`: the dead set, each task with Requeue and Delete.
 //! - `/login`: with tokens configured, the pages need an admin token, by `Authorization: Bearer` or a cookie the
 //!   login form sets (HttpOnly, SameSite=Strict, so other sites cannot post the forms with it).
+//!
+//! Every page and form goes through the [`TaskStore`] seam, so the dashboard is the same over either store. Over
+//! PostgreSQL, queues, tasks and the dead set are the database's (every daemon's); the graph's counts and the
+//! workers are this daemon's (what went through it, the connections it serves). It never touches a store
+//! directly, and reports a change (requeue, pause, delete) done only once it is durable.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -19,12 +24,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use broker_client::proto::{DeadRequeue, Stats, TaskInfo, TaskState};
+use broker_client::proto::{DeadRequeue, LimitInfo, ScheduleInfo, Stats, TaskInfo, TaskState};
 
 use crate::cmd::{self, Shared};
 use crate::config::Role;
+use crate::engine::{Op, TaskStore};
 use crate::json::value_to_json;
-use crate::store::StoreError;
+use crate::store::{ConnId, Running, StoreError};
 
 /// How often the graph takes a sample, and how many it keeps (ten minutes).
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
@@ -33,8 +39,6 @@ const SAMPLES: usize = 300;
 /// The dashboard's state: the daemon, and the recent samples of its counters for the graph.
 pub struct Dash {
     shared: Arc<Shared>,
-    /// The single node's store (the dashboard is not served over a shared store yet).
-    store: Arc<crate::store::Store>,
     /// The listener's address: on a daemon without tokens, requests must name it (or localhost) as their Host.
     addr: std::net::SocketAddr,
     samples: Mutex<VecDeque<Sample>>,
@@ -48,8 +52,8 @@ struct Sample {
 }
 
 /// The dashboard's routes, and the task that samples the counters until the daemon stops.
-pub fn routes(shared: Arc<Shared>, store: Arc<crate::store::Store>, addr: std::net::SocketAddr) -> Router {
-    let dash = Arc::new(Dash { shared, store, addr, samples: Mutex::new(VecDeque::new()) });
+pub fn routes(shared: Arc<Shared>, addr: std::net::SocketAddr) -> Router {
+    let dash = Arc::new(Dash { shared, addr, samples: Mutex::new(VecDeque::new()) });
     tokio::spawn(sample(dash.clone()));
     Router::new()
         .route("/", get(overview))
@@ -72,8 +76,9 @@ async fn sample(dash: Arc<Dash>) {
             _ = every.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let totals = dash.store.stats().totals;
-        let sample = Sample { at_ms: dash.store.now_ms(), succeeded: totals.succeeded, failed: totals.failed };
+        let tasks = dash.shared.tasks();
+        let totals = tasks.totals();
+        let sample = Sample { at_ms: tasks.now_ms(), succeeded: totals.succeeded, failed: totals.failed };
         let mut samples = dash.samples.lock().unwrap_or_else(|p| p.into_inner());
         samples.push_back(sample);
         while samples.len() > SAMPLES {
@@ -199,15 +204,31 @@ async fn overview(State(dash): State<Arc<Dash>>, headers: HeaderMap) -> Response
     if let Some(turned_away) = gate(&dash, &headers, false) {
         return turned_away;
     }
-    let stats = cmd::stats_of(&dash.shared, dash.store.stats());
-    let body = overview_body(&dash, &stats);
+    // Asked for together: over PostgreSQL they may share one round trip.
+    let tasks = dash.shared.tasks();
+    let (stats, schedules, limits, running) =
+        (tasks.stats(), tasks.schedules(), tasks.limits(), tasks.running_by_conn(5));
+    let read = tokio::try_join!(stats.resolve(), schedules.resolve(), limits.resolve(), running.resolve());
+    let (stats, schedules, limits, running) = match read {
+        Ok(read) => read,
+        Err(e) => return failed(e),
+    };
+    let stats = cmd::stats_of(&dash.shared, stats);
+    let body = overview_body(&dash, &stats, &schedules, &limits, &running);
     if headers.contains_key("x-partial") {
         return Html(body).into_response();
     }
     page("Overview", "overview", &body, true).into_response()
 }
 
-fn overview_body(dash: &Dash, stats: &Stats) -> String {
+fn overview_body(
+    dash: &Dash,
+    stats: &Stats,
+    schedules: &[ScheduleInfo],
+    limits: &[LimitInfo],
+    running: &[(ConnId, Vec<Running>)],
+) -> String {
+    let now = dash.shared.tasks().now_ms();
     let samples: Vec<Sample> = dash.samples.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
     // Counted over the last minute of samples (or what there is of it), not extrapolated.
     let last_minute = |field: fn(&Sample) -> u64| -> String {
@@ -271,11 +292,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
     }
     out.push_str("</tbody></table></section>");
 
-    let schedules = dash.store.schedules();
     if !schedules.is_empty() {
-        let now = dash.store.now_ms();
         out.push_str(r#"<section class="card"><h2>Schedules</h2><table id="schedules"><thead><tr><th>Schedule</th><th>Task</th><th>When</th><th>Next</th><th>Last</th></tr></thead><tbody>"#);
-        for s in &schedules {
+        for s in schedules {
             let timing = match (&s.cron, s.every_ms) {
                 (Some(cron), _) => format!("{cron} {}", s.timezone.as_deref().unwrap_or("UTC")),
                 (None, Some(ms)) => format!("every {}", duration(ms)),
@@ -297,10 +316,9 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         }
         out.push_str("</tbody></table></section>");
     }
-    let limits = crate::cmd::limits_of(&dash.store).limits;
     if !limits.is_empty() {
         out.push_str(r#"<section class="card"><h2>Limits</h2><table id="limits"><thead><tr><th>On</th><th>Name</th><th>Rate</th><th class="n">Concurrency</th><th class="n">Running</th></tr></thead><tbody>"#);
-        for l in &limits {
+        for l in limits {
             let _ = write!(
                 out,
                 r#"<tr class="limit"><td>{}</td><td class="name">{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
@@ -314,9 +332,7 @@ fn overview_body(dash: &Dash, stats: &Stats) -> String {
         out.push_str("</tbody></table></section>");
     }
 
-    let running = dash.store.running_by_conn(5);
     let connections = dash.shared.connections.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let now = dash.store.now_ms();
     out.push_str(r#"<section class="card"><h2>Workers</h2><table id="workers"><thead><tr><th>Worker</th><th>Queues</th><th>Address</th><th>Connected</th><th class="n">Leased</th><th>Running now</th></tr></thead><tbody>"#);
     if stats.workers.is_empty() {
         out.push_str(r#"<tr><td colspan="6" class="empty">No worker has connected.</td></tr>"#);
@@ -403,10 +419,16 @@ async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: He
     if let Some(turned_away) = gate(&dash, &headers, false) {
         return turned_away;
     }
-    match dash.store.get(&id) {
-        Ok(info) => {
-            let dead = dash.store.in_dead_set(&id);
-            page(&format!("Task {id}"), "", &task_body(&info, dead, dash.store.now_ms()), false).into_response()
+    let tasks = dash.shared.tasks();
+    let read = async {
+        let info = tasks.get_info(&id).resolve().await?;
+        // Only a failed task may be in the dead set.
+        let dead = info.state == TaskState::Failure && tasks.in_dead_set(&id).resolve().await?;
+        Ok::<_, StoreError>((info, dead))
+    };
+    match read.await {
+        Ok((info, dead)) => {
+            page(&format!("Task {id}"), "", &task_body(&info, dead, tasks.now_ms()), false).into_response()
         }
         Err(StoreError::NotFound(_)) => {
             let body = format!(
@@ -415,7 +437,7 @@ async fn task(State(dash): State<Arc<Dash>>, Path(id): Path<String>, headers: He
             );
             (StatusCode::NOT_FOUND, page("Not found", "", &body, false)).into_response()
         }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => failed(e),
     }
 }
 
@@ -548,11 +570,11 @@ async fn dead(State(dash): State<Arc<Dash>>, Query(query): Query<DeadQuery>, hea
     if let Some(turned_away) = gate(&dash, &headers, false) {
         return turned_away;
     }
-    let tasks = match dash.store.dead_list(query.queue.as_deref(), 200) {
+    let tasks = match dash.shared.tasks().dead_list(query.queue.as_deref(), 200).resolve().await {
         Ok(tasks) => tasks,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => return failed(e),
     };
-    let now = dash.store.now_ms();
+    let now = dash.shared.tasks().now_ms();
     let mut out = String::from(r#"<section class="card"><h2>Dead tasks"#);
     if let Some(queue) = &query.queue {
         let _ = write!(
@@ -599,11 +621,8 @@ async fn requeue(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(target)
         return turned_away;
     }
     let request = DeadRequeue { ids: vec![target.id.clone()], queue: None };
-    if let Err(e) = dash.store.dead_requeue(&request) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    if let Err(e) = dash.store.durable().wait().await {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("not durable: {e}")).into_response();
+    if let Err(e) = durable(&dash, dash.shared.tasks().dead_requeue(&request)).await {
+        return failed(e);
     }
     tracing::info!(task = %target.id, "requeued from the dashboard");
     Redirect::to("/dead").into_response()
@@ -621,14 +640,11 @@ async fn pause(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(form): Fo
         return turned_away;
     }
     let paused = form.paused == "1";
-    // The control file is written and synced on a blocking thread, not the runtime's.
-    let store = dash.store.clone();
     let queue = form.queue.clone();
-    match tokio::task::spawn_blocking(move || store.set_paused(&queue, paused)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e @ StoreError::Invalid(_))) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    match flow_change(&dash, move |tasks| tasks.set_paused(&queue, paused)).await {
+        Ok(_) => {}
+        Err(e @ StoreError::Invalid(_)) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => return failed(e),
     }
     tracing::info!(queue = %form.queue, paused, "queue paused or resumed from the dashboard");
     Redirect::to("/").into_response()
@@ -638,17 +654,51 @@ async fn delete(State(dash): State<Arc<Dash>>, headers: HeaderMap, Form(Target {
     if let Some(turned_away) = gate(&dash, &headers, true) {
         return turned_away;
     }
-    match dash.store.delete_finished(&id) {
+    match durable(&dash, dash.shared.tasks().delete_finished(&id)).await {
         Ok(()) => {}
         Err(StoreError::NotFound(_)) => return Redirect::to("/dead").into_response(),
         Err(e @ StoreError::Invalid(_)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-    if let Err(e) = dash.store.durable().wait().await {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("not durable: {e}")).into_response();
+        Err(e) => return failed(e),
     }
     tracing::info!(task = %id, "deleted from the dashboard");
     Redirect::to("/dead").into_response()
+}
+
+/// A change made from the dashboard, once it is durable: a shared store's call resolves when its transaction
+/// committed; the single node's is made in memory at once, then waits for the log round that makes it durable
+/// (as `cmd` holds a protocol reply until its flush).
+async fn durable<T: Send + 'static>(dash: &Dash, change: Op<T>) -> Result<T, StoreError> {
+    let value = change.resolve().await?;
+    if let Some(store) = dash.shared.engine.as_local() {
+        store.durable().wait().await.map_err(StoreError::Flush)?;
+    }
+    Ok(value)
+}
+
+/// A pause or resume: the single node's store rewrites and syncs its control file, so the call runs on a
+/// blocking thread, never the runtime's (as `cmd` runs the protocol's); a shared store's is a statement, done
+/// when it committed.
+async fn flow_change<T: Send + 'static>(
+    dash: &Dash,
+    change: impl FnOnce(&dyn TaskStore) -> Op<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    if dash.shared.engine.as_local().is_none() {
+        return change(dash.shared.tasks()).resolve().await;
+    }
+    let shared = dash.shared.clone();
+    match tokio::task::spawn_blocking(move || change(shared.tasks())).await {
+        Ok(changed) => changed.resolve().await,
+        Err(e) => Err(StoreError::Flush(format!("the control file write failed: {e}"))),
+    }
+}
+
+/// The response when the store failed a read or a change: 503 while it cannot be reached, else 500.
+fn failed(e: StoreError) -> Response {
+    let status = match e {
+        StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, e.to_string()).into_response()
 }
 
 // --- rendering ---------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 //!   statements ([`Op::Later`]): the reply goes out when the transaction committed (on the primary and, with
 //!   synchronous standbys, on one of them).
 //!
-//! Every op of the protocol goes through it. The dashboard still reads the single node's store ([`Engine::as_local`]),
-//! and is served only over it.
+//! Every op of the protocol goes through it, and so does every page and form of the dashboard (and `/metrics`):
+//! both are served over either store.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::collections::BTreeMap;
 
 use broker_client::proto::{
-    DeadRequeue, Enqueued, Fail, LimitInfo, Progress, ScheduleInfo, TaskInfo, TaskState, Value,
+    DeadRequeue, Enqueued, Fail, LimitInfo, Progress, ScheduleInfo, TaskInfo, TaskState, Totals, Value,
 };
 use tokio::sync::Notify;
 
@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::store::control::Limit;
 use crate::store::flow::Scope;
 use crate::store::schedule::NewSchedule;
-use crate::store::{ConnId, FailOutcome, Grant, NewTask, Store, StoreError, StoreStats, TaskEvent};
+use crate::store::{ConnId, FailOutcome, Grant, NewTask, Running, Store, StoreError, StoreStats, TaskEvent};
 
 /// A store call that finishes later (a statement on a shared store).
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -93,6 +93,24 @@ pub trait TaskStore: Send + Sync + 'static {
     fn holds_leases(&self, conn: ConnId) -> bool;
     /// A task's state and its `TaskInfo`, encoded.
     fn get_encoded(&self, id: &str) -> Op<(TaskState, Vec<u8>)>;
+    /// A task's `TaskInfo` (the dashboard's task page): [`TaskStore::get_encoded`], decoded.
+    fn get_info(&self, id: &str) -> Op<TaskInfo> {
+        let id = id.to_string();
+        self.get_encoded(&id).and_then(move |(_, bytes)| {
+            rmp_serde::from_slice(&bytes).map_err(|e| StoreError::Corrupt { id, message: e.to_string() })
+        })
+    }
+    /// Whether the task is in the dead set: `FAILURE` after running (not a task failed by the one it depended
+    /// on, which `dead_requeue` skips).
+    fn in_dead_set(&self, id: &str) -> Op<bool>;
+    /// Deletes a finished task (its result or error) now rather than at its TTL: `NotFound` if there is none,
+    /// `Invalid` if it has not finished (revoke it first). A unique key it held is free from then on; a chord
+    /// whose callback still waits for it (it succeeded) fails when the other members are done, as when its
+    /// result expires first.
+    fn delete_finished(&self, id: &str) -> Op<()>;
+    /// What each of this daemon's connections runs now (the dashboard's workers): (task id, task name, started
+    /// at), oldest first, at most `limit` per connection.
+    fn running_by_conn(&self, limit: usize) -> Op<Vec<(ConnId, Vec<Running>)>>;
     /// Revokes a task; its state afterwards.
     fn revoke(&self, id: &str) -> Op<TaskState>;
     /// Deletes every waiting task of `queue`; how many.
@@ -103,6 +121,9 @@ pub trait TaskStore: Send + Sync + 'static {
     fn dead_requeue(&self, request: &DeadRequeue) -> Op<u64>;
     /// Counts for `stats`.
     fn stats(&self) -> Op<StoreStats>;
+    /// The totals of `stats` alone (counted by this daemon since it started, kept in memory): the dashboard's
+    /// graph samples them every 2 s without asking the store to count its queues.
+    fn totals(&self) -> Totals;
     /// Rung when tasks may have become ready (waiting leases look again).
     fn ready_notify(&self) -> &Notify;
     /// Rung when tasks may have finished (waiting gets look again).
@@ -182,6 +203,18 @@ impl TaskStore for Store {
         Op::Now(Store::get_encoded(self, id))
     }
 
+    fn in_dead_set(&self, id: &str) -> Op<bool> {
+        Op::Now(Ok(Store::in_dead_set(self, id)))
+    }
+
+    fn delete_finished(&self, id: &str) -> Op<()> {
+        Op::Now(Store::delete_finished(self, id))
+    }
+
+    fn running_by_conn(&self, limit: usize) -> Op<Vec<(ConnId, Vec<Running>)>> {
+        Op::Now(Ok(Store::running_by_conn(self, limit)))
+    }
+
     fn revoke(&self, id: &str) -> Op<TaskState> {
         Op::Now(Store::revoke(self, id))
     }
@@ -200,6 +233,10 @@ impl TaskStore for Store {
 
     fn stats(&self) -> Op<StoreStats> {
         Op::Now(Ok(Store::stats(self)))
+    }
+
+    fn totals(&self) -> Totals {
+        Store::totals(self)
     }
 
     fn ready_notify(&self) -> &Notify {

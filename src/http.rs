@@ -6,6 +6,11 @@
 //! - `GET /metrics`: the Prometheus text format ([`crate::metrics`]);
 //! - the dashboard ([`crate::dashboard`]).
 //!
+//! All of them whichever store the daemon runs: the dashboard and `/metrics` read through the [`TaskStore`] seam
+//! (over PostgreSQL, `/metrics` counts what went through this daemon; the queue gauges are the database's).
+//!
+//! [`TaskStore`]: crate::engine::TaskStore
+//!
 //! With tokens configured, `/metrics` needs an admin token (`Authorization: Bearer TOKEN`, as Prometheus's
 //! `authorization` setting sends it); the probes stay open (they say nothing about tasks).
 
@@ -29,12 +34,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         Ok(addr) => addr,
         Err(e) => return tracing::error!(error = %e, "the HTTP listener has no address"),
     };
-    let mut app =
-        Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(shared.clone());
-    // The dashboard and /metrics read the single node's store; over a shared store only the probes are served.
-    if let Some(store) = shared.engine.as_local().cloned() {
-        app = app.merge(crate::dashboard::routes(shared, store, addr));
-    }
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared.clone())
+        .merge(crate::dashboard::routes(shared, addr));
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
         tracing::error!(error = %e, "the HTTP listener failed");
     }

@@ -9,6 +9,9 @@
 //! - `broker_commit_seconds`, `broker_commit_group_size`: each log round's write and sync, and how many tasks it
 //!   carried;
 //! - `broker_connections`, `broker_workers`, `broker_uptime_seconds`.
+//!
+//! Over PostgreSQL each daemon counts what went through it (sum the counters over the daemons), the queue gauges
+//! are the database's, and the wait, run and log-round histograms stay empty (only the single node observes them).
 
 use std::sync::Mutex;
 

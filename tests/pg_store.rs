@@ -1,7 +1,7 @@
 //! Several daemons over one PostgreSQL (`--store postgres://...`): a real primary with two synchronous standbys
 //! (`scripts/pg-cluster`), real daemons over it. Enqueue, lease, ack and read through different daemons; waits
 //! that wake across daemons; fencing of stale workers; a daemon killed with a lease; a failover of the primary;
-//! schedules fired by whichever daemon ticks, each tick once.
+//! schedules fired by whichever daemon ticks, each tick once; each daemon's dashboard and `/metrics`.
 //!
 //! Skipped, with the script's message, only where PostgreSQL 15 is missing and cannot be installed.
 
@@ -14,7 +14,7 @@ use broker_client::proto::{
 };
 use broker_client::{Client, ConnectOptions};
 use common::pg::PgCluster;
-use common::{eventually, Daemon, TestServer};
+use common::{eventually, http_request, Daemon, TestServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,6 +33,21 @@ fn cluster() -> Option<PgCluster> {
 async fn daemon(url: &str) -> TestServer {
     let url = url.to_string();
     TestServer::start_with(move |config| config.store = Some(url), false).await
+}
+
+/// A daemon over the cluster's store with an HTTP listener (the dashboard and `/metrics`), and its address.
+async fn daemon_with_http(url: &str) -> (TestServer, std::net::SocketAddr) {
+    let url = url.to_string();
+    let server = TestServer::start_with(
+        move |config| {
+            config.store = Some(url);
+            config.http_listen = Some("127.0.0.1:0".into());
+        },
+        false,
+    )
+    .await;
+    let http = server.handle.as_ref().unwrap().http_addr().expect("an HTTP listener");
+    (server, http)
 }
 
 fn lease(queue: &str, max: u32, wait_ms: u64, lease_ms: Option<u64>) -> Lease {
@@ -689,4 +704,72 @@ async fn a_tick_into_a_full_queue_is_skipped_and_the_other_schedules_fire() {
     assert!(full.next_ms.is_some());
     assert!(ticks_stored(&pg, "into-full").is_empty());
     assert_eq!(client.stats().await.unwrap().queues.iter().find(|q| q.name == "full").map(|q| q.ready), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_daemons_dashboard_shows_the_database_and_its_own_work() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.primary_url();
+    let ((a, http_a), (b, http_b)) = (daemon_with_http(&url).await, daemon_with_http(&url).await);
+    let (ca, cb) = (a.client().await, b.client().await);
+
+    // Through A: one task succeeds, one dies. Through B: one waits, and one runs (B's worker holds it).
+    let done = ca.enqueue(spec("report", "dash", vec![])).await.unwrap().id;
+    let t = ca.lease(&lease("dash", 1, 0, None)).await.unwrap().remove(0);
+    assert_eq!(t.id, done);
+    ca.ack(&t.id, t.lease_id, Value::from(1)).await.unwrap();
+    let dead = ca.enqueue(spec("report", "dash", vec![])).await.unwrap().id;
+    let t = ca.lease(&lease("dash", 1, 0, None)).await.unwrap().remove(0);
+    let error = TaskError { kind: "ValueError".into(), message: "no such report".into(), traceback: None };
+    let fail = Fail { task_id: dead.clone(), lease_id: t.lease_id, error, retry: false, countdown_ms: None };
+    assert_eq!(ca.fail(&fail).await.unwrap().state, TaskState::Failure);
+    cb.enqueue(spec("report", "dash", vec![])).await.unwrap();
+    let running = cb.enqueue(spec("long", "busy", vec![])).await.unwrap().id;
+    assert_eq!(cb.lease(&lease("busy", 1, 0, None)).await.unwrap().remove(0).id, running);
+
+    let get = |http, path: &str| {
+        let (status, _, body) = http_request(http, "GET", path, "", "");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    };
+    let dead_id = dead.clone();
+    let (page_a, page_b) = tokio::task::spawn_blocking(move || {
+        // The dead set is the database's: B shows what died through A, and requeues it.
+        assert!(get(http_b, "/dead").contains(&format!(r#"data-id="{dead_id}""#)));
+        assert!(get(http_b, &format!("/task/{dead_id}")).contains(r#"class="requeue""#));
+        let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+        let (status, _, _) = http_request(http_b, "POST", "/dead/requeue", form, &format!("id={dead_id}"));
+        assert_eq!(status, 303);
+        assert!(!get(http_a, "/dead").contains(&dead_id));
+        (get(http_a, "/"), get(http_b, "/"))
+    })
+    .await
+    .unwrap();
+    // Committed before B's redirect.
+    assert_eq!(ca.get(&dead).await.unwrap().state, TaskState::Pending);
+    // Each daemon shows its own workers: B's runs the task it leased; A's worker runs nothing now.
+    let worker = |page: &str| page.split(r#"<tr class="worker">"#).nth(1).map(str::to_string).unwrap_or_default();
+    assert!(worker(&page_b).contains(&format!("/task/{running}")), "{page_b}");
+    assert!(worker(&page_a).contains("idle") && !page_a.contains(&format!("/task/{running}")), "{page_a}");
+
+    // /metrics: what went through each daemon is its own; the queue gauges are the database's.
+    let (metrics_a, metrics_b) =
+        tokio::task::spawn_blocking(move || (get(http_a, "/metrics"), get(http_b, "/metrics"))).await.unwrap();
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+    for (text, succeeded, enqueued) in [(&metrics_a, 1, 2), (&metrics_b, 0, 1)] {
+        let line = format!(r#"broker_tasks_total{{queue="dash",task="report",outcome="succeeded"}} {succeeded}"#);
+        assert!(has(text, &line), "no {line:?} in:\n{text}");
+        let line = format!(r#"broker_tasks_total{{queue="dash",task="report",outcome="enqueued"}} {enqueued}"#);
+        assert!(has(text, &line), "no {line:?} in:\n{text}");
+        for line in [
+            r#"broker_queue_tasks{queue="dash",state="ready"} 2"#,
+            r#"broker_queue_tasks{queue="dash",state="dead"} 0"#,
+            r#"broker_queue_tasks{queue="busy",state="leased"} 1"#,
+        ] {
+            assert!(has(text, line), "no {line:?} in:\n{text}");
+        }
+    }
+    assert!(has(&metrics_a, r#"broker_tasks_total{queue="dash",task="report",outcome="dead"} 1"#));
+    a.stop().await;
+    b.stop().await;
 }

@@ -51,22 +51,6 @@ def pg_store_url():
     return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
 
 
-# What the PostgreSQL store does not have yet (proto.md §12): these modules' tests are skipped when the daemons
-# run over it ($BROKER_TEST_PG).
-SINGLE_NODE_ONLY = {
-    "test_dashboard.py": "the dashboard",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    if not os.environ.get("BROKER_TEST_PG"):
-        return
-    for item in items:
-        what = SINGLE_NODE_ONLY.get(item.path.name)
-        if what:
-            item.add_marker(pytest.mark.skip(reason=f"the PostgreSQL store does not have {what} yet"))
-
-
 class Daemon:
     def __init__(self, data_dir, extra=()):
         self.log_path = data_dir.parent / "daemon.log"

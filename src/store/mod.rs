@@ -1856,6 +1856,11 @@ impl Store {
         self.lock().done.get(id).is_some_and(|meta| meta.dead_queue.is_some())
     }
 
+    /// The totals of `stats` (counted since start).
+    pub fn totals(&self) -> Totals {
+        self.lock().totals.clone()
+    }
+
     /// Counts for `stats`.
     pub fn stats(&self) -> StoreStats {
         let st = self.lock();

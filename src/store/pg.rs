@@ -26,7 +26,8 @@
 //! - **Schedules** are rows of `broker_schedules`; every daemon's tick fires the due ones, each tick once, its task
 //!   enqueued in the transaction that records it ([`schedules`]).
 //!
-//! What it does not do yet: the dashboard (the HTTP listener serves the probes only).
+//! - **The dashboard and `/metrics`** read through the same operations: queue counts are the database's; what a
+//!   daemon counted (totals, `/metrics` counters) and the workers it shows, with what each runs, are its own.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -48,7 +49,9 @@ use super::control::Limit;
 use super::events::{EventRing, TaskEvent};
 use super::record::{Extra, TaskRecord};
 use super::schedule::NewSchedule;
-use super::{check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Store, StoreError};
+use super::{
+    check_client_ids, expired_error, new_record, ConnId, FailOutcome, Grant, NewTask, Running, Store, StoreError,
+};
 use super::{StoreOptions, StoreStats};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -2256,6 +2259,75 @@ impl Inner {
         Self::record_of(&row.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
     }
 
+    async fn in_dead_set(&self, client: &Tx<'_>, id: &str) -> Result<bool, StoreError> {
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM broker_tasks WHERE id = $1 AND state = 'FAILURE' AND NOT by_parent)",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get(0))
+    }
+
+    /// Deletes a finished task, as the single node does: with the unique key it held (a key held for a time
+    /// after the task finished is free from then on, as it is once no task holds it); a chord still waiting for
+    /// it (it succeeded) fails when its other members are done, as when its result expires first.
+    async fn delete_finished(&self, client: &Tx<'_>, id: &str) -> Result<(), StoreError> {
+        // Every part of the statement sees the table as it was before it: the last column is the task's state
+        // then, which says why nothing was deleted.
+        let row = client
+            .query_one(
+                "WITH gone AS (
+                    DELETE FROM broker_tasks WHERE id = $1 AND state IN ('SUCCESS', 'FAILURE', 'REVOKED') RETURNING id),
+                 keys AS (DELETE FROM broker_unique WHERE task_id IN (SELECT id FROM gone))
+                 SELECT (SELECT count(*) FROM gone), (SELECT state FROM broker_tasks WHERE id = $1)",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        let (deleted, state): (i64, Option<&str>) = (row.get(0), row.get(1));
+        match state {
+            _ if deleted > 0 => Ok(()),
+            None => Err(StoreError::NotFound(id.to_string())),
+            Some(_) => Err(StoreError::Invalid(format!("task {id:?} has not finished: revoke it first"))),
+        }
+    }
+
+    /// What this daemon's connections run now: the tasks of the leases it handed them ([`Held`]) that still
+    /// hold them. Other daemons' workers are theirs to show.
+    async fn running_by_conn(&self, client: &Tx<'_>, limit: usize) -> Result<Vec<(ConnId, Vec<Running>)>, StoreError> {
+        let leases: HashMap<String, (ConnId, u64)> = self.held.lock().unwrap_or_else(|p| p.into_inner()).by_id.clone();
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = leases.keys().map(String::as_str).collect();
+        let lease_ids: Vec<i64> = ids.iter().map(|id| leases[*id].1 as i64).collect();
+        let rows = client
+            .query(
+                "SELECT t.id, t.task, t.started_at_ms FROM broker_tasks t
+                 JOIN unnest($1::text[], $2::bigint[]) AS l(id, lease_id) ON t.id = l.id AND t.lease_id = l.lease_id
+                 WHERE t.state = 'STARTED'",
+                &[&ids, &lease_ids],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut by_conn: HashMap<ConnId, Vec<Running>> = HashMap::new();
+        for row in rows {
+            let (id, task, started): (String, String, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+            let Some(&(conn, _)) = leases.get(&id) else { continue };
+            by_conn.entry(conn).or_default().push((id, task, unms(started).unwrap_or(0)));
+        }
+        Ok(by_conn
+            .into_iter()
+            .map(|(conn, mut running)| {
+                running.sort_by_key(|(_, _, started)| *started);
+                running.truncate(limit);
+                (conn, running)
+            })
+            .collect())
+    }
+
     async fn revoke(&self, client: &Tx<'_>, id: &str) -> Result<TaskState, StoreError> {
         let now = self.now();
         let row = client
@@ -2707,6 +2779,20 @@ impl TaskStore for PgStore {
         })
     }
 
+    fn in_dead_set(&self, id: &str) -> Op<bool> {
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.in_dead_set(tx, &id).await }))
+    }
+
+    fn delete_finished(&self, id: &str) -> Op<()> {
+        let id = id.to_string();
+        self.submit(move |tx, inner| Box::pin(async move { inner.delete_finished(tx, &id).await }))
+    }
+
+    fn running_by_conn(&self, limit: usize) -> Op<Vec<(ConnId, Vec<Running>)>> {
+        self.submit(move |tx, inner| Box::pin(inner.running_by_conn(tx, limit)))
+    }
+
     fn revoke(&self, id: &str) -> Op<TaskState> {
         let id = id.to_string();
         self.submit(move |tx, inner| Box::pin(async move { inner.revoke(tx, &id).await }))
@@ -2729,6 +2815,10 @@ impl TaskStore for PgStore {
 
     fn stats(&self) -> Op<StoreStats> {
         self.submit(move |tx, inner| Box::pin(inner.stats(tx)))
+    }
+
+    fn totals(&self) -> broker_client::proto::Totals {
+        self.inner.counts.lock().unwrap_or_else(|p| p.into_inner()).totals.clone()
     }
 
     fn ready_notify(&self) -> &Notify {

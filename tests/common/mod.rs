@@ -5,7 +5,7 @@
 pub mod pg;
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -264,4 +264,30 @@ pub fn request(id: u64, op: &str, fields: Vec<(&str, Value)>) -> Value {
     let mut map = vec![(Value::from("id"), Value::from(id)), (Value::from("op"), Value::from(op))];
     map.extend(fields.into_iter().map(|(k, v)| (Value::from(k), v)));
     Value::Map(map)
+}
+
+/// A plain HTTP/1.1 request to a daemon's HTTP listener (`headers`: whole lines, each ending in CRLF); returns
+/// (status, headers, body).
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\n{host}{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len(),
+        // A test may send its own Host.
+        host = if headers.contains("Host:") { String::new() } else { format!("Host: {addr}\r\n") },
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_string(), body.to_string())
 }
