@@ -850,16 +850,31 @@ fn events(shared: &Arc<Shared>, session: &Session, id: u64, request: &[u8]) -> O
             EventList { events, next, missed }
         }
     };
-    let first = read(request.after);
-    if request.wait_ms == 0 || !first.events.is_empty() {
+    // A shared store's daemon first hears back the events of the changes it answered (read your own writes).
+    let settled = shared.tasks().events_settled();
+    let first = settled.is_none().then(|| read(request.after));
+    if let Some(first) = first.as_ref().filter(|first| request.wait_ms == 0 || !first.events.is_empty()) {
         return Outcome::Reply(reply(id, Ok::<_, Refusal>(first)), None);
     }
-    // Wait from where the first look ended, so that nothing between the two is skipped.
-    let cursor = Some(first.next);
     let wait = Duration::from_millis(request.wait_ms.min(shared.config.max_wait_ms));
     let shared = shared.clone();
     let closing = session.closing.clone();
     Outcome::Wait(Box::pin(async move {
+        let first = match (first, settled) {
+            (Some(first), _) => first,
+            (None, settled) => {
+                if let Some(settled) = settled {
+                    let _ = settled.await;
+                }
+                let first = read(request.after);
+                if request.wait_ms == 0 || !first.events.is_empty() {
+                    return reply(id, Ok::<_, Refusal>(first));
+                }
+                first
+            }
+        };
+        // Wait from where the first look ended, so that nothing between the two is skipped.
+        let cursor = Some(first.next);
         let found = wait_for(&shared, shared.tasks().events_notify(), &closing, wait, || {
             std::future::ready(Some(read(cursor)).filter(|list| !list.events.is_empty()))
         })

@@ -138,6 +138,11 @@ pub trait TaskStore: Send + Sync + 'static {
     fn events(&self, after: Option<u64>, max: usize, queue: Option<&str>, wait_ms: u64) -> (Vec<TaskEvent>, u64, u64);
     /// Rung when an event is recorded.
     fn events_notify(&self) -> &Notify;
+    /// Done once the events of this daemon's changes answered so far can be read (`events` reads its own
+    /// writes); `None` when they can be now (the single node records them as they happen).
+    fn events_settled(&self) -> Option<StoreFuture<()>> {
+        None
+    }
     /// What `stats` shows as the durability policy.
     fn durability(&self) -> String;
     /// Pauses or resumes a queue; whether it was paused. (The single node's syncs its control file: the daemon

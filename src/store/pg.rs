@@ -55,7 +55,7 @@ use super::{
 use super::{StoreOptions, StoreStats};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::engine::{Op, TaskStore};
+use crate::engine::{Op, StoreFuture, TaskStore};
 use crate::metrics::{Metrics, Outcome as MetricOutcome, Series};
 
 mod schedules;
@@ -501,6 +501,12 @@ struct Inner {
     events_wanted_ms: AtomicU64,
     /// Until when this daemon last told the others its clients follow events.
     events_announced_ms: AtomicU64,
+    /// Tells this daemon's event notifications from others' (random).
+    events_nonce: u64,
+    /// The number of this daemon's latest event notification, sent; committed; received back.
+    events_sent: AtomicU64,
+    events_committed: AtomicU64,
+    events_received: AtomicU64,
     /// Whether any limit is set (leases then take the slower, counting path). Read at each tick and whenever a
     /// daemon changes a limit (`broker_flow`).
     limited: std::sync::atomic::AtomicBool,
@@ -560,6 +566,10 @@ impl PgStore {
             events_notify: Notify::new(),
             events_wanted_ms: AtomicU64::new(0),
             events_announced_ms: AtomicU64::new(0),
+            events_nonce: rand::random(),
+            events_sent: AtomicU64::new(0),
+            events_committed: AtomicU64::new(0),
+            events_received: AtomicU64::new(0),
         });
         inner.migrate().await?;
         inner.measure_clock().await?;
@@ -702,10 +712,12 @@ impl Inner {
     }
 
     /// Publishes what happened in a transaction, in it, while some daemon's clients follow events: every
-    /// daemon (this one too) hears it when the transaction commits, in commit order.
-    async fn publish(&self, tx: &Tx<'_>, happened: &[Happened]) -> Result<(), StoreError> {
+    /// daemon (this one too) hears it when the transaction commits, in commit order. Gives the number of its
+    /// last notification (0: none), which this daemon waits to hear back before it answers `events`
+    /// ([`TaskStore::events_settled`]).
+    async fn publish(&self, tx: &Tx<'_>, happened: &[Happened]) -> Result<u64, StoreError> {
         if happened.is_empty() || self.now() >= self.events_wanted_ms.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(0);
         }
         let mut chunks = Vec::new();
         let mut chunk = String::new();
@@ -727,15 +739,19 @@ impl Inner {
             chunk.push(']');
             chunks.push(chunk);
         }
+        let mut last = 0;
         for chunk in chunks {
-            tx.execute("SELECT pg_notify('broker_events', $1)", &[&chunk]).await.map_err(pg_error)?;
+            last = self.events_sent.fetch_add(1, Ordering::Relaxed) + 1;
+            let payload = format!(r#"{{"d":{},"n":{last},"e":{chunk}}}"#, self.events_nonce);
+            tx.execute("SELECT pg_notify('broker_events', $1)", &[&payload]).await.map_err(pg_error)?;
         }
-        Ok(())
+        Ok(last)
     }
 
     /// A transaction committed: what happened in it is counted (`stats` totals, `/metrics`), and the map of this
     /// daemon's connections' leases follows the leases it took and ended.
-    fn committed(&self, happened: &[Happened], leases: Vec<LeaseChange>) {
+    fn committed(&self, happened: &[Happened], leases: Vec<LeaseChange>, published: u64) {
+        self.events_committed.fetch_max(published, Ordering::Relaxed);
         if !leases.is_empty() {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             for change in leases {
@@ -773,16 +789,26 @@ impl Inner {
 
     /// Events another daemon (or this one) published, in the order their transactions committed.
     fn received_events(&self, payload: &str) {
-        let Ok(events) = serde_json::from_str::<Vec<(u64, String, String, String, String)>>(payload) else {
+        /// A notification: the daemon's nonce, its number, the events.
+        #[derive(serde::Deserialize)]
+        struct Published {
+            d: u64,
+            n: u64,
+            e: Vec<(u64, String, String, String, String)>,
+        }
+        let Ok(published) = serde_json::from_str::<Published>(payload) else {
             return tracing::warn!("a task events notification does not read");
         };
         let mut ring = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        for (at, id, queue, task, outcome) in events {
+        for (at, id, queue, task, outcome) in published.e {
             if let Some(outcome) = MetricOutcome::ALL.into_iter().find(|o| o.as_str() == outcome) {
                 ring.push(at, id.as_str().into(), queue, task, outcome);
             }
         }
         drop(ring);
+        if published.d == self.events_nonce {
+            self.events_received.fetch_max(published.n, Ordering::Relaxed);
+        }
         self.events_notify.notify_waiters();
     }
 
@@ -932,10 +958,14 @@ impl Inner {
             }
         }
         let (happened, leases) = sql.take_effects();
+        let mut published = 0;
         if !broke {
-            if let Err(e) = self.publish(&sql, &happened).await {
-                tracing::warn!(error = %e, "cannot publish task events; the group commit rolls back");
-                broke = true;
+            match self.publish(&sql, &happened).await {
+                Ok(last) => published = last,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot publish task events; the group commit rolls back");
+                    broke = true;
+                }
             }
         }
         drop(sql);
@@ -946,7 +976,7 @@ impl Inner {
             tx.commit().await.map_err(|e| pg_error(e).to_string())
         };
         if committed.is_ok() {
-            self.committed(&happened, leases);
+            self.committed(&happened, leases, published);
         }
         for finish in finishes {
             finish(committed.clone());
@@ -2539,10 +2569,10 @@ impl Inner {
         let sql = Sql::new(&tx);
         let value = work(&sql, self).await?;
         let (happened, leases) = sql.take_effects();
-        self.publish(&sql, &happened).await?;
+        let published = self.publish(&sql, &happened).await?;
         drop(sql);
         tx.commit().await.map_err(pg_error)?;
-        self.committed(&happened, leases);
+        self.committed(&happened, leases, published);
         Ok(value)
     }
 
@@ -2704,6 +2734,31 @@ impl TaskStore for PgStore {
 
     fn events_notify(&self) -> &Notify {
         &self.inner.events_notify
+    }
+
+    fn events_settled(&self) -> Option<StoreFuture<()>> {
+        let inner = self.inner.clone();
+        let target = inner.events_committed.load(Ordering::Relaxed);
+        if inner.events_received.load(Ordering::Relaxed) >= target {
+            return None;
+        }
+        // Its notifications arrive within milliseconds of the commit; a listener that lost its connection
+        // re-subscribes, and what was sent meanwhile never comes: the wait is bounded.
+        Some(Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            loop {
+                let notified = inner.events_notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if inner.events_received.load(Ordering::Relaxed) >= target {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(deadline) => return Ok(()),
+                }
+            }
+        }))
     }
 
     fn enqueue(&self, specs: Vec<NewTask>) -> Op<Vec<Enqueued>> {
