@@ -11,7 +11,8 @@
 //! - `broker_connections`, `broker_workers`, `broker_uptime_seconds`.
 //!
 //! Over PostgreSQL each daemon counts what went through it (sum the counters over the daemons), the queue gauges
-//! are the database's, and the wait, run and log-round histograms stay empty (only the single node observes them).
+//! are the database's, the wait and run histograms observe this daemon's leases and outcomes, and the log-round
+//! histograms stay empty (only the single node has a log).
 
 use std::sync::Mutex;
 
@@ -105,10 +106,28 @@ pub struct Handles {
     run_time: Histogram,
 }
 
+/// How long a task waited (ready to leased) or ran (leased to its outcome), in seconds, observed with the event
+/// that ends it.
+#[derive(Clone, Copy, Debug)]
+pub enum Took {
+    Waited(f64),
+    Ran(f64),
+}
+
 impl Handles {
     /// Counts one task event.
     pub fn count(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].inc();
+    }
+
+    /// Counts one task event, observing how long the task waited or ran before it.
+    pub fn happened(&self, outcome: Outcome, took: Option<Took>) {
+        self.count(outcome);
+        match took {
+            Some(Took::Waited(secs)) => self.queue_wait(secs),
+            Some(Took::Ran(secs)) => self.run_time(secs),
+            None => {}
+        }
     }
 
     /// A task waited `secs` before it was leased.

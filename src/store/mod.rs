@@ -46,7 +46,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::config::{Config, FsyncPolicy};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, Took};
 use commit::{Durable, Pacing, Progress};
 use disk::{Disk, Entry, Loc};
 use journal::Journal;
@@ -132,13 +132,6 @@ pub enum StoreError {
 const MAX_CHAIN: usize = 1000;
 /// The most members one chord may have: its callback's record keeps one bit per member.
 const MAX_CHORD: usize = 10_000;
-
-/// How long a task waited (ready to leased) or ran (leased to its outcome), in seconds, observed with the event
-/// that ends it.
-enum Took {
-    Waited(f64),
-    Ran(f64),
-}
 
 pub use events::TaskEvent;
 
@@ -1256,13 +1249,7 @@ impl Store {
         now: u64,
         took: Option<Took>,
     ) {
-        let handles = st.metrics.of(&self.core.metrics, queue, task);
-        handles.count(outcome);
-        match took {
-            Some(Took::Waited(secs)) => handles.queue_wait(secs),
-            Some(Took::Ran(secs)) => handles.run_time(secs),
-            None => {}
-        }
+        st.metrics.of(&self.core.metrics, queue, task).happened(outcome, took);
         if !st.events.wanted(now) {
             return;
         }

@@ -56,7 +56,7 @@ use super::{StoreOptions, StoreStats};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::{Op, StoreFuture, TaskStore};
-use crate::metrics::{Metrics, Outcome as MetricOutcome, Series};
+use crate::metrics::{Metrics, Outcome as MetricOutcome, Series, Took};
 
 mod schedules;
 
@@ -149,8 +149,11 @@ enum LeaseChange {
     Ended(String, u64),
 }
 
-/// Something that happened to a task: when, the task, its queue and name, what.
-type Happened = (u64, String, String, String, MetricOutcome);
+/// Something that happened to a task: when, the task, its queue and name, what, and how long it waited or ran.
+type Happened = (u64, String, String, String, MetricOutcome, Option<Took>);
+
+/// Since when a task ran (`true`) or waited (ms), for the histograms of `/metrics`.
+type Since = Option<(bool, u64)>;
 
 /// The most bytes of events one notification carries (PostgreSQL takes up to 8000).
 const EVENTS_PAYLOAD: usize = 7000;
@@ -707,7 +710,21 @@ async fn listen(pg: tokio_postgres::Config, inner: Arc<Inner>, stop: Cancellatio
 impl Inner {
     /// Something happened to a task in transaction `tx` (see [`Sql`]).
     fn happened(&self, tx: &Tx<'_>, id: &str, queue: &str, task: &str, outcome: MetricOutcome) {
-        let event = (self.now(), id.to_string(), queue.to_string(), task.to_string(), outcome);
+        self.happened_after(tx, id, queue, task, outcome, None);
+    }
+
+    /// [`Inner::happened`], with how long the task waited (since `Took::Waited`'s ms) or ran.
+    fn happened_after(&self, tx: &Tx<'_>, id: &str, queue: &str, task: &str, outcome: MetricOutcome, since: Since) {
+        let now = self.now();
+        let took = since.map(|(ran, at)| {
+            let secs = now.saturating_sub(at) as f64 / 1000.0;
+            if ran {
+                Took::Ran(secs)
+            } else {
+                Took::Waited(secs)
+            }
+        });
+        let event = (now, id.to_string(), queue.to_string(), task.to_string(), outcome, took);
         tx.happened.lock().unwrap_or_else(|p| p.into_inner()).push(event);
     }
 
@@ -721,7 +738,7 @@ impl Inner {
         }
         let mut chunks = Vec::new();
         let mut chunk = String::new();
-        for (at, id, queue, task, outcome) in happened {
+        for (at, id, queue, task, outcome, _) in happened {
             let event = serde_json::to_string(&(at, id, queue, task, outcome.as_str()))
                 .map_err(|e| StoreError::Shared(format!("cannot encode an event: {e}")))?;
             if event.len() + 2 > EVENTS_PAYLOAD {
@@ -766,8 +783,8 @@ impl Inner {
         }
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, _, queue, task, outcome) in happened {
-            series.of(&self.metrics, queue, task).count(*outcome);
+        for (_, _, queue, task, outcome, took) in happened {
+            series.of(&self.metrics, queue, task).happened(*outcome, *took);
             let totals = &mut counts.totals;
             match outcome {
                 MetricOutcome::enqueued => totals.enqueued += 1,
@@ -1707,7 +1724,7 @@ impl Inner {
                     attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
                  FROM sized WHERE t.id = sized.id AND sized.before < $6
                  RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms, t.priority,
-                    t.seq, t.spec"
+                    t.seq, t.spec, t.due_ms"
         );
         let budget = ms(budget as u64);
         let rows = if self.limited.load(Ordering::Relaxed) {
@@ -1720,7 +1737,7 @@ impl Inner {
                             attempts = t.attempts + 1, started_at_ms = $2, progress = NULL
                          WHERE t.id = ANY($1)
                          RETURNING t.id, t.lease_id, t.attempts, t.max_retries, t.deadline_ms, t.cur_lease_ms,
-                            t.priority, t.seq, t.spec"
+                            t.priority, t.seq, t.spec, t.due_ms"
                     );
                     let params: Params<'_> = &[&ids, &ms(now), &opt_ms(lease_ms), &ms(self.options.max_lease_ms)];
                     client.query(&statement, params).await.map_err(pg_error)?
@@ -1757,7 +1774,9 @@ impl Inner {
                 lease_ms: u64::try_from(row.get::<_, i64>("cur_lease_ms")).unwrap_or(0),
                 id,
             };
-            self.happened(client, &grant.id, queue, &grant.task, MetricOutcome::started);
+            // It waited since it was due (enqueued, made due, or given back).
+            let waited = Some((false, u64::try_from(row.get::<_, i64>("due_ms")).unwrap_or(now)));
+            self.happened_after(client, &grant.id, queue, &grant.task, MetricOutcome::started, waited);
             taken.push(((std::cmp::Reverse(priority), seq), grant));
         }
         // RETURNING keeps no order: priority, then enqueue order, as the lease picked them.
@@ -2016,19 +2035,24 @@ impl Inner {
             done AS (UPDATE broker_tasks t SET state = 'SUCCESS', result = a.result, error = NULL, lease_id = NULL,
                     deadline_ms = NULL, finished_at_ms = $4::bigint, result_expires_at_ms = $4::bigint + t.result_ttl_ms
                 FROM a WHERE t.id = a.id AND t.lease_id = a.lease_id AND t.state = 'STARTED' AND NOT t.revoked
-                RETURNING t.id, a.lease_id, t.queue, t.links IS NOT NULL OR t.chord_id IS NOT NULL AS follows, t.task)
-            SELECT id, lease_id, queue, follows, task, pg_notify('broker_finished', '') FROM done";
+                RETURNING t.id, a.lease_id, t.queue, t.links IS NOT NULL OR t.chord_id IS NOT NULL AS follows, t.task,
+                    t.started_at_ms)
+            SELECT id, lease_id, queue, follows, task, started_at_ms, pg_notify('broker_finished', '') FROM done";
         let rows = client.query(statement, &[&ids, &lease_ids, &results, &ms(now)]).await.map_err(pg_error)?;
-        let mut done: HashMap<(String, i64), (String, bool, &str)> =
-            rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3), row.get(4)))).collect();
+        type Done<'r> = (String, bool, &'r str, Option<i64>);
+        let mut done: HashMap<(String, i64), Done<'_>> = rows
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3), row.get(4), row.get(5))))
+            .collect();
         let mut outcomes = Vec::with_capacity(acks.len());
         // Chord callbacks and how many of their members these acks are, counted in id order.
         let mut members: std::collections::BTreeMap<String, i32> = std::collections::BTreeMap::new();
         for (id, lease_id, result) in &acks {
             // A task acked twice in one statement is updated once: the first ack has it, the next is refused.
             match done.remove(&(id.clone(), *lease_id as i64)) {
-                Some((queue, follows, task)) => {
-                    self.happened(client, id, &queue, task, MetricOutcome::succeeded);
+                Some((queue, follows, task, started)) => {
+                    let ran = started.map(|at| (true, u64::try_from(at).unwrap_or(0)));
+                    self.happened_after(client, id, &queue, task, MetricOutcome::succeeded, ran);
                     if follows {
                         if let Some(callback) = self.after_success(client, id, result).await? {
                             *members.entry(callback).or_default() += 1;
@@ -2056,7 +2080,7 @@ impl Inner {
         let error_bytes = encode(&error)?;
         let row = tx
             .query_opt(
-                "SELECT attempts, queue, spec FROM broker_tasks
+                "SELECT attempts, queue, spec, started_at_ms FROM broker_tasks
                  WHERE id = $1 AND lease_id = $2 AND state = 'STARTED' AND NOT revoked FOR UPDATE",
                 &[&id, &(lease_id as i64)],
             )
@@ -2097,7 +2121,8 @@ impl Inner {
             FailOutcome { state: TaskState::Failure, retry_at_ms: None }
         };
         tx.ended(id, lease_id);
-        self.happened(tx, id, &queue, &record.task, MetricOutcome::failed);
+        let ran = row.get::<_, Option<i64>>("started_at_ms").map(|at| (true, u64::try_from(at).unwrap_or(0)));
+        self.happened_after(tx, id, &queue, &record.task, MetricOutcome::failed, ran);
         let then = if outcome.state == TaskState::Retry { MetricOutcome::retried } else { MetricOutcome::dead };
         self.happened(tx, id, &queue, &record.task, then);
         if outcome.state == TaskState::Retry {
