@@ -326,15 +326,7 @@ impl Store {
             return Ok(());
         }
         let mut record = st.take_live(callback).expect("live");
-        let extra = record.extra_mut();
-        extra.waiting = false;
-        let countdown = extra.countdown_ms;
-        if !extra.immutable {
-            let (mut args, kwargs, context) = record.payload.decode();
-            args.insert(0, Value::Array(results));
-            record.payload = super::Payload::from_values(&args, &kwargs, &context);
-        }
-        let at = countdown.map(|c| now.saturating_add(c)).or(record.eta_ms).unwrap_or(now).max(now);
+        let at = release_callback(&mut record, results, now);
         if at > now {
             record.state = TaskState::Scheduled;
         }
@@ -386,6 +378,20 @@ pub(crate) fn check_chord(header: &[NewTask], callback: &NewTask) -> Result<(), 
     Ok(())
 }
 
-pub(crate) fn error_suffix(record: &TaskRecord) -> String {
+/// A chord callback released (its members all succeeded, with `results`): no longer waiting, given the results as
+/// its first argument unless `immutable`; when it is due (its countdown counts from now).
+pub(crate) fn release_callback(record: &mut TaskRecord, results: Vec<Value>, now: u64) -> u64 {
+    let extra = record.extra_mut();
+    extra.waiting = false;
+    let countdown = extra.countdown_ms;
+    if !extra.immutable {
+        let (mut args, kwargs, context) = record.payload.decode();
+        args.insert(0, Value::Array(results));
+        record.payload = super::Payload::from_values(&args, &kwargs, &context);
+    }
+    countdown.map(|c| now.saturating_add(c)).or(record.eta_ms).unwrap_or(now).max(now)
+}
+
+fn error_suffix(record: &TaskRecord) -> String {
     record.error.as_ref().map_or_else(String::new, |e| format!(": {}: {}", e.kind, e.message))
 }

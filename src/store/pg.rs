@@ -1575,15 +1575,7 @@ impl Inner {
             }
         }
         let now = self.now();
-        let extra = record.extra_mut();
-        extra.waiting = false;
-        let countdown = extra.countdown_ms;
-        if !extra.immutable {
-            let (mut args, kwargs, context) = record.payload.decode();
-            args.insert(0, Value::Array(values));
-            record.payload = super::Payload::from_values(&args, &kwargs, &context);
-        }
-        let at = countdown.map(|c| now.saturating_add(c)).or(record.eta_ms).unwrap_or(now).max(now);
+        let at = super::canvas::release_callback(&mut record, values, now);
         record.state = if at > now { TaskState::Scheduled } else { TaskState::Pending };
         record.eta_ms = (at > now).then_some(at);
         let mut spec = Vec::with_capacity(128 + record.payload.len());
