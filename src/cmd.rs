@@ -122,7 +122,6 @@ impl From<StoreError> for Refusal {
             StoreError::Invalid(_) => ErrorCode::BadRequest,
             StoreError::QueueFull { .. } => ErrorCode::QueueFull,
             StoreError::TooLarge(_) => ErrorCode::ResultTooLarge,
-            StoreError::Unsupported(_) => ErrorCode::Unsupported,
             StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e, "store unavailable");
                 ErrorCode::StoreUnavailable

@@ -123,9 +123,6 @@ pub enum StoreError {
     /// The shared store failed otherwise (a statement it refused for a reason other than its availability).
     #[error("store error: {0}")]
     Shared(String),
-    /// The op exists, but not with this store.
-    #[error("{0} is not available with the PostgreSQL store yet")]
-    Unsupported(&'static str),
 }
 
 /// The most links one chain may have: each step copies the rest of the chain into the next link's record.

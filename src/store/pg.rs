@@ -194,12 +194,8 @@ impl<'a> Sql<'a> {
     /// What this transaction did that the daemon follows once it commits.
     fn take_effects(&self) -> (Vec<Happened>, Vec<LeaseChange>) {
         let leases = std::mem::take(&mut *self.leases.lock().unwrap_or_else(|p| p.into_inner()));
-        (self.take_happened(), leases)
-    }
-
-    /// What happened in this transaction so far, taken.
-    fn take_happened(&self) -> Vec<Happened> {
-        std::mem::take(&mut *self.happened.lock().unwrap_or_else(|p| p.into_inner()))
+        let happened = std::mem::take(&mut *self.happened.lock().unwrap_or_else(|p| p.into_inner()));
+        (happened, leases)
     }
 
     async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
@@ -303,9 +299,9 @@ struct NewRow {
 }
 
 impl NewRow {
-    fn new(mut record: TaskRecord, now: u64, held: bool) -> Result<NewRow, StoreError> {
+    fn new(mut record: TaskRecord, now: u64, held: bool) -> NewRow {
         record.result_ttl_ms = record.result_ttl_ms.min(MAX_TTL_MS);
-        Ok(NewRow {
+        NewRow {
             state: if held { HELD } else { record.state.as_str() },
             record,
             due: now,
@@ -316,7 +312,7 @@ impl NewRow {
             reply: None,
             spec: Vec::new(),
             error: None,
-        })
+        }
     }
 
     /// With the record and its error encoded.
@@ -724,7 +720,9 @@ impl Inner {
                 Took::Waited(secs)
             }
         });
-        let event = (now, id.to_string(), queue.to_string(), task.to_string(), outcome, took);
+        // The task's id is for events only: not copied while nobody follows them.
+        let id = if now < self.events_wanted_ms.load(Ordering::Relaxed) { id.to_string() } else { String::new() };
+        let event = (now, id, queue.to_string(), task.to_string(), outcome, took);
         tx.happened.lock().unwrap_or_else(|p| p.into_inner()).push(event);
     }
 
@@ -738,7 +736,7 @@ impl Inner {
         }
         let mut chunks = Vec::new();
         let mut chunk = String::new();
-        for (at, id, queue, task, outcome, _) in happened {
+        for (at, id, queue, task, outcome, _) in happened.iter().filter(|h| !h.1.is_empty()) {
             let event = serde_json::to_string(&(at, id, queue, task, outcome.as_str()))
                 .map_err(|e| StoreError::Shared(format!("cannot encode an event: {e}")))?;
             if event.len() + 2 > EVENTS_PAYLOAD {
@@ -1149,7 +1147,7 @@ impl Inner {
             let mut record = new_record(&mut spec, id.as_str().into(), 0, now, &self.options);
             // A held callback's `eta_ms` holds until its release; its countdown counts from the release.
             record.eta_ms = if held { spec.eta_ms } else { eta };
-            let mut row = NewRow::new(record, now, held)?;
+            let mut row = NewRow::new(record, now, held);
             if eta.is_some() && !held {
                 row.record.state = TaskState::Scheduled;
                 row.state = TaskState::Scheduled.as_str();
@@ -1176,7 +1174,7 @@ impl Inner {
                 let mut link = NewTask::from(TaskSpec { chain: Vec::new(), ..link });
                 let id = link.id.take().unwrap_or_default();
                 let record = new_record(&mut link, id.as_str().into(), 0, now, &self.options);
-                rows.push(NewRow::new(record, now, true)?.encoded()?);
+                rows.push(NewRow::new(record, now, true).encoded()?);
             }
         }
         // One statement for them all, rows inserted in the order given (their `seq`, FIFO); waiting daemons hear
